@@ -1,0 +1,249 @@
+"""Typed run configuration: one YAML file (plus `--set KEY=VALUE` overrides) -> `Config`.
+
+Config is data, not a program: every section is a dataclass, every key has a type and a
+one-line reason, and `load_config` refuses unknown keys, wrong types and out-of-range values
+with a `ColamError` naming the key. The defaults are the paper's CIFAR settings (COLAM,
+Sec. 4.2): SGD, momentum 0.9, weight decay 1e-4, lr 0.1, batch 64, 160 epochs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from colam.errors import ColamError, require
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"  # a registered data set (`colam datasets`); digits ships with scikit-learn
+    root: str = "data"  # where file-backed data sets live (ignored by digits)
+    download: bool = False  # let torchvision download the data set into root
+    train_subset: int | None = None  # keep this many training samples (stratified); None keeps all
+    val_fraction: float = 0.0  # hold out this fraction of the training set (stratified) for model selection
+    label_noise: float = 0.0  # fraction of training labels flipped to another class (symmetric noise)
+    split_seed: int = 0  # fixes subset, validation split and noise, independent of the training seed
+    num_workers: int = 0  # DataLoader worker processes
+
+
+@dataclass
+class ModelConfig:
+    name: str = "preact_resnet34"  # a registered model (`colam models`)
+    options: dict = field(default_factory=dict)  # builder keyword arguments, e.g. {depth: 40, widen_factor: 4}
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 160  # the paper's CIFAR budget (240 for DenseNet-BC)
+    batch_size: int = 64
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    lr_schedule: str = "multistep"  # multistep | cosine | constant
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of epochs (multistep)
+    gamma: float = 0.1  # multistep decay factor
+    device: str = "auto"  # auto picks cuda when available, else cpu
+    eval_batch_size: int = 256
+
+
+@dataclass
+class LSConfig:
+    eps: float = 0.1  # Szegedy et al. 2016, Eq. 1 of the COLAM paper
+    convention: str = "C"  # "C": eps/C to every class (torch's label_smoothing); "C-1": eps/(C-1) to wrong classes
+
+
+@dataclass
+class CPConfig:
+    beta: float = 0.1  # weight of the entropy bonus (Pereyra et al. 2017)
+
+
+@dataclass
+class DisturbLabelConfig:
+    alpha: float = 0.1  # probability that a sample's label is redrawn uniformly (Xie et al. 2016)
+
+
+@dataclass
+class ColamConfig:
+    stages: int = 4  # m; stage 1 uses hard labels
+    epochs_per_stage: int = 40  # t; m * t must equal train.epochs
+    temperature: float = 2.0  # T of Eq. 4 and of the soft-label softmax; the paper recommends 1..2
+    peers: int | str = "all"  # "all": one soft label per class; k: each sample averages k random same-class peers
+    aggregation: str = "logits"  # average logits (the paper) or probabilities over the peers
+
+
+@dataclass
+class MethodConfig:
+    name: str = "colam"  # a registered method (`colam methods`)
+    ls: LSConfig = field(default_factory=LSConfig)
+    cp: CPConfig = field(default_factory=CPConfig)
+    disturblabel: DisturbLabelConfig = field(default_factory=DisturbLabelConfig)
+    colam: ColamConfig = field(default_factory=ColamConfig)
+
+
+@dataclass
+class Config:
+    seed: int = 0  # seeds initialisation, shuffling, augmentation and method randomness
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read YAML `path` (or the defaults), apply `KEY=VALUE` overrides, validate, return Config."""
+    raw: dict = {}
+    if path is not None:
+        raw = _read_yaml(Path(path))
+    for item in overrides or []:
+        key, value = _parse_override(item)
+        _set_dotted(raw, key, value)
+    config = from_dict(raw)
+    validate(config)
+    return config
+
+
+def from_dict(raw: dict) -> Config:
+    """Build a Config from nested dicts, refusing unknown keys and wrong types."""
+    return _build(Config, raw, prefix="")
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ColamError(f"--config: file '{path}' does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ColamError(f"--config: '{path}' is not valid YAML{where}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ColamError(f"--config: '{path}' must hold a mapping of sections, not {type(raw).__name__}")
+    return raw
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ColamError(f"--set: '{item}' is not of the form KEY=VALUE")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text  # a bare string such as a path with colons
+    return key.strip(), value
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    node = raw
+    parts = key.split(".")
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ColamError(f"--set: '{'.'.join(parts[: depth + 1])}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ColamError(f"{prefix.rstrip('.') or 'config'}: expected a section (mapping), got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            raise ColamError(f"{prefix}{key}: unknown key (known: {', '.join(sorted(names))})")
+    values = {}
+    for name in names & raw.keys():
+        values[name] = _convert(hints[name], raw[name], f"{prefix}{name}")
+    return cls(**values)
+
+
+def _convert(hint: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".")
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(option, value, key)
+            except ColamError:
+                continue
+        names = " or ".join("null" if o is type(None) else o.__name__ for o in options)
+        raise ColamError(f"{key}: expected {names}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ColamError(f"{key}: expected a list, got {value!r}")
+        (item_hint,) = typing.get_args(hint)
+        return [_convert(item_hint, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is dict:
+        if not isinstance(value, dict):
+            raise ColamError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    return _scalar(hint, value, key)
+
+
+def _scalar(hint: type, value: Any, key: str) -> Any:
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ColamError(f"{key}: must be a finite number, got {value!r}")
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    raise ColamError(f"{key}: expected {hint.__name__}, got {value!r}")
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def validate(config: Config) -> None:
+    """Range checks that need no data or model; the rest is checked when those are built."""
+    # Imported here: the registries import this module's dataclasses.
+    from colam.methods import METHODS
+
+    d, t, m = config.data, config.train, config.method
+    require(m.name in METHODS, "method.name", m.name, f"unknown method; choose one of: {', '.join(METHODS)}")
+    require(d.train_subset is None or d.train_subset >= 1, "data.train_subset", d.train_subset, "must be >= 1")
+    require(0.0 <= d.val_fraction < 1.0, "data.val_fraction", d.val_fraction, "must be in [0, 1)")
+    require(0.0 <= d.label_noise < 1.0, "data.label_noise", d.label_noise, "must be in [0, 1)")
+    require(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
+    require(t.epochs >= 1, "train.epochs", t.epochs, "must be >= 1")
+    require(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
+    require(t.eval_batch_size >= 1, "train.eval_batch_size", t.eval_batch_size, "must be >= 1")
+    require(t.lr > 0, "train.lr", t.lr, "must be > 0")
+    require(0.0 <= t.momentum < 1.0, "train.momentum", t.momentum, "must be in [0, 1)")
+    require(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
+    require(t.lr_schedule in ("multistep", "cosine", "constant"), "train.lr_schedule", t.lr_schedule,
+             "must be one of multistep, cosine, constant")
+    for i, fraction in enumerate(t.milestones):
+        require(0.0 < fraction < 1.0, f"train.milestones[{i}]", fraction, "must be a fraction of the epochs in (0, 1)")
+    require(0.0 < t.gamma <= 1.0, "train.gamma", t.gamma, "must be in (0, 1]")
+    require(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device", t.device,
+             "must be auto, cpu or cuda[:N]")
+    METHODS[m.name].validate(config)

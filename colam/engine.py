@@ -1,0 +1,291 @@
+"""The staged trainer: `fit(config, out_dir)` trains one run and writes its artifacts.
+
+    out_dir/config.yaml          the resolved configuration of this run
+    out_dir/history.csv          one row per epoch: stage, lr, train loss/acc, val/test acc, seconds
+    out_dir/stage_K/model.pt     the state_dict at the end of stage K (load with weights_only=True)
+    out_dir/stage_K/metrics.json metrics at the end of stage K
+    out_dir/stage_K/soft_labels.npy, soft_labels.json   (methods that learn soft labels)
+    out_dir/checkpoint.pt        the state after the last completed epoch, for resuming
+    out_dir/metrics.json         the final metrics; `test_acc` is the last epoch's test accuracy
+
+Every epoch starts by seeding torch's generator and the loader's from (seed, epoch), so an
+interrupted run resumed from its checkpoint repeats the uninterrupted run's numbers on CPU.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+from tqdm import tqdm
+
+from colam import io as cio
+from colam.config import Config, from_dict, validate
+from colam.data import TrainingData, build_data, check_peers, loader
+from colam.errors import ColamError
+from colam.methods import METHODS, Method
+from colam.models import build_model
+
+log = logging.getLogger("colam")
+
+HISTORY_FIELDS = ["epoch", "stage", "lr", "train_loss", "train_acc", "val_acc", "test_acc", "seconds"]
+
+
+class RunLog:
+    """Hooks the trainer calls as a run progresses; the default does nothing.
+
+    Tracking back ends (MLflow, ...) subclass this outside the library, which never imports them.
+    """
+
+    def start(self, config: Config, info: dict) -> None: ...
+    def stage_start(self, stage: int) -> None: ...
+    def epoch_end(self, stage: int, row: dict) -> None: ...
+    def stage_end(self, stage: int, stage_dir: Path, metrics: dict) -> None: ...
+    def finish(self, metrics: dict, out_dir: Path) -> None: ...
+
+
+@dataclass
+class Prepared:
+    config: Config
+    data: TrainingData
+    model: nn.Module
+    method: Method
+    stage_epochs: list[int]
+    device: torch.device
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ColamError(f"train.device: {name!r} requested but no CUDA device is available")
+    return device
+
+
+def prepare(config: Config) -> Prepared:
+    """Validate everything that can be checked before training: config, data, model, method."""
+    validate(config)
+    device = resolve_device(config.train.device)
+    data = build_data(config.data)
+    check_peers(config, data)
+    torch.manual_seed(config.seed)  # the model's initial weights
+    model = build_model(config.model.name, data.num_classes, in_channels=data.in_channels, **config.model.options)
+    method = METHODS[config.method.name](config, data.num_classes, data.train_targets)
+    return Prepared(config, data, model.to(device), method.to(device), METHODS[config.method.name].stage_epochs(config),
+                    device)
+
+
+def learning_rate(config: Config, epoch: int) -> float:
+    """The lr of `epoch` (0-based): a pure function of the epoch, so resuming needs no scheduler state."""
+    t = config.train
+    if t.lr_schedule == "cosine":
+        return 0.5 * t.lr * (1 + math.cos(math.pi * epoch / t.epochs))
+    if t.lr_schedule == "multistep":
+        return t.lr * t.gamma ** sum(epoch >= round(m * t.epochs) for m in t.milestones)
+    return t.lr
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch * 7919) % (2**63 - 1)
+
+
+def train_one_epoch(model: nn.Module, batches, method: Method, optimizer: torch.optim.Optimizer, stage: int,
+                    device: torch.device, desc: str = "", progress: bool = False) -> tuple[float, float]:
+    """One pass over `batches` of (x, y, index); returns mean loss and accuracy on the given labels."""
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    for images, targets, indices in tqdm(batches, desc=desc, leave=False, disable=not progress, file=sys.stderr):
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        logits = model(images)
+        loss = method.loss(logits, targets, indices, stage)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        # Accumulate on the device: a .item() per step would synchronise with the GPU every step.
+        loss_sum += loss.detach() * len(targets)
+        correct += (logits.detach().argmax(dim=1) == targets).sum()
+        seen += len(targets)
+    return loss_sum.item() / seen, correct.item() / seen
+
+
+@torch.no_grad()
+def predict(model: nn.Module, batches, device: torch.device) -> torch.Tensor:
+    """Logits for every sample, in data order (eval mode: BatchNorm uses its running statistics)."""
+    model.eval()
+    return torch.cat([model(images.to(device, non_blocking=True)).float() for images, *_ in batches])
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches, device: torch.device) -> float:
+    model.eval()
+    correct, seen = 0, 0
+    for images, targets, _ in batches:
+        logits = model(images.to(device, non_blocking=True))
+        correct += (logits.argmax(dim=1).cpu() == targets).sum().item()
+        seen += len(targets)
+    return correct / seen
+
+
+def fit(config: Config, out_dir: str | Path, *, run_log: RunLog | None = None, progress: bool | None = None) -> dict:
+    """Train one run into `out_dir`, resuming from its checkpoint when it holds the same run."""
+    run_log = run_log or RunLog()
+    progress = sys.stderr.isatty() if progress is None else progress
+    out_dir = Path(out_dir)
+    prepared = prepare(config)  # raises before anything is written
+    state = _resume_state(config, out_dir)
+    if state is not None and state["epoch"] == config.train.epochs:
+        metrics = _read_metrics(out_dir)
+        if metrics is not None:
+            log.info("%s already holds a completed run; nothing to do", out_dir)
+            return metrics
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cio.write_text(out_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return _train(prepared, out_dir, state, run_log, progress)
+
+
+def _train(p: Prepared, out_dir: Path, state: dict | None, run_log: RunLog, progress: bool) -> dict:
+    config, model, method, data, device = p.config, p.model, p.method, p.data, p.device
+    t = config.train
+    optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    history: list[dict] = []
+    start_epoch, elapsed = 0, 0.0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        method.load_state_dict(state["method"])
+        history, start_epoch, elapsed = state["history"], state["epoch"], state["elapsed"]
+        log.info("resuming %s after epoch %d of %d", out_dir, start_epoch, t.epochs)
+    pin = device.type == "cuda"
+    eval_loaders = {name: loader(split, t.eval_batch_size, shuffle=False, num_workers=config.data.num_workers,
+                                 pin_memory=pin)
+                    for name, split in (("val", data.val), ("test", data.test)) if split is not None}
+    run_log.start(config, {"num_classes": data.num_classes, "train_samples": len(data.train), "device": str(device),
+                           "stage_epochs": p.stage_epochs, "resumed_from_epoch": start_epoch})
+    stage_ends = np.cumsum(p.stage_epochs).tolist()
+    for epoch in range(start_epoch, t.epochs):
+        stage = 1 + sum(epoch >= end for end in stage_ends)
+        if epoch == 0 or epoch in stage_ends:
+            run_log.stage_start(stage)
+        began = time.perf_counter()
+        lr = learning_rate(config, epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        seed = epoch_seed(config.seed, epoch)
+        torch.manual_seed(seed)
+        batches = loader(data.train, t.batch_size, shuffle=True, num_workers=config.data.num_workers, seed=seed,
+                         pin_memory=pin)
+        desc = f"stage {stage}/{len(stage_ends)} epoch {epoch + 1}/{t.epochs}"
+        train_loss, train_acc = train_one_epoch(model, batches, method, optimizer, stage, device, desc, progress)
+        if not math.isfinite(train_loss):
+            raise ColamError(f"training diverged: non-finite loss in stage {stage}, epoch {epoch + 1}; "
+                             f"the last good checkpoint is {out_dir / 'checkpoint.pt'}")
+        row = {"epoch": epoch + 1, "stage": stage, "lr": lr, "train_loss": train_loss, "train_acc": train_acc}
+        for name, batches_eval in eval_loaders.items():
+            row[f"{name}_acc"] = evaluate(model, batches_eval, device)
+        if epoch + 1 in stage_ends:
+            _end_stage(p, stage, out_dir, row, run_log)
+        row["seconds"] = time.perf_counter() - began
+        elapsed += row["seconds"]
+        history.append(row)
+        log.info("%s  loss %.4f  train %.4f%s  (%.1fs)", desc, train_loss, train_acc,
+                 "".join(f"  {k[:-4]} {row[k]:.4f}" for k in ("val_acc", "test_acc") if k in row), row["seconds"])
+        run_log.epoch_end(stage, row)
+        _write_history(out_dir / "history.csv", history)
+        cio.save_torch(out_dir / "checkpoint.pt", {
+            "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "method": method.state_dict(), "history": history, "elapsed": elapsed, "config": config.to_dict()})
+    metrics = _final_metrics(config, history, elapsed)
+    cio.write_json(out_dir / "metrics.json", metrics)
+    run_log.finish(metrics, out_dir)
+    return metrics
+
+
+def _end_stage(p: Prepared, stage: int, out_dir: Path, row: dict, run_log: RunLog) -> None:
+    """Save the stage checkpoint, then let the method learn from the model (COLAM's soft labels)."""
+    stage_dir = out_dir / f"stage_{stage}"
+    cio.save_torch(stage_dir / "model.pt", p.model.state_dict())
+    began = time.perf_counter()
+    outputs = None
+    if p.method.needs_outputs(stage):
+        batches = loader(p.data.train_eval, p.config.train.eval_batch_size, shuffle=False,
+                         num_workers=p.config.data.num_workers, pin_memory=p.device.type == "cuda")
+        outputs = predict(p.model, batches, p.device)
+    artifacts = p.method.end_stage(stage, outputs)
+    for name, tensor in artifacts.items():
+        cio.save_array(stage_dir / f"{name}.npy", tensor.detach().cpu().numpy().astype(np.float32))
+    if "soft_labels" in artifacts:
+        section = p.config.method.colam
+        cio.write_json(stage_dir / "soft_labels.json", {
+            "stage": stage, "epoch": row["epoch"], "temperature": section.temperature,
+            "aggregation": section.aggregation, "peers": section.peers, "method": p.config.method.name,
+            "class_names": p.data.classes, "train_samples_per_class": p.data.class_counts()})
+    metrics = {**row, "estimation_seconds": time.perf_counter() - began}
+    cio.write_json(stage_dir / "metrics.json", metrics)
+    run_log.stage_end(stage, stage_dir, metrics)
+
+
+def _final_metrics(config: Config, history: list[dict], elapsed: float) -> dict:
+    last = history[-1]
+    metrics = {"test_acc": last["test_acc"], "train_acc": last["train_acc"], "train_loss": last["train_loss"]}
+    if "val_acc" in last:
+        metrics["val_acc"] = last["val_acc"]
+    metrics.update({"method": config.method.name, "model": config.model.name, "data": config.data.name,
+                    "seed": config.seed, "epochs": config.train.epochs, "wall_time_s": round(elapsed, 3)})
+    return metrics
+
+
+def _write_history(path: Path, history: list[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=[f for f in HISTORY_FIELDS if f in history[0]])
+    writer.writeheader()
+    writer.writerows({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()} for row in history)
+    cio.write_text(path, buffer.getvalue())
+
+
+def _read_metrics(out_dir: Path) -> dict | None:
+    import json
+
+    try:
+        return json.loads((out_dir / "metrics.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _resume_state(config: Config, out_dir: Path) -> dict | None:
+    """The checkpoint of an earlier run of the same config in `out_dir`, or None to start afresh."""
+    path = out_dir / "checkpoint.pt"
+    if not path.exists():
+        return None
+    state = cio.load_torch(path, "--out checkpoint")
+    saved = state.get("config")
+    if saved != config.to_dict():
+        difference = _first_difference(saved or {}, config.to_dict())
+        raise ColamError(f"--out: '{out_dir}' holds a run with a different configuration ({difference}); "
+                         f"use another --out or delete it")
+    validate(from_dict(saved))
+    return state
+
+
+def _first_difference(old: dict, new: dict, prefix: str = "") -> str:
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found = _first_difference(a, b, f"{prefix}{key}.")
+            if found:
+                return found
+        elif a != b:
+            return f"{prefix}{key}: {a!r} there, {b!r} now"
+    return ""

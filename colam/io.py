@@ -1,0 +1,74 @@
+"""Artifact files written atomically: a reader sees the old file or the new one, never half of one.
+
+Every write goes to a temporary file in the same folder, is flushed and fsynced, then renamed
+over the target (rename within a file system is atomic on POSIX and Windows).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from colam.errors import ColamError
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | os.PathLike, payload: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(payload, indent=2, sort_keys=False) + "\n").encode())
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def save_array(path: str | os.PathLike, array: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def save_torch(path: str | os.PathLike, obj: Any) -> None:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_torch(path: str | os.PathLike, what: str) -> Any:
+    """Load a checkpoint with `weights_only=True`: tensors and plain containers only, never code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ColamError(f"{what}: '{path}' does not exist") from None
+    except Exception as exc:  # truncated zip, foreign pickle, ...: one line, no traceback
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ColamError(f"{what}: '{path}' is not a readable checkpoint ({reason[:160]})") from None
+
+
+def load_array(path: str | os.PathLike, what: str) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise ColamError(f"{what}: '{path}' does not exist") from None
+    except (ValueError, OSError, EOFError) as exc:
+        raise ColamError(f"{what}: '{path}' is not a readable .npy array ({exc})") from None

@@ -1,0 +1,97 @@
+import torch
+import torch.nn.functional as F
+
+from colam.errors import require
+from colam.methods.base import Method, soft_cross_entropy
+from colam.soft_labels import AGGREGATIONS, class_soft_labels, peer_soft_labels
+
+
+class Colam(Method):
+    """COLAM: co-learning of the network and soft labels by alternating minimisation
+    (Li, Xiong, An, Xu, Dou 2022, Neural Processing Letters; Algorithm 1, Eq. 4-6).
+
+    Training is split into m stages of t epochs (m * t = the usual epoch budget, so COLAM costs
+    what vanilla training costs plus one forward pass over the training set per stage).
+    Stage 1 trains on the hard labels; at the end of every stage the soft labels are re-estimated
+    from the current model (`colam.soft_labels`), and stages 2..m minimise Eq. 4,
+    H(y_soft, softmax(f(x) / T)).
+
+    Stage 1 uses the plain cross-entropy: Algorithm 1 writes T in line 5 too, but the paper's
+    Fig. 1a shows stage 1 matching hard-label SGD "as expected", so the first stage is HL.
+    """
+
+    name = "colam"
+    paper = "Li et al. 2022, Neural Processing Letters, doi:10.1007/s11063-022-10830-4"
+    summary = "m stages; stage 1 hard labels, then class soft labels re-estimated at each stage end"
+    uses_soft_labels = True
+
+    def __init__(self, config, num_classes, train_targets):
+        super().__init__(config, num_classes, train_targets)
+        self.section = config.method.colam
+        self.soft_labels: torch.Tensor | None = None  # C x C, row = class
+        self.sample_soft_labels: torch.Tensor | None = None  # N x C with k random peers, kept on the host
+        self.device = torch.device("cpu")
+
+    @classmethod
+    def validate(cls, config):
+        section, epochs = config.method.colam, config.train.epochs
+        require(section.stages >= 1, "method.colam.stages", section.stages, "must be >= 1")
+        require(section.epochs_per_stage >= 1, "method.colam.epochs_per_stage", section.epochs_per_stage, "must be >= 1")
+        require(section.stages * section.epochs_per_stage == epochs, "method.colam.stages",
+                section.stages, f"times method.colam.epochs_per_stage ({section.epochs_per_stage}) must equal "
+                                f"train.epochs ({epochs})")
+        require(section.temperature > 0, "method.colam.temperature", section.temperature, "must be > 0")
+        peers = section.peers
+        require(peers == "all" or (isinstance(peers, int) and peers >= 1), "method.colam.peers", peers,
+                "must be 'all' or an integer >= 1")
+        require(section.aggregation in AGGREGATIONS, "method.colam.aggregation", section.aggregation,
+                f"must be one of {', '.join(AGGREGATIONS)}")
+
+    @classmethod
+    def stage_epochs(cls, config):
+        return [config.method.colam.epochs_per_stage] * config.method.colam.stages
+
+    @classmethod
+    def hyperparameters(cls, config):
+        section = config.method.colam
+        return {"stages": section.stages, "epochs_per_stage": section.epochs_per_stage,
+                "temperature": section.temperature, "peers": section.peers, "aggregation": section.aggregation}
+
+    def to(self, device):
+        self.device = torch.device(device)
+        if self.soft_labels is not None:
+            self.soft_labels = self.soft_labels.to(self.device)
+        return self
+
+    def loss(self, logits, targets, indices, stage):
+        if self.soft_labels is None:  # stage 1, or nothing estimated yet
+            return F.cross_entropy(logits, targets)
+        if self.sample_soft_labels is not None:
+            targets_soft = self.sample_soft_labels[indices.cpu()].to(logits.device, non_blocking=True)
+        else:
+            targets_soft = self.soft_labels[targets]
+        return soft_cross_entropy(logits / self.section.temperature, targets_soft)
+
+    def needs_outputs(self, stage):
+        return True  # Algorithm 1 re-estimates after every stage, the last one included
+
+    def end_stage(self, stage, outputs):
+        section = self.section
+        targets = self.train_targets.to(outputs.device)
+        artifacts = {"soft_labels": class_soft_labels(outputs, targets, self.num_classes, section.temperature,
+                                                      section.aggregation)}
+        self.soft_labels = artifacts["soft_labels"].to(self.device)
+        if section.peers != "all":
+            generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + stage)
+            artifacts["sample_soft_labels"] = peer_soft_labels(outputs, targets, self.num_classes, section.peers,
+                                                               section.temperature, section.aggregation, generator)
+            self.sample_soft_labels = artifacts["sample_soft_labels"].cpu()
+        return artifacts
+
+    def state_dict(self):
+        return {"soft_labels": self.soft_labels, "sample_soft_labels": self.sample_soft_labels}
+
+    def load_state_dict(self, state):
+        self.soft_labels = state.get("soft_labels")
+        self.sample_soft_labels = state.get("sample_soft_labels")
+        self.to(self.device)

@@ -1,0 +1,37 @@
+import torch
+import torch.nn.functional as F
+
+from colam.errors import require
+from colam.methods.base import Method
+
+
+class DisturbLabel(Method):
+    """DisturbLabel (Xie et al. 2016, "DisturbLabel: Regularizing CNN on the Loss Layer", Sec. 3.1).
+
+    Each iteration, every sample's label is with probability alpha replaced by a label drawn
+    uniformly from all C classes (possibly the true one), so the true class is kept with
+    probability 1 - alpha (C - 1) / C. The draw uses torch's global generator, which the engine
+    seeds at every epoch, so runs and resumed runs repeat exactly.
+    """
+
+    name = "disturblabel"
+    paper = "Xie et al. 2016, CVPR, arXiv:1605.00055"
+    summary = "hard labels, each redrawn uniformly with probability alpha per iteration"
+
+    @classmethod
+    def validate(cls, config):
+        alpha = config.method.disturblabel.alpha
+        require(0.0 <= alpha <= 1.0, "method.disturblabel.alpha", alpha, "must be in [0, 1]")
+
+    @classmethod
+    def hyperparameters(cls, config):
+        return {"alpha": config.method.disturblabel.alpha}
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor, stage: int) -> torch.Tensor:
+        return F.cross_entropy(logits, disturb(targets, self.num_classes, self.config.method.disturblabel.alpha))
+
+
+def disturb(targets: torch.Tensor, num_classes: int, alpha: float) -> torch.Tensor:
+    redraw = torch.rand(targets.shape, device=targets.device) < alpha
+    random_labels = torch.randint(num_classes, targets.shape, device=targets.device)
+    return torch.where(redraw, random_labels, targets)

@@ -1,0 +1,102 @@
+"""COLAM's soft-label learning step (Li et al. 2022, Sec. 3.3, Algorithm 1 lines 9-14).
+
+For each training sample the soft label minimises sum_{peers} 1/2 ||y - f(x_peer)||^2 (Eq. 6),
+whose minimiser is the mean of the peers' outputs; it is then normalised with softmax(mean / T).
+With all same-class samples as peers every sample of a class shares one label, so the labels
+form a C x C matrix (row c = label of class c). With k random peers each sample gets its own
+label (an N x C matrix), the "number of random peer samples" of Sec. 5.3.
+
+Pure tensor functions: no model, no data loading, no state.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from colam.errors import ColamError
+
+AGGREGATIONS = ("logits", "probs")
+
+
+def class_sums(outputs: torch.Tensor, targets: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class sum of `outputs` (N x C) and sample counts, vectorised with index_add_.
+
+    Sums and counts (not means) so partial results from batches or ranks can be added up.
+    """
+    outputs = outputs.to(torch.float64)  # sums over 10^6 samples lose digits in float32
+    sums = torch.zeros(num_classes, outputs.shape[1], dtype=torch.float64, device=outputs.device)
+    sums.index_add_(0, targets, outputs)
+    counts = torch.bincount(targets, minlength=num_classes).to(torch.float64)
+    return sums, counts
+
+
+def _prepare(outputs: torch.Tensor, aggregation: str) -> torch.Tensor:
+    if aggregation not in AGGREGATIONS:
+        raise ColamError(f"method.colam.aggregation: must be one of {', '.join(AGGREGATIONS)}, got {aggregation!r}")
+    return outputs.softmax(dim=1) if aggregation == "probs" else outputs
+
+
+def normalise(mean_outputs: torch.Tensor, temperature: float, aggregation: str = "logits") -> torch.Tensor:
+    """softmax(mean / T), the last line of Algorithm 1.
+
+    For averaged probabilities the same tempering is applied to their log: softmax(log(p) / T),
+    which equals softmax(z / T) when p = softmax(z) comes from a single sample.
+    """
+    if temperature <= 0:
+        raise ColamError(f"method.colam.temperature: must be > 0, got {temperature!r}")
+    scores = mean_outputs.clamp_min(1e-12).log() if aggregation == "probs" else mean_outputs
+    return (scores / temperature).softmax(dim=1).to(torch.float32)
+
+
+def class_soft_labels(outputs: torch.Tensor, targets: torch.Tensor, num_classes: int, temperature: float,
+                      aggregation: str = "logits") -> torch.Tensor:
+    """The C x C soft-label matrix from all peers: row c = softmax(mean_{i: y_i = c} f(x_i) / T)."""
+    sums, counts = class_sums(_prepare(outputs, aggregation), targets, num_classes)
+    return soft_labels_from_sums(sums, counts, temperature, aggregation)
+
+
+def soft_labels_from_sums(sums: torch.Tensor, counts: torch.Tensor, temperature: float,
+                          aggregation: str = "logits") -> torch.Tensor:
+    missing = (counts == 0).nonzero().flatten().tolist()
+    if missing:
+        raise ColamError(f"training data: class(es) {missing} have no training samples, so they have no soft label")
+    return normalise(sums / counts[:, None], temperature, aggregation)
+
+
+def peer_soft_labels(outputs: torch.Tensor, targets: torch.Tensor, num_classes: int, peers: int,
+                     temperature: float, aggregation: str = "logits", generator: torch.Generator | None = None,
+                     chunk: int = 1024) -> torch.Tensor:
+    """An N x C matrix: sample i's label averages the outputs of `peers` random same-class samples.
+
+    Peers are drawn without replacement from the sample's class (the sample itself included, as
+    in the paper's peer set). Drawing the indices of the k largest of n_c uniform keys gives a
+    uniform k-subset; rows are processed in chunks to bound memory at chunk x n_c.
+    """
+    prepared = _prepare(outputs, aggregation).to(torch.float32)
+    result = torch.empty(outputs.shape, dtype=torch.float32, device=outputs.device)
+    for c in range(num_classes):
+        members = (targets == c).nonzero().flatten()
+        if len(members) == 0:
+            continue  # no sample of this class needs a label
+        if len(members) < peers:
+            raise ColamError(f"method.colam.peers: {peers} peers requested but class {c} has only "
+                             f"{len(members)} training samples")
+        for start in range(0, len(members), chunk):
+            rows = members[start:start + chunk]
+            keys = torch.rand(len(rows), len(members), generator=generator, device="cpu")
+            chosen = members.cpu()[keys.topk(peers, dim=1).indices].to(outputs.device)  # rows x peers
+            result[rows] = prepared[chosen].mean(dim=1)
+    return normalise(result, temperature, aggregation)
+
+
+def check_soft_labels(labels: torch.Tensor, num_classes: int, name: str = "soft labels") -> None:
+    """Refuse a soft-label matrix of the wrong shape, with non-finite entries or rows not summing to 1."""
+    if labels.ndim != 2 or labels.shape[1] != num_classes:
+        raise ColamError(f"{name}: expected shape (rows, {num_classes}), got {tuple(labels.shape)}")
+    if not torch.isfinite(labels).all():
+        raise ColamError(f"{name}: contains NaN or infinite values")
+    if (labels < 0).any():
+        raise ColamError(f"{name}: contains negative probabilities")
+    worst = (labels.sum(dim=1) - 1).abs().max().item()
+    if worst > 1e-4:
+        raise ColamError(f"{name}: rows must sum to 1 (largest deviation {worst:.3g})")
