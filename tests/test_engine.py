@@ -1,0 +1,131 @@
+"""The staged trainer: artifacts per stage, repeatability, and resuming an interrupted run."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from colam.engine import RunLog, fit, learning_rate
+from colam.errors import ColamError
+from colam.methods import METHODS
+
+
+class Interrupt(RunLog):
+    """Stops the run, like a kill, once `after` epochs have been checkpointed."""
+
+    def __init__(self, after):
+        self.after = after
+
+    def epoch_end(self, stage, row):
+        if row["epoch"] == self.after + 1:  # epoch `after` was checkpointed; stop inside the next one
+            raise KeyboardInterrupt
+
+
+def read_history(out):
+    with open(out / "history.csv") as handle:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(handle)]
+
+
+def test_colam_run_writes_every_stage_artifact(tiny_config, tmp_path):
+    metrics = fit(tiny_config(), tmp_path)
+    assert 0.0 <= metrics["test_acc"] <= 1.0 and "val_acc" in metrics
+    assert json.loads((tmp_path / "metrics.json").read_text())["test_acc"] == metrics["test_acc"]
+    for stage in (1, 2):
+        stage_dir = tmp_path / f"stage_{stage}"
+        labels = np.load(stage_dir / "soft_labels.npy")
+        assert labels.dtype == np.float32 and labels.shape == (10, 10)
+        assert np.allclose(labels.sum(1), 1.0, atol=1e-5)
+        info = json.loads((stage_dir / "soft_labels.json").read_text())
+        assert info["stage"] == stage and info["temperature"] == 2.0 and len(info["class_names"]) == 10
+        state = torch.load(stage_dir / "model.pt", weights_only=True)
+        assert "fc.weight" in state
+        assert json.loads((stage_dir / "metrics.json").read_text())["epoch"] == 2 * stage
+    history = read_history(tmp_path)
+    assert [int(r["epoch"]) for r in history] == [1, 2, 3, 4]
+    assert [int(r["stage"]) for r in history] == [1, 1, 2, 2]
+
+
+def test_stage_two_trains_on_stage_one_soft_labels(tiny_config, tmp_path):
+    seen = []
+
+    class Spy(RunLog):
+        def stage_start(self, stage):
+            seen.append(stage)
+
+    fit(tiny_config(), tmp_path, run_log=Spy())
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert seen == [1, 2]
+    # the method's state after the run is the last stage's estimate, which is what was saved
+    assert np.allclose(state["method"]["soft_labels"].numpy(), np.load(tmp_path / "stage_2" / "soft_labels.npy"))
+
+
+def test_same_seed_same_numbers_other_seed_other_numbers(tiny_config, tmp_path):
+    a = fit(tiny_config(), tmp_path / "a")
+    b = fit(tiny_config(), tmp_path / "b")
+    c = fit(tiny_config("seed=1"), tmp_path / "c")
+    assert read_history(tmp_path / "a") == read_history(tmp_path / "b")
+    assert a["test_acc"] == b["test_acc"]
+    assert read_history(tmp_path / "a") != read_history(tmp_path / "c")
+    assert np.array_equal(np.load(tmp_path / "a/stage_2/soft_labels.npy"), np.load(tmp_path / "b/stage_2/soft_labels.npy"))
+
+
+@pytest.mark.parametrize(
+    "method, extra, interrupt_after",
+    [
+        ("colam", [], 1),  # inside stage 1
+        ("colam", [], 2),  # right after the stage-1 soft labels were estimated
+        ("colam", ["method.colam.peers=3"], 3),  # inside stage 2, with per-sample labels
+        ("disturblabel", [], 2),  # random label draws must repeat too
+    ],
+)
+def test_interrupted_run_resumes_to_the_same_result(tiny_config, tmp_path, method, extra, interrupt_after):
+    config = tiny_config(f"method.name={method}", *extra)
+    reference = fit(config, tmp_path / "reference")
+    with pytest.raises(KeyboardInterrupt):
+        fit(config, tmp_path / "resumed", run_log=Interrupt(interrupt_after))
+    assert not (tmp_path / "resumed" / "metrics.json").exists()
+    resumed = fit(config, tmp_path / "resumed")
+    assert read_history(tmp_path / "resumed") == read_history(tmp_path / "reference")
+    assert resumed["test_acc"] == reference["test_acc"]
+    last_stage = sorted(p.name for p in (tmp_path / "reference").glob("stage_*"))[-1]
+    final = torch.load(tmp_path / "resumed" / last_stage / "model.pt", weights_only=True)
+    expected = torch.load(tmp_path / "reference" / last_stage / "model.pt", weights_only=True)
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
+
+
+def test_completed_run_is_not_trained_again(tiny_config, tmp_path):
+    first = fit(tiny_config(), tmp_path)
+    stamp = (tmp_path / "checkpoint.pt").stat().st_mtime_ns
+    assert fit(tiny_config(), tmp_path) == first
+    assert (tmp_path / "checkpoint.pt").stat().st_mtime_ns == stamp
+
+
+def test_out_dir_with_another_run_is_refused(tiny_config, tmp_path):
+    fit(tiny_config(), tmp_path)
+    before = (tmp_path / "metrics.json").read_bytes()
+    with pytest.raises(ColamError, match=r"--out: .* different configuration \(method.colam.temperature: 2.0 there, 3.0 now\)"):
+        fit(tiny_config("method.colam.temperature=3"), tmp_path)
+    assert (tmp_path / "metrics.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_method_trains_end_to_end(tiny_config, tmp_path, name):
+    metrics = fit(tiny_config(f"method.name={name}"), tmp_path)
+    assert metrics["method"] == name and 0.0 <= metrics["test_acc"] <= 1.0
+    assert (tmp_path / "stage_1" / "model.pt").exists()
+    assert (tmp_path / "stage_1" / "soft_labels.npy").exists() == METHODS[name].uses_soft_labels
+
+
+def test_too_many_peers_for_the_smallest_class_is_refused(tiny_config, tmp_path):
+    with pytest.raises(ColamError, match="method.colam.peers: 500 exceeds the smallest class"):
+        fit(tiny_config("method.colam.peers=500"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_learning_rate_schedules(tiny_config):
+    config = tiny_config("train.epochs=8", "method.colam.epochs_per_stage=4", "train.lr=0.1")
+    assert [round(learning_rate(config, e), 6) for e in range(8)] == [0.1] * 4 + [0.01] * 2 + [0.001] * 2
+    cosine = tiny_config("train.lr_schedule=cosine", "train.lr=0.1")
+    assert learning_rate(cosine, 0) == pytest.approx(0.1) and learning_rate(cosine, 2) == pytest.approx(0.05)
