@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -124,7 +125,9 @@ def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ColamError(f"--config: file '{path}' does not exist")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ColamError(f"--config: cannot read '{path}' ({type(exc).__name__})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -209,10 +212,15 @@ def _scalar(hint: type, value: Any, key: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):
+        # PyYAML follows YAML 1.1, which reads 1e-3 (no dot) as a string: accept what float() parses.
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            try:
+                number = float(value)
+            except (ValueError, OverflowError):
+                raise ColamError(f"{key}: expected float, got {value!r}") from None
+            if not math.isfinite(number):
                 raise ColamError(f"{key}: must be a finite number, got {value!r}")
-            return float(value)
+            return number
     elif hint is str:
         if isinstance(value, str):
             return value
@@ -228,6 +236,7 @@ def validate(config: Config) -> None:
     from colam.methods import METHODS
 
     d, t, m = config.data, config.train, config.method
+    require(0 <= config.seed < 2**32, "seed", config.seed, "must be in [0, 2**32)")
     require(m.name in METHODS, "method.name", m.name, f"unknown method; choose one of: {', '.join(METHODS)}")
     require(d.train_subset is None or d.train_subset >= 1, "data.train_subset", d.train_subset, "must be >= 1")
     require(0.0 <= d.val_fraction < 1.0, "data.val_fraction", d.val_fraction, "must be in [0, 1)")
@@ -244,6 +253,6 @@ def validate(config: Config) -> None:
     for i, fraction in enumerate(t.milestones):
         require(0.0 < fraction < 1.0, f"train.milestones[{i}]", fraction, "must be a fraction of the epochs in (0, 1)")
     require(0.0 < t.gamma <= 1.0, "train.gamma", t.gamma, "must be in (0, 1]")
-    require(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device", t.device,
-             "must be auto, cpu or cuda[:N]")
+    require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device) is not None, "train.device", t.device,
+            "must be auto, cpu, cuda or cuda:N")
     METHODS[m.name].validate(config)

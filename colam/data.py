@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from colam.config import Config, DataConfig
+from colam.config import DataConfig
 from colam.datasets import build_raw_data
 from colam.errors import ColamError
 
@@ -55,6 +55,8 @@ class TrainingData:
 def build_data(cfg: DataConfig) -> TrainingData:
     raw = build_raw_data(cfg.name, cfg.root, download=cfg.download)
     num_classes = len(raw.classes)
+    if num_classes < 2:
+        raise ColamError(f"data: '{cfg.name}' under '{cfg.root}' has {num_classes} class(es); classification needs 2 or more")
     rng = np.random.default_rng(cfg.split_seed)
     labels = np.asarray(raw.train_targets, dtype=np.int64)
     kept = np.arange(len(labels))
@@ -105,14 +107,6 @@ def symmetric_noise(labels: np.ndarray, num_classes: int, rate: float, rng: np.r
     shift = rng.integers(1, num_classes, size=len(flipped))  # never 0: the label always changes
     noisy[flipped] = (labels[flipped] + shift) % num_classes
     return noisy
-
-
-def check_peers(config: Config, data: TrainingData) -> None:
-    peers = config.method.colam.peers
-    if config.method.name == "colam" and peers != "all":
-        smallest = min(data.class_counts())
-        if peers > smallest:
-            raise ColamError(f"method.colam.peers: {peers} exceeds the smallest class's {smallest} training samples")
 
 
 def loader(dataset: Dataset, batch_size: int, *, shuffle: bool, num_workers: int, seed: int | None = None,

@@ -146,16 +146,7 @@ def _cifar_builder(name: str, cls: type) -> Callable[[Path, bool], RawData]:
         train = cls(root, train=True, transform=train_t, download=download)
         train_eval = cls(root, train=True, transform=eval_t, download=False)
         test = cls(root, train=False, transform=eval_t, download=False)
-        return RawData(
-            train=train,
-            train_eval=train_eval,
-            test=test,
-            train_targets=_targets(train.targets),
-            test_targets=_targets(test.targets),
-            classes=list(train.classes),
-            in_channels=3,
-            image_size=32,
-        )
+        return _from_labelled(train, train_eval, test, image_size=32)
 
     return build
 
@@ -179,6 +170,11 @@ def _build_imagefolder(root: Path, download: bool) -> RawData:
     train_eval = _image_folder(root / "train", eval_t)
     test = _image_folder(root / "val", eval_t)
     _check_same_classes(root, {"train": train.classes, "val": test.classes})
+    return _from_labelled(train, train_eval, test, image_size=224)
+
+
+def _from_labelled(train, train_eval, test, image_size: int) -> RawData:
+    """RawData from torchvision data sets that expose `.targets` and `.classes` (RGB images)."""
     return RawData(
         train=train,
         train_eval=train_eval,
@@ -187,7 +183,7 @@ def _build_imagefolder(root: Path, download: bool) -> RawData:
         test_targets=_targets(test.targets),
         classes=list(train.classes),
         in_channels=3,
-        image_size=224,
+        image_size=image_size,
     )
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import math
 import sys
@@ -30,11 +31,12 @@ from torch import nn
 from tqdm import tqdm
 
 from colam import io as cio
-from colam.config import Config, from_dict, validate
-from colam.data import TrainingData, build_data, check_peers, loader
+from colam.config import Config, validate
+from colam.data import TrainingData, build_data, loader
 from colam.errors import ColamError
 from colam.methods import METHODS, Method
 from colam.models import build_model
+from colam.soft_labels import check_soft_labels
 
 log = logging.getLogger("colam")
 
@@ -68,8 +70,10 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ColamError(f"train.device: {name!r} requested but no CUDA device is available")
+    if device.type == "cuda":
+        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= available:
+            raise ColamError(f"train.device: {name!r} requested but {available} CUDA device(s) are available")
     return device
 
 
@@ -77,8 +81,10 @@ def prepare(config: Config) -> Prepared:
     """Validate everything that can be checked before training: config, data, model, method."""
     validate(config)
     device = resolve_device(config.train.device)
+    with torch.device("meta"):  # model name and options, checked before a data set is read or downloaded
+        build_model(config.model.name, 2, **config.model.options)
     data = build_data(config.data)
-    check_peers(config, data)
+    METHODS[config.method.name].check_data(config, data.class_counts())
     torch.manual_seed(config.seed)  # the model's initial weights
     model = build_model(config.model.name, data.num_classes, in_channels=data.in_channels, **config.model.options)
     method = METHODS[config.method.name](config, data.num_classes, data.train_targets)
@@ -96,8 +102,9 @@ def learning_rate(config: Config, epoch: int) -> float:
     return t.lr
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    return (seed * 1_000_003 + epoch * 7919) % (2**63 - 1)
+def epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
+    """A seed for one epoch; separate streams keep shuffling independent of augmentation draws."""
+    return (seed * 1_000_003 + epoch * 7919 + stream * 104_729) % (2**63 - 1)
 
 
 def train_one_epoch(model: nn.Module, batches, method: Method, optimizer: torch.optim.Optimizer, stage: int,
@@ -144,6 +151,8 @@ def fit(config: Config, out_dir: str | Path, *, run_log: RunLog | None = None, p
     run_log = run_log or RunLog()
     progress = sys.stderr.isatty() if progress is None else progress
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ColamError(f"--out: '{out_dir}' exists and is not a folder")
     prepared = prepare(config)  # raises before anything is written
     state = _resume_state(config, out_dir)
     if state is not None and state["epoch"] == config.train.epochs:
@@ -151,7 +160,10 @@ def fit(config: Config, out_dir: str | Path, *, run_log: RunLog | None = None, p
         if metrics is not None:
             log.info("%s already holds a completed run; nothing to do", out_dir)
             return metrics
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ColamError(f"--out: cannot create '{out_dir}' ({exc.strerror})") from None
     cio.write_text(out_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
     return _train(prepared, out_dir, state, run_log, progress)
 
@@ -177,16 +189,15 @@ def _train(p: Prepared, out_dir: Path, state: dict | None, run_log: RunLog, prog
     stage_ends = np.cumsum(p.stage_epochs).tolist()
     for epoch in range(start_epoch, t.epochs):
         stage = 1 + sum(epoch >= end for end in stage_ends)
-        if epoch == 0 or epoch in stage_ends:
+        if epoch == start_epoch or epoch in stage_ends:
             run_log.stage_start(stage)
         began = time.perf_counter()
         lr = learning_rate(config, epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        seed = epoch_seed(config.seed, epoch)
-        torch.manual_seed(seed)
-        batches = loader(data.train, t.batch_size, shuffle=True, num_workers=config.data.num_workers, seed=seed,
-                         pin_memory=pin)
+        torch.manual_seed(epoch_seed(config.seed, epoch))
+        batches = loader(data.train, t.batch_size, shuffle=True, num_workers=config.data.num_workers,
+                         seed=epoch_seed(config.seed, epoch, stream=1), pin_memory=pin)
         desc = f"stage {stage}/{len(stage_ends)} epoch {epoch + 1}/{t.epochs}"
         train_loss, train_acc = train_one_epoch(model, batches, method, optimizer, stage, device, desc, progress)
         if not math.isfinite(train_loss):
@@ -202,11 +213,11 @@ def _train(p: Prepared, out_dir: Path, state: dict | None, run_log: RunLog, prog
         history.append(row)
         log.info("%s  loss %.4f  train %.4f%s  (%.1fs)", desc, train_loss, train_acc,
                  "".join(f"  {k[:-4]} {row[k]:.4f}" for k in ("val_acc", "test_acc") if k in row), row["seconds"])
-        run_log.epoch_end(stage, row)
         _write_history(out_dir / "history.csv", history)
         cio.save_torch(out_dir / "checkpoint.pt", {
             "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "method": method.state_dict(), "history": history, "elapsed": elapsed, "config": config.to_dict()})
+        run_log.epoch_end(stage, row)  # after the checkpoint: a resumed run never reports an epoch twice
     metrics = _final_metrics(config, history, elapsed)
     cio.write_json(out_dir / "metrics.json", metrics)
     run_log.finish(metrics, out_dir)
@@ -225,6 +236,7 @@ def _end_stage(p: Prepared, stage: int, out_dir: Path, row: dict, run_log: RunLo
         outputs = predict(p.model, batches, p.device)
     artifacts = p.method.end_stage(stage, outputs)
     for name, tensor in artifacts.items():
+        check_soft_labels(tensor, p.data.num_classes, f"stage {stage} {name} (estimated from the model's outputs)")
         cio.save_array(stage_dir / f"{name}.npy", tensor.detach().cpu().numpy().astype(np.float32))
     if "soft_labels" in artifacts:
         section = p.config.method.colam
@@ -242,8 +254,9 @@ def _final_metrics(config: Config, history: list[dict], elapsed: float) -> dict:
     metrics = {"test_acc": last["test_acc"], "train_acc": last["train_acc"], "train_loss": last["train_loss"]}
     if "val_acc" in last:
         metrics["val_acc"] = last["val_acc"]
-    metrics.update({"method": config.method.name, "model": config.model.name, "data": config.data.name,
-                    "seed": config.seed, "epochs": config.train.epochs, "wall_time_s": round(elapsed, 3)})
+    metrics.update({"method": config.method.name, "method_params": METHODS[config.method.name].hyperparameters(config),
+                    "model": config.model.name, "data": config.data.name, "seed": config.seed,
+                    "epochs": config.train.epochs, "wall_time_s": round(elapsed, 3)})
     return metrics
 
 
@@ -256,8 +269,6 @@ def _write_history(path: Path, history: list[dict]) -> None:
 
 
 def _read_metrics(out_dir: Path) -> dict | None:
-    import json
-
     try:
         return json.loads((out_dir / "metrics.json").read_text())
     except (FileNotFoundError, ValueError):
@@ -267,16 +278,30 @@ def _read_metrics(out_dir: Path) -> dict | None:
 def _resume_state(config: Config, out_dir: Path) -> dict | None:
     """The checkpoint of an earlier run of the same config in `out_dir`, or None to start afresh."""
     path = out_dir / "checkpoint.pt"
-    if not path.exists():
-        return None
-    state = cio.load_torch(path, "--out checkpoint")
-    saved = state.get("config")
+    if path.exists():
+        state = cio.load_torch(path, "--out checkpoint")
+        if not isinstance(state, dict) or not _CHECKPOINT_KEYS <= state.keys():
+            raise ColamError(f"--out: '{path}' is not a colam training checkpoint; use another --out or delete it")
+        _refuse_other_run(out_dir, state["config"], config)
+        return state
+    saved_config = out_dir / "config.yaml"
+    if saved_config.exists():  # a run that never finished its first epoch, or whose checkpoint was removed
+        try:
+            saved = yaml.safe_load(saved_config.read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            saved = None
+        _refuse_other_run(out_dir, saved, config)
+    return None
+
+
+_CHECKPOINT_KEYS = {"epoch", "model", "optimizer", "method", "history", "elapsed", "config"}
+
+
+def _refuse_other_run(out_dir: Path, saved: object, config: Config) -> None:
     if saved != config.to_dict():
-        difference = _first_difference(saved or {}, config.to_dict())
+        difference = _first_difference(saved, config.to_dict()) if isinstance(saved, dict) else "unreadable"
         raise ColamError(f"--out: '{out_dir}' holds a run with a different configuration ({difference}); "
                          f"use another --out or delete it")
-    validate(from_dict(saved))
-    return state
 
 
 def _first_difference(old: dict, new: dict, prefix: str = "") -> str:

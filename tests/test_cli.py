@@ -57,6 +57,11 @@ def test_train_writes_metrics_and_stage_folders(tmp_path):
         (["model.name=vgg"], "model.name"),
         (["model.options={depth: 3}"], "model.options.depth"),
         (["train.lr=fast"], "train.lr"),
+        (["train.lr=1" + "0" * 400], "train.lr"),
+        (["train.device=cudax"], "train.device"),
+        (["train.device=cuda:7"], "train.device"),
+        (["seed=-1"], "seed"),
+        (["seed=18446744073709551616"], "seed"),
     ],
 )
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, overrides, key):
@@ -72,3 +77,25 @@ def test_bad_input_has_no_traceback_in_a_real_process(tmp_path):
     result = run_cli("train", "--config", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "run"))
     assert result.returncode == 2
     assert result.stderr.strip() == f"colam: error: --config: file '{tmp_path / 'nope.yaml'}' does not exist"
+
+
+def test_exponent_floats_are_read_as_numbers(tmp_path):
+    from colam.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("train: {lr: 1e-3, weight_decay: 5e-4}\n")
+    config = load_config(path)
+    assert config.train.lr == 0.001 and config.train.weight_decay == 0.0005
+
+
+def test_out_that_is_a_file_and_unreadable_config_are_refused(tmp_path, capsys):
+    target = tmp_path / "file"
+    target.write_text("keep me")
+    args = [a for item in TINY for a in ("--set", item)]
+    assert main(["train", "--out", str(target), *args]) == 2
+    assert capsys.readouterr().err.startswith(f"colam: error: --out: '{target}' exists and is not a folder")
+    assert target.read_text() == "keep me"
+    binary = tmp_path / "c.yaml"
+    binary.write_bytes(b"\xff\xfe\x00bad")
+    assert main(["train", "--config", str(binary), "--out", str(tmp_path / "run")]) == 2
+    assert "--config: cannot read" in capsys.readouterr().err

@@ -13,13 +13,13 @@ from colam.methods import METHODS
 
 
 class Interrupt(RunLog):
-    """Stops the run, like a kill, once `after` epochs have been checkpointed."""
+    """Stops the run, like a kill, right after epoch `after` was checkpointed."""
 
     def __init__(self, after):
         self.after = after
 
     def epoch_end(self, stage, row):
-        if row["epoch"] == self.after + 1:  # epoch `after` was checkpointed; stop inside the next one
+        if row["epoch"] == self.after:
             raise KeyboardInterrupt
 
 
@@ -47,16 +47,21 @@ def test_colam_run_writes_every_stage_artifact(tiny_config, tmp_path):
     assert [int(r["stage"]) for r in history] == [1, 1, 2, 2]
 
 
-def test_stage_two_trains_on_stage_one_soft_labels(tiny_config, tmp_path):
-    seen = []
+def test_stage_two_trains_on_stage_one_soft_labels(tiny_config, tmp_path, monkeypatch):
+    from colam.methods.colam import Colam
 
-    class Spy(RunLog):
-        def stage_start(self, stage):
-            seen.append(stage)
+    used = {}
+    original = Colam.loss
 
-    fit(tiny_config(), tmp_path, run_log=Spy())
+    def spy(self, logits, targets, indices, stage):
+        used.setdefault(stage, None if self.soft_labels is None else self.soft_labels.clone())
+        return original(self, logits, targets, indices, stage)
+
+    monkeypatch.setattr(Colam, "loss", spy)
+    fit(tiny_config(), tmp_path)
+    assert used[1] is None  # stage 1: hard labels
+    assert np.array_equal(used[2].numpy(), np.load(tmp_path / "stage_1" / "soft_labels.npy"))
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    assert seen == [1, 2]
     # the method's state after the run is the last stage's estimate, which is what was saved
     assert np.allclose(state["method"]["soft_labels"].numpy(), np.load(tmp_path / "stage_2" / "soft_labels.npy"))
 
@@ -75,7 +80,7 @@ def test_same_seed_same_numbers_other_seed_other_numbers(tiny_config, tmp_path):
     "method, extra, interrupt_after",
     [
         ("colam", [], 1),  # inside stage 1
-        ("colam", [], 2),  # right after the stage-1 soft labels were estimated
+        ("colam", [], 2),  # right after the stage-1 soft labels were estimated and checkpointed
         ("colam", ["method.colam.peers=3"], 3),  # inside stage 2, with per-sample labels
         ("disturblabel", [], 2),  # random label draws must repeat too
     ],
@@ -102,6 +107,32 @@ def test_completed_run_is_not_trained_again(tiny_config, tmp_path):
     assert (tmp_path / "checkpoint.pt").stat().st_mtime_ns == stamp
 
 
+def test_resumed_run_reports_each_epoch_once(tiny_config, tmp_path):
+    class Record(RunLog):
+        def __init__(self):
+            self.epochs, self.stages = [], []
+
+        def stage_start(self, stage):
+            self.stages.append(stage)
+
+        def epoch_end(self, stage, row):
+            self.epochs.append(row["epoch"])
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_config(), tmp_path, run_log=Interrupt(3))
+    record = Record()
+    fit(tiny_config(), tmp_path, run_log=record)
+    assert record.epochs == [4] and record.stages == [2]
+
+
+def test_out_dir_without_checkpoint_but_other_config_is_refused(tiny_config, tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_config(), tmp_path, run_log=Interrupt(1))
+    (tmp_path / "checkpoint.pt").unlink()
+    with pytest.raises(ColamError, match="different configuration"):
+        fit(tiny_config("seed=5"), tmp_path)
+
+
 def test_out_dir_with_another_run_is_refused(tiny_config, tmp_path):
     fit(tiny_config(), tmp_path)
     before = (tmp_path / "metrics.json").read_bytes()
@@ -119,7 +150,7 @@ def test_every_method_trains_end_to_end(tiny_config, tmp_path, name):
 
 
 def test_too_many_peers_for_the_smallest_class_is_refused(tiny_config, tmp_path):
-    with pytest.raises(ColamError, match="method.colam.peers: 500 exceeds the smallest class"):
+    with pytest.raises(ColamError, match="method.colam.peers: exceeds the smallest class.s 15 training samples, got 500"):
         fit(tiny_config("method.colam.peers=500"), tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

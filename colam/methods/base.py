@@ -37,6 +37,10 @@ class Method:
         """Check this method's config section; raise ColamError naming the key."""
 
     @classmethod
+    def check_data(cls, config: Config, class_counts: list[int]) -> None:
+        """Check the settings that depend on the training data (samples per class)."""
+
+    @classmethod
     def stage_epochs(cls, config: Config) -> list[int]:
         """Epochs of each stage; one stage unless the method alternates."""
         return [config.train.epochs]

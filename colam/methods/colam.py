@@ -16,8 +16,9 @@ class Colam(Method):
     from the current model (`colam.soft_labels`), and stages 2..m minimise Eq. 4,
     H(y_soft, softmax(f(x) / T)).
 
-    Stage 1 uses the plain cross-entropy: Algorithm 1 writes T in line 5 too, but the paper's
-    Fig. 1a shows stage 1 matching hard-label SGD "as expected", so the first stage is HL.
+    Stage 1 uses the plain cross-entropy. Algorithm 1 writes T in line 5 too; with one-hot targets
+    T only rescales the logits (an effective change of learning rate), and the paper's Fig. 1a
+    reads stage 1 as hard-label SGD, which plain cross-entropy makes exact.
     """
 
     name = "colam"
@@ -48,6 +49,12 @@ class Colam(Method):
                 f"must be one of {', '.join(AGGREGATIONS)}")
 
     @classmethod
+    def check_data(cls, config, class_counts):
+        peers, smallest = config.method.colam.peers, min(class_counts)
+        require(peers == "all" or peers <= smallest, "method.colam.peers", peers,
+                f"exceeds the smallest class's {smallest} training samples")
+
+    @classmethod
     def stage_epochs(cls, config):
         return [config.method.colam.epochs_per_stage] * config.method.colam.stages
 
@@ -64,7 +71,7 @@ class Colam(Method):
         return self
 
     def loss(self, logits, targets, indices, stage):
-        if self.soft_labels is None:  # stage 1, or nothing estimated yet
+        if stage == 1:
             return F.cross_entropy(logits, targets)
         if self.sample_soft_labels is not None:
             targets_soft = self.sample_soft_labels[indices.cpu()].to(logits.device, non_blocking=True)
@@ -82,7 +89,7 @@ class Colam(Method):
                                                       section.aggregation)}
         self.soft_labels = artifacts["soft_labels"].to(self.device)
         if section.peers != "all":
-            generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + stage)
+            generator = torch.Generator().manual_seed((self.config.seed * 1_000_003 + stage) % (2**63 - 1))
             artifacts["sample_soft_labels"] = peer_soft_labels(outputs, targets, self.num_classes, section.peers,
                                                                section.temperature, section.aggregation, generator)
             self.sample_soft_labels = artifacts["sample_soft_labels"].cpu()

@@ -20,13 +20,17 @@ PAPER = 'He et al. 2016, "Identity Mappings in Deep Residual Networks" (ECCV), a
 
 
 class PreActBlock(nn.Module):
-    """BN-ReLU-conv3x3-BN-ReLU-conv3x3 plus the (possibly projected) input."""
+    """BN-ReLU-conv3x3-BN-ReLU-[dropout]-conv3x3 plus the (possibly projected) input.
 
-    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
+    With dropout it is the wide-ResNet block B(3,3) of Zagoruyko & Komodakis 2016.
+    """
+
+    def __init__(self, in_planes: int, planes: int, stride: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.bn1 = nn.BatchNorm2d(in_planes)
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
+        self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
         self.shortcut = None
         if stride != 1 or in_planes != planes:
@@ -37,7 +41,7 @@ class PreActBlock(nn.Module):
         # The projection sees the pre-activated input, as in the paper's design.
         shortcut = self.shortcut(out) if self.shortcut is not None else x
         out = self.conv1(out)
-        out = self.conv2(F.relu(self.bn2(out)))
+        out = self.conv2(self.dropout(F.relu(self.bn2(out))))
         return out + shortcut
 
 

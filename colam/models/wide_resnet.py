@@ -13,31 +13,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from colam.models import Classifier, check_dropout, check_int_option, kaiming_init, option_error, register_model
+from colam.models import (
+    Classifier,
+    check_dropout,
+    check_int_option,
+    kaiming_init,
+    option_error,
+    register_model,
+)
+from colam.models.preact_resnet import PreActBlock
 
 PAPER = 'Zagoruyko & Komodakis 2016, "Wide Residual Networks" (BMVC), arXiv:1605.07146'
-
-
-class WideBlock(nn.Module):
-    """BN-ReLU-conv3x3-BN-ReLU-dropout-conv3x3 plus the (possibly projected) input."""
-
-    def __init__(self, in_planes: int, planes: int, stride: int, dropout: float) -> None:
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_planes)
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.shortcut = None
-        if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Conv2d(in_planes, planes, 1, stride, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(x))
-        shortcut = self.shortcut(out) if self.shortcut is not None else x
-        out = self.conv1(out)
-        out = self.conv2(self.dropout(F.relu(self.bn2(out))))
-        return out + shortcut
 
 
 class WideResNet(Classifier):
@@ -49,7 +35,7 @@ class WideResNet(Classifier):
         layers, in_planes = [], 16
         for i, planes in enumerate(widths):
             for j in range(n):
-                layers.append(WideBlock(in_planes, planes, 2 if i > 0 and j == 0 else 1, dropout))
+                layers.append(PreActBlock(in_planes, planes, 2 if i > 0 and j == 0 else 1, dropout))
                 in_planes = planes
         self.layers = nn.Sequential(*layers)
         self.bn = nn.BatchNorm2d(in_planes)
