@@ -81,10 +81,11 @@ def peer_soft_labels(outputs: torch.Tensor, targets: torch.Tensor, num_classes: 
         if len(members) < peers:
             raise ColamError(f"method.colam.peers: {peers} peers requested but class {c} has only "
                              f"{len(members)} training samples")
+        members_cpu = members.cpu()  # the generator draws on the host
         for start in range(0, len(members), chunk):
             rows = members[start:start + chunk]
             keys = torch.rand(len(rows), len(members), generator=generator, device="cpu")
-            chosen = members.cpu()[keys.topk(peers, dim=1).indices].to(outputs.device)  # rows x peers
+            chosen = members_cpu[keys.topk(peers, dim=1).indices].to(outputs.device)  # rows x peers
             result[rows] = prepared[chosen].mean(dim=1)
     return normalise(result, temperature, aggregation)
 
