@@ -36,6 +36,7 @@ from colam.data import TrainingData, build_data, loader
 from colam.errors import ColamError
 from colam.methods import METHODS, Method
 from colam.models import build_model
+from colam.seeding import derive_seed
 from colam.soft_labels import check_soft_labels
 
 log = logging.getLogger("colam")
@@ -104,7 +105,7 @@ def learning_rate(config: Config, epoch: int) -> float:
 
 def epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
     """A seed for one epoch; separate streams keep shuffling independent of augmentation draws."""
-    return (seed * 1_000_003 + epoch * 7919 + stream * 104_729) % (2**63 - 1)
+    return derive_seed(seed, epoch * 7919 + stream * 104_729)
 
 
 def train_one_epoch(model: nn.Module, batches, method: Method, optimizer: torch.optim.Optimizer, stage: int,
@@ -153,13 +154,14 @@ def fit(config: Config, out_dir: str | Path, *, run_log: RunLog | None = None, p
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ColamError(f"--out: '{out_dir}' exists and is not a folder")
-    prepared = prepare(config)  # raises before anything is written
+    # Another run in out_dir, or this run already finished: known before any data is read.
     state = _resume_state(config, out_dir)
     if state is not None and state["epoch"] == config.train.epochs:
         metrics = _read_metrics(out_dir)
         if metrics is not None:
             log.info("%s already holds a completed run; nothing to do", out_dir)
             return metrics
+    prepared = prepare(config)  # raises before anything is written
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -275,6 +277,9 @@ def _read_metrics(out_dir: Path) -> dict | None:
         return None
 
 
+_CHECKPOINT_KEYS = {"epoch", "model", "optimizer", "method", "history", "elapsed", "config"}
+
+
 def _resume_state(config: Config, out_dir: Path) -> dict | None:
     """The checkpoint of an earlier run of the same config in `out_dir`, or None to start afresh."""
     path = out_dir / "checkpoint.pt"
@@ -292,9 +297,6 @@ def _resume_state(config: Config, out_dir: Path) -> dict | None:
             saved = None
         _refuse_other_run(out_dir, saved, config)
     return None
-
-
-_CHECKPOINT_KEYS = {"epoch", "model", "optimizer", "method", "history", "elapsed", "config"}
 
 
 def _refuse_other_run(out_dir: Path, saved: object, config: Config) -> None:

@@ -3,6 +3,7 @@ import torch.nn.functional as F
 
 from colam.errors import require
 from colam.methods.base import Method, soft_cross_entropy
+from colam.seeding import derive_seed
 from colam.soft_labels import AGGREGATIONS, class_soft_labels, peer_soft_labels
 
 
@@ -89,7 +90,7 @@ class Colam(Method):
                                                       section.aggregation)}
         self.soft_labels = artifacts["soft_labels"].to(self.device)
         if section.peers != "all":
-            generator = torch.Generator().manual_seed((self.config.seed * 1_000_003 + stage) % (2**63 - 1))
+            generator = torch.Generator().manual_seed(derive_seed(self.config.seed, stage))
             artifacts["sample_soft_labels"] = peer_soft_labels(outputs, targets, self.num_classes, section.peers,
                                                                section.temperature, section.aggregation, generator)
             self.sample_soft_labels = artifacts["sample_soft_labels"].cpu()
