@@ -1,6 +1,8 @@
 """The `colam` console script.
 
-    colam train --config FILE [--set KEY=VALUE ...] --out DIR
+    colam train --config FILE [--set KEY=VALUE ...] --out DIR [--split DIR] [--stage K]
+    colam prepare --config FILE --out DIR
+    colam evaluate --config FILE --stage-dir DIR --out DIR [--split DIR]
     colam methods
     colam models
     colam datasets
@@ -11,6 +13,7 @@ Bad input exits with status 2 and one line on stderr naming the input; nothing i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -18,9 +21,9 @@ import sys
 from colam.errors import ColamError
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
+def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    """Run the command line; `parser` lets a wrapper (pipelines.cli) add commands and tracking."""
+    args = (parser or build_parser()).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         return args.func(args)
@@ -33,18 +36,32 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="colam", description="COLAM and soft-label baselines for image classification")
+    # Hooks a wrapper may replace: how --config is read, and the run log a training run reports to.
+    parser.set_defaults(load_config=_load_config, run_log=_no_run_log)
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train one run (resumes an interrupted run in the same --out)")
-    train.add_argument("--config", help="YAML config file (defaults apply to keys it leaves out)")
-    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override one key, e.g. --set method.colam.temperature=2 (repeatable)")
+    _config_arguments(train)
     train.add_argument("--out", required=True, help="output folder of the run")
+    train.add_argument("--split", help="a split written by `colam prepare` (default: draw it from data.*)")
+    train.add_argument("--stage", type=int, help="train this stage only, from --out/stage_{K-1} to --out/stage_K")
     train.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                        help="show a progress bar per epoch (default: when stderr is a terminal)")
     train.set_defaults(func=_train)
+
+    prepare = commands.add_parser("prepare", help="write the training/validation split and the labels training sees")
+    _config_arguments(prepare)
+    prepare.add_argument("--out", required=True, help="folder for split.npz and split.json")
+    prepare.set_defaults(func=_prepare)
+
+    evaluate = commands.add_parser("evaluate", help="score a stage's model: accuracy, NLL, calibration, confusion")
+    _config_arguments(evaluate)
+    evaluate.add_argument("--stage-dir", required=True, help="a stage folder of a run (model.pt, state.pt)")
+    evaluate.add_argument("--split", help="the split the run was trained on (default: draw it from data.*)")
+    evaluate.add_argument("--out", required=True, help="folder for metrics.json, history.csv, predictions.csv")
+    evaluate.set_defaults(func=_evaluate)
 
     commands.add_parser("methods", help="list the training methods").set_defaults(func=_methods)
     models = commands.add_parser("models", help="list the models with parameter counts")
@@ -54,13 +71,49 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _train(args) -> int:
-    from colam.config import load_config
-    from colam.engine import fit
+def _config_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--config", help="YAML config file (defaults apply to keys it leaves out)")
+    command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help="override one key, e.g. --set method.colam.temperature=2 (repeatable)")
 
-    config = load_config(args.config, args.overrides)
-    metrics = fit(config, args.out, progress=args.progress)
+
+def _load_config(args):
+    from colam.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def _no_run_log(args, config):
+    return contextlib.nullcontext(None)
+
+
+def _train(args) -> int:
+    from colam.engine import fit, fit_stage
+
+    config = args.load_config(args)
+    with args.run_log(args, config) as run_log:
+        if args.stage is None:
+            metrics = fit(config, args.out, run_log=run_log, progress=args.progress, split_dir=args.split)
+        else:
+            metrics = fit_stage(config, args.out, args.stage, run_log=run_log, progress=args.progress,
+                                split_dir=args.split)
     print(json.dumps(metrics))
+    return 0
+
+
+def _prepare(args) -> int:
+    from colam.data import save_split
+
+    summary = save_split(args.load_config(args).data, args.out)
+    print(json.dumps({k: summary[k] for k in ("data", "train_samples", "val_samples", "test_samples", "noisy_labels")}))
+    return 0
+
+
+def _evaluate(args) -> int:
+    from colam.evaluation import evaluate_run
+
+    metrics = evaluate_run(args.load_config(args), args.stage_dir, args.out, split_dir=args.split)
+    print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)}))
     return 0
 
 

@@ -55,6 +55,11 @@ class TrainConfig:
 
 
 @dataclass
+class HLConfig:
+    """Hard-label cross-entropy has no settings; the empty section gives every method one to name."""
+
+
+@dataclass
 class LSConfig:
     eps: float = 0.1  # Szegedy et al. 2016, Eq. 1 of the COLAM paper
     convention: str = "C"  # "C": eps/C to every class (torch's label_smoothing); "C-1": eps/(C-1) to wrong classes
@@ -82,6 +87,7 @@ class ColamConfig:
 @dataclass
 class MethodConfig:
     name: str = "colam"  # a registered method (`colam methods`)
+    hl: HLConfig = field(default_factory=HLConfig)
     ls: LSConfig = field(default_factory=LSConfig)
     cp: CPConfig = field(default_factory=CPConfig)
     disturblabel: DisturbLabelConfig = field(default_factory=DisturbLabelConfig)
@@ -105,13 +111,7 @@ class Config:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read YAML `path` (or the defaults), apply `KEY=VALUE` overrides, validate, return Config."""
-    raw: dict = {}
-    if path is not None:
-        raw = _read_yaml(Path(path))
-    for item in overrides or []:
-        key, value = _parse_override(item)
-        _set_dotted(raw, key, value)
-    config = from_dict(raw)
+    config = from_dict(read_yaml(path, overrides))
     validate(config)
     return config
 
@@ -119,6 +119,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def from_dict(raw: dict) -> Config:
     """Build a Config from nested dicts, refusing unknown keys and wrong types."""
     return _build(Config, raw, prefix="")
+
+
+def build_section(cls: type, raw: Any, prefix: str) -> Any:
+    """Build dataclass `cls` from `raw` with Config's type checks; `prefix` names the keys in errors."""
+    return _build(cls, raw, prefix)
+
+
+def read_yaml(path: str | Path, overrides: list[str] | None = None) -> dict:
+    """The mapping in YAML file `path` (or {}), with `KEY=VALUE` overrides applied."""
+    raw = _read_yaml(Path(path)) if path is not None else {}
+    for item in overrides or []:
+        key, value = _parse_override(item)
+        _set_dotted(raw, key, value)
+    return raw
 
 
 def _read_yaml(path: Path) -> dict:

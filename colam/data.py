@@ -7,14 +7,19 @@ over several seeds see the same data and the same noisy labels.
 
 from __future__ import annotations
 
+import io
+import json
+import zipfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from colam import io as cio
 from colam.config import DataConfig
-from colam.datasets import build_raw_data
+from colam.datasets import RawData, build_raw_data
 from colam.errors import ColamError
 
 
@@ -52,11 +57,46 @@ class TrainingData:
         return torch.bincount(self.train_targets, minlength=self.num_classes).tolist()
 
 
-def build_data(cfg: DataConfig) -> TrainingData:
+@dataclass
+class Split:
+    """Which samples training sees and with which labels: everything `data.*` decides but the images."""
+
+    train_index: np.ndarray  # positions in the raw training set, sorted
+    train_targets: np.ndarray  # the labels training sees (after noise)
+    clean_train_targets: np.ndarray  # the raw data set's labels of the same samples
+    val_index: np.ndarray  # held out from the raw training set
+
+
+# The keys of `data` that decide the split; a saved split records them and must match the config.
+SPLIT_KEYS = ("name", "train_subset", "val_fraction", "label_noise", "split_seed")
+
+
+def build_data(cfg: DataConfig, split_dir: str | Path | None = None) -> TrainingData:
+    """The training data of `cfg`; with `split_dir`, the split saved there by `save_split`."""
     raw = build_raw_data(cfg.name, cfg.root, download=cfg.download)
+    if len(raw.classes) < 2:
+        raise ColamError(f"data: '{cfg.name}' under '{cfg.root}' has {len(raw.classes)} class(es); "
+                         f"classification needs 2 or more")
+    split = draw_split(cfg, raw) if split_dir is None else load_split(split_dir, cfg, raw)
+    test_labels = np.asarray(raw.test_targets, dtype=np.int64)
+    val_index = split.val_index
+    labels = np.asarray(raw.train_targets, dtype=np.int64)
+    return TrainingData(
+        train=Indexed(raw.train, split.train_index, split.train_targets),
+        train_eval=Indexed(raw.train_eval, split.train_index, split.train_targets),
+        val=Indexed(raw.train_eval, val_index, labels[val_index]) if len(val_index) else None,
+        test=Indexed(raw.test, np.arange(len(test_labels)), test_labels),
+        train_targets=torch.from_numpy(split.train_targets),
+        clean_train_targets=torch.from_numpy(split.clean_train_targets),
+        classes=list(raw.classes),
+        in_channels=raw.in_channels,
+        image_size=raw.image_size,
+    )
+
+
+def draw_split(cfg: DataConfig, raw: RawData) -> Split:
+    """Subset, validation split and label noise, drawn from `data.split_seed` alone."""
     num_classes = len(raw.classes)
-    if num_classes < 2:
-        raise ColamError(f"data: '{cfg.name}' under '{cfg.root}' has {num_classes} class(es); classification needs 2 or more")
     rng = np.random.default_rng(cfg.split_seed)
     labels = np.asarray(raw.train_targets, dtype=np.int64)
     kept = np.arange(len(labels))
@@ -76,18 +116,68 @@ def build_data(cfg: DataConfig) -> TrainingData:
     if missing:
         raise ColamError(f"data: class(es) {missing} of '{cfg.name}' have no training samples after "
                          f"train_subset/val_fraction; use more training samples")
-    test_labels = np.asarray(raw.test_targets, dtype=np.int64)
-    return TrainingData(
-        train=Indexed(raw.train, kept, noisy),
-        train_eval=Indexed(raw.train_eval, kept, noisy),
-        val=Indexed(raw.train_eval, val_idx, labels[val_idx]) if len(val_idx) else None,
-        test=Indexed(raw.test, np.arange(len(test_labels)), test_labels),
-        train_targets=torch.from_numpy(noisy),
-        clean_train_targets=torch.from_numpy(clean),
-        classes=list(raw.classes),
-        in_channels=raw.in_channels,
-        image_size=raw.image_size,
-    )
+    return Split(kept, noisy, clean, val_idx)
+
+
+def save_split(cfg: DataConfig, out_dir: str | Path) -> dict:
+    """Draw the split of `cfg` and write it to `out_dir` (split.npz + split.json); returns the summary.
+
+    The split is what `data.*` decides: which samples train and validate, and the (noisy) labels
+    training sees. The images stay in the raw data set; `build_data(cfg, out_dir)` reads them back
+    and checks that the raw data still holds the recorded labels.
+    """
+    raw = build_raw_data(cfg.name, cfg.root, download=cfg.download)
+    split = draw_split(cfg, raw)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # np.savez stamps the current time into the archive: build it with a fixed stamp instead, so
+    # preparing the same split twice writes the same bytes and DVC sees nothing new downstream.
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name in Split.__dataclass_fields__:
+            member = io.BytesIO()
+            np.save(member, getattr(split, name).astype(np.int64), allow_pickle=False)
+            archive.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), member.getvalue())
+    cio.atomic_write_bytes(out_dir / "split.npz", buffer.getvalue())
+    counts = np.bincount(split.train_targets, minlength=len(raw.classes)).tolist()
+    summary = {
+        "data": {k: getattr(cfg, k) for k in SPLIT_KEYS},
+        "classes": list(raw.classes),
+        "raw_train_samples": len(raw.train_targets), "raw_test_samples": len(raw.test_targets),
+        "train_samples": len(split.train_index), "val_samples": len(split.val_index),
+        "test_samples": len(raw.test_targets), "train_samples_per_class": counts,
+        "noisy_labels": int((split.train_targets != split.clean_train_targets).sum()),
+    }
+    cio.write_json(out_dir / "split.json", summary)
+    return summary
+
+
+def load_split(split_dir: str | Path, cfg: DataConfig, raw: RawData) -> Split:
+    """The split saved in `split_dir`, after checking it belongs to `cfg` and to this raw data."""
+    split_dir = Path(split_dir)
+    try:
+        summary = json.loads((split_dir / "split.json").read_text())
+        with np.load(split_dir / "split.npz", allow_pickle=False) as arrays:
+            split = Split(**{k: arrays[k] for k in Split.__dataclass_fields__})
+    except FileNotFoundError as exc:
+        raise ColamError(f"--split: '{split_dir}' holds no prepared split ({Path(exc.filename).name} is missing); "
+                         f"run `colam prepare` first") from None
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
+        raise ColamError(f"--split: '{split_dir}' is not a readable prepared split ({type(exc).__name__})") from None
+    for key in SPLIT_KEYS:
+        saved, wanted = summary.get("data", {}).get(key), getattr(cfg, key)
+        if saved != wanted:
+            raise ColamError(f"--split: '{split_dir}' was prepared with data.{key}={saved!r}, the config has "
+                             f"{wanted!r}; prepare the split again")
+    labels = np.asarray(raw.train_targets, dtype=np.int64)
+    index = np.concatenate([split.train_index, split.val_index])
+    if (summary.get("raw_train_samples") != len(labels) or summary.get("raw_test_samples") != len(raw.test_targets)
+            or (len(index) and (index.min() < 0 or index.max() >= len(labels)))
+            or not np.array_equal(labels[split.train_index], split.clean_train_targets)
+            or len(split.train_targets) != len(split.train_index)):
+        raise ColamError(f"--split: '{split_dir}' does not match the data set '{cfg.name}' under data.root "
+                         f"'{cfg.root}' (other samples or labels); prepare the split again")
+    return split
 
 
 def stratified_sample(labels: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:

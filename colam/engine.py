@@ -3,6 +3,8 @@
     out_dir/config.yaml          the resolved configuration of this run
     out_dir/history.csv          one row per epoch: stage, lr, train loss/acc, val/test acc, seconds
     out_dir/stage_K/model.pt     the state_dict at the end of stage K (load with weights_only=True)
+    out_dir/stage_K/state.pt     optimizer, method state and history at the end of stage K (what stage K+1 starts from)
+    out_dir/stage_K/history.csv  the epochs up to the end of stage K
     out_dir/stage_K/metrics.json metrics at the end of stage K
     out_dir/stage_K/soft_labels.npy, soft_labels.json   (methods that learn soft labels)
     out_dir/checkpoint.pt        the state after the last completed epoch, for resuming
@@ -78,13 +80,17 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def prepare(config: Config) -> Prepared:
-    """Validate everything that can be checked before training: config, data, model, method."""
+def prepare(config: Config, split_dir: str | Path | None = None) -> Prepared:
+    """Validate everything that can be checked before training: config, data, model, method.
+
+    `split_dir` is a split written by `colam prepare` (`colam.data.save_split`); without it the
+    split is drawn from `data.*` (the same one, since it depends on `data.split_seed` alone).
+    """
     validate(config)
     device = resolve_device(config.train.device)
     with torch.device("meta"):  # model name and options, checked before a data set is read or downloaded
         build_model(config.model.name, 2, **config.model.options)
-    data = build_data(config.data)
+    data = build_data(config.data, split_dir)
     METHODS[config.method.name].check_data(config, data.class_counts())
     torch.manual_seed(config.seed)  # the model's initial weights
     model = build_model(config.model.name, data.num_classes, in_channels=data.in_channels, **config.model.options)
@@ -147,13 +153,13 @@ def evaluate(model: nn.Module, batches, device: torch.device) -> float:
     return correct / seen
 
 
-def fit(config: Config, out_dir: str | Path, *, run_log: RunLog | None = None, progress: bool | None = None) -> dict:
+def fit(config: Config, out_dir: str | Path, *, run_log: RunLog | None = None, progress: bool | None = None,
+        split_dir: str | Path | None = None) -> dict:
     """Train one run into `out_dir`, resuming from its checkpoint when it holds the same run."""
     run_log = run_log or RunLog()
     progress = sys.stderr.isatty() if progress is None else progress
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ColamError(f"--out: '{out_dir}' exists and is not a folder")
+    _check_out_dir(out_dir)
     # Another run in out_dir, or this run already finished: known before any data is read.
     state = _resume_state(config, out_dir)
     if state is not None and state["epoch"] == config.train.epochs:
@@ -161,16 +167,72 @@ def fit(config: Config, out_dir: str | Path, *, run_log: RunLog | None = None, p
         if metrics is not None:
             log.info("%s already holds a completed run; nothing to do", out_dir)
             return metrics
-    prepared = prepare(config)  # raises before anything is written
+    prepared = prepare(config, split_dir)  # raises before anything is written
+    _make_dir(out_dir)
+    cio.write_text(out_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return _train(prepared, out_dir, state, run_log, progress, until=config.train.epochs, whole_run=True)
+
+
+def fit_stage(config: Config, out_dir: str | Path, stage: int, *, run_log: RunLog | None = None,
+              progress: bool | None = None, split_dir: str | Path | None = None) -> dict:
+    """Train stage `stage` (1-based) alone: read `out_dir/stage_{stage-1}`, write `out_dir/stage_{stage}`.
+
+    Running every stage in turn gives the numbers of `fit` (each epoch reseeds from (seed, epoch)),
+    which lets a pipeline make each stage a step with its own inputs and outputs. Returns the
+    stage's metrics; the run's final metrics go to `run_log.finish` after the last stage.
+    """
+    run_log = run_log or RunLog()
+    progress = sys.stderr.isatty() if progress is None else progress
+    out_dir = Path(out_dir)
+    validate(config)
+    stage_epochs = METHODS[config.method.name].stage_epochs(config)
+    if not 1 <= stage <= len(stage_epochs):
+        raise ColamError(f"--stage: {stage} is not a stage of this run ({config.method.name} trains "
+                         f"{len(stage_epochs)} stage(s))")
+    _check_out_dir(out_dir)
+    state = None
+    if stage > 1:
+        state = load_stage_state(out_dir / f"stage_{stage - 1}", config)
+        if state["epoch"] != sum(stage_epochs[: stage - 1]):
+            raise ColamError(f"--stage: '{out_dir / f'stage_{stage - 1}'}' ends at epoch {state['epoch']}, "
+                             f"stage {stage} starts after epoch {sum(stage_epochs[: stage - 1])}")
+    prepared = prepare(config, split_dir)
+    _make_dir(out_dir)
+    _train(prepared, out_dir, state, run_log, progress, until=sum(stage_epochs[:stage]), whole_run=False)
+    return json.loads((out_dir / f"stage_{stage}" / "metrics.json").read_text())
+
+
+def load_stage_state(stage_dir: str | Path, config: Config | None = None) -> dict:
+    """The training state saved at the end of a stage (model.pt + state.pt), checked against `config`."""
+    stage_dir = Path(stage_dir)
+    state = cio.load_torch(stage_dir / "state.pt", "stage state")
+    if not isinstance(state, dict) or not _CHECKPOINT_KEYS - {"model"} <= state.keys():
+        raise ColamError(f"stage state: '{stage_dir / 'state.pt'}' is not a colam stage state")
+    if config is not None:
+        _refuse_other_run(stage_dir, state["config"], config, what="stage")
+    state["model"] = cio.load_torch(stage_dir / "model.pt", "stage model")
+    return state
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ColamError(f"--out: '{out_dir}' exists and is not a folder")
+
+
+def _make_dir(out_dir: Path) -> None:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ColamError(f"--out: cannot create '{out_dir}' ({exc.strerror})") from None
-    cio.write_text(out_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
-    return _train(prepared, out_dir, state, run_log, progress)
 
 
-def _train(p: Prepared, out_dir: Path, state: dict | None, run_log: RunLog, progress: bool) -> dict:
+def _train(p: Prepared, out_dir: Path, state: dict | None, run_log: RunLog, progress: bool, until: int,
+           whole_run: bool) -> dict:
+    """Train from the epoch `state` ends at (or 0) up to epoch `until`.
+
+    `whole_run` (fit) also keeps out_dir/checkpoint.pt after every epoch, out_dir/history.csv
+    and out_dir/metrics.json; a single stage (fit_stage) writes only its stage folder.
+    """
     config, model, method, data, device = p.config, p.model, p.method, p.data, p.device
     t = config.train
     optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
@@ -181,7 +243,7 @@ def _train(p: Prepared, out_dir: Path, state: dict | None, run_log: RunLog, prog
         optimizer.load_state_dict(state["optimizer"])
         method.load_state_dict(state["method"])
         history, start_epoch, elapsed = state["history"], state["epoch"], state["elapsed"]
-        log.info("resuming %s after epoch %d of %d", out_dir, start_epoch, t.epochs)
+        log.info("continuing %s after epoch %d of %d", out_dir, start_epoch, t.epochs)
     pin = device.type == "cuda"
     eval_loaders = {name: loader(split, t.eval_batch_size, shuffle=False, num_workers=config.data.num_workers,
                                  pin_memory=pin)
@@ -189,7 +251,7 @@ def _train(p: Prepared, out_dir: Path, state: dict | None, run_log: RunLog, prog
     run_log.start(config, {"num_classes": data.num_classes, "train_samples": len(data.train), "device": str(device),
                            "stage_epochs": p.stage_epochs, "resumed_from_epoch": start_epoch})
     stage_ends = np.cumsum(p.stage_epochs).tolist()
-    for epoch in range(start_epoch, t.epochs):
+    for epoch in range(start_epoch, until):
         stage = 1 + sum(epoch >= end for end in stage_ends)
         if epoch == start_epoch or epoch in stage_ends:
             run_log.stage_start(stage)
@@ -203,32 +265,40 @@ def _train(p: Prepared, out_dir: Path, state: dict | None, run_log: RunLog, prog
         desc = f"stage {stage}/{len(stage_ends)} epoch {epoch + 1}/{t.epochs}"
         train_loss, train_acc = train_one_epoch(model, batches, method, optimizer, stage, device, desc, progress)
         if not math.isfinite(train_loss):
+            where = out_dir / "checkpoint.pt" if whole_run else out_dir / f"stage_{stage - 1}"
             raise ColamError(f"training diverged: non-finite loss in stage {stage}, epoch {epoch + 1}; "
-                             f"the last good checkpoint is {out_dir / 'checkpoint.pt'}")
+                             f"the last good state is {where}")
         row = {"epoch": epoch + 1, "stage": stage, "lr": lr, "train_loss": train_loss, "train_acc": train_acc}
         for name, batches_eval in eval_loaders.items():
             row[f"{name}_acc"] = evaluate(model, batches_eval, device)
-        if epoch + 1 in stage_ends:
-            _end_stage(p, stage, out_dir, row, run_log)
+        stage_end = epoch + 1 in stage_ends
+        estimation_seconds = _estimate(p, stage, out_dir / f"stage_{stage}", row) if stage_end else None
         row["seconds"] = time.perf_counter() - began
         elapsed += row["seconds"]
         history.append(row)
         log.info("%s  loss %.4f  train %.4f%s  (%.1fs)", desc, train_loss, train_acc,
                  "".join(f"  {k[:-4]} {row[k]:.4f}" for k in ("val_acc", "test_acc") if k in row), row["seconds"])
-        _write_history(out_dir / "history.csv", history)
-        cio.save_torch(out_dir / "checkpoint.pt", {
-            "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "method": method.state_dict(), "history": history, "elapsed": elapsed, "config": config.to_dict()})
-        run_log.epoch_end(stage, row)  # after the checkpoint: a resumed run never reports an epoch twice
-    metrics = _final_metrics(config, history, elapsed)
-    cio.write_json(out_dir / "metrics.json", metrics)
+        resume = {"epoch": epoch + 1, "optimizer": optimizer.state_dict(), "method": method.state_dict(),
+                  "history": history, "elapsed": elapsed, "config": config.to_dict()}
+        if stage_end:
+            _write_stage(out_dir / f"stage_{stage}", resume, row, estimation_seconds)
+        if whole_run:
+            _write_history(out_dir / "history.csv", history)
+            cio.save_torch(out_dir / "checkpoint.pt", {**resume, "model": model.state_dict()})
+        run_log.epoch_end(stage, row)  # after the state is saved: a resumed run never reports an epoch twice
+        if stage_end:
+            run_log.stage_end(stage, out_dir / f"stage_{stage}", {**row, "estimation_seconds": estimation_seconds})
+    if until < t.epochs:
+        return {}
+    metrics = run_metrics(config, history, elapsed)
+    if whole_run:
+        cio.write_json(out_dir / "metrics.json", metrics)
     run_log.finish(metrics, out_dir)
     return metrics
 
 
-def _end_stage(p: Prepared, stage: int, out_dir: Path, row: dict, run_log: RunLog) -> None:
-    """Save the stage checkpoint, then let the method learn from the model (COLAM's soft labels)."""
-    stage_dir = out_dir / f"stage_{stage}"
+def _estimate(p: Prepared, stage: int, stage_dir: Path, row: dict) -> float:
+    """Save the stage's model, then let the method learn from it (COLAM's soft labels); returns seconds."""
     cio.save_torch(stage_dir / "model.pt", p.model.state_dict())
     began = time.perf_counter()
     outputs = None
@@ -246,12 +316,17 @@ def _end_stage(p: Prepared, stage: int, out_dir: Path, row: dict, run_log: RunLo
             "stage": stage, "epoch": row["epoch"], "temperature": section.temperature,
             "aggregation": section.aggregation, "peers": section.peers, "method": p.config.method.name,
             "class_names": p.data.classes, "train_samples_per_class": p.data.class_counts()})
-    metrics = {**row, "estimation_seconds": time.perf_counter() - began}
-    cio.write_json(stage_dir / "metrics.json", metrics)
-    run_log.stage_end(stage, stage_dir, metrics)
+    return time.perf_counter() - began
 
 
-def _final_metrics(config: Config, history: list[dict], elapsed: float) -> dict:
+def _write_stage(stage_dir: Path, resume: dict, row: dict, estimation_seconds: float) -> None:
+    """The rest of a stage's folder: what the next stage resumes from, the curves so far, the metrics."""
+    cio.save_torch(stage_dir / "state.pt", resume)  # the weights are in model.pt, next to it
+    _write_history(stage_dir / "history.csv", resume["history"])
+    cio.write_json(stage_dir / "metrics.json", {**row, "estimation_seconds": estimation_seconds})
+
+
+def run_metrics(config: Config, history: list[dict], elapsed: float) -> dict:
     last = history[-1]
     metrics = {"test_acc": last["test_acc"], "train_acc": last["train_acc"], "train_loss": last["train_loss"]}
     if "val_acc" in last:
@@ -299,10 +374,26 @@ def _resume_state(config: Config, out_dir: Path) -> dict | None:
     return None
 
 
-def _refuse_other_run(out_dir: Path, saved: object, config: Config) -> None:
-    if saved != config.to_dict():
-        difference = _first_difference(saved, config.to_dict()) if isinstance(saved, dict) else "unreadable"
-        raise ColamError(f"--out: '{out_dir}' holds a run with a different configuration ({difference}); "
+# Keys that change how a run is executed or where its data lives, never its numbers.
+EXECUTION_KEYS = {"data": ("root", "download", "num_workers"), "train": ("device", "eval_batch_size")}
+
+
+def run_identity(settings: dict) -> dict:
+    """What makes two configs (as dicts) the same run: everything but the execution keys and the
+    settings of methods other than the one trained."""
+    identity = {section: ({k: v for k, v in value.items() if k not in EXECUTION_KEYS.get(section, ())}
+                          if isinstance(value, dict) else value) for section, value in settings.items()}
+    method = identity.get("method")
+    if isinstance(method, dict) and method.get("name") in method:
+        identity["method"] = {"name": method["name"], method["name"]: method[method["name"]]}
+    return identity
+
+
+def _refuse_other_run(out_dir: Path, saved: object, config: Config, what: str = "run") -> None:
+    if not isinstance(saved, dict) or run_identity(saved) != run_identity(config.to_dict()):
+        difference = (_first_difference(run_identity(saved), run_identity(config.to_dict()))
+                      if isinstance(saved, dict) else "unreadable")
+        raise ColamError(f"--out: '{out_dir}' holds a {what} with a different configuration ({difference}); "
                          f"use another --out or delete it")
 
 

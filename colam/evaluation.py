@@ -1,0 +1,81 @@
+"""Evaluate a trained stage: accuracy, negative log-likelihood and calibration on the test split.
+
+`evaluate_run(config, stage_dir, out_dir)` loads `stage_dir/model.pt`, scores the validation and
+test splits and writes:
+
+    out_dir/metrics.json      test/val accuracy, NLL, ECE, per-class test accuracy, and the run's settings
+    out_dir/history.csv       the per-epoch curves of the run up to this stage
+    out_dir/predictions.csv   one row per test sample: actual and predicted class name (confusion matrix)
+
+Soft-label methods are judged on calibration as much as on accuracy (label smoothing and COLAM
+both soften the outputs), so NLL and the expected calibration error are reported next to it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from colam import io as cio
+from colam.config import Config
+from colam.data import loader
+from colam.engine import run_metrics, load_stage_state, predict, prepare
+
+ECE_BINS = 15  # the usual choice since Guo et al. 2017
+
+
+def expected_calibration_error(probs: torch.Tensor, targets: torch.Tensor, bins: int = ECE_BINS) -> float:
+    """Sum over equal-width confidence bins of |accuracy - mean confidence| weighted by the bin's share."""
+    confidence, predicted = probs.max(dim=1)
+    correct = (predicted == targets).float()
+    edges = torch.linspace(0, 1, bins + 1)
+    which = torch.bucketize(confidence, edges[1:-1], right=True)  # bin b holds (edges[b], edges[b+1]]
+    total = torch.zeros(bins).index_add_(0, which, correct - confidence)
+    return (total.abs().sum() / len(targets)).item()
+
+
+def score(logits: torch.Tensor, targets: torch.Tensor) -> dict:
+    probs = logits.softmax(dim=1)
+    return {"acc": (logits.argmax(dim=1) == targets).float().mean().item(),
+            "nll": F.cross_entropy(logits, targets).item(),
+            "ece": expected_calibration_error(probs, targets)}
+
+
+def evaluate_run(config: Config, stage_dir: str | Path, out_dir: str | Path,
+                 split_dir: str | Path | None = None) -> dict:
+    stage_dir, out_dir = Path(stage_dir), Path(out_dir)
+    state = load_stage_state(stage_dir, config)
+    p = prepare(config, split_dir)
+    p.model.load_state_dict(state["model"])
+    metrics = run_metrics(config, state["history"], state["elapsed"])
+    metrics["evaluated_epoch"] = state["epoch"]
+    splits = {"test": p.data.test, "val": p.data.val}
+    test_logits = None
+    for name, dataset in splits.items():
+        if dataset is None:
+            continue
+        batches = loader(dataset, config.train.eval_batch_size, shuffle=False, num_workers=config.data.num_workers)
+        logits = predict(p.model, batches, p.device).cpu()
+        targets = torch.as_tensor(dataset.targets)
+        metrics.update({f"{name}_{k}": v for k, v in score(logits, targets).items()})
+        if name == "test":
+            test_logits = logits
+    test_targets = torch.as_tensor(p.data.test.targets)
+    predicted = test_logits.argmax(dim=1)
+    metrics["test_per_class_acc"] = {
+        name: (predicted[test_targets == c] == c).float().mean().item() if (test_targets == c).any() else None
+        for c, name in enumerate(p.data.classes)}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cio.write_json(out_dir / "metrics.json", metrics)
+    cio.write_text(out_dir / "history.csv", (stage_dir / "history.csv").read_text())
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["sample", "actual", "predicted"])
+    writer.writerows((i, p.data.classes[a], p.data.classes[b])
+                     for i, (a, b) in enumerate(zip(test_targets.tolist(), predicted.tolist())))
+    cio.write_text(out_dir / "predictions.csv", buffer.getvalue())
+    return metrics
