@@ -16,3 +16,24 @@ def tiny_config():
         return load_config(None, TINY + list(overrides))
 
     return make
+
+
+# Real servers on loopback (see tests/servers.py). Session-scoped: seaweed starts in ~1.5 s,
+# MLflow in ~9 s, so every test that needs them shares one of each. Imported lazily so that
+# sessions which use neither do not pay for importing boto3.
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    from tests.servers import seaweed_s3
+
+    with seaweed_s3(tmp_path_factory.mktemp("seaweed"), bucket="colam-test") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def mlflow_s3_server(s3_server, tmp_path_factory):
+    """MLflow tracking server that proxies artifacts to s3://<bucket>/mlflow on `s3_server`."""
+    from tests.servers import mlflow_server
+
+    destination = f"s3://{s3_server.bucket}/mlflow"
+    with mlflow_server(tmp_path_factory.mktemp("mlflow"), destination, s3_server.env()) as server:
+        yield server

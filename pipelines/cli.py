@@ -1,0 +1,87 @@
+"""The `colam` console script: the library's commands, plus MLflow tracking and `colam compare`.
+
+    colam train --config params.yaml --out DIR [--track] [--experiment NAME] ...
+    colam compare --experiment NAME [--params params.yaml] [--out DIR]
+
+`--config` may be a pipeline params.yaml: its `compare` and `tracking` sections are checked and set
+aside, the rest is the run's config. Training is tracked in MLflow with `--track`, or whenever
+MLFLOW_TRACKING_URI is set; the library's own `python -m colam.cli` never tracks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from colam import cli as library_cli
+
+
+def main(argv: list[str] | None = None) -> int:
+    return library_cli.main(argv, build_parser())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = library_cli.build_parser()
+    parser.set_defaults(load_config=_load_config, run_log=_run_log)
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    train = commands.choices["train"]
+    train.add_argument("--track", action=argparse.BooleanOptionalAction, default=None,
+                       help="log the run to MLflow (default: when MLFLOW_TRACKING_URI is set)")
+    train.add_argument("--experiment", help="MLflow experiment (default: tracking.experiment of the params, or colam)")
+    train.add_argument("--run-name", help="MLflow run name (default: the --out folder's name)")
+
+    compare = commands.add_parser("compare", help="test accuracy by method and temperature over the MLflow runs")
+    from pipelines.compare import add_arguments
+
+    add_arguments(compare)
+    compare.add_argument("--params", help="take --experiment, --seeds, --methods and --temperatures from the "
+                                          "tracking and compare sections of this params.yaml")
+    compare.set_defaults(func=_compare)
+    return parser
+
+
+def _load_config(args):
+    from pipelines.params import load_params
+
+    params = load_params(args.config, args.overrides)
+    args.params_tracking = params.tracking
+    return params.config
+
+
+def _run_log(args, config):
+    from contextlib import nullcontext
+
+    track = args.track if args.track is not None else bool(os.environ.get("MLFLOW_TRACKING_URI"))
+    if not track:
+        return nullcontext(None)
+    from pipelines.tracking import MlflowRunLog, connect
+
+    experiment = args.experiment or args.params_tracking.experiment
+    return MlflowRunLog(connect(), experiment, args.out, run_name=args.run_name)
+
+
+def _compare(args) -> int:
+    from pipelines.compare import run
+    from pipelines.tracking import connect
+
+    if args.params:
+        from pipelines.params import load_params
+
+        from pipelines.tracking import protocol_digest
+
+        params = load_params(args.params)
+        args.experiment = args.experiment or params.tracking.experiment
+        args.protocol = args.protocol or protocol_digest(params.config)
+        args.seeds = args.seeds or params.compare.seeds
+        args.methods = args.methods or [*params.compare.baselines, "colam"]
+        args.temperatures = args.temperatures or params.compare.temperatures
+    if not args.experiment:
+        from colam.errors import ColamError
+
+        raise ColamError("--experiment: name the MLflow experiment to compare (or give --params)")
+    return run(args, connect())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,285 @@
+"""`colam compare`: test accuracy by method and temperature over the MLflow runs of an experiment.
+
+Reads the parent runs that the MLflow adapter logs (tags `colam.role`, `colam.method`,
+`colam.variant`, `colam.temperature`, `colam.seed`, `colam.protocol`; metrics `test_acc`,
+`val_acc`), keeps one protocol and the latest run per (variant, temperature, seed), and
+writes `table.md`, `summary.json`, `metrics.json` (flat, for `dvc metrics`) and `accuracy_vs_temperature.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import re
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import mlflow
+import numpy as np
+from matplotlib.figure import Figure
+
+from colam import io as cio
+from colam.errors import ColamError
+
+_PAGE_SIZE = 1000  # MLflow's maximum page; a module constant so the tests can exercise paging
+# Baselines first in the paper's order, other methods alphabetically, colam (the one under study) last.
+_METHOD_ORDER = {"hl": 0, "ls": 1, "cp": 2, "disturblabel": 3}
+_PARENTS = "tags.`colam.role` = 'parent' and attributes.status = 'FINISHED'"
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Accuracy over seeds as fractions in [0, 1]; std is the sample std (ddof=1), 0.0 for one run."""
+
+    mean: float
+    std: float
+    min: float
+    max: float
+
+    @classmethod
+    def of(cls, values: list[float]) -> Stats:
+        a = np.asarray(values, dtype=float)
+        return cls(float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0, float(a.min()), float(a.max()))
+
+
+@dataclass(frozen=True)
+class Row:
+    method: str
+    variant: str
+    temperature: float | None  # None for methods without one
+    n: int
+    test_acc: Stats
+    val_acc: Stats | None  # None when the runs logged no val_acc (no validation split)
+    seeds: tuple[int, ...]
+    run_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    experiment: str
+    protocol: str
+    rows: tuple[Row, ...]
+    runs_used: int
+    other_protocol_runs: int  # finished parents of other protocols, left out
+    replaced_runs: int  # older runs of a (variant, temperature, seed) that a later run replaces
+    incomplete_runs: int  # finished parents without a test_acc metric
+    filters: dict[str, object]
+
+
+def collect(client: mlflow.MlflowClient, experiment: str, *, protocol: str | None = None,
+            seeds: list[int] | None = None, methods: list[str] | None = None,
+            temperatures: list[float] | None = None) -> Comparison:
+    """Aggregate the finished parent runs of `experiment` into one row per (variant, temperature).
+
+    Without `protocol`, takes the protocol of the most recently started matching run: runs of
+    different data, model or training settings are never pooled.
+    """
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None or exp.lifecycle_stage != "active":
+        state = "no experiment" if exp is None else "only a deleted experiment"
+        raise ColamError(f"--experiment: {state} named {experiment!r} in the tracking store "
+                         f"{_redact(client.tracking_uri)!r}")
+    filters = {"protocol": protocol, "seeds": seeds, "methods": methods, "temperatures": temperatures}
+    runs = [r for r in _finished_parents(client, exp.experiment_id)
+            if _selected(r.data.tags, seeds, methods, temperatures)]
+    if protocol is None and runs:
+        protocol = max(runs, key=lambda r: r.info.start_time).data.tags.get("colam.protocol", "")
+    same = [r for r in runs if r.data.tags.get("colam.protocol", "") == protocol]
+    complete = [r for r in same if "test_acc" in r.data.metrics]
+
+    latest: dict[tuple, object] = {}
+    for r in sorted(complete, key=lambda r: (r.info.start_time, r.info.run_id)):
+        latest[_key(r) + (_seed(r.data.tags),)] = r  # a re-run replaces the older result, not pooled with it
+    groups: dict[tuple, list] = {}
+    for r in latest.values():
+        groups.setdefault(_key(r), []).append(r)
+    if not groups:
+        others = sorted({r.data.tags.get("colam.protocol", "") for r in runs} - {protocol})
+        hint = f" (protocols present: {', '.join(others)})" if others else ""
+        raise ColamError(f"--experiment: no finished runs with test_acc in experiment {experiment!r} match "
+                         f"{_describe(filters)}{hint}")
+
+    rows = [_row(key, sorted(rs, key=lambda r: _seed(r.data.tags))) for key, rs in groups.items()]
+    rows.sort(key=lambda row: (_method_rank(row.method), row.variant,
+                               -np.inf if row.temperature is None else row.temperature))
+    return Comparison(experiment=experiment, protocol=protocol, rows=tuple(rows), runs_used=len(latest),
+                      other_protocol_runs=len(runs) - len(same), replaced_runs=len(complete) - len(latest),
+                      incomplete_runs=len(same) - len(complete), filters=filters)
+
+
+def format_table(comparison: Comparison) -> str:
+    """A markdown table (accuracies in percent), with the notes a reader needs to trust it."""
+    c = comparison
+    lines = [f"Experiment {c.experiment!r}, protocol {c.protocol}: {c.runs_used} runs", "",
+             "| method | T | test acc % (mean ± std) | n | val acc % (mean ± std) |",
+             "|---|---:|---:|---:|---:|"]
+    for row in c.rows:
+        t = "–" if row.temperature is None else f"{row.temperature:g}"
+        n = f"{row.n}*" if row.n == 1 else str(row.n)
+        val = "–" if row.val_acc is None else _pm(row.val_acc)
+        variant = row.variant.replace("|", r"\|")  # a pipe would split the cell
+        lines.append(f"| {variant} | {t} | {_pm(row.test_acc)} | {n} | {val} |")
+    notes = []
+    if any(row.n == 1 for row in c.rows):
+        notes.append("- n = 1*: a single seed, so its std of 0.00 measures no spread")
+    if c.other_protocol_runs:
+        notes.append(f"- {c.other_protocol_runs} runs of other protocols left out (choose one with --protocol)")
+    if c.replaced_runs:
+        notes.append(f"- {c.replaced_runs} older runs replaced by later runs of the same variant, T and seed")
+    if c.incomplete_runs:
+        notes.append(f"- {c.incomplete_runs} finished runs without test_acc left out")
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+
+
+def write(comparison: Comparison, out_dir: Path) -> dict[str, Path]:
+    """Write table.md, summary.json, metrics.json and accuracy_vs_temperature.png into `out_dir`, each atomically."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    c = comparison
+    summary = {"experiment": c.experiment, "protocol": c.protocol, "filters": c.filters,
+               "runs_used": c.runs_used,
+               "runs_left_out": {"other_protocol": c.other_protocol_runs, "replaced": c.replaced_runs,
+                                 "incomplete": c.incomplete_runs},
+               "accuracy_unit": "fraction", "rows": [asdict(row) for row in c.rows]}
+    paths = {"table": out_dir / "table.md", "summary": out_dir / "summary.json", "metrics": out_dir / "metrics.json",
+             "plot": out_dir / "accuracy_vs_temperature.png"}
+    cio.write_text(paths["table"], format_table(c))
+    cio.write_json(paths["summary"], summary)
+    cio.write_json(paths["metrics"], metrics(c))
+    figure = io.BytesIO()
+    _figure(c).savefig(figure, format="png", dpi=150)
+    cio.atomic_write_bytes(paths["plot"], figure.getvalue())
+    return paths
+
+
+def metrics(comparison: Comparison) -> dict:
+    """Flat numbers per row, keyed by method (and T): what `dvc metrics show/diff` tabulates."""
+    variants_per_method = {}
+    for row in comparison.rows:
+        variants_per_method.setdefault(row.method, set()).add(row.variant)
+    flat = {}
+    for row in comparison.rows:
+        # the short method name unless the method appears with several settings
+        name = row.method if len(variants_per_method[row.method]) == 1 else row.variant
+        key = name if row.temperature is None else f"{name} T={row.temperature:g}"
+        flat[key] = {"test_acc_mean": round(row.test_acc.mean, 6), "test_acc_std": round(row.test_acc.std, 6),
+                     "n": row.n}
+    return flat
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--experiment", help="MLflow experiment name")
+    parser.add_argument("--protocol", help="protocol digest to compare (default: that of the latest run)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="only these seeds")
+    parser.add_argument("--methods", nargs="+", help="only these methods, e.g. hl ls colam")
+    parser.add_argument("--temperatures", type=float, nargs="+",
+                        help="only these temperatures (methods without one are kept)")
+    parser.add_argument("--out", type=Path, default=Path("runs/summary"), help="output folder")
+
+
+def run(args: argparse.Namespace, client: mlflow.MlflowClient) -> int:
+    comparison = collect(client, args.experiment, protocol=args.protocol, seeds=args.seeds,
+                         methods=args.methods, temperatures=args.temperatures)
+    print(format_table(comparison), end="")
+    paths = write(comparison, args.out)
+    # stderr, so that stdout stays the table alone
+    print(f"wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
+    return 0
+
+
+def _finished_parents(client: mlflow.MlflowClient, experiment_id: str) -> list:
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=_PARENTS, max_results=_PAGE_SIZE, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _selected(tags: dict[str, str], seeds, methods, temperatures) -> bool:
+    t = _temperature(tags)
+    return ((seeds is None or _seed(tags) in seeds)
+            and (methods is None or tags.get("colam.method") in methods)
+            and (temperatures is None or t is None or t in temperatures))
+
+
+def _key(run) -> tuple[str, str, float | None]:
+    tags = run.data.tags
+    return tags.get("colam.method", ""), tags.get("colam.variant", tags.get("colam.method", "")), _temperature(tags)
+
+
+def _temperature(tags: dict[str, str]) -> float | None:
+    return None if "colam.temperature" not in tags else _number(tags, "colam.temperature", float)
+
+
+def _seed(tags: dict[str, str]) -> int:
+    return _number(tags, "colam.seed", int)
+
+
+def _number(tags: dict[str, str], key: str, kind: Callable):
+    try:
+        return kind(tags[key])
+    except (KeyError, ValueError):
+        raise ColamError(f"--experiment: a run has tag {key}={tags.get(key)!r}, expected a number "
+                         f"(run name {tags.get('mlflow.runName')!r})") from None
+
+
+def _row(key: tuple[str, str, float | None], runs: list) -> Row:
+    vals = [r.data.metrics["val_acc"] for r in runs if "val_acc" in r.data.metrics]
+    return Row(method=key[0], variant=key[1], temperature=key[2], n=len(runs),
+               test_acc=Stats.of([r.data.metrics["test_acc"] for r in runs]),
+               val_acc=Stats.of(vals) if vals else None,
+               seeds=tuple(_seed(r.data.tags) for r in runs), run_ids=tuple(r.info.run_id for r in runs))
+
+
+def _method_rank(method: str) -> tuple[int, str]:
+    return _METHOD_ORDER.get(method, 5 if method == "colam" else 4), method
+
+
+def _pm(s: Stats) -> str:
+    return f"{100 * s.mean:.2f} ± {100 * s.std:.2f}"
+
+
+def _describe(filters: dict[str, object]) -> str:
+    given = [f"--{key} {' '.join(map(str, value)) if isinstance(value, list) else value}"
+             for key, value in filters.items() if value is not None]
+    return ", ".join(given) if given else "(no filters)"
+
+
+def _redact(uri: str) -> str:
+    # a database URI may carry a password; error messages end up in logs
+    return re.sub(r"://[^/@]*@", "://***@", uri)
+
+
+def _figure(c: Comparison) -> Figure:
+    # A bare Figure renders through Agg without pyplot: no display, no global backend switch.
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    with_t = [row for row in c.rows if row.temperature is not None]
+    handles = []  # in table order; matplotlib would list the horizontal lines before the curves
+    for i, (variant, flat) in enumerate(dict.fromkeys((row.variant, row.temperature is None) for row in c.rows)):
+        rs = [row for row in c.rows if row.variant == variant and (row.temperature is None) == flat]
+        color = f"C{i % 10}"
+        if flat:
+            mean, std = 100 * rs[0].test_acc.mean, 100 * rs[0].test_acc.std
+            handles.append(ax.axhline(mean, linestyle="--", color=color, label=f"{variant} (no T)"))
+            ax.axhspan(mean - std, mean + std, color=color, alpha=0.15)
+        else:
+            handles.append(ax.errorbar([r.temperature for r in rs], [100 * r.test_acc.mean for r in rs],
+                                       yerr=[100 * r.test_acc.std for r in rs], marker="o", capsize=3,
+                                       color=color, label=variant))
+    if with_t:
+        # T values are typically powers of two (0.5, 1, 2, 4, 8): even spacing on a log-2 axis
+        ax.set_xscale("log", base=2)
+        ts = sorted({r.temperature for r in with_t})
+        ax.set_xticks(ts, [f"{t:g}" for t in ts])
+    ax.set_xlabel("temperature T (log scale)" if with_t else "temperature T")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"Test accuracy vs temperature: {c.experiment} (protocol {c.protocol})")
+    ax.grid(True, alpha=0.3)
+    # below the axes: long COLAM variant labels would hide the curves
+    fig.legend(handles=handles, loc="outside lower center", ncols=2, fontsize="small")
+    return fig

@@ -1,0 +1,260 @@
+"""MLflow tracking for colam runs: the one place that knows MLflow.
+
+One parent run per training run, holding the run's parameters, the per-epoch curves and the final
+metrics; one nested run per stage, holding that stage's curves (step = epoch), its checkpoint
+(`model.pt`, a state_dict), its soft labels (`soft_labels.npy` and a heatmap) and its metrics.
+
+A run trained in pieces (a resumed run, or a pipeline that runs each stage as its own step)
+continues the same parent run: the parent is found again by its `colam.run_key` tag, a digest of
+the output folder and the configuration, among the experiment's unfinished runs.
+
+The tracking store is `MLFLOW_TRACKING_URI`, or `sqlite:///mlflow.db` in the current folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+from colam.config import Config
+from colam.engine import RunLog, run_identity
+from colam.errors import ColamError
+from colam.methods import METHODS
+
+log = logging.getLogger("colam")
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+CURVES = ("train_loss", "train_acc", "val_acc", "test_acc", "lr", "seconds")
+FINAL = ("test_acc", "val_acc", "train_acc", "train_loss", "wall_time_s")
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def connect(uri: str | None = None) -> MlflowClient:
+    """A client of `uri` that has answered once, so a wrong server fails before training starts."""
+    uri = uri or tracking_uri()
+    remote = uri.startswith(("http://", "https://"))
+    # MLflow retries a refused connection for minutes by default: one quick try tells us enough.
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    if remote:
+        os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)
+    except Exception as exc:  # connection refused, DNS, auth, a bad sqlite path: one line
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise ColamError(f"MLFLOW_TRACKING_URI: cannot use the tracking store '{uri}' ({reason})") from None
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            elif remote:
+                os.environ[key] = value
+    return client
+
+
+def experiment_id(client: MlflowClient, name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    return client.create_experiment(name)
+
+
+def protocol_digest(config: Config) -> str:
+    """12 hex digits naming the data, model and training settings: runs compare only within one."""
+    identity = run_identity(config.to_dict())
+    return _digest({section: identity[section] for section in ("data", "model", "train")})[:12]
+
+
+def variant(config: Config) -> str:
+    """The method and its settings other than the temperature, e.g. 'ls(eps=0.1, convention=C)'."""
+    settings = {k: v for k, v in METHODS[config.method.name].hyperparameters(config).items() if k != "temperature"}
+    inner = ", ".join(f"{k}={v}" for k, v in settings.items())
+    return f"{config.method.name}({inner})" if inner else config.method.name
+
+
+def flat_params(config: Config) -> dict[str, str]:
+    """The config as dotted keys; of the method sections only the one of the method trained."""
+    settings = config.to_dict()
+    method = settings.pop("method")
+    settings["method"] = {"name": method["name"], method["name"]: method[method["name"]]}
+    flat: dict[str, str] = {}
+
+    def walk(node: dict, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict) and value and key != "options":
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+
+    walk(settings, "")
+    return flat
+
+
+def summary_params(config: Config) -> dict[str, str]:
+    """The parameters the runs are compared by, under short names."""
+    summary = {"method": config.method.name, "model": config.model.name, "dataset": config.data.name,
+               "seed": str(config.seed), "git_commit": git_commit() or "unknown"}
+    if config.method.name == "colam":
+        section = config.method.colam
+        summary.update(T=str(section.temperature), m=str(section.stages), t=str(section.epochs_per_stage),
+                       peers=str(section.peers))
+    return summary
+
+
+def git_commit() -> str | None:
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def soft_label_heatmap(soft_labels: np.ndarray, class_names: list[str], title: str, path: Path) -> Path:
+    """A C×C heatmap of the soft labels: row c is the label of class c."""
+    from matplotlib.figure import Figure  # a bare Figure draws through Agg: no display, no pyplot state
+
+    count = len(soft_labels)
+    size = min(4 + 0.4 * count, 16)
+    figure = Figure(figsize=(size, size * 0.85))
+    axes = figure.add_subplot()
+    image = axes.imshow(soft_labels, cmap="viridis", vmin=0.0, vmax=float(soft_labels.max()))
+    figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04, label="probability")
+    if count <= 30:  # beyond that the names and numbers overlap
+        axes.set_xticks(range(count), class_names, rotation=90)
+        axes.set_yticks(range(count), class_names)
+    if count <= 12:
+        for row in range(count):
+            for col in range(count):
+                value = soft_labels[row, col]
+                axes.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                          color="black" if value > 0.6 * soft_labels.max() else "white")
+    axes.set_xlabel("class the label puts mass on")
+    axes.set_ylabel("true class")
+    axes.set_title(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    return path
+
+
+class MlflowRunLog(RunLog):
+    """Reports a colam run to MLflow; use it as a context manager so a crash marks the runs FAILED."""
+
+    def __init__(self, client: MlflowClient, experiment: str, out_dir: str | Path, run_name: str | None = None):
+        self.client, self.experiment, self.out_dir, self.run_name = client, experiment, Path(out_dir), run_name
+        self.parent_id: str | None = None
+        self.stage_id: str | None = None
+        self.config: Config | None = None
+        self.class_names: list[str] | None = None
+
+    # --------------------------------------------------------------- RunLog hooks
+
+    def start(self, config: Config, info: dict) -> None:
+        self.config = config
+        self.experiment_id = experiment_id(self.client, self.experiment)
+        run_key = _digest({"out_dir": str(self.out_dir.resolve()), "run": run_identity(config.to_dict())})[:16]
+        if info["resumed_from_epoch"] > 0:
+            self.parent_id = self._unfinished(f"tags.`colam.run_key` = '{run_key}' and tags.`colam.role` = 'parent'")
+        if self.parent_id is not None:
+            log.info("MLflow: continuing run %s", self.parent_id)
+            return
+        tags = {"colam.role": "parent", "colam.run_key": run_key, "colam.method": config.method.name,
+                "colam.variant": variant(config), "colam.seed": str(config.seed),
+                "colam.protocol": protocol_digest(config), "colam.out_dir": str(self.out_dir),
+                MLFLOW_RUN_NAME: self.run_name or self.out_dir.name}
+        if "temperature" in METHODS[config.method.name].hyperparameters(config):
+            tags["colam.temperature"] = str(float(config.method.colam.temperature))
+        commit = git_commit()
+        if commit:
+            tags[MLFLOW_GIT_COMMIT] = commit
+        run = self.client.create_run(self.experiment_id, tags=tags, run_name=tags[MLFLOW_RUN_NAME])
+        self.parent_id = run.info.run_id
+        params = {**flat_params(config), **summary_params(config),
+                  **{k: str(v) for k, v in info.items() if k != "resumed_from_epoch"}}
+        items = [Param(k, v[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            self.client.log_batch(self.parent_id, params=items[i : i + 100])
+        log.info("MLflow: run %s in experiment '%s' at %s", self.parent_id, self.experiment, self.client.tracking_uri)
+
+    def stage_start(self, stage: int) -> None:
+        self.stage_id = self._unfinished(f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.parent_id}' and "
+                                         f"tags.`colam.stage` = '{stage}'")
+        if self.stage_id is None:
+            tags = {MLFLOW_PARENT_RUN_ID: self.parent_id, "colam.role": "stage", "colam.stage": str(stage),
+                    MLFLOW_RUN_NAME: f"stage {stage}"}
+            self.stage_id = self.client.create_run(self.experiment_id, tags=tags, run_name=f"stage {stage}").info.run_id
+
+    def epoch_end(self, stage: int, row: dict) -> None:
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(row[k]), now, row["epoch"]) for k in CURVES if k in row]
+        self.client.log_batch(self.stage_id, metrics=metrics)
+        self.client.log_batch(self.parent_id, metrics=metrics)  # the whole curve in one place, too
+
+    def stage_end(self, stage: int, stage_dir: Path, metrics: dict) -> None:
+        now = int(time.time() * 1000)
+        scalars = {f"stage_{k}": v for k, v in metrics.items() if k in ("test_acc", "val_acc", "train_acc")}
+        scalars["estimation_seconds"] = metrics["estimation_seconds"]
+        self.client.log_batch(self.stage_id, metrics=[Metric(k, float(v), now, metrics["epoch"])
+                                                      for k, v in scalars.items()])
+        for name in ("model.pt", "metrics.json", "soft_labels.npy", "soft_labels.json", "sample_soft_labels.npy"):
+            if (stage_dir / name).exists():
+                self.client.log_artifact(self.stage_id, str(stage_dir / name))
+        if (stage_dir / "soft_labels.npy").exists():
+            soft_labels = np.load(stage_dir / "soft_labels.npy")
+            names = json.loads((stage_dir / "soft_labels.json").read_text())["class_names"]
+            title = f"soft labels after stage {stage} (T = {self.config.method.colam.temperature:g})"
+            with tempfile.TemporaryDirectory() as scratch:
+                figure = soft_label_heatmap(soft_labels, names, title, Path(scratch) / f"soft_labels_stage_{stage}.png")
+                self.client.log_artifact(self.stage_id, str(figure), artifact_path="figures")
+        self.client.set_terminated(self.stage_id, RunStatus.to_string(RunStatus.FINISHED))
+        self.stage_id = None
+
+    def finish(self, metrics: dict, out_dir: Path) -> None:
+        now = int(time.time() * 1000)
+        final = [Metric(k, float(metrics[k]), now, metrics["epochs"]) for k in FINAL if k in metrics]
+        self.client.log_batch(self.parent_id, metrics=final)
+        for name in ("config.yaml", "history.csv", "metrics.json"):
+            if (out_dir / name).exists():
+                self.client.log_artifact(self.parent_id, str(out_dir / name))
+        self.client.set_terminated(self.parent_id, RunStatus.to_string(RunStatus.FINISHED))
+        self.parent_id = None
+
+    # --------------------------------------------------------------- context
+
+    def __enter__(self) -> MlflowRunLog:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        """On an error mark the open runs; after a stage that is not the last, the parent stays RUNNING."""
+        if kind is None:
+            return
+        status = RunStatus.KILLED if issubclass(kind, KeyboardInterrupt) else RunStatus.FAILED
+        for run_id in (self.stage_id, self.parent_id):
+            if run_id is not None:
+                try:
+                    self.client.set_terminated(run_id, RunStatus.to_string(status))
+                except Exception as exc:  # the original error matters more than this one
+                    log.warning("MLflow: could not mark run %s %s (%s)", run_id, RunStatus.to_string(status), exc)
+
+    def _unfinished(self, condition: str) -> str | None:
+        runs = self.client.search_runs(
+            [self.experiment_id], f"{condition} and attributes.status != 'FINISHED'",
+            order_by=["attributes.start_time DESC"], max_results=1)
+        return runs[0].info.run_id if runs else None
+
+
+def _digest(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
