@@ -1,10 +1,11 @@
 # Two entry points for a fresh machine (see README.md):
-#   make run   set up .venv and train COLAM on the bundled default data set
+#   make run   set up .venv and run the pipeline (`dvc repro`) on the bundled default data set
 #   make test  set up .venv and run the test suite
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-RUN_DIR ?= runs/digits-colam
+# DVC runs each stage's command through a shell: put the venv's `colam` first on its PATH.
+WITH_VENV := PATH="$(CURDIR)/$(BIN):$$PATH"
 
 .PHONY: setup run test clean
 
@@ -14,14 +15,24 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
+	$(BIN)/python -m pipelines.plots .dvc/plots/offline.html
 	touch $@
 
 run: setup
-	$(BIN)/colam train --config configs/digits.yaml --out $(RUN_DIR)
-	@echo "metrics: $(RUN_DIR)/metrics.json   per-epoch log: $(RUN_DIR)/history.csv   soft labels: $(RUN_DIR)/stage_*/soft_labels.npy"
+	@# A copy without git history (an archive) has no repository for DVC to live in.
+	@git rev-parse --git-dir >/dev/null 2>&1 || $(BIN)/dvc config --local core.no_scm true
+	$(WITH_VENV) $(BIN)/dvc repro
+	$(WITH_VENV) $(BIN)/dvc plots show --out runs/plots >/dev/null
+	@echo
+	@cat runs/summary/table.md
+	@echo
+	@echo "comparison table:  runs/summary/table.md (and summary.json, metrics.json)"
+	@echo "plots:             runs/summary/accuracy_vs_temperature.png, runs/plots/index.html (offline)"
+	@echo "COLAM run:         runs/main/stage_*/ (checkpoints, soft labels), runs/main/eval/metrics.json"
+	@echo "MLflow UI:         $(BIN)/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}"
 
 test: setup
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs data/prepared dvc_plots .pytest_cache

@@ -14,14 +14,16 @@ import re
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import mlflow
 import numpy as np
-from matplotlib.figure import Figure
 
 from colam import io as cio
 from colam.errors import ColamError
+
+if TYPE_CHECKING:  # imported where used: `colam --help` and `colam train` need neither
+    import mlflow
+    from matplotlib.figure import Figure
 
 _PAGE_SIZE = 1000  # MLflow's maximum page; a module constant so the tests can exercise paging
 # Baselines first in the paper's order, other methods alphabetically, colam (the one under study) last.
@@ -256,6 +258,8 @@ def _redact(uri: str) -> str:
 
 def _figure(c: Comparison) -> Figure:
     # A bare Figure renders through Agg without pyplot: no display, no global backend switch.
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.add_subplot()
     with_t = [row for row in c.rows if row.temperature is not None]

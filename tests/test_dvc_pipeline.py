@@ -1,0 +1,211 @@
+"""The DVC pipeline end to end, on a copy of the repository's dvc.yaml with a few-second params.yaml.
+
+One `dvc repro` per module (about a minute on 2 cores); the tests then check the outputs, the
+no-op re-run, that each stage re-runs only for its own params, the gate on invalid params, the
+offline plots, and the S3 round trip against a real S3 server on loopback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+# The bundled default shrunk to seconds: 4 COLAM stages of 1 epoch, 3 comparison runs.
+TINY_PARAMS = {
+    "data": {"train_subset": 200},
+    "model": {"name": "small_cnn", "options": {"width": 8}},
+    "train": {"epochs": 4, "batch_size": 32, "lr": 0.05},
+    "method": {"colam": {"stages": 4, "epochs_per_stage": 1, "temperature": 1.0}},
+    "compare": {"baselines": ["hl"], "temperatures": [1.0, 2.0], "seeds": [0]},
+    "tracking": {"experiment": "pipeline-test"},
+}
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict) and key != "options":
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+class Repo:
+    def __init__(self, path: Path, env: dict):
+        self.path, self.env = path, env
+
+    def run(self, *args: str, env: dict | None = None, check: bool = True, timeout: int = 600):
+        result = subprocess.run(args, cwd=self.path, env={**self.env, **(env or {})}, capture_output=True,
+                                text=True, timeout=timeout)
+        if check and result.returncode != 0:
+            raise AssertionError(f"{' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+        return result
+
+    def dvc(self, *args: str, **kwargs):
+        return self.run(str(BIN / "dvc"), *args, **kwargs)
+
+    def params(self) -> dict:
+        return yaml.safe_load((self.path / "params.yaml").read_text())
+
+    def write_params(self, params: dict) -> None:
+        (self.path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    def hashes(self, *folders: str) -> dict[str, str]:
+        found = {}
+        for folder in folders:
+            for path in sorted((self.path / folder).rglob("*")):
+                if path.is_file():
+                    found[str(path.relative_to(self.path))] = hashlib.sha256(path.read_bytes()).hexdigest()
+        return found
+
+
+def _ran(output: str) -> list[str]:
+    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Repo:
+    path = tmp_path_factory.mktemp("pipeline")
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy(ROOT / name, path / name)
+    (path / ".dvc").mkdir()
+    for name in ("config", ".gitignore"):
+        shutil.copy(ROOT / ".dvc" / name, path / ".dvc" / name)
+    shutil.copytree(ROOT / "colam", path / "colam", ignore=shutil.ignore_patterns("__pycache__"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}
+    env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", MLFLOW_TRACKING_URI=f"sqlite:///{path}/mlflow.db",
+               GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@localhost", GIT_COMMITTER_NAME="test",
+               GIT_COMMITTER_EMAIL="test@localhost")
+    repo = Repo(path, env)
+    repo.write_params(_merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY_PARAMS))
+    repo.run(sys.executable, "-m", "pipelines.plots", ".dvc/plots/offline.html")
+    repo.run("git", "init", "-q")
+    repo.run("git", "add", "-A")
+    repo.run("git", "commit", "-qm", "pipeline under test")
+    repo.first = repo.dvc("repro")
+    return repo
+
+
+def test_repro_writes_every_stage_and_the_comparison(repo):
+    ran = _ran(repo.first.stdout)
+    assert ran[:2] == ["check", "prepare"]
+    assert [s for s in ran if s.startswith("train@")] == [f"train@stage_{k}" for k in range(1, 5)]
+    assert set(ran) >= {"evaluate", "compare_baseline@hl-0", "compare_colam@1.0-0", "compare_colam@2.0-0", "compare"}
+    assert ran[-1] == "compare"
+    for k in range(1, 5):
+        stage = repo.path / "runs/main" / f"stage_{k}"
+        assert {"model.pt", "state.pt", "soft_labels.npy", "metrics.json", "history.csv"} <= {
+            p.name for p in stage.iterdir()}
+    table = (repo.path / "runs/summary/table.md").read_text()
+    assert "| hl |" in table and table.count("| colam(") == 2
+    assert (repo.path / "runs/summary/accuracy_vs_temperature.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_stage_chain_gives_the_numbers_of_one_colam_train_run(repo):
+    # runs/main trains stage by stage in 4 processes; the comparison's T=1, seed 0 run is one
+    # `colam train` process with the same config and seed.
+    chained = json.loads((repo.path / "runs/main/eval/metrics.json").read_text())
+    whole = json.loads((repo.path / "runs/compare/colam-T1.0-seed0/metrics.json").read_text())
+    assert chained["test_acc"] == whole["test_acc"] and chained["val_acc"] == whole["val_acc"]
+    assert (repo.path / "runs/main/stage_4/soft_labels.npy").read_bytes() == (
+        repo.path / "runs/compare/colam-T1.0-seed0/stage_4/soft_labels.npy").read_bytes()
+
+
+def test_a_second_repro_runs_nothing(repo):
+    again = repo.dvc("repro")
+    assert _ran(again.stdout) == []
+    assert "Data and pipelines are up to date." in again.stdout
+    assert repo.dvc("status").stdout.strip() == "Data and pipelines are up to date."
+
+
+def test_a_param_re_runs_only_the_stages_that_read_it(repo):
+    original = repo.params()
+    try:
+        changed = _merge(yaml.safe_load(yaml.safe_dump(original)), {"method": {"colam": {"temperature": 2.0}}})
+        repo.write_params(changed)
+        stale = set(json.loads(repo.dvc("status", "--json").stdout))
+        # the comparison's COLAM runs set T themselves; the gate reads every key
+        assert stale == {"check"} | {f"train@stage_{k}" for k in range(1, 5)}
+
+        changed = _merge(yaml.safe_load(yaml.safe_dump(original)), {"method": {"ls": {"eps": 0.3}}})
+        repo.write_params(changed)  # no stage trains ls here: only the gate runs, and it changes nothing
+        assert _ran(repo.dvc("repro").stdout) == ["check"]
+    finally:
+        repo.write_params(original)
+        repo.dvc("repro")
+    assert _ran(repo.dvc("repro").stdout) == []
+
+
+def test_an_invalid_param_stops_repro_before_any_stage_that_writes(repo):
+    original = repo.params()
+    before = repo.hashes("runs/main", "data/prepared")
+    try:
+        repo.write_params(_merge(yaml.safe_load(yaml.safe_dump(original)), {"method": {"colam": {"temperature": -1}}}))
+        result = repo.dvc("repro", check=False)
+        assert result.returncode != 0
+        assert "colam: error: method.colam.temperature: must be > 0, got -1.0" in result.stdout + result.stderr
+        assert _ran(result.stdout) == ["check"]
+        assert repo.hashes("runs/main", "data/prepared") == before
+    finally:
+        repo.write_params(original)
+        repo.dvc("repro")
+
+
+def test_metrics_and_offline_plots(repo, tmp_path):
+    metrics = json.loads(repo.dvc("metrics", "show", "--json").stdout)
+    files = next(iter(metrics.values()))["data"]
+    evaluated = files["runs/main/eval/metrics.json"]["data"]
+    assert 0 <= evaluated["test_acc"] <= 1 and "test_ece" in evaluated and "test_nll" in evaluated
+    assert set(files["runs/summary/metrics.json"]["data"]) == {"hl", "colam T=1", "colam T=2"}
+    repo.dvc("plots", "show", "--out", str(tmp_path / "plots"))
+    page = (tmp_path / "plots" / "index.html").read_text()
+    assert "window.vegaEmbed=" in page  # the libraries are inlined...
+    assert "<script src=" not in page and "cdn.jsdelivr" not in page  # ...and nothing is fetched
+    assert page.count("vegaEmbed('#") >= 3  # accuracy, loss and confusion plots
+    assert any(p.suffix == ".png" for p in (tmp_path / "plots" / "static").iterdir())
+
+
+def test_dvc_push_then_pull_into_an_empty_cache_restores_identical_files(repo, s3_server):
+    repo.dvc("remote", "modify", "--local", "storage", "url", f"s3://{s3_server.bucket}/dvc-{uuid.uuid4().hex[:8]}")
+    tracked = ("data/prepared", "runs/main", "runs/compare")
+    before = repo.hashes(*tracked)
+    pushed = repo.dvc("push", env=s3_server.env())
+    assert "pushed" in pushed.stdout
+    shutil.rmtree(repo.path / ".dvc" / "cache")
+    for folder in tracked:
+        shutil.rmtree(repo.path / folder)
+    # runs/main/eval is not cached (metrics and plots live in git): recreate it by evaluating again
+    repo.dvc("pull", env=s3_server.env())
+    assert {k: v for k, v in repo.hashes(*tracked).items() if "/eval/" not in k} == {
+        k: v for k, v in before.items() if "/eval/" not in k}
+    assert _ran(repo.dvc("repro").stdout) == ["evaluate"]
+
+
+def test_dvc_push_with_wrong_keys_fails_with_dvcs_error_and_keeps_every_file(repo, s3_server):
+    repo.dvc("remote", "modify", "--local", "storage", "url", f"s3://{s3_server.bucket}/dvc-{uuid.uuid4().hex[:8]}")
+    before = repo.hashes("data/prepared", "runs/main", "runs/compare", ".dvc/cache")
+    wrong = {**s3_server.env(), "AWS_SECRET_ACCESS_KEY": "not-the-secret"}
+    result = repo.dvc("push", env=wrong, check=False)
+    assert result.returncode != 0
+    assert "ERROR" in result.stderr + result.stdout
+    assert "SignatureDoesNotMatch" in result.stderr + result.stdout or "Forbidden" in result.stderr + result.stdout
+    assert repo.hashes("data/prepared", "runs/main", "runs/compare", ".dvc/cache") == before
+
+
+def test_params_yaml_runs_the_bundled_default_config():
+    from colam.config import load_config
+    from pipelines.params import load_params
+
+    assert load_params(ROOT / "params.yaml").config == load_config(ROOT / "configs/digits.yaml")
