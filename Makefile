@@ -4,8 +4,10 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# DVC runs each stage's command through a shell: put the venv's `colam` first on its PATH.
-WITH_VENV := PATH="$(CURDIR)/$(BIN):$$PATH"
+# DVC runs each stage's command through a shell: put the venv's `colam` first on its PATH, and
+# anchor MLflow's default store to this folder (queued `dvc exp` runs work in a temporary copy).
+MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
+WITH_VENV := PATH="$(CURDIR)/$(BIN):$$PATH" MLFLOW_TRACKING_URI="$(MLFLOW_TRACKING_URI)"
 
 .PHONY: setup run test clean
 
@@ -29,7 +31,7 @@ run: setup
 	@echo "comparison table:  runs/summary/table.md (and summary.json, metrics.json)"
 	@echo "plots:             runs/summary/accuracy_vs_temperature.png, runs/plots/index.html (offline)"
 	@echo "COLAM run:         runs/main/stage_*/ (checkpoints, soft labels), runs/main/eval/metrics.json"
-	@echo "MLflow UI:         $(BIN)/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}"
+	@echo "MLflow UI:         $(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI)"
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -159,25 +159,36 @@ def load_split(split_dir: str | Path, cfg: DataConfig, raw: RawData) -> Split:
         summary = json.loads((split_dir / "split.json").read_text())
         with np.load(split_dir / "split.npz", allow_pickle=False) as arrays:
             split = Split(**{k: arrays[k] for k in Split.__dataclass_fields__})
+        saved_data = summary["data"]
+        saved = {key: saved_data[key] for key in SPLIT_KEYS}
     except FileNotFoundError as exc:
         raise ColamError(f"--split: '{split_dir}' holds no prepared split ({Path(exc.filename).name} is missing); "
                          f"run `colam prepare` first") from None
     except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
         raise ColamError(f"--split: '{split_dir}' is not a readable prepared split ({type(exc).__name__})") from None
     for key in SPLIT_KEYS:
-        saved, wanted = summary.get("data", {}).get(key), getattr(cfg, key)
-        if saved != wanted:
-            raise ColamError(f"--split: '{split_dir}' was prepared with data.{key}={saved!r}, the config has "
-                             f"{wanted!r}; prepare the split again")
-    labels = np.asarray(raw.train_targets, dtype=np.int64)
-    index = np.concatenate([split.train_index, split.val_index])
-    if (summary.get("raw_train_samples") != len(labels) or summary.get("raw_test_samples") != len(raw.test_targets)
-            or (len(index) and (index.min() < 0 or index.max() >= len(labels)))
-            or not np.array_equal(labels[split.train_index], split.clean_train_targets)
-            or len(split.train_targets) != len(split.train_index)):
+        if saved[key] != getattr(cfg, key):
+            raise ColamError(f"--split: '{split_dir}' was prepared with data.{key}={saved[key]!r}, the config has "
+                             f"{getattr(cfg, key)!r}; prepare the split again")
+    if not _consistent(split, summary, raw):
         raise ColamError(f"--split: '{split_dir}' does not match the data set '{cfg.name}' under data.root "
                          f"'{cfg.root}' (other samples or labels); prepare the split again")
     return split
+
+
+def _consistent(split: Split, summary: dict, raw: RawData) -> bool:
+    """Integer indices into this raw data, train and validation disjoint, labels the raw data's own."""
+    labels = np.asarray(raw.train_targets, dtype=np.int64)
+    arrays = [split.train_index, split.train_targets, split.clean_train_targets, split.val_index]
+    if any(a.ndim != 1 or a.dtype.kind not in "iu" for a in arrays):
+        return False
+    index = np.concatenate([split.train_index, split.val_index])
+    return (summary.get("raw_train_samples") == len(labels) and summary.get("raw_test_samples") == len(raw.test_targets)
+            and len(split.train_targets) == len(split.clean_train_targets) == len(split.train_index)
+            and (not len(index) or (index.min() >= 0 and index.max() < len(labels)))
+            and len(np.unique(index)) == len(index)
+            and np.array_equal(labels[split.train_index], split.clean_train_targets)
+            and bool(((split.train_targets >= 0) & (split.train_targets < len(raw.classes))).all()))
 
 
 def stratified_sample(labels: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:

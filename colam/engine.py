@@ -192,7 +192,11 @@ def fit_stage(config: Config, out_dir: str | Path, stage: int, *, run_log: RunLo
     _check_out_dir(out_dir)
     state = None
     if stage > 1:
-        state = load_stage_state(out_dir / f"stage_{stage - 1}", config)
+        previous = out_dir / f"stage_{stage - 1}"
+        if not (previous / "state.pt").exists():
+            raise ColamError(f"--stage: stage {stage} starts from '{previous}', which holds no finished stage; "
+                             f"train --stage {stage - 1} first")
+        state = load_stage_state(previous, config)
         if state["epoch"] != sum(stage_epochs[: stage - 1]):
             raise ColamError(f"--stage: '{out_dir / f'stage_{stage - 1}'}' ends at epoch {state['epoch']}, "
                              f"stage {stage} starts after epoch {sum(stage_epochs[: stage - 1])}")

@@ -33,7 +33,7 @@ def expected_calibration_error(probs: torch.Tensor, targets: torch.Tensor, bins:
     confidence, predicted = probs.max(dim=1)
     correct = (predicted == targets).float()
     edges = torch.linspace(0, 1, bins + 1)
-    which = torch.bucketize(confidence, edges[1:-1], right=True)  # bin b holds (edges[b], edges[b+1]]
+    which = torch.bucketize(confidence, edges[1:-1])  # bin b holds (edges[b], edges[b+1]]
     total = torch.zeros(bins).index_add_(0, which, correct - confidence)
     return (total.abs().sum() / len(targets)).item()
 
@@ -70,12 +70,12 @@ def evaluate_run(config: Config, stage_dir: str | Path, out_dir: str | Path,
         name: (predicted[test_targets == c] == c).float().mean().item() if (test_targets == c).any() else None
         for c, name in enumerate(p.data.classes)}
     out_dir.mkdir(parents=True, exist_ok=True)
-    cio.write_json(out_dir / "metrics.json", metrics)
-    cio.write_text(out_dir / "history.csv", (stage_dir / "history.csv").read_text())
+    cio.atomic_write_bytes(out_dir / "history.csv", (stage_dir / "history.csv").read_bytes())
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["sample", "actual", "predicted"])
     writer.writerows((i, p.data.classes[a], p.data.classes[b])
                      for i, (a, b) in enumerate(zip(test_targets.tolist(), predicted.tolist())))
     cio.write_text(out_dir / "predictions.csv", buffer.getvalue())
+    cio.write_json(out_dir / "metrics.json", metrics)  # last: a metrics.json means the evaluation is complete
     return metrics
