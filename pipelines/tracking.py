@@ -27,6 +27,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
+from colam import io as cio
 from colam.config import Config
 from colam.engine import RunLog, run_identity
 from colam.errors import ColamError
@@ -158,12 +159,14 @@ class MlflowRunLog(RunLog):
         self.parent_id: str | None = None
         self.stage_id: str | None = None
         self.config: Config | None = None
-        self.class_names: list[str] | None = None
+        self.last_stage_dir: Path | None = None
+        self.resumed_from = 0
 
     # --------------------------------------------------------------- RunLog hooks
 
     def start(self, config: Config, info: dict) -> None:
         self.config = config
+        self.resumed_from = info["resumed_from_epoch"]
         self.experiment_id = experiment_id(self.client, self.experiment)
         run_key = _digest({"out_dir": str(self.out_dir.resolve()), "run": run_identity(config.to_dict())})[:16]
         if info["resumed_from_epoch"] > 0:
@@ -184,14 +187,17 @@ class MlflowRunLog(RunLog):
         self.parent_id = run.info.run_id
         params = {**flat_params(config), **summary_params(config),
                   **{k: str(v) for k, v in info.items() if k != "resumed_from_epoch"}}
-        items = [Param(k, v[:6000]) for k, v in params.items()]
-        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-            self.client.log_batch(self.parent_id, params=items[i : i + 100])
+        for batch in _chunks([Param(k, v[:6000]) for k, v in params.items()], 100):  # MLflow's batch limit
+            self.client.log_batch(self.parent_id, params=batch)
         log.info("MLflow: run %s in experiment '%s' at %s", self.parent_id, self.experiment, self.client.tracking_uri)
 
     def stage_start(self, stage: int) -> None:
         self.stage_id = self._unfinished(f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.parent_id}' and "
                                          f"tags.`colam.stage` = '{stage}'")
+        if self.stage_id is not None and self._last_epoch(self.stage_id) > self.resumed_from:
+            # An interrupted attempt logged epochs that this process trains again (a pipeline step
+            # re-runs its stage from the start): keep that attempt as it is, log this one apart.
+            self.stage_id = None
         if self.stage_id is None:
             tags = {MLFLOW_PARENT_RUN_ID: self.parent_id, "colam.role": "stage", "colam.stage": str(stage),
                     MLFLOW_RUN_NAME: f"stage {stage}"}
@@ -200,8 +206,9 @@ class MlflowRunLog(RunLog):
     def epoch_end(self, stage: int, row: dict) -> None:
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(row[k]), now, row["epoch"]) for k in CURVES if k in row]
+        # The parent gets the whole curve at the end, from history.csv: a stage trained again after
+        # an interruption would otherwise leave its first attempt's epochs in the parent's curves.
         self.client.log_batch(self.stage_id, metrics=metrics)
-        self.client.log_batch(self.parent_id, metrics=metrics)  # the whole curve in one place, too
 
     def stage_end(self, stage: int, stage_dir: Path, metrics: dict) -> None:
         now = int(time.time() * 1000)
@@ -221,14 +228,20 @@ class MlflowRunLog(RunLog):
                 self.client.log_artifact(self.stage_id, str(figure), artifact_path="figures")
         self.client.set_terminated(self.stage_id, RunStatus.to_string(RunStatus.FINISHED))
         self.stage_id = None
+        self.last_stage_dir = stage_dir
 
     def finish(self, metrics: dict, out_dir: Path) -> None:
         now = int(time.time() * 1000)
+        # The last stage's state holds every epoch at full precision, however the run was split up.
+        history = cio.load_torch(self.last_stage_dir / "state.pt", "stage state")["history"]
+        curves = [Metric(k, float(row[k]), now, row["epoch"]) for row in history for k in CURVES if k in row]
+        history_path = next(p for p in (out_dir / "history.csv", self.last_stage_dir / "history.csv") if p.exists())
         final = [Metric(k, float(metrics[k]), now, metrics["epochs"]) for k in FINAL if k in metrics]
-        self.client.log_batch(self.parent_id, metrics=final)
-        for name in ("config.yaml", "history.csv", "metrics.json"):
-            if (out_dir / name).exists():
-                self.client.log_artifact(self.parent_id, str(out_dir / name))
+        for batch in _chunks(curves + final, 1000):  # MLflow takes at most 1000 metrics per batch
+            self.client.log_batch(self.parent_id, metrics=batch)
+        for path in (out_dir / "config.yaml", history_path, out_dir / "metrics.json"):
+            if path.exists():
+                self.client.log_artifact(self.parent_id, str(path))
         self.client.set_terminated(self.parent_id, RunStatus.to_string(RunStatus.FINISHED))
         self.parent_id = None
 
@@ -249,11 +262,18 @@ class MlflowRunLog(RunLog):
                 except Exception as exc:  # the original error matters more than this one
                     log.warning("MLflow: could not mark run %s %s (%s)", run_id, RunStatus.to_string(status), exc)
 
+    def _last_epoch(self, run_id: str) -> int:
+        return max((m.step for m in self.client.get_metric_history(run_id, "lr")), default=0)
+
     def _unfinished(self, condition: str) -> str | None:
         runs = self.client.search_runs(
             [self.experiment_id], f"{condition} and attributes.status != 'FINISHED'",
             order_by=["attributes.start_time DESC"], max_results=1)
         return runs[0].info.run_id if runs else None
+
+
+def _chunks(items: list, size: int):
+    return (items[i : i + size] for i in range(0, len(items), size))
 
 
 def _digest(payload: dict) -> str:
