@@ -265,6 +265,19 @@ def test_stages_trained_in_separate_calls_continue_one_parent(store, colam_run, 
         assert curves(store, stage) == curves(store, expected)
 
 
+def break_training_on_call(monkeypatch, call: int, error: type[BaseException]) -> None:
+    """Make `colam.engine.train_one_epoch` raise `error` on its `call`-th call (1-based)."""
+    real, calls = colam.engine.train_one_epoch, []
+
+    def breaking(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise error(f"stopped on training call {call}")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(colam.engine, "train_one_epoch", breaking)
+
+
 def test_a_stage_step_run_again_after_a_crash_logs_its_epochs_once(store, colam_run, tmp_path, monkeypatch):
     # A pipeline step trains its whole stage again: the crashed attempt's epochs stay in its own
     # (FAILED) stage run, and the parent's curve holds every epoch once.
@@ -273,15 +286,7 @@ def test_a_stage_step_run_again_after_a_crash_logs_its_epochs_once(store, colam_
     out = tmp_path / "chain"
     with MlflowRunLog(store, name, out) as run_log:
         fit_stage(config, out, 1, run_log=run_log)
-    real, calls = colam.engine.train_one_epoch, []
-
-    def breaks_on_second_epoch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("stopped in epoch 4")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(colam.engine, "train_one_epoch", breaks_on_second_epoch)
+    break_training_on_call(monkeypatch, 2, RuntimeError)  # epoch 4, the second of stage 2
     with pytest.raises(RuntimeError), MlflowRunLog(connect(store.tracking_uri), name, out) as run_log:
         fit_stage(config, out, 2, run_log=run_log)
     monkeypatch.undo()
@@ -305,15 +310,7 @@ def test_interrupted_run_is_marked_and_resumes_into_the_same_parent(store, colam
     config, _, _, (reference,), reference_stages = colam_run
     name = new_experiment(store, f"interrupted-{status}")
     out = tmp_path / "run"
-    real, calls = colam.engine.train_one_epoch, []
-
-    def breaks_on_epoch_3(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise error("stopped in epoch 3")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(colam.engine, "train_one_epoch", breaks_on_epoch_3)
+    break_training_on_call(monkeypatch, 3, error)  # epoch 3
     with pytest.raises(error):
         tracked_fit(store, name, config, out)
     monkeypatch.undo()
