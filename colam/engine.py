@@ -231,12 +231,17 @@ def _make_dir(out_dir: Path) -> None:
 
 
 def _train(p: Prepared, out_dir: Path, state: dict | None, run_log: RunLog, progress: bool, until: int,
-           whole_run: bool) -> dict:
+           whole_run: bool, stage_dir=None, estimate: bool = True, step_info: dict | None = None) -> dict:
     """Train from the epoch `state` ends at (or 0) up to epoch `until`.
 
     `whole_run` (fit) also keeps out_dir/checkpoint.pt after every epoch, out_dir/history.csv
-    and out_dir/metrics.json; a single stage (fit_stage) writes only its stage folder.
+    and out_dir/metrics.json; a part of a run (fit_stage, colam.steps) writes only the folder
+    `stage_dir(stage)` of each stage end, and of the last epoch when `until` ends mid-stage.
+    `estimate=False` leaves the stage-end soft labels to a later step (colam.steps.estimate_step);
+    `step_info` is added to the metrics.json of the folders written.
     """
+    if stage_dir is None:
+        stage_dir = lambda stage: out_dir / f"stage_{stage}"  # noqa: E731
     config, model, method, data, device = p.config, p.model, p.method, p.data, p.device
     t = config.train
     optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
@@ -276,7 +281,12 @@ def _train(p: Prepared, out_dir: Path, state: dict | None, run_log: RunLog, prog
         for name, batches_eval in eval_loaders.items():
             row[f"{name}_acc"] = evaluate(model, batches_eval, device)
         stage_end = epoch + 1 in stage_ends
-        estimation_seconds = _estimate(p, stage, out_dir / f"stage_{stage}", row) if stage_end else None
+        saved = stage_end or (not whole_run and epoch + 1 == until)  # a step may end mid-stage
+        estimation_seconds = None
+        if saved:
+            cio.save_torch(stage_dir(stage) / "model.pt", model.state_dict())
+        if stage_end and estimate:
+            estimation_seconds = estimate_artifacts(p, stage, stage_dir(stage), row["epoch"])
         row["seconds"] = time.perf_counter() - began
         elapsed += row["seconds"]
         history.append(row)
@@ -284,14 +294,14 @@ def _train(p: Prepared, out_dir: Path, state: dict | None, run_log: RunLog, prog
                  "".join(f"  {k[:-4]} {row[k]:.4f}" for k in ("val_acc", "test_acc") if k in row), row["seconds"])
         resume = {"epoch": epoch + 1, "optimizer": optimizer.state_dict(), "method": method.state_dict(),
                   "history": history, "elapsed": elapsed, "config": config.to_dict()}
-        if stage_end:
-            _write_stage(out_dir / f"stage_{stage}", resume, row, estimation_seconds)
+        if saved:
+            _write_stage(stage_dir(stage), resume, {**row, "estimation_seconds": estimation_seconds, **(step_info or {})})
         if whole_run:
             _write_history(out_dir / "history.csv", history)
             cio.save_torch(out_dir / "checkpoint.pt", {**resume, "model": model.state_dict()})
         run_log.epoch_end(stage, row)  # after the state is saved: a resumed run never reports an epoch twice
         if stage_end:
-            run_log.stage_end(stage, out_dir / f"stage_{stage}", {**row, "estimation_seconds": estimation_seconds})
+            run_log.stage_end(stage, stage_dir(stage), {**row, "estimation_seconds": estimation_seconds})
     if until < t.epochs:
         return {}
     metrics = run_metrics(config, history, elapsed)
@@ -301,9 +311,9 @@ def _train(p: Prepared, out_dir: Path, state: dict | None, run_log: RunLog, prog
     return metrics
 
 
-def _estimate(p: Prepared, stage: int, stage_dir: Path, row: dict) -> float:
-    """Save the stage's model, then let the method learn from it (COLAM's soft labels); returns seconds."""
-    cio.save_torch(stage_dir / "model.pt", p.model.state_dict())
+def estimate_artifacts(p: Prepared, stage: int, stage_dir: Path, epoch: int) -> float:
+    """Let the method learn from the model at a stage end (COLAM's soft labels) and save what it
+    learned to `stage_dir`; returns the seconds it took."""
     began = time.perf_counter()
     outputs = None
     if p.method.needs_outputs(stage):
@@ -317,17 +327,17 @@ def _estimate(p: Prepared, stage: int, stage_dir: Path, row: dict) -> float:
     if "soft_labels" in artifacts:
         section = p.config.method.colam
         cio.write_json(stage_dir / "soft_labels.json", {
-            "stage": stage, "epoch": row["epoch"], "temperature": section.temperature,
+            "stage": stage, "epoch": epoch, "temperature": section.temperature,
             "aggregation": section.aggregation, "peers": section.peers, "method": p.config.method.name,
             "class_names": p.data.classes, "train_samples_per_class": p.data.class_counts()})
     return time.perf_counter() - began
 
 
-def _write_stage(stage_dir: Path, resume: dict, row: dict, estimation_seconds: float) -> None:
+def _write_stage(stage_dir: Path, resume: dict, metrics: dict) -> None:
     """The rest of a stage's folder: what the next stage resumes from, the curves so far, the metrics."""
     cio.save_torch(stage_dir / "state.pt", resume)  # the weights are in model.pt, next to it
     _write_history(stage_dir / "history.csv", resume["history"])
-    cio.write_json(stage_dir / "metrics.json", {**row, "estimation_seconds": estimation_seconds})
+    cio.write_json(stage_dir / "metrics.json", metrics)
 
 
 def run_metrics(config: Config, history: list[dict], elapsed: float) -> dict:

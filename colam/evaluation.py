@@ -79,3 +79,13 @@ def evaluate_run(config: Config, stage_dir: str | Path, out_dir: str | Path,
     cio.write_text(out_dir / "predictions.csv", buffer.getvalue())
     cio.write_json(out_dir / "metrics.json", metrics)  # last: a metrics.json means the evaluation is complete
     return metrics
+
+
+def confusion_matrix(report_dir: str | Path, classes: list[str]) -> list[list[int]]:
+    """Counts[actual][predicted] over the test set, from the predictions.csv of `evaluate_run`."""
+    index = {name: i for i, name in enumerate(classes)}
+    counts = [[0] * len(classes) for _ in classes]
+    with open(Path(report_dir) / "predictions.csv", newline="") as handle:
+        for row in csv.DictReader(handle):
+            counts[index[row["actual"]]][index[row["predicted"]]] += 1
+    return counts

@@ -1,0 +1,230 @@
+"""A run as pipeline steps with explicit inputs and outputs: what the Kubeflow components call.
+
+    config = step_config(base, steps=m, method=..., epochs_per_step=t, temperature=T, ...)
+    prepare_step(config, split)                                   # split.npz, split.json (+ raw/ when downloaded)
+    for k in 1..m:
+        train_step(config, k, m, checkpoint_k, checkpoint=checkpoint_{k-1}, soft_labels=soft_labels_{k-1},
+                   split_dir=split)                               # model.pt, state.pt, history.csv, metrics.json
+        estimate_step(config, k, m, checkpoint_k, soft_labels_k)  # soft_labels.npy/.json, estimation.json
+    colam.evaluation.evaluate_run(config, checkpoint_m, report, split)
+
+Each function reads only the folders it is given and writes only its output folder, so a runner
+may run every step on another machine. The numbers are those of one `colam train` process: every
+epoch reseeds from (seed, epoch), a checkpoint carries the optimizer and method state, and the
+soft labels a step trains on are the estimate step's file, bit for bit.
+
+For COLAM the m steps are its m stages (train, then estimate the soft labels, Algorithm 1). A
+one-stage method (hl, ls, ...) is cut into m equal segments of its epochs with nothing to
+estimate, so one compiled pipeline trains every method on the same budget of m * t epochs.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from colam import io as cio
+from colam.config import Config, from_dict, validate
+from colam.data import save_split
+from colam.datasets import DATASETS
+from colam.engine import RunLog, _check_out_dir, _make_dir, _train, estimate_artifacts, load_stage_state, prepare
+from colam.errors import ColamError, require
+from colam.methods import METHODS
+from colam.soft_labels import check_soft_labels
+
+RAW_DATA = "raw"  # the folder of a prepared split that holds a data set downloaded by prepare_step
+
+
+def step_config(base: dict | str, *, steps: int, method: str | None = None, model: str | None = None,
+                dataset: str | None = None, epochs_per_step: int | None = None, temperature: float | None = None,
+                seed: int | None = None) -> Config:
+    """The config of an m-step run: `base` (a config as a mapping, or its YAML/JSON text) with the
+    headline settings a pipeline exposes laid over it. The epoch budget is m * t for every method;
+    COLAM's stages are the steps."""
+    raw = _parse(base) if isinstance(base, str) else copy.deepcopy(base)
+    if not isinstance(raw, dict):
+        raise ColamError(f"config: expected a mapping, got {type(base).__name__}")
+    sections = {name: raw.setdefault(name, {}) for name in ("data", "model", "train", "method")}
+    for name, section in sections.items():
+        if not isinstance(section, dict):
+            raise ColamError(f"{name}: expected a mapping, got {section!r}")
+    if not isinstance(sections["method"].setdefault("colam", {}), dict):
+        raise ColamError(f"method.colam: expected a mapping, got {sections['method']['colam']!r}")
+    colam = sections["method"]["colam"]
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ColamError(f"steps: must be an integer >= 1, got {steps!r}")
+    colam["stages"] = steps
+    for value, section, key in ((method, sections["method"], "name"), (model, sections["model"], "name"),
+                                (dataset, sections["data"], "name"), (seed, raw, "seed"),
+                                (temperature, colam, "temperature"), (epochs_per_step, colam, "epochs_per_stage")):
+        if value is not None:
+            section[key] = value
+    epochs_per_stage = colam.get("epochs_per_stage")
+    if isinstance(epochs_per_stage, int) and not isinstance(epochs_per_stage, bool):
+        require(epochs_per_stage >= 1, "method.colam.epochs_per_stage", epochs_per_stage, "must be >= 1")
+        sections["train"]["epochs"] = steps * epochs_per_stage
+    config = from_dict(raw)
+    validate(config)
+    step_ends(config, steps)
+    return config
+
+
+def step_ends(config: Config, steps: int) -> list[int]:
+    """The epoch each of the `steps` steps ends at: the method's stage ends, or m equal segments."""
+    stage_epochs = METHODS[config.method.name].stage_epochs(config)
+    ends = np.cumsum(stage_epochs).tolist()
+    if len(ends) == steps:
+        return ends
+    if len(ends) == 1 and config.train.epochs % steps == 0:
+        return [config.train.epochs * k // steps for k in range(1, steps + 1)]
+    if len(ends) == 1:
+        raise ColamError(f"train.epochs: {config.train.epochs} epochs of {config.method.name} do not split into "
+                         f"{steps} equal pipeline steps")
+    raise ColamError(f"method.{config.method.name}: trains {len(ends)} stages, but the pipeline runs {steps} "
+                     f"steps; compile the pipeline for {len(ends)} stages")
+
+
+def prepare_step(config: Config, out: str | Path) -> dict:
+    """Write the split of `config` to `out`; a data set that is downloaded goes to `out/raw`, so the
+    steps after it read the data from this folder instead of downloading it again."""
+    data = config.data
+    if data.download and DATASETS[data.name].needs_files:
+        data = dataclasses.replace(data, root=str(Path(out) / RAW_DATA))
+    return save_split(data, out)
+
+
+def run_config(text: str, split_dir: str | Path) -> Config:
+    """The config a step receives (JSON text, as prepare wrote it), reading the data of `split_dir`."""
+    config = from_dict(_parse(text))
+    validate(config)
+    return with_split(config, split_dir)
+
+
+def _parse(text: str) -> dict:
+    # Text, not a mapping: a Kubeflow struct parameter turns every integer into a float.
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ColamError(f"config: not valid YAML or JSON ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ColamError(f"config: expected a mapping, got {type(raw).__name__}")
+    return raw
+
+
+def with_split(config: Config, split_dir: str | Path) -> Config:
+    """`config` reading its images where prepare_step left them: `split_dir/raw` when it exists."""
+    raw = Path(split_dir) / RAW_DATA
+    if not raw.is_dir():
+        return config
+    return dataclasses.replace(config, data=dataclasses.replace(config.data, root=str(raw), download=False))
+
+
+def train_step(config: Config, step: int, steps: int, out: str | Path, *, checkpoint: str | Path | None = None,
+               soft_labels: str | Path | None = None, split_dir: str | Path | None = None,
+               run_log: RunLog | None = None, progress: bool = False) -> dict:
+    """Train step `step` (1-based) of `steps` into `out`, from the previous step's checkpoint folder
+    and soft-label folder; returns the metrics at the step's end (also out/metrics.json)."""
+    ends = step_ends(config, steps)
+    if not 1 <= step <= steps:
+        raise ColamError(f"step: {step} is not a step of a {steps}-step run")
+    out = Path(out)
+    _check_out_dir(out)
+    start = ends[step - 2] if step > 1 else 0
+    state, inputs = None, {"step": step, "steps": steps, "soft_labels_sha256": None}
+    if step > 1:
+        if checkpoint is None:
+            raise ColamError(f"checkpoint: step {step} starts from the checkpoint of step {step - 1}; none was given")
+        state = load_stage_state(checkpoint, config)
+        if state["epoch"] != start:
+            raise ColamError(f"checkpoint: '{checkpoint}' ends at epoch {state['epoch']}, step {step} starts after "
+                             f"epoch {start}")
+        learned, digest = _read_estimate(soft_labels, start, config, step)
+        state["method"] = {**state["method"], **learned}
+        inputs["soft_labels_sha256"] = digest
+    prepared = prepare(config, split_dir)
+    if state is not None:
+        _check_estimate_shapes(learned, prepared, soft_labels)
+    _make_dir(out)
+    _train(prepared, out, state, run_log or RunLog(), progress, until=ends[step - 1], whole_run=False,
+           stage_dir=lambda stage: out, estimate=False, step_info=inputs)
+    return json.loads((out / "metrics.json").read_text())
+
+
+def estimate_step(config: Config, step: int, steps: int, checkpoint: str | Path, out: str | Path, *,
+                  split_dir: str | Path | None = None) -> dict:
+    """What the method learns from the model at the end of step `step` (COLAM: the soft labels,
+    from a forward pass over the training set), written to `out`; returns out/estimation.json."""
+    ends = step_ends(config, steps)
+    if not 1 <= step <= steps:
+        raise ColamError(f"step: {step} is not a step of a {steps}-step run")
+    out = Path(out)
+    _check_out_dir(out)
+    state = load_stage_state(checkpoint, config)
+    epoch = ends[step - 1]
+    if state["epoch"] != epoch:
+        raise ColamError(f"checkpoint: '{checkpoint}' ends at epoch {state['epoch']}, step {step} ends at epoch {epoch}")
+    stage_ends = np.cumsum(METHODS[config.method.name].stage_epochs(config)).tolist()
+    seconds, stage = 0.0, None
+    _make_dir(out)
+    if epoch in stage_ends:  # a one-stage method learns nothing at a segment's end
+        stage = stage_ends.index(epoch) + 1
+        prepared = prepare(config, split_dir)
+        prepared.model.load_state_dict(state["model"])
+        prepared.method.load_state_dict(state["method"])
+        seconds = estimate_artifacts(prepared, stage, out, epoch)
+    artifacts = sorted(path.stem for path in out.glob("*.npy"))
+    summary = {"step": step, "stage": stage, "epoch": epoch, "seconds": round(seconds, 3), "artifacts": artifacts,
+               "sha256": {name: _sha256(out / f"{name}.npy") for name in artifacts}}
+    cio.write_json(out / "estimation.json", summary)  # last: its presence means the folder is complete
+    return summary
+
+
+def _read_estimate(folder: str | Path | None, epoch: int, config: Config, step: int) -> tuple[dict, str | None]:
+    """The tensors an estimate step wrote at `epoch`, checked, and the digest of soft_labels.npy."""
+    if folder is None:
+        if METHODS[config.method.name].uses_soft_labels:
+            raise ColamError(f"soft_labels: step {step} of {config.method.name} trains on the soft labels estimated "
+                             f"after step {step - 1}; none were given")
+        return {}, None
+    folder = Path(folder)
+    try:
+        summary = json.loads((folder / "estimation.json").read_text())
+    except (OSError, ValueError):
+        raise ColamError(f"soft_labels: '{folder}' holds no estimation.json; it is not an estimate step's output") \
+            from None
+    if not isinstance(summary, dict) or summary.get("epoch") != epoch:
+        found = summary.get("epoch") if isinstance(summary, dict) else None
+        raise ColamError(f"soft_labels: '{folder}' was estimated at epoch {found}, step {step} starts after "
+                         f"epoch {epoch}")
+    learned = {}
+    for name in summary.get("artifacts", []):
+        path = folder / f"{name}.npy"
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise ColamError(f"soft_labels: cannot read '{path}' ({exc})") from None
+        learned[name] = torch.from_numpy(array)
+    digest = _sha256(folder / "soft_labels.npy") if "soft_labels" in learned else None
+    return learned, digest
+
+
+def _check_estimate_shapes(learned: dict, prepared, folder) -> None:
+    """Soft labels of this data: C x C for the class labels, N x C for per-sample labels."""
+    rows = {"soft_labels": prepared.data.num_classes, "sample_soft_labels": len(prepared.data.train)}
+    for name, tensor in learned.items():
+        check_soft_labels(tensor, prepared.data.num_classes, f"soft_labels: '{Path(folder) / name}.npy'")
+        if name in rows and len(tensor) != rows[name]:
+            raise ColamError(f"soft_labels: '{Path(folder) / name}.npy' has {len(tensor)} rows, this run needs "
+                             f"{rows[name]}")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+

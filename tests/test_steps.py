@@ -1,0 +1,79 @@
+"""colam.steps: the run config of an m-step pipeline and where each step starts and ends."""
+
+import json
+
+import pytest
+
+from colam.config import load_config
+from colam.errors import ColamError
+from colam.steps import RAW_DATA, run_config, step_config, step_ends, with_split
+from tests.conftest import TINY
+
+
+def base(*overrides):
+    return load_config(None, TINY + list(overrides)).to_dict()
+
+
+def test_step_config_lays_the_headline_settings_over_the_base():
+    config = step_config(base(), steps=3, method="colam", model="small_cnn", dataset="digits", epochs_per_step=5,
+                         temperature=2.5, seed=7)
+    assert (config.method.colam.stages, config.method.colam.epochs_per_stage, config.train.epochs) == (3, 5, 15)
+    assert (config.method.colam.temperature, config.seed, config.method.name) == (2.5, 7, "colam")
+    # The base keeps everything the parameters do not name.
+    assert config.train.batch_size == 32 and config.model.options == {"width": 8}
+
+
+def test_step_config_gives_every_method_the_same_epoch_budget():
+    config = step_config(base(), steps=4, method="hl", epochs_per_step=3)
+    assert config.train.epochs == 12 and step_ends(config, 4) == [3, 6, 9, 12]
+
+
+def test_step_config_reads_json_text_and_keeps_integers():
+    text = json.dumps(base())
+    config = step_config(text, steps=2)
+    assert config.train.epochs == 4 and isinstance(config.train.batch_size, int)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"temperature": 0.0}, "method.colam.temperature: must be > 0"),
+    ({"method": "nope"}, "method.name"),
+    ({"epochs_per_step": 0}, "method.colam.epochs_per_stage"),
+    ({"seed": 1.5}, "seed"),
+    ({"steps": 0}, "steps"),
+])
+def test_step_config_names_the_bad_setting(kwargs, message):
+    kwargs = {"steps": 2, **kwargs}
+    with pytest.raises(ColamError, match=message.replace(".", r"\.")):
+        step_config(base(), **kwargs)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[1, 2]", "config: expected a mapping"),
+    ("{unclosed", "config: not valid YAML or JSON"),
+    ('{"train": {"epochs": "many"}}', "train.epochs"),
+])
+def test_run_config_refuses_bad_text(tmp_path, text, message):
+    with pytest.raises(ColamError, match=message):
+        run_config(text, tmp_path)
+
+
+def test_step_ends_follow_colam_stages():
+    config = step_config(base(), steps=2, epochs_per_step=3)
+    assert step_ends(config, 2) == [3, 6]
+    with pytest.raises(ColamError, match="trains 2 stages, but the pipeline runs 3 steps"):
+        step_ends(config, 3)
+
+
+def test_one_stage_method_must_split_evenly():
+    config = load_config(None, TINY + ["method.name=hl", "train.epochs=5"])
+    assert step_ends(config, 5) == [1, 2, 3, 4, 5]
+    with pytest.raises(ColamError, match="train.epochs: 5 epochs of hl do not split into 2"):
+        step_ends(config, 2)
+
+
+def test_with_split_reads_a_downloaded_data_set_from_the_split(tmp_path):
+    config = load_config(None, TINY + ["data.download=true"])
+    assert with_split(config, tmp_path) == config  # nothing was downloaded into the split
+    (tmp_path / RAW_DATA).mkdir()
+    moved = with_split(config, tmp_path)
+    assert moved.data.root == str(tmp_path / RAW_DATA) and moved.data.download is False
