@@ -2,6 +2,7 @@
 
     colam train --config params.yaml --out DIR [--track] [--experiment NAME] ...
     colam compare --experiment NAME [--params params.yaml] [--out DIR]
+    colam kfp compile|submit|local ...   (pipelines/kubeflow.py)
 
 `--config` may be a pipeline params.yaml: its `compare` and `tracking` sections are checked and set
 aside, the rest is the run's config. Training is tracked in MLflow with `--track`, or whenever
@@ -44,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--params", help="take --experiment, --seeds, --methods and --temperatures from the "
                                           "tracking and compare sections of this params.yaml")
     compare.set_defaults(func=_compare)
+
+    from pipelines.kubeflow import add_arguments as kubeflow_arguments
+
+    kubeflow_arguments(commands.add_parser("kfp", help="the Kubeflow pipeline: compile, submit, or run it here"))
     return parser
 
 

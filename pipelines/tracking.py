@@ -151,12 +151,99 @@ def soft_label_heatmap(soft_labels: np.ndarray, class_names: list[str], title: s
     return path
 
 
+STAGE_FILES = ("model.pt", "metrics.json", "soft_labels.npy", "soft_labels.json", "sample_soft_labels.npy")
+
+
+def log_stage_files(client: MlflowClient, run_id: str, stage_dir: Path, stage: int, config: Config) -> None:
+    """A stage folder's checkpoint, metrics and soft labels (with their heatmap) as artifacts of `run_id`."""
+    for name in STAGE_FILES:
+        if (stage_dir / name).exists():
+            client.log_artifact(run_id, str(stage_dir / name))
+    if (stage_dir / "soft_labels.npy").exists():
+        soft_labels = np.load(stage_dir / "soft_labels.npy")
+        names = json.loads((stage_dir / "soft_labels.json").read_text())["class_names"]
+        title = f"soft labels after stage {stage} (T = {config.method.colam.temperature:g})"
+        with tempfile.TemporaryDirectory() as scratch:
+            figure = soft_label_heatmap(soft_labels, names, title, Path(scratch) / f"soft_labels_stage_{stage}.png")
+            client.log_artifact(run_id, str(figure), artifact_path="figures")
+
+
+def parent_key(config: Config, key: str) -> str:
+    """The `colam.run_key` tag of a run: its configuration and the name of the run it belongs to."""
+    return _digest({"out_dir": key, "run": run_identity(config.to_dict())})[:16]
+
+
+def find_parent(client: MlflowClient, experiment: str, config: Config, key: str) -> str:
+    """The newest parent run tagged with this run key, finished or not (pipeline steps after training)."""
+    found = client.get_experiment_by_name(experiment)
+    runs = [] if found is None else client.search_runs(
+        [found.experiment_id], f"tags.`colam.run_key` = '{parent_key(config, key)}' and tags.`colam.role` = 'parent'",
+        order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        raise ColamError(f"MLFLOW_TRACKING_URI: no run of this pipeline run ('{key}') in experiment '{experiment}'; "
+                         f"the training step logs it first")
+    return runs[0].info.run_id
+
+
+def log_estimate(client: MlflowClient, experiment: str, config: Config, key: str, folder: Path, summary: dict) -> None:
+    """An estimate step's soft labels, heatmap and time, on the stage run of the stage they end."""
+    if summary["stage"] is None:
+        return
+    parent = find_parent(client, experiment, config, key)
+    runs = client.search_runs(
+        [client.get_run(parent).info.experiment_id],
+        f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent}' and tags.`colam.stage` = '{summary['stage']}'",
+        order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        raise ColamError(f"MLFLOW_TRACKING_URI: run {parent} has no stage {summary['stage']} to log soft labels to")
+    run_id = runs[0].info.run_id
+    client.log_metric(run_id, "estimation_seconds", float(summary["seconds"]), step=summary["epoch"])
+    log_stage_files(client, run_id, folder, summary["stage"], config)
+
+
+def log_evaluation(client: MlflowClient, experiment: str, config: Config, key: str, report: Path,
+                   metrics: dict) -> None:
+    """The evaluation's scalars (prefixed eval_) and report files on the parent run."""
+    parent = find_parent(client, experiment, config, key)
+    now = int(time.time() * 1000)
+    scalars = [Metric(f"eval_{k}", float(v), now, metrics["evaluated_epoch"]) for k, v in metrics.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and k.startswith(("test_", "val_"))]
+    client.log_batch(parent, metrics=scalars)
+    log_files(client, parent, [report / "metrics.json", report / "predictions.csv"], "evaluation")
+
+
+def log_files(client: MlflowClient, run_id: str, paths: list[Path], artifact_path: str) -> None:
+    for path in paths:
+        if path.exists():
+            client.log_artifact(run_id, str(path), artifact_path=artifact_path)
+
+
+def tracking_client() -> MlflowClient | None:
+    """A pipeline step tracks when MLFLOW_TRACKING_URI is set: a client that has answered, or None."""
+    return connect() if os.environ.get("MLFLOW_TRACKING_URI") else None
+
+
+def step_run_log(client: MlflowClient | None, experiment: str, out_dir: str | Path, run_key: str,
+                 run_name: str | None = None):
+    """The run log of a pipeline's training step: every step of one pipeline run shares `run_key`."""
+    from contextlib import nullcontext
+
+    if client is None:
+        return nullcontext(None)
+    return MlflowRunLog(client, experiment, out_dir, run_name=run_name or None, run_key=run_key or None)
+
+
 class MlflowRunLog(RunLog):
     """Reports a colam run to MLflow; use it as a context manager so a crash marks the runs FAILED."""
 
-    def __init__(self, client: MlflowClient, experiment: str, out_dir: str | Path, run_name: str | None = None):
+    def __init__(self, client: MlflowClient, experiment: str, out_dir: str | Path, run_name: str | None = None,
+                 run_key: str | None = None):
+        """`run_key` names the run across processes whose out_dir differs (a Kubeflow run's id);
+        by default the run is named by its out_dir."""
         self.client, self.experiment, self.out_dir, self.run_name = client, experiment, Path(out_dir), run_name
-        self.parent_id: str | None = None
+        self.key = run_key
+        self.parent_id: str | None = None  # the parent run while it is open
+        self.run_id: str | None = None  # the parent run, also after finish()
         self.stage_id: str | None = None
         self.config: Config | None = None
         self.last_stage_dir: Path | None = None
@@ -168,11 +255,12 @@ class MlflowRunLog(RunLog):
         self.config = config
         self.resumed_from = info["resumed_from_epoch"]
         self.experiment_id = experiment_id(self.client, self.experiment)
-        run_key = _digest({"out_dir": str(self.out_dir.resolve()), "run": run_identity(config.to_dict())})[:16]
+        run_key = parent_key(config, self.key or str(self.out_dir.resolve()))
         if info["resumed_from_epoch"] > 0:
             self.parent_id = self._unfinished(f"tags.`colam.run_key` = '{run_key}' and tags.`colam.role` = 'parent'")
         if self.parent_id is not None:
             log.info("MLflow: continuing run %s", self.parent_id)
+            self.run_id = self.parent_id
             return
         tags = {"colam.role": "parent", "colam.run_key": run_key, "colam.method": config.method.name,
                 "colam.variant": variant(config), "colam.seed": str(config.seed),
@@ -184,7 +272,7 @@ class MlflowRunLog(RunLog):
         if commit:
             tags[MLFLOW_GIT_COMMIT] = commit
         run = self.client.create_run(self.experiment_id, tags=tags, run_name=tags[MLFLOW_RUN_NAME])
-        self.parent_id = run.info.run_id
+        self.parent_id = self.run_id = run.info.run_id
         params = {**flat_params(config), **summary_params(config),
                   **{k: str(v) for k, v in info.items() if k != "resumed_from_epoch"}}
         for batch in _chunks([Param(k, v[:6000]) for k, v in params.items()], 100):  # MLflow's batch limit
@@ -213,19 +301,11 @@ class MlflowRunLog(RunLog):
     def stage_end(self, stage: int, stage_dir: Path, metrics: dict) -> None:
         now = int(time.time() * 1000)
         scalars = {f"stage_{k}": v for k, v in metrics.items() if k in ("test_acc", "val_acc", "train_acc")}
-        scalars["estimation_seconds"] = metrics["estimation_seconds"]
+        if metrics.get("estimation_seconds") is not None:  # None: a later pipeline step estimates
+            scalars["estimation_seconds"] = metrics["estimation_seconds"]
         self.client.log_batch(self.stage_id, metrics=[Metric(k, float(v), now, metrics["epoch"])
                                                       for k, v in scalars.items()])
-        for name in ("model.pt", "metrics.json", "soft_labels.npy", "soft_labels.json", "sample_soft_labels.npy"):
-            if (stage_dir / name).exists():
-                self.client.log_artifact(self.stage_id, str(stage_dir / name))
-        if (stage_dir / "soft_labels.npy").exists():
-            soft_labels = np.load(stage_dir / "soft_labels.npy")
-            names = json.loads((stage_dir / "soft_labels.json").read_text())["class_names"]
-            title = f"soft labels after stage {stage} (T = {self.config.method.colam.temperature:g})"
-            with tempfile.TemporaryDirectory() as scratch:
-                figure = soft_label_heatmap(soft_labels, names, title, Path(scratch) / f"soft_labels_stage_{stage}.png")
-                self.client.log_artifact(self.stage_id, str(figure), artifact_path="figures")
+        log_stage_files(self.client, self.stage_id, stage_dir, stage, self.config)
         self.client.set_terminated(self.stage_id, RunStatus.to_string(RunStatus.FINISHED))
         self.stage_id = None
         self.last_stage_dir = stage_dir

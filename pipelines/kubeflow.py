@@ -1,0 +1,280 @@
+"""The Kubeflow pipeline: prepare -> (train stage -> estimate soft labels) x m -> evaluate.
+
+    colam kfp compile [--params params.yaml] [--stages M] [--image REPO:TAG] [--out colam-pipeline.yaml]
+    colam kfp submit --host URL --experiment NAME [--package colam-pipeline.yaml] [--param KEY=VALUE ...]
+    colam kfp local [--params params.yaml] [--stages M] [--param KEY=VALUE ...] [--root DIR]
+
+m is fixed when the pipeline is compiled (Kubeflow unrolls nothing at run time: the loop runs
+here, one train and one estimate task per stage, each stage consuming the previous one's
+checkpoint and soft labels). The method, model, data set, t, T, seed and the whole run config
+are run parameters, with params.yaml's values as their defaults.
+
+On the cluster the train and estimate tasks ask for a GPU and land on GPU nodes; every task
+reads the S3 keys from the Secret `colam-credentials` and the MLflow/S3 endpoints from the
+ConfigMap `colam-endpoints` (both made by k8s/), so every step is tracked in MLflow. `local`
+runs the same pipeline with kfp's SubprocessRunner in this environment, where the Kubernetes
+settings do not apply.
+"""
+
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import yaml
+
+from colam.errors import ColamError
+
+SECRET = "colam-credentials"
+SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+ENDPOINTS = "colam-endpoints"
+ENDPOINT_KEYS = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION")
+DEFAULT_PACKAGE = "colam-pipeline.yaml"
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """Where the GPU steps run and what they ask for; `gpus=0` compiles a CPU-only pipeline."""
+
+    accelerator: str = "nvidia.com/gpu"
+    gpus: int = 1
+    gpu_node_label: "tuple[str, str] | None" = ("nvidia.com/gpu.present", "true")
+    gpu_toleration: "str | None" = "nvidia.com/gpu"  # tolerate the usual taint of GPU node pools
+    cpu: str = "4"
+    memory: str = "16G"
+    retries: int = 2  # a preempted or failed training step restarts its stage from the previous checkpoint
+    secret: "str | None" = SECRET
+    endpoints: "str | None" = ENDPOINTS
+
+
+def build_pipeline(stages: int, defaults: dict, experiment: str, image: str | None = None,
+                   cluster: Cluster = Cluster()):
+    """The pipeline function for `stages` stages; `defaults` (a run config) gives the parameters' defaults."""
+    from kfp import dsl, kubernetes
+    from kfp.dsl import Dataset, Metrics, Model
+
+    import components
+    from colam.steps import step_config
+
+    if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
+        raise ColamError(f"--stages: must be an integer >= 1, got {stages!r}")
+    config = step_config(defaults, steps=stages)  # the defaults must make a valid run of this many stages
+    defaults = json.dumps(config.to_dict())
+    parts = components.build(image)
+
+    def environment(task):
+        if cluster.secret:
+            kubernetes.use_secret_as_env(task, secret_name=cluster.secret,
+                                         secret_key_to_env={key: key for key in SECRET_KEYS})
+        if cluster.endpoints:
+            kubernetes.use_config_map_as_env(task, config_map_name=cluster.endpoints,
+                                             config_map_key_to_env={key: key for key in ENDPOINT_KEYS})
+        return task
+
+    def on_gpu(task):
+        task.set_cpu_request(cluster.cpu).set_memory_request(cluster.memory)
+        if cluster.gpus > 0:
+            task.set_accelerator_type(cluster.accelerator).set_accelerator_limit(cluster.gpus)
+            if cluster.gpu_node_label:
+                kubernetes.add_node_selector(task, *cluster.gpu_node_label)
+            if cluster.gpu_toleration:
+                kubernetes.add_toleration(task, key=cluster.gpu_toleration, operator="Exists", effect="NoSchedule")
+        return environment(task)
+
+    Outputs = NamedTuple("Outputs", [("model", Model), ("soft_labels", Dataset), ("metrics", Metrics)])
+
+    @dsl.pipeline(name=f"colam-{stages}-stages",
+                  description=f"COLAM (and baselines) in {stages} stages: prepare, then train and estimate soft "
+                              f"labels {stages} times, then evaluate; every step tracked in MLflow")
+    def colam_pipeline(method: str = config.method.name, model: str = config.model.name,
+                       dataset: str = config.data.name, epochs_per_stage: int = config.method.colam.epochs_per_stage,
+                       temperature: float = config.method.colam.temperature, seed: int = config.seed,
+                       config: str = defaults, mlflow_experiment: str = experiment) -> Outputs:
+        prepared = environment(parts.prepare(
+            config=config, stages=stages, method=method, model=model, dataset=dataset,
+            epochs_per_stage=epochs_per_stage, temperature=temperature, seed=seed))
+        prepared.set_display_name("prepare data")
+        run_config, split = prepared.outputs["Output"], prepared.outputs["split"]
+        previous: dict = {}
+        for stage in range(1, stages + 1):
+            train = on_gpu(parts.train_stage(
+                config=run_config, stage=stage, stages=stages, split=split, experiment=mlflow_experiment,
+                run_key=dsl.PIPELINE_JOB_ID_PLACEHOLDER, run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, **previous))
+            train.set_display_name(f"train stage {stage}")
+            train.set_retry(num_retries=cluster.retries, backoff_duration="60s", backoff_factor=2.0)
+            estimate = on_gpu(parts.estimate_soft_labels(
+                config=run_config, stage=stage, stages=stages, split=split, checkpoint=train.outputs["checkpoint"],
+                experiment=mlflow_experiment, run_key=dsl.PIPELINE_JOB_ID_PLACEHOLDER))
+            estimate.set_display_name(f"estimate soft labels {stage}")
+            previous = {"previous_checkpoint": train.outputs["checkpoint"],
+                        "soft_labels": estimate.outputs["soft_labels"]}
+        evaluation = environment(parts.evaluate(
+            config=run_config, split=split, checkpoint=previous["previous_checkpoint"], experiment=mlflow_experiment,
+            run_key=dsl.PIPELINE_JOB_ID_PLACEHOLDER))
+        evaluation.set_display_name("evaluate")
+        return Outputs(model=previous["previous_checkpoint"], soft_labels=previous["soft_labels"],
+                       metrics=evaluation.outputs["metrics"])
+    return colam_pipeline
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    commands = parser.add_subparsers(dest="kfp_command", required=True)
+    compile_ = commands.add_parser("compile", help="compile the pipeline for M stages to a YAML package")
+    _pipeline_arguments(compile_)
+    compile_.add_argument("--image", help="component image without its -cuda/-cpu suffix "
+                                          "(default: $COLAM_IMAGE or ghcr.io/colam-project/colam:0.1.0)")
+    compile_.add_argument("--gpus", type=int, default=1, help="GPUs per training/estimation step; 0 compiles for CPU")
+    compile_.add_argument("--accelerator", default=Cluster.accelerator, help="the GPU resource name")
+    compile_.add_argument("--gpu-node-label", default="=".join(Cluster.gpu_node_label), metavar="KEY=VALUE",
+                          help="node selector of the GPU steps ('none' for no selector)")
+    compile_.add_argument("--retries", type=int, default=Cluster.retries, help="retries of a failed training step")
+    compile_.add_argument("--out", default=DEFAULT_PACKAGE, help="the package to write")
+    compile_.set_defaults(func=_compile)
+
+    submit = commands.add_parser("submit", help="start a run of a compiled package on a Kubeflow Pipelines endpoint")
+    submit.add_argument("--host", required=True, help="the Kubeflow Pipelines API, e.g. http://localhost:8080 "
+                                                      "(a bearer token may come from $KFP_TOKEN)")
+    submit.add_argument("--experiment", required=True, help="the Kubeflow experiment to file the run under")
+    submit.add_argument("--package", default=DEFAULT_PACKAGE, help="a package written by `colam kfp compile`")
+    submit.add_argument("--param", dest="params", action="append", default=[], metavar="NAME=VALUE",
+                        help="a pipeline parameter, e.g. --param temperature=2 (repeatable)")
+    submit.add_argument("--config", help="a params.yaml/config whose run sections become the `config` parameter")
+    submit.add_argument("--run-name", help="the run's name (default: package name and time)")
+    submit.add_argument("--namespace", help="the Kubeflow profile namespace (multi-user deployments)")
+    submit.add_argument("--service-account", help="the service account the run's pods use (k8s/: colam-pipeline-runner)")
+    submit.add_argument("--no-cache", action="store_true", help="run every step even if Kubeflow cached it")
+    submit.set_defaults(func=_submit)
+
+    local_ = commands.add_parser("local", help="run the pipeline here with kfp's SubprocessRunner (no cluster)")
+    _pipeline_arguments(local_)
+    local_.add_argument("--param", dest="pipeline_params", action="append", default=[], metavar="NAME=VALUE",
+                        help="a pipeline parameter, e.g. --param epochs_per_stage=5 (repeatable)")
+    local_.add_argument("--root", default="runs/kfp", help="pipeline root: every step's outputs go below it")
+    local_.set_defaults(func=_local)
+
+
+def _pipeline_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--params", default="params.yaml", help="params.yaml: the parameters' defaults and the "
+                                                                 "MLflow experiment (tracking.experiment)")
+    command.add_argument("--stages", type=int, help="m, fixed in the package (default: method.colam.stages)")
+
+
+def _pipeline_from(args, cluster: Cluster = Cluster(), image: str | None = None):
+    from pipelines.params import load_params
+
+    params = load_params(args.params)
+    stages = args.stages if args.stages is not None else params.config.method.colam.stages
+    return build_pipeline(stages, params.config.to_dict(), params.tracking.experiment, image, cluster), stages
+
+
+def _compile(args) -> int:
+    from kfp import compiler
+
+    label = None if args.gpu_node_label.lower() == "none" else tuple(args.gpu_node_label.split("=", 1))
+    if label is not None and len(label) != 2:
+        raise ColamError(f"--gpu-node-label: expected KEY=VALUE or none, got {args.gpu_node_label!r}")
+    if args.gpus < 0 or args.retries < 0:
+        raise ColamError(f"--{'gpus' if args.gpus < 0 else 'retries'}: must be >= 0")
+    cluster = Cluster(accelerator=args.accelerator, gpus=args.gpus, gpu_node_label=label, retries=args.retries)
+    pipeline, stages = _pipeline_from(args, cluster, args.image)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(pipeline, args.out)
+    import components
+
+    print(f"{args.out}: {stages} stages, images {components.image('cuda', args.image)} (GPU steps) and "
+          f"{components.image('cpu', args.image)}")
+    return 0
+
+
+def read_package(path: str | Path) -> dict:
+    """The pipeline spec of a compiled package (its first YAML document), checked to be one."""
+    try:
+        documents = list(yaml.safe_load_all(Path(path).read_text()))
+    except FileNotFoundError:
+        raise ColamError(f"--package: '{path}' does not exist; write it with `colam kfp compile`") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ColamError(f"--package: '{path}' is not a readable YAML file ({str(exc).splitlines()[0]})") from None
+    spec = documents[0] if documents else None
+    if not isinstance(spec, dict) or "pipelineInfo" not in spec or "root" not in spec:
+        raise ColamError(f"--package: '{path}' is not a compiled Kubeflow pipeline")
+    return spec
+
+
+def package_arguments(spec: dict, pairs: list[str], config_file: str | None = None) -> dict:
+    """The run arguments `pairs` (NAME=VALUE) checked against the package, and the run config they
+    make validated here, so a bad value fails now with one line instead of in a pod."""
+    from colam.steps import step_config
+
+    declared = spec["root"]["inputDefinitions"]["parameters"]
+    arguments = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep or name not in declared:
+            raise ColamError(f"--param: {pair!r} is not NAME=VALUE with NAME one of {', '.join(sorted(declared))}")
+        arguments[name] = text if declared[name]["parameterType"] == "STRING" else yaml.safe_load(text)
+    if config_file is not None:
+        from pipelines.params import load_params
+
+        arguments["config"] = json.dumps(load_params(config_file).config.to_dict())
+    values = {name: arguments.get(name, declared[name].get("defaultValue")) for name in declared}
+    for name, value in values.items():  # the package's defaults store integers as floats
+        if declared[name]["parameterType"] == "NUMBER_INTEGER" and isinstance(value, float) and value.is_integer():
+            values[name] = int(value)
+    stages = spec["root"]["dag"]["tasks"]["prepare"]["inputs"]["parameters"]["stages"]["runtimeValue"]["constant"]
+    step_config(values["config"], steps=int(stages), method=values["method"], model=values["model"],
+                dataset=values["dataset"], epochs_per_step=values["epochs_per_stage"],
+                temperature=values["temperature"], seed=values["seed"])
+    return arguments
+
+
+def _submit(args) -> int:
+    import kfp
+
+    spec = read_package(args.package)
+    arguments = package_arguments(spec, args.params, args.config)
+    try:
+        client = kfp.Client(host=args.host, namespace=args.namespace, existing_token=os.environ.get("KFP_TOKEN"))
+        result = client.create_run_from_pipeline_package(
+            args.package, arguments=arguments, run_name=args.run_name, experiment_name=args.experiment,
+            namespace=args.namespace, service_account=args.service_account, enable_caching=not args.no_cache)
+    except Exception as exc:  # connection refused, auth, an API error: one line naming the endpoint
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise ColamError(f"--host: Kubeflow Pipelines at '{args.host}' did not accept the run ({reason})") from None
+    print(json.dumps({"run_id": result.run_id, "run": f"{args.host.rstrip('/')}/#/runs/details/{result.run_id}",
+                      "experiment": args.experiment, "arguments": arguments}))
+    return 0
+
+
+def _local(args) -> int:
+    from kfp import local
+
+    pipeline, stages = _pipeline_from(args)
+    spec = _spec_of(pipeline)
+    arguments = package_arguments(spec, args.pipeline_params)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(Path(args.root).resolve()),
+               raise_on_error=False)
+    began = time.perf_counter()
+    task = pipeline(**arguments)
+    seconds = time.perf_counter() - began
+    if task is None or not getattr(task, "outputs", None):
+        raise ColamError(f"kfp local: the pipeline run failed after {seconds:.1f}s; the failing step's log is above")
+    outputs = {name: artifact.path for name, artifact in task.outputs.items()}
+    metrics = task.outputs["metrics"].metadata
+    print(json.dumps({"stages": stages, "seconds": round(seconds, 1), "outputs": outputs, "metrics": metrics}),
+          file=sys.stdout)
+    return 0
+
+
+def _spec_of(pipeline) -> dict:
+    """The pipeline spec kfp would write to a package, without writing one."""
+    from google.protobuf import json_format
+
+    return json_format.MessageToDict(pipeline.pipeline_spec)
