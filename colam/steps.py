@@ -37,6 +37,7 @@ from colam.datasets import DATASETS
 from colam.engine import RunLog, _check_out_dir, _make_dir, _train, estimate_artifacts, load_stage_state, prepare
 from colam.errors import ColamError, require
 from colam.methods import METHODS
+from colam.models import build_model
 from colam.soft_labels import check_soft_labels
 
 RAW_DATA = "raw"  # the folder of a prepared split that holds a data set downloaded by prepare_step
@@ -72,8 +73,17 @@ def step_config(base: dict | str, *, steps: int, method: str | None = None, mode
         sections["train"]["epochs"] = steps * epochs_per_stage
     config = from_dict(raw)
     validate(config)
+    check_names(config)
     step_ends(config, steps)
     return config
+
+
+def check_names(config: Config) -> None:
+    """The data set and the model (name and options) exist: a pipeline checks them before its GPU steps."""
+    if config.data.name not in DATASETS:
+        raise ColamError(f"data.name: unknown data set {config.data.name!r}; choose one of {', '.join(DATASETS)}")
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        build_model(config.model.name, 2, **config.model.options)
 
 
 def step_ends(config: Config, steps: int) -> list[int]:
@@ -206,6 +216,9 @@ def _read_estimate(folder: str | Path | None, epoch: int, config: Config, step: 
     learned = {}
     for name in summary.get("artifacts", []):
         path = folder / f"{name}.npy"
+        if not path.is_file() or _sha256(path) != summary.get("sha256", {}).get(name):
+            raise ColamError(f"soft_labels: '{path}' is missing or differs from the file the estimate step wrote "
+                             f"(sha256 in estimation.json)")
         try:
             array = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as exc:

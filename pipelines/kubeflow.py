@@ -225,6 +225,8 @@ def package_arguments(spec: dict, pairs: list[str], config_file: str | None = No
 
         arguments["config"] = json.dumps(load_params(config_file).config.to_dict())
     values = {name: arguments.get(name, declared[name].get("defaultValue")) for name in declared}
+    if not str(values.get("mlflow_experiment", "x")).strip():
+        raise ColamError("--param: mlflow_experiment must name an MLflow experiment, got ''")
     for name, value in values.items():  # the package's defaults store integers as floats
         if declared[name]["parameterType"] == "NUMBER_INTEGER" and isinstance(value, float) and value.is_integer():
             values[name] = int(value)
@@ -236,21 +238,50 @@ def package_arguments(spec: dict, pairs: list[str], config_file: str | None = No
 
 
 def _submit(args) -> int:
-    import kfp
-
     spec = read_package(args.package)
     arguments = package_arguments(spec, args.params, args.config)
+    token = os.environ.get("KFP_TOKEN")
+    _check_endpoint(args.host, token)
     try:
-        client = kfp.Client(host=args.host, namespace=args.namespace, existing_token=os.environ.get("KFP_TOKEN"))
-        result = client.create_run_from_pipeline_package(
-            args.package, arguments=arguments, run_name=args.run_name, experiment_name=args.experiment,
-            namespace=args.namespace, service_account=args.service_account, enable_caching=not args.no_cache)
-    except Exception as exc:  # connection refused, auth, an API error: one line naming the endpoint
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        result = _create_run(args, arguments, token)
+    except Exception as exc:  # auth, an API error: one line naming the endpoint
+        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise ColamError(f"--host: Kubeflow Pipelines at '{args.host}' did not accept the run ({reason})") from None
     print(json.dumps({"run_id": result.run_id, "run": f"{args.host.rstrip('/')}/#/runs/details/{result.run_id}",
                       "experiment": args.experiment, "arguments": arguments}))
     return 0
+
+
+def _check_endpoint(host: str, token: str | None) -> None:
+    """One quick health check: kfp.Client would retry a wrong host for 25 s, printing tracebacks."""
+    import requests
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        answer = requests.get(f"{host.rstrip('/')}/apis/v2beta1/healthz", headers=headers, timeout=10)
+    except requests.RequestException as exc:
+        reason = type(exc).__name__ if isinstance(exc, requests.ConnectionError) else str(exc).splitlines()[0]
+        raise ColamError(f"--host: cannot reach Kubeflow Pipelines at '{host}' ({reason})") from None
+    if answer.status_code != 200:
+        raise ColamError(f"--host: '{host}' answered HTTP {answer.status_code} to the Kubeflow Pipelines health "
+                         f"check (/apis/v2beta1/healthz); is it the pipelines API (and is KFP_TOKEN valid)?")
+
+
+def _create_run(args, arguments: dict, token: str | None):
+    import contextlib
+    import logging
+    import warnings
+
+    import kfp
+
+    # kfp prints links on stdout and warns about API versions: keep stdout for our JSON line.
+    with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        logging.getLogger("urllib3").setLevel(logging.ERROR)
+        client = kfp.Client(host=args.host, namespace=args.namespace, existing_token=token)
+        return client.create_run_from_pipeline_package(
+            args.package, arguments=arguments, run_name=args.run_name, experiment_name=args.experiment,
+            namespace=args.namespace, service_account=args.service_account, enable_caching=not args.no_cache)
 
 
 def _local(args) -> int:
