@@ -16,7 +16,7 @@ runs the same pipeline with kfp's SubprocessRunner in this environment, where th
 settings do not apply.
 """
 
-
+# No `from __future__ import annotations` here: kfp reads the pipeline function's annotations as types.
 import argparse
 import json
 import os
