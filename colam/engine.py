@@ -231,14 +231,16 @@ def _make_dir(out_dir: Path) -> None:
 
 
 def _train(p: Prepared, out_dir: Path, state: dict | None, run_log: RunLog, progress: bool, until: int,
-           whole_run: bool, stage_dir=None, estimate: bool = True, step_info: dict | None = None) -> dict:
+           whole_run: bool, stage_dir=None, estimate: bool = True, step_info: dict | None = None,
+           last_good: Path | None = None) -> dict:
     """Train from the epoch `state` ends at (or 0) up to epoch `until`.
 
     `whole_run` (fit) also keeps out_dir/checkpoint.pt after every epoch, out_dir/history.csv
     and out_dir/metrics.json; a part of a run (fit_stage, colam.steps) writes only the folder
     `stage_dir(stage)` of each stage end, and of the last epoch when `until` ends mid-stage.
     `estimate=False` leaves the stage-end soft labels to a later step (colam.steps.estimate_step);
-    `step_info` is added to the metrics.json of the folders written.
+    `step_info` is added to the metrics.json of the folders written; `last_good` is the folder a
+    diverged step names as the state to go back to (default: the previous stage's folder).
     """
     if stage_dir is None:
         stage_dir = lambda stage: out_dir / f"stage_{stage}"  # noqa: E731
@@ -274,7 +276,7 @@ def _train(p: Prepared, out_dir: Path, state: dict | None, run_log: RunLog, prog
         desc = f"stage {stage}/{len(stage_ends)} epoch {epoch + 1}/{t.epochs}"
         train_loss, train_acc = train_one_epoch(model, batches, method, optimizer, stage, device, desc, progress)
         if not math.isfinite(train_loss):
-            where = out_dir / "checkpoint.pt" if whole_run else out_dir / f"stage_{stage - 1}"
+            where = out_dir / "checkpoint.pt" if whole_run else last_good or out_dir / f"stage_{stage - 1}"
             raise ColamError(f"training diverged: non-finite loss in stage {stage}, epoch {epoch + 1}; "
                              f"the last good state is {where}")
         row = {"epoch": epoch + 1, "stage": stage, "lr": lr, "train_loss": train_loss, "train_acc": train_acc}
@@ -286,7 +288,7 @@ def _train(p: Prepared, out_dir: Path, state: dict | None, run_log: RunLog, prog
         if saved:
             cio.save_torch(stage_dir(stage) / "model.pt", model.state_dict())
         if stage_end and estimate:
-            estimation_seconds = estimate_artifacts(p, stage, stage_dir(stage), row["epoch"])
+            estimation_seconds, _ = estimate_artifacts(p, stage, stage_dir(stage), row["epoch"])
         row["seconds"] = time.perf_counter() - began
         elapsed += row["seconds"]
         history.append(row)
@@ -311,9 +313,9 @@ def _train(p: Prepared, out_dir: Path, state: dict | None, run_log: RunLog, prog
     return metrics
 
 
-def estimate_artifacts(p: Prepared, stage: int, stage_dir: Path, epoch: int) -> float:
+def estimate_artifacts(p: Prepared, stage: int, stage_dir: Path, epoch: int) -> tuple[float, list[str]]:
     """Let the method learn from the model at a stage end (COLAM's soft labels) and save what it
-    learned to `stage_dir`; returns the seconds it took."""
+    learned to `stage_dir`; returns the seconds it took and the names saved (NAME.npy)."""
     began = time.perf_counter()
     outputs = None
     if p.method.needs_outputs(stage):
@@ -330,7 +332,7 @@ def estimate_artifacts(p: Prepared, stage: int, stage_dir: Path, epoch: int) -> 
             "stage": stage, "epoch": epoch, "temperature": section.temperature,
             "aggregation": section.aggregation, "peers": section.peers, "method": p.config.method.name,
             "class_names": p.data.classes, "train_samples_per_class": p.data.class_counts()})
-    return time.perf_counter() - began
+    return time.perf_counter() - began, sorted(artifacts)
 
 
 def _write_stage(stage_dir: Path, resume: dict, metrics: dict) -> None:

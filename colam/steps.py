@@ -34,7 +34,8 @@ from colam import io as cio
 from colam.config import Config, from_dict, validate
 from colam.data import save_split
 from colam.datasets import DATASETS
-from colam.engine import RunLog, _check_out_dir, _make_dir, _train, estimate_artifacts, load_stage_state, prepare
+from colam.engine import (RunLog, _check_out_dir, _make_dir, _train, estimate_artifacts, load_stage_state, prepare,
+                          run_identity)
 from colam.errors import ColamError, require
 from colam.methods import METHODS
 from colam.models import build_model
@@ -62,6 +63,8 @@ def step_config(base: dict | str, *, steps: int, method: str | None = None, mode
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ColamError(f"steps: must be an integer >= 1, got {steps!r}")
     colam["stages"] = steps
+    # Where a step runs is the pipeline's business (its GPU requests): a step uses what it is given.
+    sections["train"]["device"] = "auto"
     for value, section, key in ((method, sections["method"], "name"), (model, sections["model"], "name"),
                                 (dataset, sections["data"], "name"), (seed, raw, "seed"),
                                 (temperature, colam, "temperature"), (epochs_per_step, colam, "epochs_per_stage")):
@@ -163,7 +166,8 @@ def train_step(config: Config, step: int, steps: int, out: str | Path, *, checkp
         _check_estimate_shapes(learned, prepared, soft_labels)
     _make_dir(out)
     _train(prepared, out, state, run_log or RunLog(), progress, until=ends[step - 1], whole_run=False,
-           stage_dir=lambda stage: out, estimate=False, step_info=inputs)
+           stage_dir=lambda stage: out, estimate=False, step_info=inputs,
+           last_good=Path(checkpoint) if checkpoint is not None else None)
     return json.loads((out / "metrics.json").read_text())
 
 
@@ -181,17 +185,16 @@ def estimate_step(config: Config, step: int, steps: int, checkpoint: str | Path,
     if state["epoch"] != epoch:
         raise ColamError(f"checkpoint: '{checkpoint}' ends at epoch {state['epoch']}, step {step} ends at epoch {epoch}")
     stage_ends = np.cumsum(METHODS[config.method.name].stage_epochs(config)).tolist()
-    seconds, stage = 0.0, None
+    seconds, stage, artifacts = 0.0, None, []
     _make_dir(out)
     if epoch in stage_ends:  # a one-stage method learns nothing at a segment's end
         stage = stage_ends.index(epoch) + 1
         prepared = prepare(config, split_dir)
         prepared.model.load_state_dict(state["model"])
         prepared.method.load_state_dict(state["method"])
-        seconds = estimate_artifacts(prepared, stage, out, epoch)
-    artifacts = sorted(path.stem for path in out.glob("*.npy"))
+        seconds, artifacts = estimate_artifacts(prepared, stage, out, epoch)
     summary = {"step": step, "stage": stage, "epoch": epoch, "seconds": round(seconds, 3), "artifacts": artifacts,
-               "sha256": {name: _sha256(out / f"{name}.npy") for name in artifacts}}
+               "sha256": {name: _sha256(out / f"{name}.npy") for name in artifacts}, "run": _run_digest(config)}
     cio.write_json(out / "estimation.json", summary)  # last: its presence means the folder is complete
     return summary
 
@@ -213,6 +216,11 @@ def _read_estimate(folder: str | Path | None, epoch: int, config: Config, step: 
         found = summary.get("epoch") if isinstance(summary, dict) else None
         raise ColamError(f"soft_labels: '{folder}' was estimated at epoch {found}, step {step} starts after "
                          f"epoch {epoch}")
+    if summary.get("run") != _run_digest(config):
+        raise ColamError(f"soft_labels: '{folder}' was estimated for a run with another configuration")
+    if METHODS[config.method.name].uses_soft_labels and "soft_labels" not in summary.get("artifacts", []):
+        raise ColamError(f"soft_labels: '{folder}' holds no soft_labels.npy, which step {step} of "
+                         f"{config.method.name} trains on")
     learned = {}
     for name in summary.get("artifacts", []):
         path = folder / f"{name}.npy"
@@ -236,6 +244,10 @@ def _check_estimate_shapes(learned: dict, prepared, folder) -> None:
         if name in rows and len(tensor) != rows[name]:
             raise ColamError(f"soft_labels: '{Path(folder) / name}.npy' has {len(tensor)} rows, this run needs "
                              f"{rows[name]}")
+
+
+def _run_digest(config: Config) -> str:
+    return hashlib.sha256(json.dumps(run_identity(config.to_dict()), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _sha256(path: Path) -> str:

@@ -146,7 +146,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     submit.add_argument("--package", default=DEFAULT_PACKAGE, help="a package written by `colam kfp compile`")
     submit.add_argument("--param", dest="params", action="append", default=[], metavar="NAME=VALUE",
                         help="a pipeline parameter, e.g. --param temperature=2 (repeatable)")
-    submit.add_argument("--config", help="a params.yaml/config whose run sections become the `config` parameter")
+    submit.add_argument("--config", help="a params.yaml/config: its run sections become the `config` parameter and "
+                                         "its method, model, data set, t, T and seed the headline parameters")
     submit.add_argument("--run-name", help="the run's name (default: package name and time)")
     submit.add_argument("--namespace", help="the Kubeflow profile namespace (multi-user deployments)")
     submit.add_argument("--service-account", help="the service account the run's pods use (k8s/: colam-pipeline-runner)")
@@ -213,7 +214,15 @@ def package_arguments(spec: dict, pairs: list[str], config_file: str | None = No
     make validated here, so a bad value fails now with one line instead of in a pod."""
     from colam.steps import step_config
 
-    declared = spec["root"]["inputDefinitions"]["parameters"]
+    try:
+        declared = spec["root"]["inputDefinitions"]["parameters"]
+        stages = spec["root"]["dag"]["tasks"]["prepare"]["inputs"]["parameters"]["stages"]["runtimeValue"]["constant"]
+    except (KeyError, TypeError):
+        raise ColamError("--package: not a pipeline written by `colam kfp compile` (no prepare task with its "
+                         "stages)") from None
+    missing = sorted(set(HEADLINE) - set(declared))
+    if missing:
+        raise ColamError(f"--package: not a pipeline written by `colam kfp compile` (no parameter {missing[0]})")
     arguments = {}
     for pair in pairs:
         name, sep, text = pair.partition("=")
@@ -221,27 +230,39 @@ def package_arguments(spec: dict, pairs: list[str], config_file: str | None = No
             raise ColamError(f"--param: {pair!r} is not NAME=VALUE with NAME one of {', '.join(sorted(declared))}")
         arguments[name] = text if declared[name]["parameterType"] == "STRING" else yaml.safe_load(text)
     if config_file is not None:
-        from pipelines.params import load_params
-
-        arguments["config"] = json.dumps(load_params(config_file).config.to_dict())
+        arguments = {**headline_arguments(config_file), **arguments}
     values = {name: arguments.get(name, declared[name].get("defaultValue")) for name in declared}
     if not str(values.get("mlflow_experiment", "x")).strip():
         raise ColamError("--param: mlflow_experiment must name an MLflow experiment, got ''")
     for name, value in values.items():  # the package's defaults store integers as floats
         if declared[name]["parameterType"] == "NUMBER_INTEGER" and isinstance(value, float) and value.is_integer():
             values[name] = int(value)
-    stages = spec["root"]["dag"]["tasks"]["prepare"]["inputs"]["parameters"]["stages"]["runtimeValue"]["constant"]
     step_config(values["config"], steps=int(stages), method=values["method"], model=values["model"],
                 dataset=values["dataset"], epochs_per_step=values["epochs_per_stage"],
                 temperature=values["temperature"], seed=values["seed"])
     return arguments
 
 
+HEADLINE = ("method", "model", "dataset", "epochs_per_stage", "temperature", "seed", "config")
+
+
+def headline_arguments(config_file: str) -> dict:
+    """The run parameters a params.yaml/config sets: its run config and the headline values in it
+    (the headline parameters override `config`, so they must come from the same file)."""
+    from pipelines.params import load_params
+
+    config = load_params(config_file).config
+    return {"config": json.dumps(config.to_dict()), "method": config.method.name, "model": config.model.name,
+            "dataset": config.data.name, "epochs_per_stage": config.method.colam.epochs_per_stage,
+            "temperature": config.method.colam.temperature, "seed": config.seed}
+
+
 def _submit(args) -> int:
     spec = read_package(args.package)
     arguments = package_arguments(spec, args.params, args.config)
     token = os.environ.get("KFP_TOKEN")
-    _check_endpoint(args.host, token)
+    if not args.namespace:  # as kfp: a multi-user endpoint may refuse the health check, not the run
+        _check_endpoint(args.host, token)
     try:
         result = _create_run(args, arguments, token)
     except Exception as exc:  # auth, an API error: one line naming the endpoint
@@ -258,10 +279,15 @@ def _check_endpoint(host: str, token: str | None) -> None:
 
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        answer = requests.get(f"{host.rstrip('/')}/apis/v2beta1/healthz", headers=headers, timeout=10)
+        answer = requests.get(f"{host.rstrip('/')}/apis/v2beta1/healthz", headers=headers, timeout=10,
+                              allow_redirects=False)
     except requests.RequestException as exc:
         reason = type(exc).__name__ if isinstance(exc, requests.ConnectionError) else str(exc).splitlines()[0]
         raise ColamError(f"--host: cannot reach Kubeflow Pipelines at '{host}' ({reason})") from None
+    if answer.is_redirect:
+        raise ColamError(f"--host: '{host}' redirects the Kubeflow Pipelines health check to "
+                         f"'{answer.headers.get('Location')}', a login page: set KFP_TOKEN, or port-forward the "
+                         f"pipelines API")
     if answer.status_code != 200:
         raise ColamError(f"--host: '{host}' answered HTTP {answer.status_code} to the Kubeflow Pipelines health "
                          f"check (/apis/v2beta1/healthz); is it the pipelines API (and is KFP_TOKEN valid)?")
@@ -278,7 +304,9 @@ def _create_run(args, arguments: dict, token: str | None):
     with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         logging.getLogger("urllib3").setLevel(logging.ERROR)
-        client = kfp.Client(host=args.host, namespace=args.namespace, existing_token=token)
+        # Without --namespace, leave kfp the namespace of the user's kfp context (its default: kubeflow).
+        namespace = {"namespace": args.namespace} if args.namespace else {}
+        client = kfp.Client(host=args.host, existing_token=token, **namespace)
         return client.create_run_from_pipeline_package(
             args.package, arguments=arguments, run_name=args.run_name, experiment_name=args.experiment,
             namespace=args.namespace, service_account=args.service_account, enable_caching=not args.no_cache)

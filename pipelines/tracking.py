@@ -177,7 +177,8 @@ def find_parent(client: MlflowClient, experiment: str, config: Config, key: str)
     """The newest parent run tagged with this run key, finished or not (pipeline steps after training)."""
     found = client.get_experiment_by_name(experiment)
     runs = [] if found is None else client.search_runs(
-        [found.experiment_id], f"tags.`colam.run_key` = '{parent_key(config, key)}' and tags.`colam.role` = 'parent'",
+        [found.experiment_id],
+        f"tags.`colam.run_key` = '{parent_key(config, checked_key(key))}' and tags.`colam.role` = 'parent'",
         order_by=["attributes.start_time DESC"], max_results=1)
     if not runs:
         raise ColamError(f"MLFLOW_TRACKING_URI: no run of this pipeline run ('{key}') in experiment '{experiment}'; "
@@ -230,7 +231,16 @@ def step_run_log(client: MlflowClient | None, experiment: str, out_dir: str | Pa
 
     if client is None:
         return nullcontext(None)
-    return MlflowRunLog(client, experiment, out_dir, run_name=run_name or None, run_key=run_key or None)
+    return MlflowRunLog(client, experiment, out_dir, run_name=run_name or None, run_key=checked_key(run_key) or None)
+
+
+def checked_key(run_key: str) -> str:
+    """A pipeline run's key, refused when the backend left the placeholder unresolved (every run
+    would then share one key, and one MLflow run)."""
+    if run_key.startswith("{{"):
+        raise ColamError(f"run_key: the pipeline backend passed the placeholder {run_key!r} unresolved; tracking a "
+                         f"pipeline run in MLflow needs Kubeflow Pipelines 2.4 or newer")
+    return run_key
 
 
 class MlflowRunLog(RunLog):
@@ -257,9 +267,13 @@ class MlflowRunLog(RunLog):
         self.experiment_id = experiment_id(self.client, self.experiment)
         run_key = parent_key(config, self.key or str(self.out_dir.resolve()))
         if info["resumed_from_epoch"] > 0:
-            self.parent_id = self._unfinished(f"tags.`colam.run_key` = '{run_key}' and tags.`colam.role` = 'parent'")
+            condition = f"tags.`colam.run_key` = '{run_key}' and tags.`colam.role` = 'parent'"
+            # A pipeline run's key is unique to it: a retried last step continues its parent even
+            # after that parent finished. Without a key, a finished run with this out_dir is an old one.
+            self.parent_id = self._newest(condition) if self.key else self._unfinished(condition)
         if self.parent_id is not None:
             log.info("MLflow: continuing run %s", self.parent_id)
+            self.client.update_run(self.parent_id, status=RunStatus.to_string(RunStatus.RUNNING))
             self.run_id = self.parent_id
             return
         tags = {"colam.role": "parent", "colam.run_key": run_key, "colam.method": config.method.name,
@@ -346,9 +360,11 @@ class MlflowRunLog(RunLog):
         return max((m.step for m in self.client.get_metric_history(run_id, "lr")), default=0)
 
     def _unfinished(self, condition: str) -> str | None:
-        runs = self.client.search_runs(
-            [self.experiment_id], f"{condition} and attributes.status != 'FINISHED'",
-            order_by=["attributes.start_time DESC"], max_results=1)
+        return self._newest(f"{condition} and attributes.status != 'FINISHED'")
+
+    def _newest(self, condition: str) -> str | None:
+        runs = self.client.search_runs([self.experiment_id], condition, order_by=["attributes.start_time DESC"],
+                                       max_results=1)
         return runs[0].info.run_id if runs else None
 
 

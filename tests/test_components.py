@@ -438,3 +438,54 @@ def test_estimate_without_a_tracked_training_step_names_the_run(tracked, tmp_pat
         estimate_soft_labels(tracked.config, 1, STAGES, tracked.split, tracked.checkpoints[1], soft_labels,
                              experiment="kfp-test", run_key="run-other")
     assert_refused(excinfo, "MLFLOW_TRACKING_URI", "run-other")
+
+
+def test_stage_2_refuses_soft_labels_of_a_run_with_another_configuration(chain, tmp_path):
+    """Another temperature, same epochs: a valid folder of valid soft labels, for another run."""
+    other = run_chain(tmp_path / "other", temperature=3.0)
+    checkpoint, metrics = train_outputs(tmp_path / "train")
+    with pytest.raises(ColamError) as excinfo:
+        train_stage(chain.config, 2, STAGES, chain.split, checkpoint, metrics,
+                    previous_checkpoint=chain.checkpoints[1], soft_labels=other.soft_labels[1])
+    assert_refused(excinfo, "soft_labels", "another configuration")
+    assert not Path(checkpoint.path).exists()
+
+
+def test_estimate_lists_only_what_it_estimated(tmp_path):
+    """A folder that already holds a per-sample file (from a peers run): not listed, not trained on."""
+    config, split = run_prepare(tmp_path / "prepare")
+    checkpoint, metrics = train_outputs(tmp_path / "train")
+    train_stage(config, 1, STAGES, split, checkpoint, metrics)
+    soft_labels = artifact(Dataset, tmp_path, "soft_labels")
+    Path(soft_labels.path).mkdir()
+    np.save(Path(soft_labels.path) / "sample_soft_labels.npy", np.full((5, 10), 0.1, dtype=np.float32))
+    estimate_soft_labels(config, 1, STAGES, split, checkpoint, soft_labels)
+    assert read_json(soft_labels.path, "estimation.json")["artifacts"] == ["soft_labels"]
+
+
+def test_a_retried_last_training_step_continues_the_same_mlflow_run(tmp_path, monkeypatch):
+    """Kubeflow retries a train step that failed after training (say, in its upload): same parent run."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    tracking = {"experiment": "kfp-retry", "run_key": "run-retry"}
+    done = run_chain(tmp_path / "steps", tracking=tracking)
+    checkpoint, metrics = train_outputs(tmp_path / "retry")
+    train_stage(done.config, 2, STAGES, done.split, checkpoint, metrics, previous_checkpoint=done.checkpoints[1],
+                soft_labels=done.soft_labels[1], **tracking)
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("kfp-retry")
+    parents = client.search_runs([experiment.experiment_id], "tags.`colam.role` = 'parent'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+
+
+def test_an_unresolved_run_id_placeholder_is_refused(chain, tmp_path, monkeypatch):
+    """Kubeflow Pipelines < 2.4 passes '{{$.pipeline_job_uuid}}' literally: every run would share it."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
+    checkpoint, metrics = train_outputs(tmp_path / "train")
+    with pytest.raises(ColamError) as excinfo:
+        train_stage(chain.config, 1, STAGES, chain.split, checkpoint, metrics, run_key="{{$.pipeline_job_uuid}}")
+    assert_refused(excinfo, "run_key", "2.4")

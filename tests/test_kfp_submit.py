@@ -314,3 +314,60 @@ def test_the_command_fails_fast_on_an_unreachable_host(unreachable_cli):
 def test_the_command_writes_one_line_on_an_unreachable_host(unreachable_cli):
     lines = unreachable_cli.done.stderr.strip().splitlines()
     assert len(lines) == 1, unreachable_cli.done.stderr
+
+
+def test_config_file_sets_the_run_config_and_the_headline_parameters(fake_kfp, package, capsys, tmp_path):
+    """The headline parameters override `config`: from another file they must come along, or the
+    run would train the package's method/model/T on the file's other settings."""
+    params = yaml.safe_load(Path(PARAMS).read_text())
+    params["method"]["name"] = "ls"
+    params["method"]["colam"].update(temperature=3.0, epochs_per_stage=7)
+    params["seed"] = 5
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump(params))
+    assert submit(fake_kfp.url, package, "--config", str(other), "--param", "seed=9") == 0
+    parameters = fake_kfp.runs_created()[0].body["runtime_config"]["parameters"]
+    assert (parameters["method"], parameters["temperature"], parameters["epochs_per_stage"]) == ("ls", 3.0, 7)
+    assert parameters["seed"] == 9  # --param wins over the file
+    assert json.loads(parameters["config"])["method"]["name"] == "ls"
+
+
+def test_namespace_skips_the_health_check_as_kfp_does(fake_kfp, package, capsys):
+    """Multi-user endpoints may refuse /healthz while namespaced calls work."""
+    fake_kfp.healthz_status = 403
+    assert submit(fake_kfp.url, package, "--namespace", "kubeflow-user-example-com") == 0
+    assert fake_kfp.seen("GET", "/apis/v2beta1/healthz") == []
+    assert len(fake_kfp.runs_created()) == 1
+
+
+def test_a_login_redirect_is_refused_with_one_line(package, capsys, monkeypatch, tmp_path):
+    """An auth proxy answers the health check with a redirect to its login page (200 after following)."""
+    class Redirect(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(302)
+            self.send_header("Location", "/dex/auth?client_id=kubeflow")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    monkeypatch.setattr(kfp.Client, "_LOCAL_KFP_CONTEXT", str(tmp_path / "no-kfp-context.json"))
+    monkeypatch.delenv("KFP_TOKEN", raising=False)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        assert submit(f"http://127.0.0.1:{server.server_address[1]}", package) == 2
+    finally:
+        server.shutdown()
+        server.server_close()
+    line = one_error_line(capsys)
+    assert "--host" in line and "login" in line and "/dex/auth" in line
+
+
+def test_a_package_without_the_pipeline_parameters_is_refused_with_one_line(fake_kfp, tmp_path, capsys):
+    foreign = tmp_path / "foreign.yaml"
+    foreign.write_text(yaml.safe_dump({"pipelineInfo": {"name": "x"}, "root": {"dag": {"tasks": {}}}}))
+    assert submit(fake_kfp.url, foreign) == 2
+    assert "--package" in one_error_line(capsys)
+    assert fake_kfp.requests == []

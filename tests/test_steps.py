@@ -77,3 +77,8 @@ def test_with_split_reads_a_downloaded_data_set_from_the_split(tmp_path):
     (tmp_path / RAW_DATA).mkdir()
     moved = with_split(config, tmp_path)
     assert moved.data.root == str(tmp_path / RAW_DATA) and moved.data.download is False
+
+
+def test_step_config_leaves_the_device_to_the_pipeline():
+    """A CPU step (prepare, evaluate) given train.device=cuda would fail after every GPU step."""
+    assert step_config(base("train.device=cuda"), steps=2).train.device == "auto"
