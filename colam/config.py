@@ -29,7 +29,8 @@ class DataConfig:
     download: bool = False  # let torchvision download the data set into root
     train_subset: int | None = None  # keep this many training samples (stratified); None keeps all
     val_fraction: float = 0.0  # hold out this fraction of the training set (stratified) for model selection
-    label_noise: float = 0.0  # fraction of training labels flipped to another class (symmetric noise)
+    label_noise: float = 0.0  # fraction of training labels flipped to another class
+    noise_type: str = "symmetric"  # symmetric: to a uniformly drawn other class; asymmetric: class c -> c + 1 mod C
     split_seed: int = 0  # fixes subset, validation split and noise, independent of the training seed
     num_workers: int = 0  # DataLoader worker processes
 
@@ -84,6 +85,51 @@ class ColamConfig:
     aggregation: str = "logits"  # average logits (the paper) or probabilities over the peers
 
 
+# --- CSKD (block owned by colam/methods/cskd.py)
+@dataclass
+class CSKDConfig:
+    temperature: float = 4.0  # T of the KL between a same-class partner's and the sample's outputs (Yun et al. 2020)
+    lam: float = 1.0  # lambda_cls: weight of the class-wise distillation term
+
+
+# --- OLS (block owned by colam/methods/ols.py)
+@dataclass
+class OLSConfig:
+    alpha: float = 0.5  # weight of the hard-label loss; 1 - alpha on the online soft labels (Zhang et al. 2021)
+
+
+# --- Refinery (block owned by colam/methods/refinery.py)
+@dataclass
+class RefineryConfig:
+    generations: int = 2  # a model on hard labels, then generations - 1 students on the refiner's outputs
+    epochs_per_generation: int | None = None  # None: train.epochs / generations; the paper gives each generation
+    # a full budget, i.e. train.epochs = generations x a baseline's epochs (2x its cost for 2 generations)
+
+
+# --- Collaborative (block owned by colam/methods/collaborative.py)
+@dataclass
+class CollaborativeConfig:
+    heads: int = 4  # classifier heads, a power of 2 (binary-tree splits)
+    temperature: float = 2.0  # T of the heads' consensus soft targets (Song & Chai 2018)
+    beta: float = 0.5  # weight of the consensus term; 1 - beta on the hard labels
+
+
+# --- Meta (block owned by colam/methods/meta.py)
+@dataclass
+class MetaConfig:
+    labels: str = "class"  # class: a learnable C x C matrix; instance: learnable N x C rows (top-k sparse)
+    meta_lr: float = 0.1  # step size of the labels' meta-gradient update (Vyas et al. 2020)
+    top_k: int = 10  # instance labels: entries kept per row
+
+
+# --- KD (block owned by colam/methods/kd.py)
+@dataclass
+class KDConfig:
+    teacher: str = ""  # a finished run folder (its final model) or a soft_labels.npy (C x C) to distil from
+    temperature: float = 4.0  # T of the softened teacher and student outputs (Hinton et al. 2015)
+    alpha: float = 0.9  # weight of the distillation term; 1 - alpha on the hard labels
+
+
 @dataclass
 class MethodConfig:
     name: str = "colam"  # a registered method (`colam methods`)
@@ -92,6 +138,12 @@ class MethodConfig:
     cp: CPConfig = field(default_factory=CPConfig)
     disturblabel: DisturbLabelConfig = field(default_factory=DisturbLabelConfig)
     colam: ColamConfig = field(default_factory=ColamConfig)
+    cskd: CSKDConfig = field(default_factory=CSKDConfig)
+    ols: OLSConfig = field(default_factory=OLSConfig)
+    refinery: RefineryConfig = field(default_factory=RefineryConfig)
+    collaborative: CollaborativeConfig = field(default_factory=CollaborativeConfig)
+    meta: MetaConfig = field(default_factory=MetaConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
 
 
 @dataclass

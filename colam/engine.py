@@ -94,7 +94,11 @@ def prepare(config: Config, split_dir: str | Path | None = None) -> Prepared:
     METHODS[config.method.name].check_data(config, data.class_counts())
     torch.manual_seed(config.seed)  # the model's initial weights
     model = build_model(config.model.name, data.num_classes, in_channels=data.in_channels, **config.model.options)
+    model = METHODS[config.method.name].wrap_model(model, config, data.num_classes)
     method = METHODS[config.method.name](config, data.num_classes, data.train_targets)
+    method.attach(model)
+    method.clean_train_targets = data.clean_train_targets  # for stage_report only, never for training
+    method.attach_data(data)
     return Prepared(config, data, model.to(device), method.to(device), METHODS[config.method.name].stage_epochs(config),
                     device)
 
@@ -123,8 +127,7 @@ def train_one_epoch(model: nn.Module, batches, method: Method, optimizer: torch.
     seen = 0
     for images, targets, indices in tqdm(batches, desc=desc, leave=False, disable=not progress, file=sys.stderr):
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        logits = model(images)
-        loss = method.loss(logits, targets, indices, stage)
+        loss, logits = method.forward_loss(model, images, targets, indices, stage)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -266,6 +269,8 @@ def _train(p: Prepared, out_dir: Path, state: dict | None, run_log: RunLog, prog
         stage = 1 + sum(epoch >= end for end in stage_ends)
         if epoch == start_epoch or epoch in stage_ends:
             run_log.stage_start(stage)
+        if epoch == 0 or epoch in stage_ends:
+            method.stage_start(stage, model, optimizer)
         began = time.perf_counter()
         lr = learning_rate(config, epoch)
         for group in optimizer.param_groups:
@@ -275,6 +280,7 @@ def _train(p: Prepared, out_dir: Path, state: dict | None, run_log: RunLog, prog
                          seed=epoch_seed(config.seed, epoch, stream=1), pin_memory=pin)
         desc = f"stage {stage}/{len(stage_ends)} epoch {epoch + 1}/{t.epochs}"
         train_loss, train_acc = train_one_epoch(model, batches, method, optimizer, stage, device, desc, progress)
+        method.epoch_end(epoch + 1, stage)
         if not math.isfinite(train_loss):
             where = out_dir / "checkpoint.pt" if whole_run else last_good or out_dir / f"stage_{stage - 1}"
             raise ColamError(f"training diverged: non-finite loss in stage {stage}, epoch {epoch + 1}; "
@@ -297,7 +303,9 @@ def _train(p: Prepared, out_dir: Path, state: dict | None, run_log: RunLog, prog
         resume = {"epoch": epoch + 1, "optimizer": optimizer.state_dict(), "method": method.state_dict(),
                   "history": history, "elapsed": elapsed, "config": config.to_dict()}
         if saved:
-            _write_stage(stage_dir(stage), resume, {**row, "estimation_seconds": estimation_seconds, **(step_info or {})})
+            report = method.stage_report(stage) if stage_end else {}
+            _write_stage(stage_dir(stage), resume,
+                         {**row, "estimation_seconds": estimation_seconds, **report, **(step_info or {})})
         if whole_run:
             _write_history(out_dir / "history.csv", history)
             cio.save_torch(out_dir / "checkpoint.pt", {**resume, "model": model.state_dict()})
@@ -306,6 +314,9 @@ def _train(p: Prepared, out_dir: Path, state: dict | None, run_log: RunLog, prog
             run_log.stage_end(stage, stage_dir(stage), {**row, "estimation_seconds": estimation_seconds})
     if until < t.epochs:
         return {}
+    exported = method.export(model)
+    if exported is not model:  # the deployable network, e.g. one head of a multi-head model
+        cio.save_torch(stage_dir(len(stage_ends)) / "export.pt", exported.state_dict())
     metrics = run_metrics(config, history, elapsed)
     if whole_run:
         cio.write_json(out_dir / "metrics.json", metrics)

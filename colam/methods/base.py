@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 if TYPE_CHECKING:
     from colam.config import Config
@@ -50,8 +51,49 @@ class Method:
         """The method's own settings, for logs and run comparison."""
         return {}
 
+    @classmethod
+    def wrap_model(cls, model: nn.Module, config: Config, num_classes: int) -> nn.Module:
+        """The network this method trains, built from the plain one (collaborative learning: several
+        heads on a shared trunk). Its forward(x) must return the logits that are evaluated."""
+        return model
+
+    def attach(self, model: nn.Module) -> None:
+        """Called once the (wrapped) model exists, before any state is loaded: a method that keeps a
+        second network (a teacher) builds it here, so that load_state_dict can fill it."""
+
+    def attach_data(self, data) -> None:
+        """Called with the run's `colam.data.TrainingData` before training: a method that needs more
+        samples than the batch (CS-KD's same-class partners) keeps what it needs here."""
+
     def to(self, device: torch.device) -> Method:
         return self
+
+    def forward_loss(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor,
+                     stage: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training loss of a batch and the logits its training accuracy is counted on.
+
+        Most methods only turn logits into a loss (`loss`); methods that need more forward passes
+        (a teacher, a same-class partner, a lookahead) override this.
+        """
+        logits = model(images)
+        return self.loss(logits, targets, indices, stage), logits
+
+    def stage_start(self, stage: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """At the first epoch of every stage, also in a process that starts there from a saved stage
+        (label refinery: the trained model becomes the refiner and a fresh one starts)."""
+
+    def epoch_end(self, epoch: int, stage: int) -> None:
+        """After every training epoch (1-based `epoch`), before the state is saved."""
+
+    def stage_report(self, stage: int) -> dict:
+        """Numbers about what the method learned in `stage`, added to the stage's metrics.json
+        (e.g. how many noisy labels learned labels correct). `self.clean_train_targets` holds the
+        data set's own labels for such reports; training must never read them."""
+        return {}
+
+    def export(self, model: nn.Module) -> nn.Module:
+        """The network to deploy: `model` itself unless the method trains extra parts (heads)."""
+        return model
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor, stage: int) -> torch.Tensor:
         raise NotImplementedError
