@@ -1,6 +1,10 @@
 """From a raw data set to what training needs: the training subset, a validation split, label
 noise, and datasets that also return each sample's index (per-sample soft labels need it).
 
+Label noise (`data.label_noise`, `data.noise_type`) flips exactly round(rate * N) labels of the
+training split, each to another class: `symmetric` to a uniformly drawn other class, `asymmetric`
+from class c to c + 1 mod C (pair flip). Validation and test labels are never touched.
+
 Subset, split and noise depend only on `data.split_seed`, never on the training seed, so runs
 over several seeds see the same data and the same noisy labels.
 """
@@ -68,7 +72,9 @@ class Split:
 
 
 # The keys of `data` that decide the split; a saved split records them and must match the config.
-SPLIT_KEYS = ("name", "train_subset", "val_fraction", "label_noise", "split_seed")
+SPLIT_KEYS = ("name", "train_subset", "val_fraction", "label_noise", "noise_type", "split_seed")
+# What a split saved before a key existed was drawn with (every earlier split had symmetric noise).
+_SPLIT_KEY_DEFAULTS = {"noise_type": "symmetric"}
 
 
 def build_data(cfg: DataConfig, split_dir: str | Path | None = None) -> TrainingData:
@@ -111,7 +117,9 @@ def draw_split(cfg: DataConfig, raw: RawData) -> Split:
         val_idx = kept[chosen]
         kept = np.delete(kept, chosen)
     clean = labels[kept]
-    noisy = symmetric_noise(clean, num_classes, cfg.label_noise, rng)
+    if cfg.noise_type not in NOISE:
+        raise ColamError(f"data.noise_type: must be {' or '.join(NOISE_TYPES)}, got {cfg.noise_type!r}")
+    noisy = NOISE[cfg.noise_type](clean, num_classes, cfg.label_noise, rng)
     missing = sorted(set(range(num_classes)) - set(noisy.tolist()))
     if missing:
         raise ColamError(f"data: class(es) {missing} of '{cfg.name}' have no training samples after "
@@ -160,7 +168,7 @@ def load_split(split_dir: str | Path, cfg: DataConfig, raw: RawData) -> Split:
         with np.load(split_dir / "split.npz", allow_pickle=False) as arrays:
             split = Split(**{k: arrays[k] for k in Split.__dataclass_fields__})
         saved_data = summary["data"]
-        saved = {key: saved_data[key] for key in SPLIT_KEYS}
+        saved = {key: saved_data[key] if key in saved_data else _SPLIT_KEY_DEFAULTS[key] for key in SPLIT_KEYS}
     except FileNotFoundError as exc:
         raise ColamError(f"--split: '{split_dir}' holds no prepared split ({Path(exc.filename).name} is missing); "
                          f"run `colam prepare` first") from None
@@ -202,12 +210,37 @@ def stratified_sample(labels: np.ndarray, size: int, rng: np.random.Generator) -
 
 
 def symmetric_noise(labels: np.ndarray, num_classes: int, rate: float, rng: np.random.Generator) -> np.ndarray:
-    """Flip round(rate * N) labels, chosen at random, to a different class chosen uniformly."""
+    """Flip round(rate * N) labels, chosen at random, to a different class chosen uniformly.
+
+    The symmetric (uniform) noise of e.g. Patrini et al. 2017 and Han et al. 2018, with the
+    flipped labels always wrong (probability 0 of "flipping" to the clean class).
+    """
     noisy = labels.copy()
     flipped = rng.choice(len(labels), round(rate * len(labels)), replace=False)
     shift = rng.integers(1, num_classes, size=len(flipped))  # never 0: the label always changes
     noisy[flipped] = (labels[flipped] + shift) % num_classes
     return noisy
+
+
+def asymmetric_noise(labels: np.ndarray, num_classes: int, rate: float, rng: np.random.Generator) -> np.ndarray:
+    """Pair flip: round(rate * N) labels, a `rate` share of every class, go from class c to c + 1 mod C.
+
+    The class-dependent "pair flipping" noise of Han et al. 2018 (Co-teaching, NeurIPS, Sec. 4:
+    transition matrix with 1 - rate on the diagonal and rate on (c, c + 1 mod C)); Patrini et al.
+    2017 (CVPR) flip each CIFAR-100 class to the next one circularly within its super-class.
+    The flipped samples are drawn per class (largest remainders, `stratified_sample`), so each
+    class loses as close to `rate` of its samples as integers allow and the total is exact.
+    """
+    noisy = labels.copy()
+    flipped = stratified_sample(labels, round(rate * len(labels)), rng)
+    noisy[flipped] = (labels[flipped] + 1) % num_classes
+    return noisy
+
+
+# data.noise_type -> the function drawing it; every one flips exactly round(rate * N) labels, each
+# to another class, from the generator it is given (draw_split's, seeded by data.split_seed).
+NOISE = {"symmetric": symmetric_noise, "asymmetric": asymmetric_noise}
+NOISE_TYPES = tuple(NOISE)
 
 
 def loader(dataset: Dataset, batch_size: int, *, shuffle: bool, num_workers: int, seed: int | None = None,

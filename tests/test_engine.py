@@ -143,10 +143,13 @@ def test_out_dir_with_another_run_is_refused(tiny_config, tmp_path):
 
 @pytest.mark.parametrize("name", list(METHODS))
 def test_every_method_trains_end_to_end(tiny_config, tmp_path, name):
-    metrics = fit(tiny_config(f"method.name={name}"), tmp_path)
+    from tests.test_methods import method_extras
+
+    out = tmp_path / "run"
+    metrics = fit(tiny_config(f"method.name={name}", *method_extras(name, tmp_path)), out)
     assert metrics["method"] == name and 0.0 <= metrics["test_acc"] <= 1.0
-    assert (tmp_path / "stage_1" / "model.pt").exists()
-    assert (tmp_path / "stage_1" / "soft_labels.npy").exists() == METHODS[name].uses_soft_labels
+    assert (out / "stage_1" / "model.pt").exists()
+    assert (out / "stage_1" / "soft_labels.npy").exists() == METHODS[name].uses_soft_labels
 
 
 def test_too_many_peers_for_the_smallest_class_is_refused(tiny_config, tmp_path):

@@ -39,7 +39,7 @@ def test_every_method_gives_a_finite_differentiable_loss(name, tmp_path):
     from colam.engine import predict, prepare
     from tests.conftest import TINY
 
-    p = prepare(load_config(None, TINY + [f"method.name={name}", *METHOD_EXTRAS.get(name, [])]))
+    p = prepare(load_config(None, TINY + [f"method.name={name}", *method_extras(name, tmp_path)]))
     optimizer = torch.optim.SGD(p.model.parameters(), lr=0.01)
     images, targets, indices = next(iter(loader(p.data.train, 16, shuffle=True, num_workers=0, seed=0)))
     for stage in range(1, len(p.stage_epochs) + 1):
@@ -57,8 +57,15 @@ def test_every_method_gives_a_finite_differentiable_loss(name, tmp_path):
     assert METHODS[name].paper and METHODS[name].summary
 
 
-# Settings a method needs beyond the tiny config (e.g. a teacher to distil from).
-METHOD_EXTRAS: dict[str, list[str]] = {}
+def method_extras(name: str, folder) -> list[str]:
+    """Settings a method needs beyond the tiny config: kd a teacher to distil from (a uniform C x C
+    soft-label file; the network teacher is tested in test_kd.py)."""
+    if name != "kd":
+        return []
+    import numpy as np
+
+    np.save(folder / "teacher.npy", np.full((10, 10), 0.1, dtype=np.float32))
+    return [f"method.kd.teacher={folder / 'teacher.npy'}"]
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.1, 0.3])
