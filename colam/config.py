@@ -96,6 +96,7 @@ class CSKDConfig:
 @dataclass
 class OLSConfig:
     alpha: float = 0.5  # weight of the hard-label loss; 1 - alpha on the online soft labels (Zhang et al. 2021)
+    # (the soft labels start at zero: the first epoch trains on alpha * CE alone, as in the public implementations)
 
 
 # --- Refinery (block owned by colam/methods/refinery.py)
@@ -103,23 +104,29 @@ class OLSConfig:
 class RefineryConfig:
     generations: int = 2  # a model on hard labels, then generations - 1 students on the refiner's outputs
     epochs_per_generation: int | None = None  # None: train.epochs / generations; the paper gives each generation
-    # a full budget, i.e. train.epochs = generations x a baseline's epochs (2x its cost for 2 generations)
+    # a full budget, i.e. train.epochs = generations x a baseline's epochs (2x its cost for 2 generations);
+    # generations * epochs_per_generation must equal train.epochs. The lr schedule restarts with each generation
 
 
 # --- Collaborative (block owned by colam/methods/collaborative.py)
 @dataclass
 class CollaborativeConfig:
-    heads: int = 4  # classifier heads, a power of 2 (binary-tree splits)
-    temperature: float = 2.0  # T of the heads' consensus soft targets (Song & Chai 2018)
-    beta: float = 0.5  # weight of the consensus term; 1 - beta on the hard labels
+    heads: int = 4  # classifier heads, a power of 2: log2(heads) binary splits (hierarchical ILR sharing)
+    temperature: float = 2.0  # T of the heads' consensus soft targets (Song & Chai 2018; the paper uses 2)
+    beta: float = 0.5  # the paper's beta: weight of the hard-label term; 1 - beta on the consensus term
+    split: list[str] = field(default_factory=list)  # where the copies start, one module per split, outermost
+    # first (e.g. [layers.4, layers.6]); empty: the starts of the last log2(heads) resolution stages
 
 
 # --- Meta (block owned by colam/methods/meta.py)
 @dataclass
 class MetaConfig:
     labels: str = "class"  # class: a learnable C x C matrix; instance: learnable N x C rows (top-k sparse)
-    meta_lr: float = 0.1  # step size of the labels' meta-gradient update (Vyas et al. 2020)
-    top_k: int = 10  # instance labels: entries kept per row
+    meta_lr: float = 0.1  # beta: step size of the labels' (simplex-projected) meta-gradient step (Vyas et al. 2020)
+    top_k: int = 10  # instance labels: entries kept per row (at most C); host memory N * top_k * 6 bytes
+    held_out: float = 0.5  # fraction of each batch held out for the meta loss on the given hard labels
+    init_smoothing: float = 0.0  # labels start as (1 - eps) one-hot + eps / C; 0 starts from one-hot
+    lookahead_lr: float | None = None  # alpha of theta' = theta - alpha grad; null: the epoch's train.lr
 
 
 # --- KD (block owned by colam/methods/kd.py)
@@ -307,6 +314,8 @@ def validate(config: Config) -> None:
     require(d.train_subset is None or d.train_subset >= 1, "data.train_subset", d.train_subset, "must be >= 1")
     require(0.0 <= d.val_fraction < 1.0, "data.val_fraction", d.val_fraction, "must be in [0, 1)")
     require(0.0 <= d.label_noise < 1.0, "data.label_noise", d.label_noise, "must be in [0, 1)")
+    require(d.noise_type in ("symmetric", "asymmetric"), "data.noise_type", d.noise_type,
+            "must be symmetric or asymmetric")  # colam.data.NOISE_TYPES (not imported: it imports this module)
     require(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
     require(t.epochs >= 1, "train.epochs", t.epochs, "must be >= 1")
     require(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")

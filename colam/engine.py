@@ -104,12 +104,24 @@ def prepare(config: Config, split_dir: str | Path | None = None) -> Prepared:
 
 
 def learning_rate(config: Config, epoch: int) -> float:
-    """The lr of `epoch` (0-based): a pure function of the epoch, so resuming needs no scheduler state."""
+    """The lr of `epoch` (0-based): a pure function of the epoch, so resuming needs no scheduler state.
+
+    A method that trains a fresh model in each stage (label refinery's generations) restarts the
+    schedule at every stage: the schedule then runs over the stage's epochs.
+    """
     t = config.train
+    epochs = t.epochs
+    method = METHODS[config.method.name]
+    if method.restarts_schedule:
+        for length in method.stage_epochs(config):
+            if epoch < length:
+                break
+            epoch -= length
+        epochs = length
     if t.lr_schedule == "cosine":
-        return 0.5 * t.lr * (1 + math.cos(math.pi * epoch / t.epochs))
+        return 0.5 * t.lr * (1 + math.cos(math.pi * epoch / epochs))
     if t.lr_schedule == "multistep":
-        return t.lr * t.gamma ** sum(epoch >= round(m * t.epochs) for m in t.milestones)
+        return t.lr * t.gamma ** sum(epoch >= round(m * epochs) for m in t.milestones)
     return t.lr
 
 

@@ -27,6 +27,7 @@ class Method:
     paper: ClassVar[str]
     summary: ClassVar[str]
     uses_soft_labels: ClassVar[bool] = False
+    restarts_schedule: ClassVar[bool] = False  # each stage trains a fresh model: the lr schedule restarts per stage
 
     def __init__(self, config: Config, num_classes: int, train_targets: torch.Tensor):
         self.config = config

@@ -1,0 +1,110 @@
+import torch
+import torch.nn.functional as F
+
+from colam.errors import require
+from colam.methods.base import Method
+
+
+class ClassWiseSelfKD(Method):
+    """CS-KD: class-wise self-knowledge distillation (Yun, Park, Lee, Shin 2020, "Regularizing Class-wise
+    Predictions via Self-knowledge Distillation", CVPR; Eq. 1-2 of Sec. 3.1).
+
+        L = CE(f(x), y) + lam * T^2 * KL( softmax(f(x') / T) || softmax(f(x) / T) )
+
+    where x' is another training sample of the same (training) label y, and the partner's softened
+    prediction is a constant target (the paper's fixed copy of the parameters: no gradient flows
+    through softmax(f(x') / T)). The KL is summed over classes and averaged over the batch, the T^2
+    keeps its gradient scale independent of T, as in the authors' code (alinlab/cs-kd, `KDLoss`).
+
+    Partners are drawn per batch by `same_class_partners`, uniformly among the *other* samples of
+    the class (the authors' sampler may draw the sample itself; a class with a single training sample
+    is paired with itself, i.e. a second augmented view of the same image). The draw uses torch's
+    global generator, which the engine reseeds at every epoch, so a resumed run repeats it exactly.
+    The partners' images are read augmented from the training set (`data.train[j]`) and x and x' go
+    through the network in ONE forward pass over the concatenated batch; with BatchNorm the batch
+    statistics are therefore those of x and x' together (the authors' code runs two passes, the
+    partner's under no_grad).
+
+    Cost: every step forwards and backpropagates twice the batch (x and its partners; the partners
+    get no loss gradient of their own, but their activations take part in the backward pass through
+    the BatchNorm statistics), and loads B extra training images in the main process: about 2x the
+    compute of hard-label training per epoch.
+    """
+
+    name = "cskd"
+    paper = "Yun et al. 2020, CVPR, arXiv:2003.13964"
+    summary = "cross-entropy plus lam*T^2*KL towards a same-class partner's softened prediction"
+
+    def __init__(self, config, num_classes, train_targets):
+        super().__init__(config, num_classes, train_targets)
+        self.section = config.method.cskd
+        self.groups = class_groups(train_targets, num_classes)
+        self.train_data = None
+
+    @classmethod
+    def validate(cls, config):
+        section = config.method.cskd
+        require(section.temperature > 0, "method.cskd.temperature", section.temperature, "must be > 0")
+        require(section.lam >= 0, "method.cskd.lam", section.lam, "must be >= 0")
+
+    @classmethod
+    def hyperparameters(cls, config):
+        return {"temperature": config.method.cskd.temperature, "lam": config.method.cskd.lam}
+
+    def attach_data(self, data):
+        self.train_data = data.train
+
+    def forward_loss(self, model, images, targets, indices, stage):
+        if self.train_data is None:
+            raise RuntimeError("cskd: attach_data(data) must be called before training (colam.engine.prepare does)")
+        partners = same_class_partners(indices.cpu(), self.train_targets, groups=self.groups)
+        partner_images = torch.stack([self.train_data[j][0] for j in partners.tolist()])
+        both = model(torch.cat([images, partner_images.to(images.device, non_blocking=True)]))
+        logits, partner_logits = both[: len(images)], both[len(images):]
+        return cskd_loss(logits, partner_logits, targets, self.section.temperature, self.section.lam), logits
+
+    def loss(self, logits, targets, indices, stage):
+        """The hard-label part alone: the partner term needs `forward_loss`."""
+        return F.cross_entropy(logits, targets)
+
+
+def cskd_loss(logits: torch.Tensor, partner_logits: torch.Tensor, targets: torch.Tensor, temperature: float,
+              lam: float) -> torch.Tensor:
+    """CE(logits, y) + lam * T^2 * mean_i KL(softmax(partner_i / T) || softmax(logits_i / T)), partner detached."""
+    ce = F.cross_entropy(logits, targets)
+    if lam == 0:
+        return ce
+    target = F.softmax(partner_logits.detach() / temperature, dim=1)
+    kl = F.kl_div(F.log_softmax(logits / temperature, dim=1), target, reduction="batchmean")
+    return ce + lam * temperature**2 * kl
+
+
+def class_groups(targets: torch.Tensor, num_classes: int | None = None) -> dict[str, torch.Tensor]:
+    """The training set grouped by label, for `same_class_partners`: `order` lists the sample indices
+    sorted by class (stable), class c occupies order[start[c] : start[c] + count[c]], and `rank[i]` is
+    sample i's position within its class."""
+    targets = torch.as_tensor(targets).long().cpu()
+    order = torch.argsort(targets, stable=True)
+    count = torch.bincount(targets, minlength=num_classes or 0)
+    start = torch.cumsum(count, 0) - count
+    position = torch.empty_like(order)
+    position[order] = torch.arange(len(order))
+    return {"order": order, "count": count, "start": start, "rank": position - start[targets]}
+
+
+def same_class_partners(indices: torch.Tensor, targets: torch.Tensor, generator: torch.Generator | None = None,
+                        *, groups: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """For each training index in `indices`, a uniformly drawn other training index with the same
+    label in `targets` (all training labels); a sample whose class has no other sample is its own
+    partner. Vectorised; one uniform draw per index from `generator` (None: torch's global one).
+    `groups` (from `class_groups(targets)`) saves regrouping the training set at every call."""
+    groups = groups if groups is not None else class_groups(targets)
+    indices = torch.as_tensor(indices).long().cpu()
+    labels = torch.as_tensor(targets).long().cpu()[indices]
+    count, start = groups["count"][labels], groups["start"][labels]
+    own = groups["rank"][indices]
+    draw = torch.rand(len(indices), generator=generator, dtype=torch.float64)
+    others = (count - 1).clamp(min=1)
+    pick = torch.minimum((draw * others).long(), others - 1)  # uniform in [0, count - 1)
+    pick = torch.where(count > 1, pick + (pick >= own).long(), own)  # skip the sample itself
+    return groups["order"][start + pick]

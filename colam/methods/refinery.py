@@ -1,0 +1,152 @@
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from colam.errors import require
+from colam.methods.base import Method, soft_cross_entropy
+from colam.models import build_model
+from colam.seeding import derive_seed
+
+# derive_seed stream of generation g's initial weights: apart from the epoch streams (colam.engine.epoch_seed).
+REINIT_STREAM = 1_000_000_007
+
+
+class LabelRefinery(Method):
+    """Label Refinery (Bagherinezhad, Horton, Rastegari, Farhadi 2018, "Label Refinery: Improving
+    ImageNet Classification through Label Progression", arXiv:1805.02641; Sec. 3).
+
+    Generation 1 trains on the hard labels (cross-entropy). Each later generation g starts a fresh
+    network and trains it on the labels of the refiner R, the network of generation g - 1, frozen:
+
+        L = H(softmax(R(x)), softmax(f(x))) = KL(softmax(R(x)) || softmax(f(x))) + const
+
+    with R evaluated on the same augmented batch x as the student (the paper's on-the-fly labels of
+    each crop), in eval mode (BatchNorm running statistics), without gradient.
+
+    At the start of generation g (`stage_start`, also in a process that starts there from the
+    saved stage g - 1) the trained model's weights are copied into the refiner, the live model is
+    re-initialised and the optimizer's state (momentum) is cleared. The new weights are those of a
+    fresh build of the same model (`colam.models.build_model` + `wrap_model`, so the model's own
+    initialisation scheme, BatchNorm statistics included) under the seed
+    derive_seed(seed, REINIT_STREAM + g): deterministic, and on CPU so the same on every device. The
+    refiner's weights are the method's state, so a run resumed mid-generation uses the same refiner.
+
+    Cost: in the paper every generation is a full training run (2 generations: 2x the baseline's
+    epochs; set train.epochs = generations x a baseline's epochs for that), plus a refiner forward
+    pass (no backward) per batch from generation 2 on, and a second copy of the weights in memory.
+    Every generation trains a fresh model from scratch, so the learning-rate schedule restarts with
+    each generation and runs over its epochs (`restarts_schedule`, colam.engine.learning_rate).
+    """
+
+    name = "refinery"
+    restarts_schedule = True
+    paper = "Bagherinezhad et al. 2018, arXiv:1805.02641"
+    summary = "generations of fresh models, each trained on the previous one's predictions of the same crops"
+
+    def __init__(self, config, num_classes, train_targets):
+        super().__init__(config, num_classes, train_targets)
+        self.refiner: nn.Module | None = None  # built by `attach`, holds weights from generation 2 on
+        self.refiner_generation: int | None = None  # the generation the refiner's weights trained in
+        self.in_channels: int | None = None
+
+    @classmethod
+    def validate(cls, config):
+        section, epochs = config.method.refinery, config.train.epochs
+        require(section.generations >= 1, "method.refinery.generations", section.generations, "must be >= 1")
+        if section.epochs_per_generation is None:
+            require(epochs % section.generations == 0, "method.refinery.generations", section.generations,
+                    f"must divide train.epochs ({epochs}) when method.refinery.epochs_per_generation is null")
+        else:
+            require(section.epochs_per_generation >= 1, "method.refinery.epochs_per_generation",
+                    section.epochs_per_generation, "must be >= 1 or null")
+            require(section.generations * section.epochs_per_generation == epochs, "method.refinery.generations",
+                    section.generations, f"times method.refinery.epochs_per_generation "
+                                         f"({section.epochs_per_generation}) must equal train.epochs ({epochs})")
+
+    @classmethod
+    def stage_epochs(cls, config):
+        section = config.method.refinery
+        per_generation = section.epochs_per_generation or config.train.epochs // section.generations
+        return [per_generation] * section.generations
+
+    @classmethod
+    def hyperparameters(cls, config):
+        section = config.method.refinery
+        return {"generations": section.generations, "epochs_per_generation": cls.stage_epochs(config)[0]}
+
+    def attach(self, model):
+        if self.config.method.refinery.generations > 1:
+            self.refiner = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def attach_data(self, data):
+        self.in_channels = data.in_channels
+
+    def to(self, device):
+        if self.refiner is not None:
+            self.refiner.to(device)
+        return self
+
+    def stage_start(self, stage, model, optimizer):
+        if stage == 1:
+            return
+        if self.refiner is None:
+            raise RuntimeError("refinery: attach(model) must be called before training (colam.engine.prepare does)")
+        self.refiner.load_state_dict(model.state_dict())
+        self.refiner.to(_device_of(model)).eval()
+        self.refiner_generation = stage - 1
+        model.load_state_dict(self.initial_weights(stage))
+        optimizer.state.clear()
+
+    def initial_weights(self, generation: int) -> dict[str, torch.Tensor]:
+        """The weights generation `generation` starts from: a fresh build of the run's model, seeded."""
+        if self.in_channels is None:
+            raise RuntimeError("refinery: attach_data(data) must be called before training (colam.engine.prepare does)")
+        config = self.config
+        with torch.random.fork_rng(devices=[]), torch.device("cpu"):
+            torch.manual_seed(derive_seed(config.seed, REINIT_STREAM + generation))
+            fresh = build_model(config.model.name, self.num_classes, in_channels=self.in_channels,
+                                **config.model.options)
+            fresh = type(self).wrap_model(fresh, config, self.num_classes)
+        return fresh.state_dict()
+
+    def forward_loss(self, model, images, targets, indices, stage):
+        logits = model(images)
+        if stage == 1:
+            return F.cross_entropy(logits, targets), logits
+        return soft_cross_entropy(logits, self.refined_labels(images)), logits
+
+    @torch.no_grad()
+    def refined_labels(self, images: torch.Tensor) -> torch.Tensor:
+        """softmax(R(x)) of the frozen refiner, on the images' device, in eval mode."""
+        if self.refiner_generation is None:
+            raise RuntimeError("refinery: a later generation started without a refiner (stage_start was not called)")
+        if _device_of(self.refiner) != images.device:
+            self.refiner.to(images.device)
+        self.refiner.eval()
+        return F.softmax(self.refiner(images).float(), dim=1)
+
+    def loss(self, logits, targets, indices, stage):
+        """Generation 1's loss; later generations need the images (`forward_loss`)."""
+        if stage != 1:
+            raise RuntimeError("refinery: generations after the first need forward_loss (the refiner sees the images)")
+        return F.cross_entropy(logits, targets)
+
+    def state_dict(self):
+        if self.refiner_generation is None:
+            return {"refiner": None, "refiner_generation": None}
+        return {"refiner": self.refiner.state_dict(), "refiner_generation": self.refiner_generation}
+
+    def load_state_dict(self, state):
+        self.refiner_generation = state.get("refiner_generation")
+        if self.refiner_generation is not None:
+            self.refiner.load_state_dict(state["refiner"])
+            self.refiner.eval()
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    tensor = next(module.parameters(), None)
+    if tensor is None:
+        tensor = next(module.buffers(), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
