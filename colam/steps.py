@@ -90,18 +90,22 @@ def check_names(config: Config) -> None:
 
 
 def step_ends(config: Config, steps: int) -> list[int]:
-    """The epoch each of the `steps` steps ends at: the method's stage ends, or m equal segments."""
+    """The epoch each of the `steps` steps ends at: every stage of the method cut into the same
+    number of equal segments (COLAM: a step per stage; hl: m segments of its one stage; label
+    refinery's 2 generations in 4 steps: 2 segments each)."""
     stage_epochs = METHODS[config.method.name].stage_epochs(config)
-    ends = np.cumsum(stage_epochs).tolist()
-    if len(ends) == steps:
+    per_stage, rest = divmod(steps, len(stage_epochs))
+    if rest == 0 and all(epochs % per_stage == 0 for epochs in stage_epochs):
+        ends, start = [], 0
+        for epochs in stage_epochs:
+            ends += [start + epochs * k // per_stage for k in range(1, per_stage + 1)]
+            start += epochs
         return ends
-    if len(ends) == 1 and config.train.epochs % steps == 0:
-        return [config.train.epochs * k // steps for k in range(1, steps + 1)]
-    if len(ends) == 1:
-        raise ColamError(f"train.epochs: {config.train.epochs} epochs of {config.method.name} do not split into "
-                         f"{steps} equal pipeline steps")
-    raise ColamError(f"method.{config.method.name}: trains {len(ends)} stages, but the pipeline runs {steps} "
-                     f"steps; compile the pipeline for {len(ends)} stages")
+    described = f"{len(stage_epochs)} stage(s) of {'/'.join(map(str, sorted(set(stage_epochs))))} epochs"
+    key = "train.epochs" if len(stage_epochs) == 1 else f"method.{config.method.name}"
+    raise ColamError(f"{key}: {config.method.name} trains {described}, which do not split into {steps} equal "
+                     f"pipeline steps per stage; compile the pipeline for a multiple of {len(stage_epochs)} stages "
+                     f"that divides them")
 
 
 def prepare_step(config: Config, out: str | Path) -> dict:

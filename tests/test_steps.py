@@ -60,15 +60,22 @@ def test_run_config_refuses_bad_text(tmp_path, text, message):
 def test_step_ends_follow_colam_stages():
     config = step_config(base(), steps=2, epochs_per_step=3)
     assert step_ends(config, 2) == [3, 6]
-    with pytest.raises(ColamError, match="trains 2 stages, but the pipeline runs 3 steps"):
+    with pytest.raises(ColamError, match=r"method.colam: colam trains 2 stage\(s\) of 3 epochs, which do not split "
+                                         r"into 3 equal pipeline steps"):
         step_ends(config, 3)
+    assert step_ends(step_config(base(), steps=2, epochs_per_step=4), 4) == [2, 4, 6, 8]  # 2 segments per stage
 
 
 def test_one_stage_method_must_split_evenly():
     config = load_config(None, TINY + ["method.name=hl", "train.epochs=5"])
     assert step_ends(config, 5) == [1, 2, 3, 4, 5]
-    with pytest.raises(ColamError, match="train.epochs: 5 epochs of hl do not split into 2"):
+    with pytest.raises(ColamError, match=r"train.epochs: hl trains 1 stage\(s\) of 5 epochs, which do not split"):
         step_ends(config, 2)
+
+
+def test_generations_of_label_refinery_split_into_pipeline_steps():
+    config = load_config(None, TINY + ["method.name=refinery", "train.epochs=8"])  # 2 generations of 4
+    assert step_ends(config, 2) == [4, 8] and step_ends(config, 4) == [2, 4, 6, 8]
 
 
 def test_with_split_reads_a_downloaded_data_set_from_the_split(tmp_path):
