@@ -122,7 +122,7 @@ class CollaborativeConfig:
 @dataclass
 class MetaConfig:
     labels: str = "class"  # class: a learnable C x C matrix; instance: learnable N x C rows (top-k sparse)
-    meta_lr: float = 0.1  # beta: step size of the labels' (simplex-projected) meta-gradient step (Vyas et al. 2020)
+    meta_lr: float | None = None  # beta, the labels' projected meta-gradient step; null: 0.1 class, 100 instance
     top_k: int = 10  # instance labels: entries kept per row (at most C); host memory N * top_k * 6 bytes
     held_out: float = 0.5  # fraction of each batch held out for the meta loss on the given hard labels
     init_smoothing: float = 0.0  # labels start as (1 - eps) one-hot + eps / C; 0 starts from one-hot

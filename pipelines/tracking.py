@@ -151,7 +151,8 @@ def soft_label_heatmap(soft_labels: np.ndarray, class_names: list[str], title: s
     return path
 
 
-STAGE_FILES = ("model.pt", "metrics.json", "soft_labels.npy", "soft_labels.json", "sample_soft_labels.npy")
+STAGE_FILES = ("model.pt", "export.pt", "metrics.json", "soft_labels.npy", "soft_labels.json", "sample_soft_labels.npy",
+               "learned_labels.npy", "learned_sample_labels.npy")
 
 
 def log_stage_files(client: MlflowClient, run_id: str, stage_dir: Path, stage: int, config: Config) -> None:

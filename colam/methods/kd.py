@@ -37,7 +37,7 @@ class Distillation(Method):
         network, else its model.pt (with the teacher method's wrap_model). The network runs in eval
         mode under no_grad on the same augmented batch as the student, and
         p_teacher = softmax(teacher(x) / T); or
-      * a .npy file holding a C x C soft-label matrix (COLAM's or meta's final stage_K/soft_labels.npy):
+      * a .npy file holding a C x C soft-label matrix (COLAM's final stage_K/soft_labels.npy, or meta's stage_K/learned_labels.npy):
         p_teacher of a sample of class y is row y. The rows are already distributions and are NOT
         re-softened by T; T still divides the student's logits, so set it to the temperature the
         labels were estimated with (COLAM's soft_labels.json records it; COLAM's Eq. 4 is then the

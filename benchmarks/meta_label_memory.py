@@ -1,0 +1,59 @@
+"""Host memory of the `meta` method's instance-wise labels at ImageNet scale.
+
+Allocates the top-k label store (`colam.methods.meta.TopKLabelStore`) for N = 1,281,167
+training images, C = 1000 classes and k = method.meta.top_k (default 10), prints its measured
+bytes (tensor nbytes) against a dense N x C float32 matrix (computed, not allocated), and times
+one batch's gather -> scatter round trip on the host.
+
+    .venv/bin/python benchmarks/meta_label_memory.py [--top-k 10] [--batch 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from colam.config import MetaConfig  # noqa: E402
+from colam.methods.meta import TopKLabelStore  # noqa: E402
+
+IMAGENET_TRAIN, IMAGENET_CLASSES = 1_281_167, 1000
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=IMAGENET_TRAIN)
+    parser.add_argument("--classes", type=int, default=IMAGENET_CLASSES)
+    parser.add_argument("--top-k", type=int, default=MetaConfig().top_k)
+    parser.add_argument("--batch", type=int, default=256)
+    args = parser.parse_args()
+    n, c, k = args.samples, args.classes, min(args.top_k, args.classes)
+
+    targets = torch.randint(c, (n,), generator=torch.Generator().manual_seed(0))
+    began = time.perf_counter()
+    store = TopKLabelStore.from_targets(targets, c, k)
+    built = time.perf_counter() - began
+    per_entry = store.values.element_size() + store.indices.element_size()
+    dense = n * c * 4
+    print(f"N={n:,} C={c:,} k={k}: values {tuple(store.values.shape)} {store.values.dtype}, "
+          f"indices {tuple(store.indices.shape)} {store.indices.dtype}")
+    print(f"top-k store: {store.nbytes:,} bytes ({store.nbytes / 1e6:.1f} MB) = N * k * {per_entry} B"
+          f"{'  (matches)' if store.nbytes == n * k * per_entry else '  (MISMATCH)'}; built in {built:.2f} s")
+    print(f"dense N x C float32: {dense:,} bytes ({dense / 1e9:.2f} GB); the store is {dense / store.nbytes:.0f}x smaller")
+
+    rows = torch.randperm(n, generator=torch.Generator().manual_seed(1))[: args.batch]
+    began = time.perf_counter()
+    repeats = 20
+    for _ in range(repeats):
+        store.scatter(rows, store.gather(rows))
+    print(f"gather + scatter of a batch of {args.batch} rows: {(time.perf_counter() - began) / repeats * 1e3:.2f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
