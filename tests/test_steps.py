@@ -89,3 +89,30 @@ def test_with_split_reads_a_downloaded_data_set_from_the_split(tmp_path):
 def test_step_config_leaves_the_device_to_the_pipeline():
     """A CPU step (prepare, evaluate) given train.device=cuda would fail after every GPU step."""
     assert step_config(base("train.device=cuda"), steps=2).train.device == "auto"
+
+
+@pytest.mark.parametrize("name", list(__import__("colam.methods", fromlist=["METHODS"]).METHODS))
+def test_every_method_gives_the_numbers_of_fit_when_run_as_pipeline_steps(name, tmp_path):
+    """What the Kubeflow components run: 2 x (train_step, estimate_step) = one fit, for every method."""
+    import torch
+
+    from colam.engine import fit
+    from colam.steps import estimate_step, prepare_step, train_step
+    from tests.test_methods import method_extras
+
+    config = step_config(load_config(None, TINY + [f"method.name={name}", *method_extras(name, tmp_path)]).to_dict(),
+                         steps=2)
+    whole = fit(config, tmp_path / "whole", progress=False)
+    prepare_step(config, tmp_path / "split")
+    previous: dict = {}
+    for step in (1, 2):
+        out = tmp_path / f"train_{step}"
+        metrics = train_step(config, step, 2, out, split_dir=tmp_path / "split", **previous)
+        estimate_step(config, step, 2, out, tmp_path / f"estimate_{step}", split_dir=tmp_path / "split")
+        previous = {"checkpoint": out, "soft_labels": tmp_path / f"estimate_{step}"}
+    for key in ("test_acc", "val_acc", "train_loss", "train_acc"):
+        assert metrics[key] == whole[key], key
+    stage = len(list((tmp_path / "whole").glob("stage_*")))
+    final = torch.load(tmp_path / "whole" / f"stage_{stage}" / "model.pt", weights_only=True)
+    stepped = torch.load(tmp_path / "train_2" / "model.pt", weights_only=True)
+    assert all(torch.equal(final[k], stepped[k]) for k in final)
