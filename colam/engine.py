@@ -314,6 +314,10 @@ def _train(p: Prepared, out_dir: Path, state: dict | None, run_log: RunLog, prog
                  "".join(f"  {k[:-4]} {row[k]:.4f}" for k in ("val_acc", "test_acc") if k in row), row["seconds"])
         resume = {"epoch": epoch + 1, "optimizer": optimizer.state_dict(), "method": method.state_dict(),
                   "history": history, "elapsed": elapsed, "config": config.to_dict()}
+        if epoch + 1 == t.epochs:
+            exported = method.export(model)
+            if exported is not model:  # the deployable network, e.g. one head of a multi-head model
+                cio.save_torch(stage_dir(stage) / "export.pt", exported.state_dict())
         if saved:
             report = method.stage_report(stage) if stage_end else {}
             _write_stage(stage_dir(stage), resume,
@@ -326,9 +330,6 @@ def _train(p: Prepared, out_dir: Path, state: dict | None, run_log: RunLog, prog
             run_log.stage_end(stage, stage_dir(stage), {**row, "estimation_seconds": estimation_seconds})
     if until < t.epochs:
         return {}
-    exported = method.export(model)
-    if exported is not model:  # the deployable network, e.g. one head of a multi-head model
-        cio.save_torch(stage_dir(len(stage_ends)) / "export.pt", exported.state_dict())
     metrics = run_metrics(config, history, elapsed)
     if whole_run:
         cio.write_json(out_dir / "metrics.json", metrics)
