@@ -248,7 +248,7 @@ def test_save_split_twice_writes_the_same_bytes(tmp_path, monkeypatch):
     assert first == second == json.loads((tmp_path / "a" / "split.json").read_text())
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["split.json", "split.npz"]
     assert first["data"] == {"name": "digits", "train_subset": 200, "val_fraction": 0.2, "label_noise": 0.2,
-                             "split_seed": 0}
+                             "noise_type": "symmetric", "split_seed": 0}
     assert (first["train_samples"], first["val_samples"], first["test_samples"]) == (160, 40, 599)
     assert first["noisy_labels"] == 32 and sum(first["train_samples_per_class"]) == 160  # round(0.2 * 160)
     with np.load(tmp_path / "a" / "split.npz", allow_pickle=False) as arrays:
