@@ -1,7 +1,6 @@
 """Collaborative learning (Song & Chai 2018): the split network, backpropagation rescaling, the
 consensus loss, the exported single head, and runs through the engine."""
 
-import csv
 import math
 
 import pytest
@@ -11,7 +10,7 @@ from torch import nn
 
 from colam.config import load_config
 from colam.data import loader
-from colam.engine import RunLog, evaluate, fit, prepare
+from colam.engine import evaluate, fit, prepare
 from colam.errors import ColamError
 from colam.methods import METHODS
 from colam.methods.collaborative import (
@@ -22,6 +21,7 @@ from colam.methods.collaborative import (
 )
 from colam.models import build_model, count_parameters
 from tests.conftest import TINY
+from tests.test_engine import Interrupt, read_history
 
 Collaborative = METHODS["collaborative"]
 # TINY's network: small_cnn of width 8 on 1-channel 8x8 digits, 10 classes.
@@ -301,27 +301,13 @@ def test_forward_loss_sums_the_heads_and_counts_accuracy_on_head_0():
 # ----------------------------------------------------------------------------- runs and settings
 
 
-class Interrupt(RunLog):
-    def __init__(self, after):
-        self.after = after
-
-    def epoch_end(self, stage, row):
-        if row["epoch"] == self.after:
-            raise KeyboardInterrupt
-
-
-def history(out):
-    with open(out / "history.csv") as handle:
-        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(handle)]
-
-
 def test_an_interrupted_run_resumes_to_the_same_numbers(tmp_path):
     cfg = config()
     reference = fit(cfg, tmp_path / "reference")
     with pytest.raises(KeyboardInterrupt):
         fit(cfg, tmp_path / "resumed", run_log=Interrupt(2))
     resumed = fit(cfg, tmp_path / "resumed")
-    assert history(tmp_path / "resumed") == history(tmp_path / "reference")
+    assert read_history(tmp_path / "resumed") == read_history(tmp_path / "reference")
     assert resumed["test_acc"] == reference["test_acc"]
     for name in ("model.pt", "export.pt"):
         final = torch.load(tmp_path / "resumed" / "stage_1" / name, weights_only=True)

@@ -1,7 +1,6 @@
 """Knowledge distillation (kd): Hinton et al.'s loss from a finished run or a soft-label matrix, a frozen
 teacher, refusals naming method.kd.teacher, and exact resuming."""
 
-import csv
 import shutil
 
 import numpy as np
@@ -12,27 +11,12 @@ import yaml
 
 from colam.config import load_config
 from colam.data import loader
-from colam.engine import RunLog, fit, prepare
+from colam.engine import fit, prepare
 from colam.errors import ColamError
 from colam.methods.kd import Distillation
 from colam.models import build_model
 from tests.conftest import TINY
-
-
-class Interrupt(RunLog):
-    """Stops the run, like a kill, right after epoch `after` was checkpointed (as in test_engine)."""
-
-    def __init__(self, after):
-        self.after = after
-
-    def epoch_end(self, stage, row):
-        if row["epoch"] == self.after:
-            raise KeyboardInterrupt
-
-
-def read_history(out):
-    with open(out / "history.csv") as handle:
-        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(handle)]
+from tests.test_engine import Interrupt, read_history
 
 
 def config(*overrides):

@@ -2,7 +2,6 @@
 the lookahead's hygiene, the instance-wise top-k store, the noise report, resuming, settings."""
 
 import copy
-import csv
 import json
 
 import numpy as np
@@ -12,12 +11,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from colam.config import from_dict, load_config
-from colam.engine import RunLog, fit
+from colam.engine import fit
 from colam.errors import ColamError
 from colam.methods import soft_cross_entropy
 from colam.methods.meta import MetaLabels, TopKLabelStore, lookahead_meta_gradient, project_to_simplex
 from colam.models import build_model
 from tests.conftest import TINY
+from tests.test_engine import Interrupt, read_history
 
 
 def make(num_classes, train_targets, batch_size=8, lr=0.1, **section):
@@ -162,20 +162,6 @@ def test_noise_report_counts_corrected_labels():
     assert classwise.stage_report(1) == {}
 
 
-class Interrupt(RunLog):
-    def __init__(self, after):
-        self.after = after
-
-    def epoch_end(self, stage, row):
-        if row["epoch"] == self.after:
-            raise KeyboardInterrupt
-
-
-def read_history(path):
-    with open(path) as handle:
-        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(handle)]
-
-
 @pytest.mark.parametrize("labels", ["class", "instance"])
 def test_interrupted_run_resumes_to_the_same_labels_and_numbers(tmp_path, labels):
     # epoch 3 trains with a decayed lr (milestones), so the lookahead's lr must resume too
@@ -186,7 +172,7 @@ def test_interrupted_run_resumes_to_the_same_labels_and_numbers(tmp_path, labels
         fit(config, tmp_path / "resumed", run_log=Interrupt(2))
     fit(config, tmp_path / "resumed")
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
-    assert read_history(resumed / "history.csv") == read_history(reference / "history.csv")
+    assert read_history(resumed) == read_history(reference)
     a, b = (torch.load(run / "checkpoint.pt", weights_only=True) for run in (reference, resumed))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     for key, value in a["method"].items():
