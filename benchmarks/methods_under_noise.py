@@ -37,7 +37,7 @@ VARIANTS = [
     ("collaborative", "collaborative (4 heads)", "collaborative", []),
     ("meta-class", "meta (class-wise)", "meta", ["method.meta.labels=class"]),
     ("meta-instance", "meta (instance-wise)", "meta", ["method.meta.labels=instance"]),
-    ("kd", "kd (from COLAM's soft labels)", "kd", ["kd"]),
+    ("kd", "kd (from COLAM's soft labels, same T)", "kd", ["kd"]),
 ]
 
 
@@ -63,8 +63,13 @@ def overrides_for(method: str, extra: list[str], base_epochs: int, noise: float,
                          f"method.refinery.epochs_per_generation={base_epochs}"]
         elif item == "kd":
             teacher = out / f"colam-noise{noise}-seed{seed}"
-            last = sorted(teacher.glob("stage_*"), key=lambda p: int(p.name.split("_")[1]))[-1]
-            settings.append(f"method.kd.teacher={last / 'soft_labels.npy'}")
+            stages = sorted(teacher.glob("stage_*/soft_labels.json"), key=lambda p: int(p.parent.name.split("_")[1]))
+            if not stages:
+                raise SystemExit(f"kd distils from the colam run {teacher}, which is not there: run colam too")
+            # The labels were tempered with COLAM's T: the student's logits are softened with the same T.
+            temperature = json.loads(stages[-1].read_text())["temperature"]
+            settings += [f"method.kd.teacher={stages[-1].parent / 'soft_labels.npy'}",
+                         f"method.kd.temperature={temperature}"]
         else:
             settings.append(item)
     return settings
@@ -107,10 +112,10 @@ def main() -> int:
                 print(f"{result['label']:<38} noise {result['noise']:.1f} seed {result['seed']}: "
                       f"test {result['metrics']['test_acc']:.4f}  {result['metrics']['wall_time_s']:.1f}s", flush=True)
                 results.append(result)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
     table = format_table(results, args.noise)
     print(table)
     (args.out / "table.md").write_text(table + "\n")
-    (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
     return 0
 
 
@@ -122,7 +127,8 @@ def format_table(results: list[dict], noise: float) -> str:
         return f"{100 * statistics.mean(values):.2f} ± {100 * spread:.2f}"
 
     labels = list(dict.fromkeys(r["label"] for r in results))
-    hl_time = statistics.mean(r["metrics"]["wall_time_s"] for r in results if r["label"] == "hl" and r["noise"] == 0)
+    hl_times = [r["metrics"]["wall_time_s"] for r in results if r["label"] == "hl" and r["noise"] == 0]
+    hl_time = statistics.mean(hl_times) if hl_times else None
     lines = [f"| method | clean test acc % | {noise:.0%} symmetric noise test acc % | wall time / hl (clean) |",
              "|---|---:|---:|---:|"]
     for label in labels:
@@ -130,7 +136,7 @@ def format_table(results: list[dict], noise: float) -> str:
         clean = [r["metrics"]["test_acc"] for r in mine if r["noise"] == 0]
         noisy = [r["metrics"]["test_acc"] for r in mine if r["noise"] != 0]  # none with --clean-only
         seconds = statistics.mean(r["metrics"]["wall_time_s"] for r in mine if r["noise"] == 0)
-        lines.append(f"| {label} | {cell(clean)} | {cell(noisy)} | {seconds / hl_time:.2f} |")
+        lines.append(f"| {label} | {cell(clean)} | {cell(noisy)} | {f'{seconds / hl_time:.2f}' if hl_time else '–'} |")
     seeds = sorted({r["seed"] for r in results})
     lines.append(f"\nmean ± sample std over seeds {seeds}; wall time = the runs' own training time (wall_time_s)")
     return "\n".join(lines)

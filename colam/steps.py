@@ -162,7 +162,8 @@ def train_step(config: Config, step: int, steps: int, out: str | Path, *, checkp
         if state["epoch"] != start:
             raise ColamError(f"checkpoint: '{checkpoint}' ends at epoch {state['epoch']}, step {step} starts after "
                              f"epoch {start}")
-        learned, digest = _read_estimate(soft_labels, start, config, step)
+        stage_ends = np.cumsum(METHODS[config.method.name].stage_epochs(config)).tolist()
+        learned, digest = _read_estimate(soft_labels, start, config, step, after_stage=start in stage_ends)
         state["method"] = {**state["method"], **learned}
         inputs["soft_labels_sha256"] = digest
     prepared = prepare(config, split_dir)
@@ -203,10 +204,15 @@ def estimate_step(config: Config, step: int, steps: int, checkpoint: str | Path,
     return summary
 
 
-def _read_estimate(folder: str | Path | None, epoch: int, config: Config, step: int) -> tuple[dict, str | None]:
-    """The tensors an estimate step wrote at `epoch`, checked, and the digest of soft_labels.npy."""
+def _read_estimate(folder: str | Path | None, epoch: int, config: Config, step: int,
+                   after_stage: bool = True) -> tuple[dict, str | None]:
+    """The tensors an estimate step wrote at `epoch`, checked, and the digest of soft_labels.npy.
+
+    Soft labels are required only after a stage end: a step that starts mid-stage trains on the
+    labels its checkpoint's method state already holds."""
+    needed = METHODS[config.method.name].uses_soft_labels and after_stage
     if folder is None:
-        if METHODS[config.method.name].uses_soft_labels:
+        if needed:
             raise ColamError(f"soft_labels: step {step} of {config.method.name} trains on the soft labels estimated "
                              f"after step {step - 1}; none were given")
         return {}, None
@@ -222,7 +228,7 @@ def _read_estimate(folder: str | Path | None, epoch: int, config: Config, step: 
                          f"epoch {epoch}")
     if summary.get("run") != _run_digest(config):
         raise ColamError(f"soft_labels: '{folder}' was estimated for a run with another configuration")
-    if METHODS[config.method.name].uses_soft_labels and "soft_labels" not in summary.get("artifacts", []):
+    if needed and "soft_labels" not in summary.get("artifacts", []):
         raise ColamError(f"soft_labels: '{folder}' holds no soft_labels.npy, which step {step} of "
                          f"{config.method.name} trains on")
     learned = {}

@@ -116,3 +116,20 @@ def test_every_method_gives_the_numbers_of_fit_when_run_as_pipeline_steps(name, 
     final = torch.load(tmp_path / "whole" / f"stage_{stage}" / "model.pt", weights_only=True)
     stepped = torch.load(tmp_path / "train_2" / "model.pt", weights_only=True)
     assert all(torch.equal(final[k], stepped[k]) for k in final)
+
+
+def test_colam_stages_cut_into_several_steps_give_the_numbers_of_fit(tmp_path):
+    """Two steps per COLAM stage: a step that starts mid-stage needs no new soft labels."""
+    from colam.engine import fit
+    from colam.steps import estimate_step, prepare_step, train_step
+
+    config = step_config(base(), steps=2, epochs_per_step=2)  # 2 stages of 2 epochs
+    whole = fit(config, tmp_path / "whole", progress=False)
+    prepare_step(config, tmp_path / "split")
+    previous: dict = {}
+    for step in range(1, 5):
+        out = tmp_path / f"train_{step}"
+        metrics = train_step(config, step, 4, out, split_dir=tmp_path / "split", **previous)
+        estimate_step(config, step, 4, out, tmp_path / f"estimate_{step}", split_dir=tmp_path / "split")
+        previous = {"checkpoint": out, "soft_labels": tmp_path / f"estimate_{step}"}
+    assert (metrics["test_acc"], metrics["train_loss"]) == (whole["test_acc"], whole["train_loss"])

@@ -67,8 +67,10 @@ class OnlineLabelSmoothing(Method):
     def accumulate(self, logits, targets):
         probs = F.softmax(logits.detach().float(), dim=1)
         correct = probs.argmax(dim=1) == targets
-        self.sums.index_add_(0, targets[correct], probs[correct])
-        self.counts.index_add_(0, targets[correct], torch.ones_like(targets[correct], dtype=self.counts.dtype))
+        # Masked adds instead of boolean indexing: no data-dependent shape, so no GPU sync per step
+        # (a wrong prediction adds exact zeros).
+        self.sums.index_add_(0, targets, probs * correct[:, None].to(probs.dtype))
+        self.counts.index_add_(0, targets, correct.to(self.counts.dtype))
 
     def epoch_end(self, epoch, stage):
         self.soft_labels = next_soft_labels(self.soft_labels, self.sums, self.counts)
