@@ -270,11 +270,17 @@ def list_datasets() -> list[str]:
     return sorted(DATASETS)
 
 
-def build_raw_data(name: str, root: str | os.PathLike, *, download: bool = False) -> RawData:
-    """Build the named data set from files under `root` (downloading them if `download`)."""
+def dataset_spec(name: str) -> DatasetSpec:
+    """The registered data set `name`, or a ColamError naming data.name."""
     spec = DATASETS.get(name)
     if spec is None:
         raise ColamError(f"data.name: unknown data set {name!r}; choose one of: {', '.join(list_datasets())}")
+    return spec
+
+
+def build_raw_data(name: str, root: str | os.PathLike, *, download: bool = False) -> RawData:
+    """Build the named data set from files under `root` (downloading them if `download`)."""
+    spec = dataset_spec(name)
     root = Path(root).expanduser()
     # With download, torchvision creates the root itself.
     if spec.needs_files and not download and not root.exists():

@@ -35,6 +35,7 @@ from tqdm import tqdm
 from colam import io as cio
 from colam.config import Config, validate
 from colam.data import TrainingData, build_data, loader
+from colam.datasets import dataset_spec
 from colam.errors import ColamError
 from colam.methods import METHODS, Method
 from colam.models import build_model
@@ -88,8 +89,7 @@ def prepare(config: Config, split_dir: str | Path | None = None) -> Prepared:
     """
     validate(config)
     device = resolve_device(config.train.device)
-    with torch.device("meta"):  # model name and options, checked before a data set is read or downloaded
-        build_model(config.model.name, 2, **config.model.options)
+    check_names(config)  # before a data set is read or downloaded
     data = build_data(config.data, split_dir)
     METHODS[config.method.name].check_data(config, data.class_counts())
     torch.manual_seed(config.seed)  # the model's initial weights
@@ -101,6 +101,14 @@ def prepare(config: Config, split_dir: str | Path | None = None) -> Prepared:
     method.attach_data(data)
     return Prepared(config, data, model.to(device), method.to(device), METHODS[config.method.name].stage_epochs(config),
                     device)
+
+
+def check_names(config: Config) -> None:
+    """The data set and the model (name and options) exist: checked without reading data or
+    allocating weights (the model is built on the meta device)."""
+    dataset_spec(config.data.name)
+    with torch.device("meta"):
+        build_model(config.model.name, 2, **config.model.options)
 
 
 def learning_rate(config: Config, epoch: int) -> float:

@@ -34,11 +34,10 @@ from colam import io as cio
 from colam.config import Config, from_dict, validate
 from colam.data import save_split
 from colam.datasets import DATASETS
-from colam.engine import (RunLog, _check_out_dir, _make_dir, _train, estimate_artifacts, load_stage_state, prepare,
-                          run_identity)
+from colam.engine import (RunLog, _check_out_dir, _make_dir, _train, check_names, estimate_artifacts, load_stage_state,
+                          prepare, run_identity)
 from colam.errors import ColamError, require
 from colam.methods import METHODS
-from colam.models import build_model
 from colam.soft_labels import check_soft_labels
 
 RAW_DATA = "raw"  # the folder of a prepared split that holds a data set downloaded by prepare_step
@@ -79,14 +78,6 @@ def step_config(base: dict | str, *, steps: int, method: str | None = None, mode
     check_names(config)
     step_ends(config, steps)
     return config
-
-
-def check_names(config: Config) -> None:
-    """The data set and the model (name and options) exist: a pipeline checks them before its GPU steps."""
-    if config.data.name not in DATASETS:
-        raise ColamError(f"data.name: unknown data set {config.data.name!r}; choose one of {', '.join(DATASETS)}")
-    with torch.device("meta"):  # shapes only: no memory, no initialisation
-        build_model(config.model.name, 2, **config.model.options)
 
 
 def step_ends(config: Config, steps: int) -> list[int]:
@@ -162,8 +153,7 @@ def train_step(config: Config, step: int, steps: int, out: str | Path, *, checkp
         if state["epoch"] != start:
             raise ColamError(f"checkpoint: '{checkpoint}' ends at epoch {state['epoch']}, step {step} starts after "
                              f"epoch {start}")
-        stage_ends = np.cumsum(METHODS[config.method.name].stage_epochs(config)).tolist()
-        learned, digest = _read_estimate(soft_labels, start, config, step, after_stage=start in stage_ends)
+        learned, digest = _read_estimate(soft_labels, start, config, step, after_stage=start in _stage_ends(config))
         state["method"] = {**state["method"], **learned}
         inputs["soft_labels_sha256"] = digest
     prepared = prepare(config, split_dir)
@@ -189,7 +179,7 @@ def estimate_step(config: Config, step: int, steps: int, checkpoint: str | Path,
     epoch = ends[step - 1]
     if state["epoch"] != epoch:
         raise ColamError(f"checkpoint: '{checkpoint}' ends at epoch {state['epoch']}, step {step} ends at epoch {epoch}")
-    stage_ends = np.cumsum(METHODS[config.method.name].stage_epochs(config)).tolist()
+    stage_ends = _stage_ends(config)
     seconds, stage, artifacts = 0.0, None, []
     _make_dir(out)
     if epoch in stage_ends:  # a one-stage method learns nothing at a segment's end
@@ -254,6 +244,10 @@ def _check_estimate_shapes(learned: dict, prepared, folder) -> None:
         if name in rows and len(tensor) != rows[name]:
             raise ColamError(f"soft_labels: '{Path(folder) / name}.npy' has {len(tensor)} rows, this run needs "
                              f"{rows[name]}")
+
+
+def _stage_ends(config: Config) -> list[int]:
+    return np.cumsum(METHODS[config.method.name].stage_epochs(config)).tolist()
 
 
 def _run_digest(config: Config) -> str:
