@@ -137,6 +137,13 @@ class KDConfig:
     alpha: float = 0.9  # weight of the distillation term; 1 - alpha on the hard labels
 
 
+# --- Fixed soft labels (colam/methods/fixed.py)
+@dataclass
+class FixedConfig:
+    labels: str = ""  # a C x C soft-label file (COLAM's stage_K/soft_labels.npy) trained on for the whole run
+    temperature: float = 1.0  # T dividing the logits, as in COLAM's Eq. 4: the T the labels were estimated with
+
+
 @dataclass
 class MethodConfig:
     name: str = "colam"  # a registered method (`colam methods`)
@@ -151,6 +158,7 @@ class MethodConfig:
     collaborative: CollaborativeConfig = field(default_factory=CollaborativeConfig)
     meta: MetaConfig = field(default_factory=MetaConfig)
     kd: KDConfig = field(default_factory=KDConfig)
+    fixed: FixedConfig = field(default_factory=FixedConfig)
 
 
 @dataclass

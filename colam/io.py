@@ -6,6 +6,7 @@ over the target (rename within a file system is atomic on POSIX and Windows).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -86,3 +87,12 @@ def load_torch(path: str | os.PathLike, what: str) -> Any:
     except Exception as exc:  # truncated zip, foreign pickle, ...: one line, no traceback
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ColamError(f"{what}: '{path}' is not a readable checkpoint ({reason[:160]})") from None
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes, read in blocks (checkpoints can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -189,7 +189,7 @@ def estimate_step(config: Config, step: int, steps: int, checkpoint: str | Path,
         prepared.method.load_state_dict(state["method"])
         seconds, artifacts = estimate_artifacts(prepared, stage, out, epoch)
     summary = {"step": step, "stage": stage, "epoch": epoch, "seconds": round(seconds, 3), "artifacts": artifacts,
-               "sha256": {name: _sha256(out / f"{name}.npy") for name in artifacts}, "run": _run_digest(config)}
+               "sha256": {name: cio.sha256_file(out / f"{name}.npy") for name in artifacts}, "run": _run_digest(config)}
     cio.write_json(out / "estimation.json", summary)  # last: its presence means the folder is complete
     return summary
 
@@ -224,7 +224,7 @@ def _read_estimate(folder: str | Path | None, epoch: int, config: Config, step: 
     learned = {}
     for name in summary.get("artifacts", []):
         path = folder / f"{name}.npy"
-        if not path.is_file() or _sha256(path) != summary.get("sha256", {}).get(name):
+        if not path.is_file() or cio.sha256_file(path) != summary.get("sha256", {}).get(name):
             raise ColamError(f"soft_labels: '{path}' is missing or differs from the file the estimate step wrote "
                              f"(sha256 in estimation.json)")
         try:
@@ -232,7 +232,7 @@ def _read_estimate(folder: str | Path | None, epoch: int, config: Config, step: 
         except (OSError, ValueError) as exc:
             raise ColamError(f"soft_labels: cannot read '{path}' ({exc})") from None
         learned[name] = torch.from_numpy(array)
-    digest = _sha256(folder / "soft_labels.npy") if "soft_labels" in learned else None
+    digest = cio.sha256_file(folder / "soft_labels.npy") if "soft_labels" in learned else None
     return learned, digest
 
 
@@ -252,8 +252,3 @@ def _stage_ends(config: Config) -> list[int]:
 
 def _run_digest(config: Config) -> str:
     return hashlib.sha256(json.dumps(run_identity(config.to_dict()), sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-

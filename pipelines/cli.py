@@ -2,6 +2,7 @@
 
     colam train --config params.yaml --out DIR [--track] [--experiment NAME] ...
     colam compare --experiment NAME [--params params.yaml] [--out DIR]
+    colam analyze curves|expected-accuracy|geometry|soft-labels|grid-cell|grid ...   (pipelines/analysis.py)
     colam kfp compile|submit|local ...   (pipelines/kubeflow.py)
 
 `--config` may be a pipeline params.yaml: its `compare` and `tracking` sections are checked and set
@@ -45,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--params", help="take --experiment, --seeds, --methods and --temperatures from the "
                                           "tracking and compare sections of this params.yaml")
     compare.set_defaults(func=_compare)
+
+    from pipelines.analysis import add_arguments as analysis_arguments
+
+    analysis_arguments(commands.add_parser("analyze", help="the paper's analyses of finished runs: figures, tables, "
+                                                           "MLflow (curves, expected-accuracy, geometry, ...)"))
 
     from pipelines.kubeflow import add_arguments as kubeflow_arguments
 

@@ -9,7 +9,6 @@ writes `table.md`, `summary.json`, `metrics.json` (flat, for `dvc metrics`) and 
 from __future__ import annotations
 
 import argparse
-import io
 import re
 import sys
 from dataclasses import asdict, dataclass
@@ -20,6 +19,7 @@ import numpy as np
 
 from colam import io as cio
 from colam.errors import ColamError
+from pipelines.figures import save_png
 
 if TYPE_CHECKING:  # imported where used: `colam --help` and `colam train` need neither
     import mlflow
@@ -150,9 +150,7 @@ def write(comparison: Comparison, out_dir: Path) -> dict[str, Path]:
     cio.write_text(paths["table"], format_table(c))
     cio.write_json(paths["summary"], summary)
     cio.write_json(paths["metrics"], metrics(c))
-    figure = io.BytesIO()
-    _figure(c).savefig(figure, format="png", dpi=150)
-    cio.atomic_write_bytes(paths["plot"], figure.getvalue())
+    save_png(temperature_figure(c), paths["plot"], dpi=150)
     return paths
 
 
@@ -256,7 +254,7 @@ def _redact(uri: str) -> str:
     return re.sub(r"://[^/@]*@", "://***@", uri)
 
 
-def _figure(c: Comparison) -> Figure:
+def temperature_figure(c: Comparison, title: str | None = None) -> Figure:
     # A bare Figure renders through Agg without pyplot: no display, no global backend switch.
     from matplotlib.figure import Figure
 
@@ -282,7 +280,7 @@ def _figure(c: Comparison) -> Figure:
         ax.set_xticks(ts, [f"{t:g}" for t in ts])
     ax.set_xlabel("temperature T (log scale)" if with_t else "temperature T")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"Test accuracy vs temperature: {c.experiment} (protocol {c.protocol})")
+    ax.set_title(title or f"Test accuracy vs temperature: {c.experiment} (protocol {c.protocol})")
     ax.grid(True, alpha=0.3)
     # below the axes: long COLAM variant labels would hide the curves
     fig.legend(handles=handles, loc="outside lower center", ncols=2, fontsize="small")

@@ -2,6 +2,7 @@
 
     seed, data, model, train, method   the run, exactly as `colam train --config` reads it
     compare                            the comparison DVC runs: baselines, COLAM temperatures, seeds
+    analysis                           the paper's analyses of the runs (`colam analyze`)
     tracking                           the MLflow experiment the runs are logged to
 
 Every section is checked with the library's rules (unknown keys and bad values are refused with
@@ -27,6 +28,23 @@ class CompareParams:
 
 
 @dataclass
+class GridParams:
+    """The hyperparameter grid of the paper's Fig. 4a, around the run's own settings."""
+
+    epochs_per_stage: list[int] = field(default_factory=lambda: [5, 15, 30, 60])  # update intervals; each divides train.epochs
+    peers: list[int | str] = field(default_factory=lambda: [1, 2, 5, "all"])  # random peer samples per soft label
+
+
+@dataclass
+class AnalysisParams:
+    classes: list[int | str] = field(default_factory=list)  # geometry: 3 class names (or indices); empty: the
+    # two most similar classes under COLAM's final soft labels and the class least similar to both
+    samples_per_class: int = 100  # geometry: samples of each class projected and measured (the paper's 100)
+    nearest: int = 3  # soft-label structure: the nearest classes listed for each class
+    grid: GridParams = field(default_factory=GridParams)
+
+
+@dataclass
 class TrackingParams:
     experiment: str = "colam"  # MLflow experiment of the runs; the server is MLFLOW_TRACKING_URI
 
@@ -36,9 +54,10 @@ class Params:
     config: Config
     compare: CompareParams
     tracking: TrackingParams
+    analysis: AnalysisParams = field(default_factory=AnalysisParams)
 
 
-PIPELINE_SECTIONS = ("compare", "tracking")
+PIPELINE_SECTIONS = ("compare", "analysis", "tracking")
 
 
 def load_params(path: str | Path | None, overrides: list[str] | None = None) -> Params:
@@ -47,7 +66,8 @@ def load_params(path: str | Path | None, overrides: list[str] | None = None) -> 
     config = from_dict(raw)
     validate(config)
     params = Params(config, build_section(CompareParams, sections["compare"], "compare."),
-                    build_section(TrackingParams, sections["tracking"], "tracking."))
+                    build_section(TrackingParams, sections["tracking"], "tracking."),
+                    build_section(AnalysisParams, sections["analysis"], "analysis."))
     _validate(params)
     return params
 
@@ -67,3 +87,33 @@ def _validate(params: Params) -> None:
             raise ColamError(f"compare.{key}: {values} repeats a value (DVC names one run per value)")
     require(compare.seeds, "compare.seeds", compare.seeds, "must list at least one seed")
     require(tracking.experiment.strip() != "", "tracking.experiment", tracking.experiment, "must not be empty")
+    _validate_analysis(params)
+
+
+# The analyses compare the main COLAM run with these baselines of the comparison, at the run's seed.
+ANALYSIS_BASELINES = ("hl", "ls")
+
+
+def _validate_analysis(params: Params) -> None:
+    analysis, config = params.analysis, params.config
+    require(analysis.samples_per_class >= 1, "analysis.samples_per_class", analysis.samples_per_class, "must be >= 1")
+    require(analysis.nearest >= 1, "analysis.nearest", analysis.nearest, "must be >= 1")
+    require(not analysis.classes or len(analysis.classes) == 3, "analysis.classes", analysis.classes,
+            "must list exactly 3 classes (names or indices), or be empty to choose them from the soft labels")
+    for name in ANALYSIS_BASELINES:
+        require(name in params.compare.baselines, "compare.baselines", params.compare.baselines,
+                f"must include {name}: the analyses compare COLAM with {' and '.join(ANALYSIS_BASELINES)}")
+    require(config.seed in params.compare.seeds, "compare.seeds", params.compare.seeds,
+            f"must include the run's seed {config.seed}: the analyses compare runs of that seed")
+    grid = analysis.grid
+    for i, interval in enumerate(grid.epochs_per_stage):
+        require(interval >= 1 and config.train.epochs % interval == 0, f"analysis.grid.epochs_per_stage[{i}]",
+                interval, f"must divide train.epochs ({config.train.epochs}) into whole stages")
+    for i, peers in enumerate(grid.peers):
+        require(peers == "all" or (isinstance(peers, int) and peers >= 1), f"analysis.grid.peers[{i}]", peers,
+                "must be 'all' or an integer >= 1")
+    for key in ("epochs_per_stage", "peers"):
+        values = getattr(grid, key)
+        require(values, f"analysis.grid.{key}", values, "must list at least one value")
+        if len(set(values)) != len(values):
+            raise ColamError(f"analysis.grid.{key}: {values} repeats a value (DVC names one run per value)")

@@ -125,30 +125,10 @@ def git_commit() -> str | None:
 
 
 def soft_label_heatmap(soft_labels: np.ndarray, class_names: list[str], title: str, path: Path) -> Path:
-    """A C×C heatmap of the soft labels: row c is the label of class c."""
-    from matplotlib.figure import Figure  # a bare Figure draws through Agg: no display, no pyplot state
+    """A C×C heatmap of the soft labels as a PNG: row c is the label of class c."""
+    from pipelines import figures
 
-    count = len(soft_labels)
-    size = min(4 + 0.4 * count, 16)
-    figure = Figure(figsize=(size, size * 0.85))
-    axes = figure.add_subplot()
-    image = axes.imshow(soft_labels, cmap="viridis", vmin=0.0, vmax=float(soft_labels.max()))
-    figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04, label="probability")
-    if count <= 30:  # beyond that the names and numbers overlap
-        axes.set_xticks(range(count), class_names, rotation=90)
-        axes.set_yticks(range(count), class_names)
-    if count <= 12:
-        for row in range(count):
-            for col in range(count):
-                value = soft_labels[row, col]
-                axes.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=7,
-                          color="black" if value > 0.6 * soft_labels.max() else "white")
-    axes.set_xlabel("class the label puts mass on")
-    axes.set_ylabel("true class")
-    axes.set_title(title)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    return path
+    return figures.save_png(figures.soft_label_heatmap(soft_labels, class_names, title), path, dpi=110)
 
 
 STAGE_FILES = ("model.pt", "export.pt", "metrics.json", "soft_labels.npy", "soft_labels.json", "sample_soft_labels.npy",
@@ -176,15 +156,28 @@ def parent_key(config: Config, key: str) -> str:
 
 def find_parent(client: MlflowClient, experiment: str, config: Config, key: str) -> str:
     """The newest parent run tagged with this run key, finished or not (pipeline steps after training)."""
-    found = client.get_experiment_by_name(experiment)
-    runs = [] if found is None else client.search_runs(
-        [found.experiment_id],
-        f"tags.`colam.run_key` = '{parent_key(config, checked_key(key))}' and tags.`colam.role` = 'parent'",
-        order_by=["attributes.start_time DESC"], max_results=1)
-    if not runs:
+    found = _newest_parent(client, experiment, parent_key(config, checked_key(key)))
+    if found is None:
         raise ColamError(f"MLFLOW_TRACKING_URI: no run of this pipeline run ('{key}') in experiment '{experiment}'; "
                          f"the training step logs it first")
-    return runs[0].info.run_id
+    return found
+
+
+def run_parent(client: MlflowClient, experiment: str, config: Config, out_dir: str | Path) -> str:
+    """The newest parent run of the run trained into `out_dir` (by `colam train --track`) with `config`."""
+    found = _newest_parent(client, experiment, parent_key(config, str(Path(out_dir).resolve())))
+    if found is None:
+        raise ColamError(f"--run: no MLflow run of '{out_dir}' in experiment '{experiment}' at {client.tracking_uri}; "
+                         f"train it with --track first, or analyse without --track")
+    return found
+
+
+def _newest_parent(client: MlflowClient, experiment: str, run_key: str) -> str | None:
+    found = client.get_experiment_by_name(experiment)
+    runs = [] if found is None else client.search_runs(
+        [found.experiment_id], f"tags.`colam.run_key` = '{run_key}' and tags.`colam.role` = 'parent'",
+        order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None
 
 
 def log_estimate(client: MlflowClient, experiment: str, config: Config, key: str, folder: Path, summary: dict) -> None:

@@ -22,15 +22,18 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
-# The bundled default shrunk to seconds: 4 COLAM stages of 1 epoch, 3 comparison runs.
+# The bundled default shrunk to seconds: 4 COLAM stages of 1 epoch, 4 comparison runs, a 2 x 2 grid.
 TINY_PARAMS = {
     "data": {"train_subset": 200},
     "model": {"name": "small_cnn", "options": {"width": 8}},
     "train": {"epochs": 4, "batch_size": 32, "lr": 0.05},
     "method": {"colam": {"stages": 4, "epochs_per_stage": 1, "temperature": 1.0}},
-    "compare": {"baselines": ["hl"], "temperatures": [1.0, 2.0], "seeds": [0]},
+    "compare": {"baselines": ["hl", "ls"], "temperatures": [1.0, 2.0], "seeds": [0]},
+    "analysis": {"samples_per_class": 20, "grid": {"epochs_per_stage": [1, 2], "peers": [1, "all"]}},
     "tracking": {"experiment": "pipeline-test"},
 }
+ANALYSES = ("curves", "expected_accuracy", "geometry", "soft_labels", "grid")
+GRID_CELLS = {"grid_cell@1-1", "grid_cell@1-all", "grid_cell@2-1", "grid_cell@2-all"}
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -83,7 +86,8 @@ def repo(tmp_path_factory) -> Repo:
     (path / ".dvc").mkdir()
     for name in ("config", ".gitignore"):
         shutil.copy(ROOT / ".dvc" / name, path / ".dvc" / name)
-    shutil.copytree(ROOT / "colam", path / "colam", ignore=shutil.ignore_patterns("__pycache__"))
+    for package in ("colam", "pipelines"):  # the stages' code dependencies
+        shutil.copytree(ROOT / package, path / package, ignore=shutil.ignore_patterns("__pycache__"))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}
     env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", MLFLOW_TRACKING_URI=f"sqlite:///{path}/mlflow.db",
                GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@localhost", GIT_COMMITTER_NAME="test",
@@ -102,15 +106,48 @@ def test_repro_writes_every_stage_and_the_comparison(repo):
     ran = _ran(repo.first.stdout)
     assert ran[:2] == ["check", "prepare"]
     assert [s for s in ran if s.startswith("train@")] == [f"train@stage_{k}" for k in range(1, 5)]
-    assert set(ran) >= {"evaluate", "compare_baseline@hl-0", "compare_colam@1.0-0", "compare_colam@2.0-0", "compare"}
-    assert ran[-1] == "compare"
+    assert set(ran) >= {"evaluate", "compare_baseline@hl-0", "compare_baseline@ls-0", "compare_colam@1.0-0",
+                        "compare_colam@2.0-0", "compare"} | GRID_CELLS | {f"analyze_{name}" for name in ANALYSES}
+    assert ran.index("analyze_grid") > max(ran.index(s) for s in GRID_CELLS | {"compare_colam@2.0-0"})
     for k in range(1, 5):
         stage = repo.path / "runs/main" / f"stage_{k}"
         assert {"model.pt", "state.pt", "soft_labels.npy", "metrics.json", "history.csv"} <= {
             p.name for p in stage.iterdir()}
     table = (repo.path / "runs/summary/table.md").read_text()
-    assert "| hl |" in table and table.count("| colam(") == 2
+    assert "| hl |" in table and "| ls(" in table and table.count("| colam(") == 2
     assert (repo.path / "runs/summary/accuracy_vs_temperature.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_repro_writes_every_analysis_and_logs_it_to_the_main_run(repo):
+    from mlflow import MlflowClient
+
+    for name in ANALYSES:
+        folder = repo.path / "runs/analysis" / name
+        assert (folder / "table.md").read_text().startswith(("Accuracy", "Expected", "Classes", "Each", "COLAM"))
+        figures = sorted(folder.glob("*.png"))
+        assert figures and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in figures)
+    expected = json.loads((repo.path / "runs/analysis/expected_accuracy/results.json").read_text())
+    assert [row["stage"] for row in expected["stages"]] == [1, 2, 3, 4]
+    for row in expected["stages"]:  # each figure's number is the test accuracy of a fixed-label run
+        run = json.loads((repo.path / "runs/expected" / f"stage_{row['stage']}" / "metrics.json").read_text())
+        assert run["method"] == "fixed" and run["test_acc"] == row["expected_test_acc"]
+    grid = json.loads((repo.path / "runs/analysis/grid/results.json").read_text())
+    assert grid["epochs_per_stage"] == [1, 2] and grid["peers"] == [1, "all"]
+    assert all(value is not None for row in grid["test_acc"] for value in row)
+    # the (t = 1, all peers) cell is the main run's own setting: the same numbers
+    main = json.loads((repo.path / "runs/main/eval/metrics.json").read_text())
+    assert grid["test_acc"][0][1] == main["test_acc"]
+
+    client = MlflowClient(f"sqlite:///{repo.path}/mlflow.db")
+    experiment = client.get_experiment_by_name("pipeline-test").experiment_id
+    (parent,) = client.search_runs([experiment], "tags.`colam.out_dir` = 'runs/main' and tags.`colam.role` = 'parent'")
+    logged = {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "analysis")}
+    assert logged == set(ANALYSES)
+    for name in ANALYSES:
+        files = {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, f"analysis/{name}")}
+        assert files == {p.name for p in (repo.path / "runs/analysis" / name).iterdir()}
+    history = client.get_metric_history(parent.info.run_id, "expected_test_acc")
+    assert sorted((m.step, m.value) for m in history) == [(r["stage"], r["expected_test_acc"]) for r in expected["stages"]]
 
 
 def test_the_stage_chain_gives_the_numbers_of_one_colam_train_run(repo):
@@ -137,10 +174,11 @@ def test_a_param_re_runs_only_the_stages_that_read_it(repo):
         repo.write_params(changed)
         stale = set(json.loads(repo.dvc("status", "--json").stdout))
         # the comparison's COLAM runs set T themselves; the gate reads every key
-        assert stale == {"check"} | {f"train@stage_{k}" for k in range(1, 5)}
+        # (the grid cells train at the run's T; the analyses re-run once runs/main has changed)
+        assert stale == {"check"} | {f"train@stage_{k}" for k in range(1, 5)} | GRID_CELLS
 
-        changed = _merge(yaml.safe_load(yaml.safe_dump(original)), {"method": {"ls": {"eps": 0.3}}})
-        repo.write_params(changed)  # no stage trains ls here: only the gate runs, and it changes nothing
+        changed = _merge(yaml.safe_load(yaml.safe_dump(original)), {"method": {"cp": {"beta": 0.3}}})
+        repo.write_params(changed)  # no stage trains cp here: only the gate runs, and it changes nothing
         assert _ran(repo.dvc("repro").stdout) == ["check"]
     finally:
         repo.write_params(original)
@@ -168,7 +206,7 @@ def test_metrics_and_offline_plots(repo, tmp_path):
     files = next(iter(metrics.values()))["data"]
     evaluated = files["runs/main/eval/metrics.json"]["data"]
     assert 0 <= evaluated["test_acc"] <= 1 and "test_ece" in evaluated and "test_nll" in evaluated
-    assert set(files["runs/summary/metrics.json"]["data"]) == {"hl", "colam T=1", "colam T=2"}
+    assert set(files["runs/summary/metrics.json"]["data"]) == {"hl", "ls", "colam T=1", "colam T=2"}
     repo.dvc("plots", "show", "--out", str(tmp_path / "plots"))
     page = (tmp_path / "plots" / "index.html").read_text()
     assert "window.vegaEmbed=" in page  # the libraries are inlined...

@@ -59,13 +59,14 @@ def test_every_method_gives_a_finite_differentiable_loss(name, tmp_path):
 
 def method_extras(name: str, folder) -> list[str]:
     """Settings a method needs beyond the tiny config: kd a teacher to distil from (a uniform C x C
-    soft-label file; the network teacher is tested in test_kd.py)."""
-    if name != "kd":
+    soft-label file; the network teacher is tested in test_kd.py), fixed a soft-label file to train on."""
+    if name not in ("kd", "fixed"):
         return []
     import numpy as np
 
-    np.save(folder / "teacher.npy", np.full((10, 10), 0.1, dtype=np.float32))
-    return [f"method.kd.teacher={folder / 'teacher.npy'}"]
+    labels = np.full((10, 10), 0.05, dtype=np.float32) + 0.5 * np.eye(10, dtype=np.float32)
+    np.save(folder / "labels.npy", labels)
+    return [f"method.kd.teacher={folder / 'labels.npy'}" if name == "kd" else f"method.fixed.labels={folder / 'labels.npy'}"]
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.1, 0.3])

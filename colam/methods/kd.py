@@ -1,17 +1,16 @@
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
 from colam import io as cio
 from colam.errors import ColamError, require
+from colam.runs import RunFolder, final_network, open_run
 from colam.methods.base import Method
 from colam.soft_labels import check_soft_labels
 
@@ -31,9 +30,9 @@ class Distillation(Method):
     labels, which is what the second kind of teacher below is for.
 
     The teacher (`method.kd.teacher`) is either
-      * a finished run folder of this project, trained with any method and any model: its
-        config.yaml gives the model (model.name/options, possibly another architecture than the
-        student's); the weights are the last stage's export.pt when the method exported a smaller
+      * a finished run folder of this project (colam.runs), trained with any method and any model: its
+        config.yaml (or, for a stage-by-stage run, its last stage's state.pt) gives the model
+        (model.name/options, possibly another architecture than the student's); the weights are the last stage's export.pt when the method exported a smaller
         network, else its model.pt (with the teacher method's wrap_model). The network runs in eval
         mode under no_grad on the same augmented batch as the student, and
         p_teacher = softmax(teacher(x) / T); or
@@ -89,7 +88,7 @@ class Distillation(Method):
             self.teacher_labels = load_teacher_labels(source.file, data.num_classes)
         else:
             self.teacher = load_teacher_network(source, data.num_classes, data.in_channels)
-        self.teacher_sha256 = _sha256(source.file)
+        self.teacher_sha256 = cio.sha256_file(source.file)
         self.to(self.device)
 
     def to(self, device):
@@ -143,15 +142,11 @@ def distillation_loss(logits: torch.Tensor, targets: torch.Tensor, teacher_probs
 class TeacherSource:
     kind: str  # "labels" (a .npy matrix) or "run" (a finished run folder)
     file: Path  # the file the teacher's numbers come from: the .npy, or the weights (export.pt / model.pt)
-    config: object = None  # the run's Config
-    wrapped: bool = False  # model.pt of the run's (possibly wrapped) model, not an exported network
+    run: RunFolder | None = None  # the finished run, for kind "run"
 
 
 def locate_teacher(text: str) -> TeacherSource:
     """What `method.kd.teacher` names, checked without loading any weights."""
-    from colam.config import from_dict, validate  # here: colam.config imports the method registry
-    from colam.methods import METHODS
-
     path = Path(text).expanduser()
     if not path.exists():
         raise ColamError(f"{KEY}: '{text}' does not exist")
@@ -162,76 +157,29 @@ def locate_teacher(text: str) -> TeacherSource:
         return TeacherSource("labels", path)
     if not path.is_dir():
         raise ColamError(f"{KEY}: '{text}' is neither a folder nor a file")
-    config_path = path / "config.yaml"
-    if not config_path.is_file():
-        raise ColamError(f"{KEY}: '{text}' is not a finished run folder (it holds no config.yaml)")
-    try:
-        config = from_dict(yaml.safe_load(config_path.read_text(encoding="utf-8")))
-        validate(config)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise ColamError(f"{KEY}: cannot read '{config_path}' ({type(exc).__name__})") from None
-    except ColamError as exc:
-        raise ColamError(f"{KEY}: '{config_path}' is not a usable run configuration ({exc})") from None
-    stage_dir = path / f"stage_{len(METHODS[config.method.name].stage_epochs(config))}"
-    if (stage_dir / "export.pt").is_file():
-        return TeacherSource("run", stage_dir / "export.pt", config, wrapped=False)
-    if (stage_dir / "model.pt").is_file():
-        return TeacherSource("run", stage_dir / "model.pt", config, wrapped=True)
-    raise ColamError(f"{KEY}: '{text}' is not a finished run: its last stage '{stage_dir}' holds no model.pt; "
-                     f"train it to the end first")
+    run = open_run(path, KEY)
+    return TeacherSource("run", run.network_file, run)
 
 
-def load_teacher_labels(file: Path, num_classes: int) -> torch.Tensor:
-    """The C x C matrix in `file`, refused unless it is finite, non-negative, with rows summing to 1."""
+def load_teacher_labels(file: Path, num_classes: int, key: str = KEY) -> torch.Tensor:
+    """The C x C matrix in `file`, refused unless it is finite, non-negative, with rows summing to 1;
+    errors name the config `key` that gave the file."""
     try:
         array = np.load(file, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ColamError(f"{KEY}: '{file}' is not a readable .npy array ({reason[:160]})") from None
+        raise ColamError(f"{key}: '{file}' is not a readable .npy array ({reason[:160]})") from None
     if not isinstance(array, np.ndarray) or array.dtype.kind not in "fiu":
-        raise ColamError(f"{KEY}: '{file}' holds {getattr(array, 'dtype', type(array).__name__)} values, not "
+        raise ColamError(f"{key}: '{file}' holds {getattr(array, 'dtype', type(array).__name__)} values, not "
                          f"probabilities")
     if array.shape != (num_classes, num_classes):
-        raise ColamError(f"{KEY}: '{file}' has shape {array.shape}, this data's {num_classes} classes need "
+        raise ColamError(f"{key}: '{file}' has shape {array.shape}, this data's {num_classes} classes need "
                          f"({num_classes}, {num_classes}) (row c = the soft label of class c)")
     labels = torch.from_numpy(array.astype(np.float64))
-    check_soft_labels(labels, num_classes, f"{KEY}: '{file}'")
+    check_soft_labels(labels, num_classes, f"{key}: '{file}'")
     return labels.to(torch.float32)
 
 
 def load_teacher_network(source: TeacherSource, num_classes: int, in_channels: int) -> nn.Module:
     """The run's final network for this data's classes and channels, in eval mode, without gradients."""
-    from colam.methods import METHODS
-    from colam.models import build_model
-
-    config = source.config
-    state = cio.load_torch(source.file, KEY)
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ColamError(f"{KEY}: '{source.file}' is not a model state_dict")
-    classifier = state.get("fc.weight")
-    if classifier is not None and classifier.ndim == 2 and classifier.shape[0] != num_classes:
-        raise ColamError(f"{KEY}: '{source.file}' classifies {classifier.shape[0]} classes, this data has "
-                         f"{num_classes}")
-    with torch.random.fork_rng(devices=[]):  # building initialises weights: leave the global generator alone
-        try:
-            model = build_model(config.model.name, num_classes, in_channels=in_channels, **config.model.options)
-        except ColamError as exc:
-            raise ColamError(f"{KEY}: the teacher's model cannot be built ({exc})") from None
-        if source.wrapped:
-            model = METHODS[config.method.name].wrap_model(model, config, num_classes)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        reason = " ".join(str(exc).split())
-        raise ColamError(f"{KEY}: '{source.file}' does not fit a {config.model.name} {config.model.options} for "
-                         f"{num_classes} classes and {in_channels} input channel(s) ({reason[:200]})") from None
-    model.requires_grad_(False)
-    return model.eval()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return final_network(source.run, num_classes, in_channels, KEY)

@@ -1,0 +1,119 @@
+"""Representation geometry of a trained network (COLAM paper, Sec. 5.2: Fig. 2, Table 5, Fig. 3).
+
+For three classes, from the penultimate-layer features x (`model.forward_features`) and the final
+layer's class templates w_k (row k of `model.fc.weight`; the logit of class k is x^T w_k + b_k):
+
+  * the 2-D projection of Mueller, Kornblith & Hinton 2019 ("When does label smoothing help?",
+    Sec. 2), which the COLAM paper follows: an orthonormal basis of the plane through the three
+    templates, onto which the features and the templates are projected;
+  * Table 5: the Euclidean distances between the normalised templates w_k / ||w_k||;
+  * Fig. 3: the average distance from each template (ADT) and from each centroid (ADC) to each
+    class's samples. As the paper says, every vector is normalised first ("we normalize all
+    vectors when we compute such distances"): samples are x / ||x||, templates w / ||w||, and a
+    class centroid is the mean of its normalised samples, normalised again.
+
+Pure tensor functions plus `features`, which runs a model; no plotting, no files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from colam.errors import ColamError
+
+
+@dataclass(frozen=True)
+class Features:
+    """Penultimate features of some samples and their labels (the data set's own, not noisy ones)."""
+
+    values: torch.Tensor  # N x D, float64
+    labels: torch.Tensor  # N, class indices
+
+
+@torch.no_grad()
+def features(model: nn.Module, batches, device: torch.device | str = "cpu") -> Features:
+    """forward_features of every sample of `batches` (x, y, index), in eval mode, as float64."""
+    model.eval()
+    values, labels = [], []
+    for images, targets, *_ in batches:
+        values.append(model.forward_features(images.to(device)).double().cpu())
+        labels.append(torch.as_tensor(targets))
+    return Features(torch.cat(values), torch.cat(labels))
+
+
+def templates(model: nn.Module) -> torch.Tensor:
+    """The class templates, C x D: row k of the final linear layer's weight (float64)."""
+    fc = getattr(model, "fc", None)
+    if not isinstance(fc, nn.Linear):
+        raise ColamError(f"--run: the network {type(model).__name__} has no final nn.Linear `fc` to read templates from")
+    return fc.weight.detach().double().cpu()
+
+
+def normalised(vectors: torch.Tensor) -> torch.Tensor:
+    """Each row divided by its Euclidean norm (a zero row stays zero)."""
+    norms = vectors.norm(dim=1, keepdim=True)
+    return vectors / norms.clamp_min(torch.finfo(vectors.dtype).tiny)
+
+
+def template_distances(template_rows: torch.Tensor) -> torch.Tensor:
+    """K x K Euclidean distances between the normalised templates (Table 5)."""
+    unit = normalised(template_rows)
+    return torch.cdist(unit, unit)
+
+
+def centroids(feats: Features, classes: list[int]) -> torch.Tensor:
+    """One centroid per class of `classes`: the normalised mean of its normalised samples."""
+    unit = normalised(feats.values)
+    rows = []
+    for k in classes:
+        members = unit[feats.labels == k]
+        if len(members) == 0:
+            raise ColamError(f"--classes: class {k} has no samples to take a centroid of")
+        rows.append(members.mean(dim=0))
+    return normalised(torch.stack(rows))
+
+
+def average_distances(points: torch.Tensor, feats: Features, classes: list[int]) -> torch.Tensor:
+    """K x K: entry [i, j] is the mean distance from normalised point i (a template or a centroid of
+    class classes[i]) to the normalised samples of class classes[j] (Fig. 3: ADT, ADC)."""
+    unit_points = normalised(points)
+    unit = normalised(feats.values)
+    columns = []
+    for k in classes:
+        members = unit[feats.labels == k]
+        if len(members) == 0:
+            raise ColamError(f"--classes: class {k} has no samples to measure distances to")
+        columns.append(torch.cdist(unit_points, members).mean(dim=1))
+    return torch.stack(columns, dim=1)
+
+
+@dataclass(frozen=True)
+class Plane:
+    """The plane through three templates: origin (their mean) and an orthonormal basis (D x 2)."""
+
+    origin: torch.Tensor
+    basis: torch.Tensor
+
+    def project(self, vectors: torch.Tensor) -> torch.Tensor:
+        """N x 2 coordinates of the orthogonal projection of each row onto the plane."""
+        return (vectors.double() - self.origin) @ self.basis
+
+
+def template_plane(three_templates: torch.Tensor) -> Plane:
+    """Mueller et al. 2019's plane: spanned by w_b - w_a and w_c - w_a (Gram-Schmidt), through the
+    templates' mean, so the three templates keep their pairwise distances in the projection."""
+    if three_templates.shape[0] != 3:
+        raise ColamError(f"--classes: the projection needs exactly 3 templates, got {three_templates.shape[0]}")
+    w = three_templates.double()
+    first = w[1] - w[0]
+    if first.norm() == 0:
+        raise ColamError("--classes: two of the three templates are identical; they span no plane")
+    e1 = first / first.norm()
+    second = (w[2] - w[0]) - ((w[2] - w[0]) @ e1) * e1
+    if second.norm() <= 1e-12 * max(float(w.norm()), 1.0):
+        raise ColamError("--classes: the three templates lie on one line; they span no plane")
+    e2 = second / second.norm()
+    return Plane(origin=w.mean(dim=0), basis=torch.stack([e1, e2], dim=1))

@@ -1,0 +1,134 @@
+"""Finished run folders as inputs: their configuration, stages, curves and final network.
+
+A run folder is what `fit` writes (config.yaml, history.csv, stage_K/) or what a stage-by-stage
+chain writes (`colam train --stage K`, the DVC pipeline: stage_K/ only, each with its state.pt).
+Distillation reads a teacher from one, the analyses (colam.analysis) read several.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+
+from colam import io as cio
+from colam.config import Config, from_dict, validate
+from colam.errors import ColamError
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    path: Path
+    config: Config
+    stage_dirs: tuple[Path, ...]  # stage_1 .. stage_m, every one finished
+
+    @property
+    def last_stage(self) -> Path:
+        return self.stage_dirs[-1]
+
+    @property
+    def network_file(self) -> Path:
+        """The deployable network's weights: export.pt when the method exported one, else model.pt."""
+        exported = self.last_stage / "export.pt"
+        return exported if exported.is_file() else self.last_stage / "model.pt"
+
+    @property
+    def wrapped(self) -> bool:
+        """Whether network_file holds the method's wrapped model (wrap_model) rather than the plain network."""
+        return self.network_file.name == "model.pt"
+
+
+def open_run(text: str | Path, key: str) -> RunFolder:
+    """The finished run in folder `text`; errors name `key`, the input that gave the folder."""
+    from colam.methods import METHODS  # here: the method registry imports colam.config
+
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise ColamError(f"{key}: '{text}' does not exist")
+    if not path.is_dir():
+        raise ColamError(f"{key}: '{text}' is neither a folder nor a file")
+    config = _run_config(path, key)
+    count = len(METHODS[config.method.name].stage_epochs(config))
+    stage_dirs = tuple(path / f"stage_{k}" for k in range(1, count + 1))
+    if not (stage_dirs[-1] / "model.pt").is_file():
+        raise ColamError(f"{key}: '{text}' is not a finished run: its last stage '{stage_dirs[-1]}' holds no "
+                         f"model.pt; train it to the end first")
+    return RunFolder(path, config, stage_dirs)
+
+
+def _run_config(path: Path, key: str) -> Config:
+    """config.yaml of a whole run, else the configuration recorded in its newest stage state."""
+    config_path = path / "config.yaml"
+    states = sorted(path.glob("stage_*/state.pt"), key=lambda p: _stage_number(p.parent))
+    if config_path.is_file():
+        try:
+            raw = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise ColamError(f"{key}: cannot read '{config_path}' ({type(exc).__name__})") from None
+        source = config_path
+    elif states:
+        state = cio.load_torch(states[-1], key)
+        raw = state.get("config") if isinstance(state, dict) else None
+        source = states[-1]
+    else:
+        raise ColamError(f"{key}: '{path}' is not a finished run folder (it holds no config.yaml), nor a "
+                         f"stage-by-stage run (no stage_K/state.pt)")
+    try:
+        if not isinstance(raw, dict):
+            raise ColamError("not a mapping of sections")
+        config = from_dict(raw)
+        validate(config)
+    except ColamError as exc:
+        raise ColamError(f"{key}: '{source}' is not a usable run configuration ({exc})") from None
+    return config
+
+
+def _stage_number(folder: Path) -> int:
+    suffix = folder.name.removeprefix("stage_")
+    return int(suffix) if suffix.isdigit() else -1
+
+
+def history(run: RunFolder) -> list[dict]:
+    """The run's per-epoch rows (history.csv of the whole run, else of its last stage), numbers as floats."""
+    path = run.path / "history.csv"
+    if not path.is_file():
+        path = run.last_stage / "history.csv"
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+    except OSError as exc:
+        raise ColamError(f"--run: cannot read '{path}' ({exc.strerror})") from None
+    return [{k: (int(v) if k in ("epoch", "stage") else float(v)) for k, v in row.items() if v != ""} for row in rows]
+
+
+def final_network(run: RunFolder, num_classes: int, in_channels: int, key: str) -> nn.Module:
+    """The run's final network for this data's classes and channels, in eval mode, without gradients."""
+    from colam.methods import METHODS
+    from colam.models import build_model
+
+    config, file = run.config, run.network_file
+    state = cio.load_torch(file, key)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ColamError(f"{key}: '{file}' is not a model state_dict")
+    classifier = state.get("fc.weight")
+    if classifier is not None and classifier.ndim == 2 and classifier.shape[0] != num_classes:
+        raise ColamError(f"{key}: '{file}' classifies {classifier.shape[0]} classes, this data has {num_classes}")
+    with torch.random.fork_rng(devices=[]):  # building initialises weights: leave the global generator alone
+        try:
+            model = build_model(config.model.name, num_classes, in_channels=in_channels, **config.model.options)
+        except ColamError as exc:
+            raise ColamError(f"{key}: the run's model cannot be built ({exc})") from None
+        if run.wrapped:
+            model = METHODS[config.method.name].wrap_model(model, config, num_classes)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        reason = " ".join(str(exc).split())
+        raise ColamError(f"{key}: '{file}' does not fit a {config.model.name} {config.model.options} for "
+                         f"{num_classes} classes and {in_channels} input channel(s) ({reason[:200]})") from None
+    model.requires_grad_(False)
+    return model.eval()

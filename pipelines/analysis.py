@@ -1,0 +1,435 @@
+"""`colam analyze`: the COLAM paper's analyses (Sec. 5) of finished runs, as figures, tables and
+MLflow artifacts.
+
+    colam analyze curves            --run DIR --baselines hl=DIR --out DIR
+    colam analyze expected-accuracy --run DIR --baselines hl=DIR --runs-out DIR --out DIR [--split DIR]
+    colam analyze geometry          --run DIR --baselines hl=DIR ls=DIR --out DIR [--split DIR]
+    colam analyze soft-labels       --run DIR --out DIR
+    colam analyze grid-cell         --epochs-per-stage N --peers P --out DIR [--split DIR]   (trains one cell)
+    colam analyze grid              --run DIR --out DIR                                     (reads MLflow)
+
+`--run` is the COLAM run analysed; every command takes `--config params.yaml` for its `analysis`
+and `tracking` sections. Each writes its PNG figures, `table.md` and `results.json` into --out and,
+with --track (default: when MLFLOW_TRACKING_URI is set), logs them to the MLflow parent run of
+--run under `analysis/NAME`, with its headline numbers as metrics. `dvc repro` runs them all
+(dvc.yaml, the analyze_* stages).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from colam import io as cio
+from colam.errors import ColamError
+
+NAMES = ("curves", "expected-accuracy", "geometry", "soft-labels", "grid-cell", "grid")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    commands = parser.add_subparsers(dest="analysis", required=True)
+
+    def command(name: str, help_text: str, run: bool = True, out_help: str = "folder for figures, table.md, results.json"):
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("--config", help="params.yaml: its analysis and tracking sections (default: the defaults)")
+        sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+        if run:
+            sub.add_argument("--run", required=True, help="the COLAM run folder analysed (and logged to)")
+        sub.add_argument("--out", required=True, type=Path, help=out_help)
+        sub.add_argument("--track", action=argparse.BooleanOptionalAction, default=None,
+                         help="log to MLflow (default: when MLFLOW_TRACKING_URI is set)")
+        sub.add_argument("--experiment", help="MLflow experiment (default: tracking.experiment of --config)")
+        return sub
+
+    def baselines(sub, names: str):
+        sub.add_argument("--baselines", nargs="+", default=[], metavar="NAME=DIR",
+                         help=f"finished runs to compare with, e.g. {names}")
+
+    def data(sub):
+        sub.add_argument("--split", help="the split the runs were trained on (default: draw it from data.*)")
+
+    sub = command("curves", "train/test accuracy per epoch against baselines, stage ends marked (Fig. 1a)")
+    baselines(sub, "hl=runs/compare/hl-seed0")
+    sub.set_defaults(func=curves)
+
+    sub = command("expected-accuracy", "train a fresh model on each stage's soft labels; its test accuracy (Fig. 1b)")
+    baselines(sub, "hl=runs/compare/hl-seed0 (drawn as reference lines)")
+    data(sub)
+    sub.add_argument("--runs-out", required=True, type=Path, help="folder for the fixed-label training runs (resumable)")
+    sub.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    sub.set_defaults(func=expected_accuracy)
+
+    sub = command("geometry", "penultimate features and templates of three classes (Fig. 2, Table 5, Fig. 3)")
+    baselines(sub, "hl=runs/compare/hl-seed0 ls=runs/compare/ls-seed0")
+    data(sub)
+    sub.set_defaults(func=geometry)
+
+    sub = command("soft-labels", "heatmap of each stage's soft labels and each class's nearest classes")
+    sub.set_defaults(func=soft_labels)
+
+    sub = command("grid-cell", "train COLAM at one (epochs per stage, peers) cell of the grid (tracked)",
+                  run=False, out_help="output folder of the run")
+    data(sub)
+    sub.add_argument("--epochs-per-stage", type=int, required=True, help="the update interval t; stages = epochs / t")
+    sub.add_argument("--peers", required=True, help="random peer samples per soft label, or all")
+    sub.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    sub.set_defaults(func=grid_cell)
+
+    sub = command("grid", "test accuracy over the (epochs per stage x peers) grid and over T, from MLflow (Fig. 4)")
+    sub.set_defaults(func=grid)
+
+
+# ----------------------------------------------------------------------------- the analyses
+
+
+def curves(args) -> int:
+    from colam.methods import METHODS
+    from colam.runs import history, open_run
+    from pipelines import figures
+
+    run = open_run(args.run, "--run")
+    runs = {**_baselines(args), _label(run.config): run}
+    rows = {name: history(r) for name, r in runs.items()}
+    stage_ends = np.cumsum(METHODS[run.config.method.name].stage_epochs(run.config)).tolist()
+    main = _label(run.config)
+    at_ends = []
+    for stage, end in enumerate(stage_ends, start=1):
+        entry = {"stage": stage, "epoch": end}
+        for name, history_rows in rows.items():
+            row = next((r for r in history_rows if r["epoch"] == end), None)
+            entry[name] = None if row is None else {"train_acc": row["train_acc"], "test_acc": row["test_acc"]}
+        at_ends.append(entry)
+    figure = figures.learning_curves(rows, stage_ends, f"Learning curves: {' vs '.join(rows)} "
+                                                      f"({run.config.model.name} on {run.config.data.name})")
+    lines = [f"Accuracy at {main}'s stage ends (%)", "",
+             "| stage | epoch | " + " | ".join(f"{n} train | {n} test" for n in rows) + " |",
+             "|---:|---:|" + "---:|---:|" * len(rows)]
+    for entry in at_ends:
+        cells = [_cell(entry[n], "train_acc") + " | " + _cell(entry[n], "test_acc") for n in rows]
+        lines.append(f"| {entry['stage']} | {entry['epoch']} | " + " | ".join(cells) + " |")
+    results = {"runs": {name: {"path": str(r.path), "epoch": [x["epoch"] for x in rows[name]],
+                               "train_acc": [x["train_acc"] for x in rows[name]],
+                               "test_acc": [x["test_acc"] for x in rows[name]]} for name, r in runs.items()},
+               "stage_ends": stage_ends, "at_stage_ends": at_ends}
+    return _finish(args, run, "curves", {"learning_curves": figure}, "\n".join(lines), results, {})
+
+
+def expected_accuracy(args) -> int:
+    from colam.analysis.expected import expected_accuracy as measure
+    from colam.runs import history, open_run
+    from pipelines import figures
+
+    run = open_run(args.run, "--run")
+    rows = measure(run, args.runs_out, split_dir=args.split, progress=args.progress)
+    references = {f"{_label(run.config)} final test accuracy": history(run)[-1]["test_acc"]}
+    for name, baseline in _baselines(args).items():
+        references[f"{name} final test accuracy"] = history(baseline)[-1]["test_acc"]
+    figure = figures.expected_accuracy(rows, references, f"Expected accuracy of the soft labels of each stage "
+                                                        f"({run.config.model.name} on {run.config.data.name})")
+    lines = ["Expected accuracy: a fresh model trained on each stage's soft labels, fixed (%)", "",
+             "| soft labels of stage | expected test acc | expected val acc | run's test acc at that stage end |",
+             "|---:|---:|---:|---:|"]
+    for r in rows:
+        val = "–" if r["expected_val_acc"] is None else f"{100 * r['expected_val_acc']:.2f}"
+        lines.append(f"| {r['stage']} | {100 * r['expected_test_acc']:.2f} | {val} | "
+                     f"{100 * r['run_test_acc_at_stage_end']:.2f} |")
+    lines += ["", *(f"- {name}: {100 * value:.2f}" for name, value in references.items())]
+    metrics = {"expected_test_acc": [(r["stage"], r["expected_test_acc"]) for r in rows]}
+    return _finish(args, run, "expected_accuracy", {"expected_accuracy": figure}, "\n".join(lines),
+                   {"stages": rows, "references": references}, metrics)
+
+
+def geometry(args) -> int:
+    import torch
+
+    from colam.analysis import geometry as geo
+    from colam.analysis.expected import labelled_stages
+    from colam.analysis.structure import default_classes, resolve_classes
+    from colam.data import build_data, loader
+    from colam.runs import final_network, open_run
+    from pipelines import figures
+
+    analysis = _params(args).analysis
+    run = open_run(args.run, "--run")
+    runs = {**_baselines(args), _label(run.config): run}
+    _same_data(runs, run)
+    data = build_data(run.config.data, args.split)
+    if analysis.classes:
+        classes = resolve_classes(analysis.classes, data.classes)
+        chosen_by = "analysis.classes"
+    else:
+        stage, labels_file = labelled_stages(run)[-1]
+        classes = default_classes(np.load(labels_file, allow_pickle=False))
+        chosen_by = f"the two most similar classes under the soft labels of stage {stage}, and the least similar to both"
+    names = [data.classes[k] for k in classes]
+    splits = {"train": _class_subset(data.train_eval, data.clean_train_targets, classes, analysis.samples_per_class),
+              "test": _class_subset(data.test, torch.as_tensor(data.test.targets), classes, analysis.samples_per_class)}
+    results = {"classes": names, "class_indices": classes, "chosen_by": chosen_by,
+               "samples": {s: len(subset) for s, subset in splits.items()}, "runs": {}}
+    panels, bars = {}, {split: {} for split in splits}
+    for name, r in runs.items():
+        model = final_network(r, data.num_classes, data.in_channels, "--run" if r is run else "--baselines")
+        w = geo.templates(model)[classes]
+        distances = geo.template_distances(w)
+        plane = geo.template_plane(w)
+        entry = {"path": str(r.path), "template_distances": _pairs(distances, names),
+                 "template_distance_average": float(distances[np.triu_indices(3, k=1)].mean()), "splits": {}}
+        panels[name] = {}
+        for split, subset in splits.items():
+            feats = geo.features(model, loader(subset, r.config.train.eval_batch_size, shuffle=False, num_workers=0))
+            position = {k: i for i, k in enumerate(classes)}
+            adt = geo.average_distances(w, feats, classes)
+            adc = geo.average_distances(geo.centroids(feats, classes), feats, classes)
+            entry["splits"][split] = {"adt": adt.tolist(), "adc": adc.tolist()}
+            bars[split][name] = {"template": adt.tolist(), "centroid": adc.tolist()}
+            panels[name][split] = {"points": plane.project(feats.values).tolist(),
+                                   "labels": [position[int(k)] for k in feats.labels],
+                                   "templates": plane.project(w).tolist()}
+        entry["projection"] = {"origin": plane.origin.tolist(), "basis": plane.basis.T.tolist(),
+                               "templates": plane.project(w).tolist()}
+        results["runs"][name] = entry
+    title = f"{', '.join(names)}: penultimate features and class templates ({run.config.data.name})"
+    figs = {"projection": figures.projections(panels, names, f"{title}, projected on the templates' plane")}
+    for split in splits:
+        figs[f"distances_{split}"] = figures.average_distances(
+            bars[split], names, f"Average distance from each template / centroid to each class's {split} samples")
+    metrics = {f"geometry_template_distance_avg_{_metric_name(n)}": [(0, e["template_distance_average"])]
+               for n, e in results["runs"].items()}
+    return _finish(args, run, "geometry", figs, _geometry_table(results, names), results, metrics)
+
+
+def soft_labels(args) -> int:
+    from colam.analysis.expected import labelled_stages, labels_temperature
+    from colam.analysis.structure import nearest_classes, similarity
+    from colam.runs import open_run
+    from pipelines import figures
+
+    count = _params(args).analysis.nearest
+    run = open_run(args.run, "--run")
+    stages = labelled_stages(run)
+    matrices = {k: np.load(f, allow_pickle=False) for k, f in stages}
+    last, last_file = stages[-1]
+    names = json.loads(last_file.with_suffix(".json").read_text()).get("class_names") or [
+        str(c) for c in range(len(matrices[last]))]
+    temperature = labels_temperature(last_file)
+    results = {"class_names": names, "temperature": temperature, "stages": {}}
+    for k, matrix in matrices.items():
+        sym = similarity(matrix)
+        a, b = np.unravel_index(int(np.argmax(np.triu(sym, 1))), sym.shape)
+        results["stages"][str(k)] = {
+            "soft_labels": matrix.tolist(), "own_mass_mean": float(np.diag(matrix).mean()),
+            "most_similar_pair": [names[a], names[b]], "most_similar_pair_mass": float(sym[a, b]),
+            "nearest": {names[c]: [{"class": names[j], "mass": m} for j, m in near]
+                        for c, near in enumerate(nearest_classes(matrix, count))}}
+    final = results["stages"][str(last)]
+    lines = [f"Each class's nearest classes under the soft labels of stage {last} (T = {temperature:g}): "
+             f"the mass its soft label puts on them", "",
+             "| class | own mass | " + " | ".join(f"nearest {i + 1}" for i in range(min(count, len(names) - 1))) + " |",
+             "|---|---:|" + "---|" * min(count, len(names) - 1)]
+    for c, name in enumerate(names):
+        near = final["nearest"][name]
+        lines.append(f"| {name} | {matrices[last][c, c]:.3f} | "
+                     + " | ".join(f"{n['class']} ({n['mass']:.3f})" for n in near) + " |")
+    lines += ["", "Most similar pair by stage (mean of the two off-diagonal masses):", ""]
+    lines += [f"- stage {k}: {e['most_similar_pair'][0]} and {e['most_similar_pair'][1]} "
+              f"({e['most_similar_pair_mass']:.3f}); mean own mass {e['own_mass_mean']:.3f}"
+              for k, e in results["stages"].items()]
+    figure = figures.soft_labels_by_stage(matrices, names, temperature)
+    metrics = {"soft_labels_own_mass_mean": [(k, float(np.diag(m).mean())) for k, m in matrices.items()]}
+    return _finish(args, run, "soft_labels", {"soft_labels_by_stage": figure}, "\n".join(lines), results, metrics)
+
+
+def grid_cell(args) -> int:
+    from colam.engine import fit
+    from pipelines import cli
+    from pipelines.grid import cell_config, parse_peers
+
+    params = _params(args)
+    config = cell_config(params.config, args.epochs_per_stage, parse_peers(args.peers, "--peers"))
+    args.params_tracking, args.run_name = params.tracking, args.out.name
+    with cli._run_log(args, config) as run_log:
+        metrics = fit(config, args.out, run_log=run_log, progress=args.progress, split_dir=args.split)
+    print(json.dumps(metrics))
+    return 0
+
+
+def grid(args) -> int:
+    from colam.runs import open_run
+    from pipelines import figures
+    from pipelines.compare import temperature_figure
+    from pipelines.grid import collect_grid
+    from pipelines.tracking import connect
+
+    params = _params(args)
+    run = open_run(args.run, "--run")
+    found = collect_grid(connect(), args.experiment or params.tracking.experiment, params)
+    section = params.config.method.colam
+    heat = figures.grid_heatmap(found.values, found.counts, found.epochs_per_stage, found.peers,
+                                f"COLAM test accuracy (%) by update interval and peers\n"
+                                f"(T = {section.temperature:g}, seed {params.config.seed}, {section.stages * section.epochs_per_stage} "
+                                f"epochs in all)")
+    curve = temperature_figure(found.temperature, title=f"Test accuracy vs temperature T\n(COLAM at t = "
+                                                        f"{section.epochs_per_stage} epochs per stage, peers = "
+                                                        f"{section.peers}; mean ± std over seeds)")
+    lines = [f"COLAM test accuracy (%) by update interval (rows, epochs per stage) and peer samples (columns); "
+             f"T = {section.temperature:g}, seed {params.config.seed}", "",
+             "| epochs per stage | " + " | ".join(str(p) for p in found.peers) + " |",
+             "|---:|" + "---:|" * len(found.peers)]
+    for i, interval in enumerate(found.epochs_per_stage):
+        cells = ["not run" if not np.isfinite(v) else f"{100 * v:.2f}" for v in found.values[i]]
+        lines.append(f"| {interval} | " + " | ".join(cells) + " |")
+    from pipelines.compare import format_table
+
+    lines += ["", "Test accuracy against temperature (COLAM at the run's interval and peers; baselines as lines):",
+              "", format_table(found.temperature)]
+    results = {"epochs_per_stage": found.epochs_per_stage, "peers": found.peers,
+               "test_acc": [[None if not np.isfinite(v) else float(v) for v in row] for row in found.values],
+               "runs": found.counts.tolist(), "temperature": json.loads(json.dumps(
+                   [{"variant": r.variant, "temperature": r.temperature, "test_acc_mean": r.test_acc.mean,
+                     "test_acc_std": r.test_acc.std, "n": r.n} for r in found.temperature.rows]))}
+    return _finish(args, run, "grid", {"grid_heatmap": heat, "accuracy_vs_temperature": curve}, "\n".join(lines),
+                   results, {})
+
+
+# ----------------------------------------------------------------------------- shared
+
+
+def _params(args):
+    from pipelines.params import load_params
+
+    if not hasattr(args, "_params"):
+        args._params = load_params(args.config, args.overrides)
+    return args._params
+
+
+def _label(config) -> str:
+    if config.method.name == "colam":
+        return f"COLAM (T={config.method.colam.temperature:g})"
+    return config.method.name
+
+
+def _metric_name(label: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in label.lower()).strip("_")
+
+
+def _baselines(args) -> dict:
+    from colam.runs import open_run
+
+    found = {}
+    for item in args.baselines:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise ColamError(f"--baselines: '{item}' is not of the form NAME=DIR")
+        if name in found:
+            raise ColamError(f"--baselines: '{name}' is given twice")
+        found[name] = open_run(folder, f"--baselines {name}")
+    return found
+
+
+def _same_data(runs: dict, run) -> None:
+    from colam.data import SPLIT_KEYS
+
+    mine = {k: getattr(run.config.data, k) for k in SPLIT_KEYS}
+    for name, other in runs.items():
+        theirs = {k: getattr(other.config.data, k) for k in SPLIT_KEYS}
+        if theirs != mine:
+            key = next(k for k in SPLIT_KEYS if theirs[k] != mine[k])
+            raise ColamError(f"--baselines {name}: '{other.path}' was trained on other data (data.{key}: "
+                             f"{theirs[key]!r} there, {mine[key]!r} in --run)")
+
+
+def _class_subset(dataset, labels, classes: list[int], per_class: int):
+    """The first `per_class` samples of each of `classes` (by the data set's own labels), in data order."""
+    import torch
+
+    from colam.data import Indexed
+
+    labels = torch.as_tensor(labels)
+    keep = torch.cat([torch.nonzero(labels == k).flatten()[:per_class] for k in classes]).sort().values.numpy()
+    for k in classes:
+        if not (labels == k).any():
+            raise ColamError(f"analysis.classes: class {k} has no samples in this split")
+    return Indexed(dataset.base, dataset.indices[keep], labels.numpy()[keep])
+
+
+def _pairs(distances, names: list[str]) -> dict[str, float]:
+    return {f"{names[i]} – {names[j]}": float(distances[i, j]) for i in range(3) for j in range(i + 1, 3)}
+
+
+def _cell(entry: dict | None, key: str) -> str:
+    return "–" if entry is None else f"{100 * entry[key]:.2f}"
+
+
+def _geometry_table(results: dict, names: list[str]) -> str:
+    runs = list(results["runs"])
+    lines = [f"Classes: {', '.join(names)} ({results['chosen_by']}); samples per split: "
+             + ", ".join(f"{s} {n}" for s, n in results["samples"].items()), "",
+             "Euclidean distance between the normalised templates (the paper's Table 5)", "",
+             "| distance | " + " | ".join(runs) + " |", "|---|" + "---:|" * len(runs)]
+    pairs = list(next(iter(results["runs"].values()))["template_distances"])
+    for pair in pairs:
+        lines.append(f"| ({pair}) | " + " | ".join(f"{results['runs'][r]['template_distances'][pair]:.3f}"
+                                                   for r in runs) + " |")
+    lines.append("| average | " + " | ".join(f"{results['runs'][r]['template_distance_average']:.3f}" for r in runs)
+                 + " |")
+    for split in results["samples"]:
+        for kind, long in (("adt", "template"), ("adc", "centroid")):
+            lines += ["", f"Average distance from each {long} ({kind.upper()}, rows) to each class's {split} samples "
+                          f"(columns), normalised vectors", "",
+                      "| run | from | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
+            for r in runs:
+                matrix = results["runs"][r]["splits"][split][kind]
+                for i, name in enumerate(names):
+                    lines.append(f"| {r} | {name} | " + " | ".join(f"{v:.3f}" for v in matrix[i]) + " |")
+    return "\n".join(lines)
+
+
+def _finish(args, run, name: str, figs: dict, table: str, results: dict, metrics: dict) -> int:
+    """Write the figures, table.md and results.json into --out; log them (and `metrics`, each a list of
+    (step, value)) to the MLflow parent run of --run when tracking."""
+    from pipelines import figures
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [figures.save_png(figure, out / f"{key}.png") for key, figure in figs.items()]
+    cio.write_text(out / "table.md", table.rstrip("\n") + "\n")
+    cio.write_json(out / "results.json", results)
+    paths += [out / "table.md", out / "results.json"]
+    if _tracking(args):
+        _log(args, run, name, paths, metrics)
+    print(table)
+    print(f"wrote {', '.join(str(p) for p in paths)}", file=sys.stderr)
+    return 0
+
+
+def _tracking(args) -> bool:
+    return args.track if args.track is not None else bool(os.environ.get("MLFLOW_TRACKING_URI"))
+
+
+def _log(args, run, name: str, paths: list[Path], metrics: dict) -> None:
+    import time
+
+    from mlflow.entities import Metric
+
+    from pipelines.tracking import connect, log_files, run_parent
+
+    client = connect()
+    experiment = args.experiment or _params(args).tracking.experiment
+    parent = run_parent(client, experiment, run.config, run.path)
+    log_files(client, parent, paths, f"analysis/{name}")
+    now = int(time.time() * 1000)
+    batch = [Metric(key, float(value), now, int(step)) for key, points in metrics.items() for step, value in points]
+    if batch:
+        client.log_batch(parent, metrics=batch)
+    print(f"MLflow: logged analysis/{name} to run {parent} in experiment '{experiment}'", file=sys.stderr)
+
+
+def results_of(folder: str | Path) -> dict:
+    """An analysis's results.json (for tests and notebooks)."""
+    return json.loads((Path(folder) / "results.json").read_text())
+

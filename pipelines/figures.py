@@ -1,0 +1,208 @@
+"""The analyses' figures (COLAM paper, Sec. 5) as matplotlib Figures, and an atomic PNG writer.
+
+Every figure is a bare `matplotlib.figure.Figure` drawn through Agg: no display, no pyplot state.
+Each has a title, labelled axes and a legend wherever it shows more than one series.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from colam import io as cio
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+PERCENT = 100.0
+STAR = dict(marker="*", s=260, edgecolors="black", linewidths=0.8, zorder=5)
+
+
+def new_figure(width: float, height: float) -> Figure:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def save_png(figure: Figure, path: str | Path, dpi: int = 130) -> Path:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    cio.atomic_write_bytes(path, buffer.getvalue())
+    return Path(path)
+
+
+def draw_soft_labels(axes: Axes, soft_labels: np.ndarray, class_names: list[str], title: str,
+                     annotate: bool | None = None):
+    """A C x C heatmap on `axes` (row c = the label of class c); returns the image for a colorbar."""
+    count = len(soft_labels)
+    image = axes.imshow(soft_labels, cmap="viridis", vmin=0.0, vmax=float(soft_labels.max()))
+    if count <= 30:  # beyond that the names overlap
+        axes.set_xticks(range(count), class_names, rotation=90)
+        axes.set_yticks(range(count), class_names)
+    if annotate if annotate is not None else count <= 12:
+        for row in range(count):
+            for col in range(count):
+                value = soft_labels[row, col]
+                axes.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=6,
+                          color="black" if value > 0.6 * soft_labels.max() else "white")
+    axes.set_xlabel("class the label puts mass on")
+    axes.set_ylabel("true class")
+    axes.set_title(title)
+    return image
+
+
+def soft_label_heatmap(soft_labels: np.ndarray, class_names: list[str], title: str) -> Figure:
+    count = len(soft_labels)
+    size = min(4 + 0.4 * count, 16)
+    figure = new_figure(size, size * 0.85)
+    axes = figure.add_subplot()
+    image = draw_soft_labels(axes, soft_labels, class_names, title)
+    figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04, label="probability")
+    return figure
+
+
+def soft_labels_by_stage(matrices: dict[int, np.ndarray], class_names: list[str], temperature: float) -> Figure:
+    """One heatmap per stage, on one colour scale so the stages compare."""
+    stages = sorted(matrices)
+    columns = min(len(stages), 4)
+    rows = -(-len(stages) // columns)
+    count = len(class_names)
+    panel = min(3 + 0.3 * count, 8)
+    figure = new_figure(panel * columns + 1, panel * rows + 0.6)
+    top = max(float(m.max()) for m in matrices.values())
+    image = None
+    for i, stage in enumerate(stages):
+        axes = figure.add_subplot(rows, columns, i + 1)
+        image = draw_soft_labels(axes, matrices[stage], class_names, f"after stage {stage}", annotate=count <= 10)
+        image.set_clim(0.0, top)
+    figure.colorbar(image, ax=figure.axes, shrink=0.8, label="probability")
+    figure.suptitle(f"Soft labels estimated at each stage end (T = {temperature:g}); row = true class")
+    return figure
+
+
+def learning_curves(curves: dict[str, list[dict]], stage_ends: list[int], title: str) -> Figure:
+    """Train and test accuracy per epoch of each run (paper Fig. 1a), stage boundaries dashed."""
+    figure = new_figure(9, 5)
+    axes = figure.add_subplot()
+    for i, (name, rows) in enumerate(curves.items()):
+        epochs = [r["epoch"] for r in rows]
+        color = f"C{i}"
+        axes.plot(epochs, [PERCENT * r["test_acc"] for r in rows], color=color, label=f"{name} test")
+        axes.plot(epochs, [PERCENT * r["train_acc"] for r in rows], color=color, linestyle=":", label=f"{name} train")
+    for k, end in enumerate(stage_ends[:-1]):
+        axes.axvline(end + 0.5, color="grey", linestyle="--", linewidth=0.8,
+                     label="stage boundary" if k == 0 else None)
+    axes.set_xlabel("epoch")
+    axes.set_ylabel("accuracy (%)")
+    axes.set_title(title)
+    axes.grid(True, alpha=0.3)
+    axes.legend(loc="lower right", fontsize="small")
+    return figure
+
+
+def expected_accuracy(rows: list[dict], references: dict[str, float], title: str) -> Figure:
+    """Expected accuracy of each stage's soft labels (paper Fig. 1b), with the runs' final accuracies."""
+    figure = new_figure(7, 4.5)
+    axes = figure.add_subplot()
+    stages = [r["stage"] for r in rows]
+    axes.plot(stages, [PERCENT * r["expected_test_acc"] for r in rows], marker="o",
+              label="expected accuracy (fresh model on the stage's soft labels)")
+    axes.plot(stages, [PERCENT * r["run_test_acc_at_stage_end"] for r in rows], marker="s", linestyle=":",
+              label="COLAM's own test accuracy at the stage end")
+    for i, (name, value) in enumerate(references.items()):
+        axes.axhline(PERCENT * value, color=f"C{i + 2}", linestyle="--", label=name)
+    axes.set_xticks(stages)
+    axes.set_xlabel("soft labels saved after stage")
+    axes.set_ylabel("test accuracy (%)")
+    axes.set_title(title)
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize="small")
+    return figure
+
+
+def projections(panels: dict[str, dict[str, dict]], class_names: list[str], title: str) -> Figure:
+    """Features and templates on the templates' plane (paper Fig. 2): a row per split, a column per run.
+
+    panels[run][split] = {"points": N x 2, "labels": N class positions 0..2, "templates": 3 x 2}.
+    """
+    runs = list(panels)
+    splits = list(next(iter(panels.values())))
+    figure = new_figure(4.2 * len(runs), 4.0 * len(splits) + 0.4)
+    for col, run in enumerate(runs):
+        for row, split in enumerate(splits):
+            axes = figure.add_subplot(len(splits), len(runs), row * len(runs) + col + 1)
+            panel = panels[run][split]
+            points, labels = np.asarray(panel["points"]), np.asarray(panel["labels"])
+            for k, name in enumerate(class_names):
+                mine = points[labels == k]
+                axes.scatter(mine[:, 0], mine[:, 1], s=10, alpha=0.6, color=f"C{k}", label=name)
+            tips = np.asarray(panel["templates"])
+            axes.scatter(tips[:, 0], tips[:, 1], color="red", label="templates", **STAR)
+            for k, name in enumerate(class_names):
+                axes.annotate(name, tips[k], textcoords="offset points", xytext=(6, 6), fontsize=8, color="red")
+            axes.set_title(f"{run}, {split} set")
+            axes.set_xlabel("plane coordinate 1")
+            axes.set_ylabel("plane coordinate 2")
+            axes.grid(True, alpha=0.3)
+            if row == 0 and col == 0:
+                axes.legend(fontsize="small", loc="best")
+    figure.suptitle(title)
+    return figure
+
+
+def average_distances(tables: dict[str, dict[str, list[list[float]]]], class_names: list[str], title: str) -> Figure:
+    """Grouped bars (paper Fig. 3): tables[run]["template"|"centroid"][i][j] = mean distance from
+    class i's template or centroid to class j's samples; a row per kind, a column per run."""
+    runs = list(tables)
+    kinds = ("template", "centroid")
+    figure = new_figure(4.2 * len(runs), 7.5)
+    width = 0.8 / len(class_names)
+    top = {k: max(max(max(row) for row in tables[r][k]) for r in runs) for k in kinds}  # one scale per row
+    for col, run in enumerate(runs):
+        for row, kind in enumerate(kinds):
+            axes = figure.add_subplot(len(kinds), len(runs), row * len(runs) + col + 1)
+            values = np.asarray(tables[run][kind])
+            positions = np.arange(len(class_names))
+            for j, name in enumerate(class_names):
+                axes.bar(positions + (j - (len(class_names) - 1) / 2) * width, values[:, j], width,
+                         color=f"C{j}", label=f"samples of {name}")
+            axes.set_xticks(positions, [f"{kind} {name}" for name in class_names], fontsize=8)
+            axes.set_ylim(0, top[kind] * 1.1)
+            axes.set_ylabel("mean distance (normalised vectors)")
+            axes.set_title(f"{run}: from each {kind} ({'ADT' if kind == 'template' else 'ADC'})")
+            axes.grid(True, axis="y", alpha=0.3)
+            if col == 0 and row == 0:
+                axes.legend(fontsize="small")
+    figure.suptitle(title)
+    return figure
+
+
+def grid_heatmap(values: np.ndarray, counts: np.ndarray, rows: list, columns: list, title: str) -> Figure:
+    """Test accuracy (%) of each (epochs per stage, peers) cell (paper Fig. 4a); NaN = not run."""
+    figure = new_figure(max(6.5, 1.6 + 1.3 * len(columns)), 1.8 + 0.9 * len(rows))
+    axes = figure.add_subplot()
+    shown = PERCENT * values
+    finite = shown[np.isfinite(shown)]
+    image = axes.imshow(np.ma.masked_invalid(shown), cmap="viridis", aspect="auto",
+                        vmin=float(finite.min()) if finite.size else 0.0,
+                        vmax=float(finite.max()) if finite.size else 100.0)
+    for i in range(len(rows)):
+        for j in range(len(columns)):
+            if np.isfinite(shown[i, j]):
+                middle = (float(finite.min()) + float(finite.max())) / 2
+                text = f"{shown[i, j]:.1f}" + (f"\n(n={counts[i, j]})" if counts[i, j] > 1 else "")
+                axes.text(j, i, text, ha="center", va="center", fontsize=8,
+                          color="black" if shown[i, j] > middle else "white")
+            else:
+                axes.text(j, i, "not run", ha="center", va="center", fontsize=7, color="grey")
+    axes.set_xticks(range(len(columns)), [str(c) for c in columns])
+    axes.set_yticks(range(len(rows)), [str(r) for r in rows])
+    axes.set_xlabel("number of peer samples per soft label")
+    axes.set_ylabel("update interval (epochs per stage)")
+    axes.set_title(title)
+    figure.colorbar(image, ax=axes, label="test accuracy (%)")
+    return figure
