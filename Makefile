@@ -31,6 +31,7 @@ run: setup
 	@echo "comparison table:  runs/summary/table.md (and summary.json, metrics.json)"
 	@echo "plots:             runs/summary/accuracy_vs_temperature.png, runs/plots/index.html (offline)"
 	@echo "COLAM run:         runs/main/stage_*/ (checkpoints, soft labels), runs/main/eval/metrics.json"
+	@echo "analyses:          runs/analysis/{curves,expected_accuracy,geometry,soft_labels,grid}/ (PNG, table.md, results.json)"
 	@echo "MLflow UI:         $(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI)"
 
 test: setup

@@ -283,5 +283,6 @@ def temperature_figure(c: Comparison, title: str | None = None) -> Figure:
     ax.set_title(title or f"Test accuracy vs temperature: {c.experiment} (protocol {c.protocol})")
     ax.grid(True, alpha=0.3)
     # below the axes: long COLAM variant labels would hide the curves
-    fig.legend(handles=handles, loc="outside lower center", ncols=2, fontsize="small")
+    long_labels = max((len(h.get_label()) for h in handles), default=0) > 40
+    fig.legend(handles=handles, loc="outside lower center", ncols=1 if long_labels else 2, fontsize="small")
     return fig

@@ -171,6 +171,7 @@ def average_distances(tables: dict[str, dict[str, list[list[float]]]], class_nam
                 axes.bar(positions + (j - (len(class_names) - 1) / 2) * width, values[:, j], width,
                          color=f"C{j}", label=f"samples of {name}")
             axes.set_xticks(positions, [f"{kind} {name}" for name in class_names], fontsize=8)
+            axes.set_xlabel(f"distance from the {kind} of each class, to each class's samples (bars)")
             axes.set_ylim(0, top[kind] * 1.1)
             axes.set_ylabel("mean distance (normalised vectors)")
             axes.set_title(f"{run}: from each {kind} ({'ADT' if kind == 'template' else 'ADC'})")

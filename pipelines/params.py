@@ -31,8 +31,9 @@ class CompareParams:
 class GridParams:
     """The hyperparameter grid of the paper's Fig. 4a, around the run's own settings."""
 
-    epochs_per_stage: list[int] = field(default_factory=lambda: [5, 15, 30, 60])  # update intervals; each divides train.epochs
-    peers: list[int | str] = field(default_factory=lambda: [1, 2, 5, "all"])  # random peer samples per soft label
+    # the paper's grid (Sec. 5.3, 160 epochs): update intervals, each dividing train.epochs ...
+    epochs_per_stage: list[int] = field(default_factory=lambda: [1, 5, 10, 20, 40, 80])
+    peers: list[int | str] = field(default_factory=lambda: [1, 2, 5, 10, "all"])  # ... x random peers per soft label
 
 
 @dataclass

@@ -53,7 +53,8 @@ def templates(model: nn.Module) -> torch.Tensor:
 
 
 def normalised(vectors: torch.Tensor) -> torch.Tensor:
-    """Each row divided by its Euclidean norm (a zero row stays zero)."""
+    """Each row divided by its Euclidean norm (a zero row stays zero), in float64."""
+    vectors = vectors.double()
     norms = vectors.norm(dim=1, keepdim=True)
     return vectors / norms.clamp_min(torch.finfo(vectors.dtype).tiny)
 
