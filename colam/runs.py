@@ -24,7 +24,7 @@ from colam.errors import ColamError
 class RunFolder:
     path: Path
     config: Config
-    stage_dirs: tuple[Path, ...]  # stage_1 .. stage_m, every one finished
+    stage_dirs: tuple[Path, ...]  # stage_1 .. stage_m; the last one holds a model.pt
 
     @property
     def last_stage(self) -> Path:
@@ -42,19 +42,20 @@ class RunFolder:
         return self.network_file.name == "model.pt"
 
 
-def open_run(text: str | Path, key: str) -> RunFolder:
-    """The finished run in folder `text`; errors name `key`, the input that gave the folder."""
+def open_run(text: str | Path, key: str, finished: bool = True) -> RunFolder:
+    """The run in folder `text`, finished unless `finished` is False (then only its stages so far
+    are there); errors name `key`, the input that gave the folder."""
     from colam.methods import METHODS  # here: the method registry imports colam.config
 
     path = Path(text).expanduser()
     if not path.exists():
         raise ColamError(f"{key}: '{text}' does not exist")
     if not path.is_dir():
-        raise ColamError(f"{key}: '{text}' is neither a folder nor a file")
+        raise ColamError(f"{key}: '{text}' is not a folder; give a run folder")
     config = _run_config(path, key)
     count = len(METHODS[config.method.name].stage_epochs(config))
     stage_dirs = tuple(path / f"stage_{k}" for k in range(1, count + 1))
-    if not (stage_dirs[-1] / "model.pt").is_file():
+    if finished and not (stage_dirs[-1] / "model.pt").is_file():
         raise ColamError(f"{key}: '{text}' is not a finished run: its last stage '{stage_dirs[-1]}' holds no "
                          f"model.pt; train it to the end first")
     return RunFolder(path, config, stage_dirs)
@@ -92,7 +93,7 @@ def _stage_number(folder: Path) -> int:
     return int(suffix) if suffix.isdigit() else -1
 
 
-def history(run: RunFolder) -> list[dict]:
+def history(run: RunFolder, key: str = "--run") -> list[dict]:
     """The run's per-epoch rows (history.csv of the whole run, else of its last stage), numbers as floats."""
     path = run.path / "history.csv"
     if not path.is_file():
@@ -100,9 +101,15 @@ def history(run: RunFolder) -> list[dict]:
     try:
         with open(path, newline="", encoding="utf-8") as handle:
             rows = list(csv.DictReader(handle))
+        parsed = [{k: (int(v) if k in ("epoch", "stage") else float(v)) for k, v in row.items() if v not in ("", None)}
+                  for row in rows]
     except OSError as exc:
-        raise ColamError(f"--run: cannot read '{path}' ({exc.strerror})") from None
-    return [{k: (int(v) if k in ("epoch", "stage") else float(v)) for k, v in row.items() if v != ""} for row in rows]
+        raise ColamError(f"{key}: cannot read '{path}' ({exc.strerror})") from None
+    except (ValueError, TypeError, UnicodeDecodeError) as exc:
+        raise ColamError(f"{key}: '{path}' is not a history.csv of this project ({type(exc).__name__})") from None
+    if not parsed or not {"epoch", "train_acc", "test_acc"} <= parsed[-1].keys():
+        raise ColamError(f"{key}: '{path}' holds no epochs with train_acc and test_acc")
+    return parsed
 
 
 def final_network(run: RunFolder, num_classes: int, in_channels: int, key: str) -> nn.Module:

@@ -34,13 +34,14 @@ NAMES = ("curves", "expected-accuracy", "geometry", "soft-labels", "grid-cell", 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     commands = parser.add_subparsers(dest="analysis", required=True)
 
-    def command(name: str, help_text: str, run: bool = True, out_help: str = "folder for figures, table.md, results.json"):
+    def command(name: str, help_text: str, run: bool = True, out_help: str = "folder for figures, table.md, results.json",
+                out_required: bool = True):
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument("--config", help="params.yaml: its analysis and tracking sections (default: the defaults)")
         sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
         if run:
             sub.add_argument("--run", required=True, help="the COLAM run folder analysed (and logged to)")
-        sub.add_argument("--out", required=True, type=Path, help=out_help)
+        sub.add_argument("--out", required=out_required, type=Path, help=out_help)
         sub.add_argument("--track", action=argparse.BooleanOptionalAction, default=None,
                          help="log to MLflow (default: when MLFLOW_TRACKING_URI is set)")
         sub.add_argument("--experiment", help="MLflow experiment (default: tracking.experiment of --config)")
@@ -57,10 +58,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     baselines(sub, "hl=runs/compare/hl-seed0")
     sub.set_defaults(func=curves)
 
-    sub = command("expected-accuracy", "train a fresh model on each stage's soft labels; its test accuracy (Fig. 1b)")
+    sub = command("expected-accuracy", "train a fresh model on each stage's soft labels; its test accuracy (Fig. 1b)",
+                  out_help="folder for figures, table.md, results.json (required without --stage)", out_required=False)
     baselines(sub, "hl=runs/compare/hl-seed0 (drawn as reference lines)")
     data(sub)
     sub.add_argument("--runs-out", required=True, type=Path, help="folder for the fixed-label training runs (resumable)")
+    sub.add_argument("--stage", type=int, help="only train the run of this stage's soft labels (a DVC stage per K); "
+                                               "no figures")
     sub.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
     sub.set_defaults(func=expected_accuracy)
 
@@ -94,7 +98,8 @@ def curves(args) -> int:
 
     run = open_run(args.run, "--run")
     runs = {**_baselines(args), _label(run.config): run}
-    rows = {name: history(r) for name, r in runs.items()}
+    start(args, run)
+    rows = {name: history(r, "--run" if r is run else f"--baselines {name}") for name, r in runs.items()}
     stage_ends = np.cumsum(METHODS[run.config.method.name].stage_epochs(run.config)).tolist()
     main = _label(run.config)
     at_ends = []
@@ -124,11 +129,20 @@ def expected_accuracy(args) -> int:
     from colam.runs import history, open_run
     from pipelines import figures
 
+    if args.stage is not None:  # one fixed-label run, for a pipeline step of its own
+        run = open_run(args.run, "--run", finished=False)
+        (row,) = measure(run, args.runs_out, split_dir=args.split, progress=args.progress, stages=[args.stage])
+        print(json.dumps(row))
+        return 0
+    if args.out is None:
+        raise ColamError("--out: required (the folder for the figures and tables), unless --stage trains one run")
     run = open_run(args.run, "--run")
+    baselines = _baselines(args)
+    start(args, run)
     rows = measure(run, args.runs_out, split_dir=args.split, progress=args.progress)
     references = {f"{_label(run.config)} final test accuracy": history(run)[-1]["test_acc"]}
-    for name, baseline in _baselines(args).items():
-        references[f"{name} final test accuracy"] = history(baseline)[-1]["test_acc"]
+    for name, baseline in baselines.items():
+        references[f"{name} final test accuracy"] = history(baseline, f"--baselines {name}")[-1]["test_acc"]
     figure = figures.expected_accuracy(rows, references, f"Expected accuracy of the soft labels of each stage "
                                                         f"({run.config.model.name} on {run.config.data.name})")
     lines = ["Expected accuracy: a fresh model trained on each stage's soft labels, fixed (%)", "",
@@ -148,7 +162,7 @@ def geometry(args) -> int:
     import torch
 
     from colam.analysis import geometry as geo
-    from colam.analysis.expected import labelled_stages
+    from colam.analysis.expected import labelled_stages, read_soft_labels
     from colam.analysis.structure import default_classes, resolve_classes
     from colam.data import build_data, loader
     from colam.runs import final_network, open_run
@@ -158,17 +172,20 @@ def geometry(args) -> int:
     run = open_run(args.run, "--run")
     runs = {**_baselines(args), _label(run.config): run}
     _same_data(runs, run)
+    start(args, run)
     data = build_data(run.config.data, args.split)
     if analysis.classes:
         classes = resolve_classes(analysis.classes, data.classes)
         chosen_by = "analysis.classes"
     else:
         stage, labels_file = labelled_stages(run)[-1]
-        classes = default_classes(np.load(labels_file, allow_pickle=False))
+        classes = default_classes(read_soft_labels(labels_file))
         chosen_by = f"the two most similar classes under the soft labels of stage {stage}, and the least similar to both"
     names = [data.classes[k] for k in classes]
-    splits = {"train": _class_subset(data.train_eval, data.clean_train_targets, classes, analysis.samples_per_class),
-              "test": _class_subset(data.test, torch.as_tensor(data.test.targets), classes, analysis.samples_per_class)}
+    splits = {"train": _class_subset(data.train_eval, data.clean_train_targets, classes, analysis.samples_per_class,
+                                     "train"),
+              "test": _class_subset(data.test, torch.as_tensor(data.test.targets), classes, analysis.samples_per_class,
+                                    "test")}
     results = {"classes": names, "class_indices": classes, "chosen_by": chosen_by,
                "samples": {s: len(subset) for s, subset in splits.items()}, "runs": {}}
     panels, bars = {}, {split: {} for split in splits}
@@ -204,18 +221,20 @@ def geometry(args) -> int:
 
 
 def soft_labels(args) -> int:
-    from colam.analysis.expected import labelled_stages, labels_temperature
+    from colam.analysis.expected import class_names, labelled_stages, labels_temperature, read_soft_labels
     from colam.analysis.structure import nearest_classes, similarity
     from colam.runs import open_run
     from pipelines import figures
 
     count = _params(args).analysis.nearest
     run = open_run(args.run, "--run")
+    start(args, run)
     stages = labelled_stages(run)
-    matrices = {k: np.load(f, allow_pickle=False) for k, f in stages}
+    matrices = {k: read_soft_labels(f) for k, f in stages}
     last, last_file = stages[-1]
-    names = json.loads(last_file.with_suffix(".json").read_text()).get("class_names") or [
-        str(c) for c in range(len(matrices[last]))]
+    names = class_names(last_file, len(matrices[last]))
+    if len({m.shape for m in matrices.values()}) != 1:
+        raise ColamError(f"--run: the stages of '{run.path}' saved soft labels of different shapes")
     temperature = labels_temperature(last_file)
     results = {"class_names": names, "temperature": temperature, "stages": {}}
     for k, matrix in matrices.items():
@@ -267,6 +286,7 @@ def grid(args) -> int:
 
     params = _params(args)
     run = open_run(args.run, "--run")
+    start(args, run)
     found = collect_grid(connect(), args.experiment or params.tracking.experiment, params)
     section = params.config.method.colam
     heat = figures.grid_heatmap(found.values, found.counts, found.epochs_per_stage, found.peers,
@@ -343,7 +363,7 @@ def _same_data(runs: dict, run) -> None:
                              f"{theirs[key]!r} there, {mine[key]!r} in --run)")
 
 
-def _class_subset(dataset, labels, classes: list[int], per_class: int):
+def _class_subset(dataset, labels, classes: list[int], per_class: int, split: str):
     """The first `per_class` samples of each of `classes` (by the data set's own labels), in data order."""
     import torch
 
@@ -353,7 +373,7 @@ def _class_subset(dataset, labels, classes: list[int], per_class: int):
     keep = torch.cat([torch.nonzero(labels == k).flatten()[:per_class] for k in classes]).sort().values.numpy()
     for k in classes:
         if not (labels == k).any():
-            raise ColamError(f"analysis.classes: class {k} has no samples in this split")
+            raise ColamError(f"analysis.classes: class {k} has no samples in the {split} split")
     return Indexed(dataset.base, dataset.indices[keep], labels.numpy()[keep])
 
 
@@ -395,13 +415,13 @@ def _finish(args, run, name: str, figs: dict, table: str, results: dict, metrics
     from pipelines import figures
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    _make_out(out)
     paths = [figures.save_png(figure, out / f"{key}.png") for key, figure in figs.items()]
     cio.write_text(out / "table.md", table.rstrip("\n") + "\n")
     cio.write_json(out / "results.json", results)
     paths += [out / "table.md", out / "results.json"]
-    if _tracking(args):
-        _log(args, run, name, paths, metrics)
+    if args.tracker is not None:
+        _log(args.tracker, name, paths, metrics)
     print(table)
     print(f"wrote {', '.join(str(p) for p in paths)}", file=sys.stderr)
     return 0
@@ -411,16 +431,35 @@ def _tracking(args) -> bool:
     return args.track if args.track is not None else bool(os.environ.get("MLFLOW_TRACKING_URI"))
 
 
-def _log(args, run, name: str, paths: list[Path], metrics: dict) -> None:
+def start(args, run) -> None:
+    """Before any work: check --out, and when tracking, that the store answers and holds --run's
+    MLflow run (an analysis that trains for minutes must not fail at its last step)."""
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ColamError(f"--out: '{args.out}' exists and is not a folder")
+    args.tracker = None
+    if _tracking(args):
+        from pipelines.tracking import connect, run_parent
+
+        client = connect()
+        experiment = args.experiment or _params(args).tracking.experiment
+        args.tracker = (client, experiment, run_parent(client, experiment, run.config, run.path))
+
+
+def _make_out(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ColamError(f"--out: cannot create '{out}' ({exc.strerror})") from None
+
+
+def _log(tracker, name: str, paths: list[Path], metrics: dict) -> None:
     import time
 
     from mlflow.entities import Metric
 
-    from pipelines.tracking import connect, log_files, run_parent
+    from pipelines.tracking import log_files
 
-    client = connect()
-    experiment = args.experiment or _params(args).tracking.experiment
-    parent = run_parent(client, experiment, run.config, run.path)
+    client, experiment, parent = tracker
     log_files(client, parent, paths, f"analysis/{name}")
     now = int(time.time() * 1000)
     batch = [Metric(key, float(value), now, int(step)) for key, points in metrics.items() for step, value in points]

@@ -62,7 +62,7 @@ def _load_config(args):
     from pipelines.params import load_params
 
     params = load_params(args.config, args.overrides)
-    args.params_tracking = params.tracking
+    args.params_tracking, args.params_given = params.tracking, params.given
     return params.config
 
 
@@ -72,6 +72,10 @@ def _check(args) -> int:
 
     config = args.load_config(args)
     check_names(config)
+    if "analysis" in args.params_given:
+        from pipelines.params import check_pipeline_analysis, load_params
+
+        check_pipeline_analysis(load_params(args.config, args.overrides))
     if args.out:
         # Constant content: a valid change of params.yaml leaves this file as it was, so the stages
         # after the gate re-run only for the keys they declare themselves.
@@ -107,6 +111,11 @@ def _compare(args) -> int:
         args.seeds = args.seeds or params.compare.seeds
         args.methods = args.methods or [*params.compare.baselines, "colam"]
         args.temperatures = args.temperatures or params.compare.temperatures
+        # the methods' settings of params.yaml: other runs in the experiment (the analyses' grid
+        # cells, earlier settings) are left out
+        from pipelines.params import pipeline_variants
+
+        args.variants = pipeline_variants(params, args.methods)
     if not args.experiment:
         from colam.errors import ColamError
 

@@ -72,7 +72,7 @@ class Comparison:
 
 def collect(client: mlflow.MlflowClient, experiment: str, *, protocol: str | None = None,
             seeds: list[int] | None = None, methods: list[str] | None = None,
-            temperatures: list[float] | None = None) -> Comparison:
+            temperatures: list[float] | None = None, variants: list[str] | None = None) -> Comparison:
     """Aggregate the finished parent runs of `experiment` into one row per (variant, temperature).
 
     Without `protocol`, takes the protocol of the most recently started matching run: runs of
@@ -85,7 +85,8 @@ def collect(client: mlflow.MlflowClient, experiment: str, *, protocol: str | Non
                          f"{_redact(client.tracking_uri)!r}")
     filters = {"protocol": protocol, "seeds": seeds, "methods": methods, "temperatures": temperatures}
     runs = [r for r in _finished_parents(client, exp.experiment_id)
-            if _selected(r.data.tags, seeds, methods, temperatures)]
+            if _selected(r.data.tags, seeds, methods, temperatures)
+            and (variants is None or _key(r)[1] in variants)]
     if protocol is None and runs:
         protocol = max(runs, key=lambda r: r.info.start_time).data.tags.get("colam.protocol", "")
     same = [r for r in runs if r.data.tags.get("colam.protocol", "") == protocol]
@@ -181,7 +182,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, client: mlflow.MlflowClient) -> int:
     comparison = collect(client, args.experiment, protocol=args.protocol, seeds=args.seeds,
-                         methods=args.methods, temperatures=args.temperatures)
+                         methods=args.methods, temperatures=args.temperatures, variants=getattr(args, "variants", None))
     print(format_table(comparison), end="")
     paths = write(comparison, args.out)
     # stderr, so that stdout stays the table alone

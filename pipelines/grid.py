@@ -10,14 +10,14 @@ its configuration gives (`pipelines.tracking.variant`), never by run names.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
 from colam.config import Config, from_dict, validate
 from colam.errors import ColamError, require
 from pipelines.compare import Comparison, collect
-from pipelines.params import Params
+from pipelines.params import Params, pipeline_variants
 from pipelines.tracking import protocol_digest, variant
 
 
@@ -72,8 +72,8 @@ def collect_grid(client, experiment: str, params: Params) -> Grid:
     if not counts.any():
         raise ColamError(f"--experiment: no finished grid runs in experiment {experiment!r} (protocol {protocol}); "
                          f"train them first (the grid_cell stages of dvc.yaml, or colam analyze grid-cell --track)")
-    over_t = collect(client, experiment, protocol=protocol, seeds=params.compare.seeds,
-                     methods=[*params.compare.baselines, "colam"])
-    own = variant(config)
-    kept = tuple(row for row in over_t.rows if row.method != "colam" or row.variant == own)
-    return Grid(list(grid.epochs_per_stage), list(grid.peers), values, counts, replace(over_t, rows=kept))
+    methods = [*params.compare.baselines, "colam"]
+    over_t = collect(client, experiment, protocol=protocol, seeds=params.compare.seeds, methods=methods,
+                     temperatures=sorted({*params.compare.temperatures, temperature}),
+                     variants=pipeline_variants(params, methods))
+    return Grid(list(grid.epochs_per_stage), list(grid.peers), values, counts, over_t)

@@ -31,7 +31,8 @@ class CompareParams:
 class GridParams:
     """The hyperparameter grid of the paper's Fig. 4a, around the run's own settings."""
 
-    # the paper's grid (Sec. 5.3, 160 epochs): update intervals, each dividing train.epochs ...
+    # the paper's grid (Sec. 5.3, 160 epochs; its largest peer count, 100, is "all" here): update
+    # intervals, each dividing train.epochs ...
     epochs_per_stage: list[int] = field(default_factory=lambda: [1, 5, 10, 20, 40, 80])
     peers: list[int | str] = field(default_factory=lambda: [1, 2, 5, 10, "all"])  # ... x random peers per soft label
 
@@ -56,6 +57,7 @@ class Params:
     compare: CompareParams
     tracking: TrackingParams
     analysis: AnalysisParams = field(default_factory=AnalysisParams)
+    given: tuple[str, ...] = ()  # the pipeline sections the file itself holds
 
 
 PIPELINE_SECTIONS = ("compare", "analysis", "tracking")
@@ -63,12 +65,13 @@ PIPELINE_SECTIONS = ("compare", "analysis", "tracking")
 
 def load_params(path: str | Path | None, overrides: list[str] | None = None) -> Params:
     raw = read_yaml(path, overrides)
+    given = tuple(name for name in PIPELINE_SECTIONS if name in raw)
     sections = {name: raw.pop(name, {}) for name in PIPELINE_SECTIONS}
     config = from_dict(raw)
     validate(config)
     params = Params(config, build_section(CompareParams, sections["compare"], "compare."),
                     build_section(TrackingParams, sections["tracking"], "tracking."),
-                    build_section(AnalysisParams, sections["analysis"], "analysis."))
+                    build_section(AnalysisParams, sections["analysis"], "analysis."), given)
     _validate(params)
     return params
 
@@ -96,20 +99,14 @@ ANALYSIS_BASELINES = ("hl", "ls")
 
 
 def _validate_analysis(params: Params) -> None:
-    analysis, config = params.analysis, params.config
+    analysis = params.analysis
     require(analysis.samples_per_class >= 1, "analysis.samples_per_class", analysis.samples_per_class, "must be >= 1")
     require(analysis.nearest >= 1, "analysis.nearest", analysis.nearest, "must be >= 1")
     require(not analysis.classes or len(analysis.classes) == 3, "analysis.classes", analysis.classes,
             "must list exactly 3 classes (names or indices), or be empty to choose them from the soft labels")
-    for name in ANALYSIS_BASELINES:
-        require(name in params.compare.baselines, "compare.baselines", params.compare.baselines,
-                f"must include {name}: the analyses compare COLAM with {' and '.join(ANALYSIS_BASELINES)}")
-    require(config.seed in params.compare.seeds, "compare.seeds", params.compare.seeds,
-            f"must include the run's seed {config.seed}: the analyses compare runs of that seed")
     grid = analysis.grid
     for i, interval in enumerate(grid.epochs_per_stage):
-        require(interval >= 1 and config.train.epochs % interval == 0, f"analysis.grid.epochs_per_stage[{i}]",
-                interval, f"must divide train.epochs ({config.train.epochs}) into whole stages")
+        require(interval >= 1, f"analysis.grid.epochs_per_stage[{i}]", interval, "must be >= 1")
     for i, peers in enumerate(grid.peers):
         require(peers == "all" or (isinstance(peers, int) and peers >= 1), f"analysis.grid.peers[{i}]", peers,
                 "must be 'all' or an integer >= 1")
@@ -118,3 +115,31 @@ def _validate_analysis(params: Params) -> None:
         require(values, f"analysis.grid.{key}", values, "must list at least one value")
         if len(set(values)) != len(values):
             raise ColamError(f"analysis.grid.{key}: {values} repeats a value (DVC names one run per value)")
+
+
+def check_pipeline_analysis(params: Params) -> None:
+    """What the DVC pipeline's analysis stages need of the other sections (`colam check`, the gate,
+    when params.yaml has an analysis section): the hl and ls runs of the run's seed, and grid
+    intervals that split the epochs into whole stages."""
+    config = params.config
+    for name in ANALYSIS_BASELINES:
+        require(name in params.compare.baselines, "compare.baselines", params.compare.baselines,
+                f"must include {name}: the analyses compare COLAM with {' and '.join(ANALYSIS_BASELINES)}")
+    require(config.seed in params.compare.seeds, "compare.seeds", params.compare.seeds,
+            f"must include the run's seed {config.seed}: the analyses compare runs of that seed")
+    for i, interval in enumerate(params.analysis.grid.epochs_per_stage):
+        require(config.train.epochs % interval == 0, f"analysis.grid.epochs_per_stage[{i}]", interval,
+                f"must divide train.epochs ({config.train.epochs}) into whole stages")
+
+
+def pipeline_variants(params: Params, methods: list[str]) -> list[str]:
+    """The MLflow variant tags (`pipelines.tracking.variant`) of `methods` with params.yaml's settings."""
+    from colam.config import from_dict
+    from pipelines.tracking import variant
+
+    found = []
+    for name in methods:
+        settings = params.config.to_dict()
+        settings["method"]["name"] = name
+        found.append(variant(from_dict(settings)))
+    return found

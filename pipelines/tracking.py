@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import subprocess
 import tempfile
 import time
@@ -167,7 +168,8 @@ def run_parent(client: MlflowClient, experiment: str, config: Config, out_dir: s
     """The newest parent run of the run trained into `out_dir` (by `colam train --track`) with `config`."""
     found = _newest_parent(client, experiment, parent_key(config, str(Path(out_dir).resolve())))
     if found is None:
-        raise ColamError(f"--run: no MLflow run of '{out_dir}' in experiment '{experiment}' at {client.tracking_uri}; "
+        uri = re.sub(r"://[^/@]*@", "://***@", client.tracking_uri)  # a database URI may carry a password
+        raise ColamError(f"--run: no MLflow run of '{out_dir}' in experiment '{experiment}' at {uri}; "
                          f"train it with --track first, or analyse without --track")
     return found
 

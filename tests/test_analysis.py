@@ -307,7 +307,6 @@ def test_every_figure_has_a_title_labelled_axes_and_legends():
         assert plots
         for axes in plots:
             assert axes.get_xlabel() and axes.get_ylabel() and axes.get_title()
-        assert figure.get_suptitle() or all(a.get_title() for a in plots)
     for figure in built[:4]:  # several series: a legend says which is which
         assert any(a.get_legend() is not None for a in figure.axes)
 
@@ -370,3 +369,28 @@ def test_collect_grid_fills_each_cell_from_its_runs_and_marks_the_missing_ones(t
     assert found.counts.tolist() == [[1, 0], [0, 1]]
     # the temperature curve: the baselines and COLAM at the run's own interval and peers (none here)
     assert [row.method for row in found.temperature.rows] == ["hl"]
+
+
+def test_expected_accuracy_command_one_stage_then_the_figure(colam_run, tmp_path):
+    runs = tmp_path / "expected"
+    result = colam("analyze", "expected-accuracy", "--run", str(colam_run / "colam"), "--runs-out", str(runs),
+                   "--stage", "2", "--no-track", "--no-progress", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1])["stage"] == 2
+    assert not (runs / "stage_1").exists() and (runs / "stage_2" / "metrics.json").exists()
+    result = colam("analyze", "expected-accuracy", "--run", str(colam_run / "colam"), "--runs-out", str(runs),
+                   "--baselines", f"hl={colam_run / 'hl'}", "--out", str(tmp_path / "out"), "--no-track",
+                   "--no-progress", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())["stages"]
+    assert [r["stage"] for r in rows] == [1, 2]
+    assert rows[1]["expected_test_acc"] == json.loads((runs / "stage_2" / "metrics.json").read_text())["test_acc"]
+
+
+def test_tracking_without_the_runs_mlflow_run_fails_before_any_work(colam_run, tmp_path):
+    result = colam("analyze", "expected-accuracy", "--run", str(colam_run / "colam"), "--runs-out",
+                   str(tmp_path / "expected"), "--out", str(tmp_path / "out"), "--track", "--experiment", "none",
+                   cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("colam: error: --run: no MLflow run of")
+    assert not (tmp_path / "expected").exists() and not (tmp_path / "out").exists()

@@ -216,7 +216,7 @@ def test_an_interrupted_write_keeps_the_previous_files_whole(client, exp, tmp_pa
     def crash(comparison):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(compare, "_figure", crash)
+    monkeypatch.setattr(compare, "temperature_figure", crash)
     with pytest.raises(KeyboardInterrupt):
         compare.write(c, tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

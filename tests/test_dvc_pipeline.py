@@ -134,12 +134,17 @@ def test_repro_writes_every_analysis_and_logs_it_to_the_main_run(repo):
     grid = json.loads((repo.path / "runs/analysis/grid/results.json").read_text())
     assert grid["epochs_per_stage"] == [1, 2] and grid["peers"] == [1, "all"]
     assert all(value is not None for row in grid["test_acc"] for value in row)
-    # the (t = 1, all peers) cell is the main run's own setting: the same numbers
+    client = MlflowClient(f"sqlite:///{repo.path}/mlflow.db")
+    experiment = client.get_experiment_by_name("pipeline-test").experiment_id
+    # every cell was trained by its own grid_cell stage and tracked; the (t = 1, all peers) cell is
+    # the main run's own setting and gives its numbers
+    for i, t in enumerate([1, 2]):
+        for j, peers in enumerate([1, "all"]):
+            (cell,) = client.search_runs([experiment], f"tags.`colam.out_dir` = 'runs/grid/t{t}-peers{peers}'")
+            assert cell.data.metrics["test_acc"] == grid["test_acc"][i][j]
     main = json.loads((repo.path / "runs/main/eval/metrics.json").read_text())
     assert grid["test_acc"][0][1] == main["test_acc"]
 
-    client = MlflowClient(f"sqlite:///{repo.path}/mlflow.db")
-    experiment = client.get_experiment_by_name("pipeline-test").experiment_id
     (parent,) = client.search_runs([experiment], "tags.`colam.out_dir` = 'runs/main' and tags.`colam.role` = 'parent'")
     logged = {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "analysis")}
     assert logged == set(ANALYSES)

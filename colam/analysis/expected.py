@@ -11,11 +11,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from colam import io as cio
 from colam.config import Config, from_dict, validate
 from colam.engine import fit
 from colam.errors import ColamError
 from colam.runs import RunFolder
+from colam.soft_labels import check_soft_labels
 
 
 def labelled_stages(run: RunFolder, key: str = "--run") -> list[tuple[int, Path]]:
@@ -47,21 +51,63 @@ def fixed_label_config(run: RunFolder, labels_file: Path) -> Config:
 
 
 def expected_accuracy(run: RunFolder, out_dir: str | Path, *, split_dir: str | Path | None = None,
-                      progress: bool | None = None) -> list[dict]:
-    """Train one fixed-label run per labelled stage into out_dir/stage_K (resumable); one row per stage."""
+                      progress: bool | None = None, stages: list[int] | None = None) -> list[dict]:
+    """Train one fixed-label run per labelled stage (or per stage of `stages`) into out_dir/stage_K
+    (resumable; a finished one is read, not trained again); one row per stage."""
     out_dir = Path(out_dir)
+    labelled = labelled_stages(run)
+    if stages is not None:
+        missing = sorted(set(stages) - {k for k, _ in labelled})
+        if missing:
+            raise ColamError(f"--stage: stage {missing[0]} of '{run.path}' saved no soft labels (stage_"
+                             f"{missing[0]}/soft_labels.npy)")
+        labelled = [(k, f) for k, f in labelled if k in stages]
     rows = []
-    for stage, labels_file in labelled_stages(run):
+    for stage, labels_file in labelled:
         folder = out_dir / f"stage_{stage}"
         digest = cio.sha256_file(labels_file)
         _refuse_other_labels(folder, digest)
         metrics = fit(fixed_label_config(run, labels_file), folder, progress=progress, split_dir=split_dir)
-        stage_metrics = json.loads((run.stage_dirs[stage - 1] / "metrics.json").read_text())
+        stage_metrics = _stage_metrics(run.stage_dirs[stage - 1])
         rows.append({"stage": stage, "epoch": stage_metrics["epoch"], "soft_labels": str(labels_file),
                      "soft_labels_sha256": digest, "temperature": labels_temperature(labels_file),
                      "expected_test_acc": metrics["test_acc"], "expected_val_acc": metrics.get("val_acc"),
                      "run_test_acc_at_stage_end": stage_metrics["test_acc"], "out": str(folder)})
     return rows
+
+
+def _stage_metrics(stage_dir: Path) -> dict:
+    path = stage_dir / "metrics.json"
+    try:
+        metrics = json.loads(path.read_text())
+        return {"epoch": int(metrics["epoch"]), "test_acc": float(metrics["test_acc"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ColamError(f"--run: '{path}' is missing or holds no epoch and test_acc") from None
+
+
+def read_soft_labels(path: Path, key: str = "--run") -> np.ndarray:
+    """A saved C x C soft-label matrix, refused in one line unless square, finite and row-stochastic."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ColamError(f"{key}: '{path}' is not a readable .npy array ({reason[:160]})") from None
+    if array.ndim != 2 or array.shape[0] != array.shape[1] or array.dtype.kind not in "fiu":
+        raise ColamError(f"{key}: '{path}' holds a {array.shape} {array.dtype} array, not a C x C soft-label matrix")
+    check_soft_labels(torch.from_numpy(array.astype(np.float64)), len(array), f"{key}: '{path}'")
+    return array
+
+
+def class_names(labels_file: Path, count: int) -> list[str]:
+    """The class names recorded in the soft_labels.json next to `labels_file`."""
+    try:
+        names = json.loads(labels_file.with_suffix(".json").read_text())["class_names"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ColamError(f"--run: '{labels_file.with_suffix('.json')}' does not record the class names") from None
+    if not isinstance(names, list) or len(names) != count:
+        raise ColamError(f"--run: '{labels_file.with_suffix('.json')}' names {len(names) if isinstance(names, list) else 0} "
+                         f"classes, the soft labels have {count}")
+    return [str(n) for n in names]
 
 
 def _refuse_other_labels(folder: Path, digest: str) -> None:

@@ -23,8 +23,9 @@ class FixedSoftLabels(Method):
     accuracy is the checkpoint's *expected accuracy* (`colam analyze expected-accuracy`).
 
     Unlike `kd` with a label file, the loss has no T^2 factor and no hard-label term: it is
-    exactly the loss of COLAM's stages 2..m. With S the identity and T = 1 it is hard-label
-    cross-entropy. The state records the sha256 of the file; resuming refuses a changed file.
+    exactly the loss of COLAM's stages 2..m with `peers: all` (with k peers COLAM trains on
+    per-sample labels; its C x C matrix is still what this method takes). With S the identity
+    and T = 1 it is hard-label cross-entropy. The state records the sha256 of the file; resuming refuses a changed file.
     """
 
     name = "fixed"
