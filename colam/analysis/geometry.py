@@ -65,30 +65,28 @@ def template_distances(template_rows: torch.Tensor) -> torch.Tensor:
     return torch.cdist(unit, unit)
 
 
+def class_members(feats: Features, classes: list[int]) -> list[torch.Tensor]:
+    """The normalised samples of each class of `classes`, in that order."""
+    unit = normalised(feats.values)
+    members = []
+    for k in classes:
+        rows = unit[feats.labels == k]
+        if len(rows) == 0:
+            raise ColamError(f"analysis.classes: class {k} has no samples among the features")
+        members.append(rows)
+    return members
+
+
 def centroids(feats: Features, classes: list[int]) -> torch.Tensor:
     """One centroid per class of `classes`: the normalised mean of its normalised samples."""
-    unit = normalised(feats.values)
-    rows = []
-    for k in classes:
-        members = unit[feats.labels == k]
-        if len(members) == 0:
-            raise ColamError(f"--classes: class {k} has no samples to take a centroid of")
-        rows.append(members.mean(dim=0))
-    return normalised(torch.stack(rows))
+    return normalised(torch.stack([rows.mean(dim=0) for rows in class_members(feats, classes)]))
 
 
 def average_distances(points: torch.Tensor, feats: Features, classes: list[int]) -> torch.Tensor:
     """K x K: entry [i, j] is the mean distance from normalised point i (a template or a centroid of
     class classes[i]) to the normalised samples of class classes[j] (Fig. 3: ADT, ADC)."""
     unit_points = normalised(points)
-    unit = normalised(feats.values)
-    columns = []
-    for k in classes:
-        members = unit[feats.labels == k]
-        if len(members) == 0:
-            raise ColamError(f"--classes: class {k} has no samples to measure distances to")
-        columns.append(torch.cdist(unit_points, members).mean(dim=1))
-    return torch.stack(columns, dim=1)
+    return torch.stack([torch.cdist(unit_points, rows).mean(dim=1) for rows in class_members(feats, classes)], dim=1)
 
 
 @dataclass(frozen=True)
@@ -107,14 +105,14 @@ def template_plane(three_templates: torch.Tensor) -> Plane:
     """Mueller et al. 2019's plane: spanned by w_b - w_a and w_c - w_a (Gram-Schmidt), through the
     templates' mean, so the three templates keep their pairwise distances in the projection."""
     if three_templates.shape[0] != 3:
-        raise ColamError(f"--classes: the projection needs exactly 3 templates, got {three_templates.shape[0]}")
+        raise ColamError(f"analysis.classes: the projection needs exactly 3 templates, got {three_templates.shape[0]}")
     w = three_templates.double()
     first = w[1] - w[0]
     if first.norm() == 0:
-        raise ColamError("--classes: two of the three templates are identical; they span no plane")
+        raise ColamError("analysis.classes: two of the three templates are identical; they span no plane")
     e1 = first / first.norm()
     second = (w[2] - w[0]) - ((w[2] - w[0]) @ e1) * e1
     if second.norm() <= 1e-12 * max(float(w.norm()), 1.0):
-        raise ColamError("--classes: the three templates lie on one line; they span no plane")
+        raise ColamError("analysis.classes: the three templates lie on one line; they span no plane")
     e2 = second / second.norm()
     return Plane(origin=w.mean(dim=0), basis=torch.stack([e1, e2], dim=1))
