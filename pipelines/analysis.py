@@ -28,9 +28,6 @@ import numpy as np
 from colam import io as cio
 from colam.errors import ColamError
 
-NAMES = ("curves", "expected-accuracy", "geometry", "soft-labels", "grid-cell", "grid")
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     commands = parser.add_subparsers(dest="analysis", required=True)
 
@@ -287,7 +284,8 @@ def grid(args) -> int:
     params = _params(args)
     run = open_run(args.run, "--run")
     start(args, run)
-    found = collect_grid(connect(), args.experiment or params.tracking.experiment, params)
+    client = args.tracker[0] if args.tracker is not None else connect()  # the store start() reached, if any
+    found = collect_grid(client, args.experiment or params.tracking.experiment, params)
     section = params.config.method.colam
     heat = figures.grid_heatmap(found.values, found.counts, found.epochs_per_stage, found.peers,
                                 f"COLAM test accuracy (%) by update interval and peers\n"
@@ -466,9 +464,3 @@ def _log(tracker, name: str, paths: list[Path], metrics: dict) -> None:
     if batch:
         client.log_batch(parent, metrics=batch)
     print(f"MLflow: logged analysis/{name} to run {parent} in experiment '{experiment}'", file=sys.stderr)
-
-
-def results_of(folder: str | Path) -> dict:
-    """An analysis's results.json (for tests and notebooks)."""
-    return json.loads((Path(folder) / "results.json").read_text())
-
