@@ -8,6 +8,9 @@
     colam datasets
 
 Bad input exits with status 2 and one line on stderr naming the input; nothing is written.
+
+Data-parallel training on several GPUs (or CPU processes) runs the same command under torchrun:
+    torchrun --standalone --nproc-per-node N -m colam.cli train --config FILE --out DIR
 """
 
 from __future__ import annotations
@@ -24,8 +27,12 @@ from colam.errors import ColamError
 def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
     """Run the command line; `parser` lets a wrapper (pipelines.cli) add commands and tracking."""
     args = (parser or build_parser()).parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
+        from colam.distributed import env_world
+
+        # under torchrun, rank 0 tells the story; the other ranks speak only to warn
+        logging.basicConfig(level=logging.INFO if env_world().main else logging.WARNING, format="%(message)s",
+                            stream=sys.stderr)
         return args.func(args)
     except ColamError as exc:
         print(f"colam: error: {exc}", file=sys.stderr)
@@ -34,6 +41,10 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
         print("colam: interrupted; run the same command again to resume from the last completed epoch",
               file=sys.stderr)
         return 130
+    finally:
+        from colam import distributed
+
+        distributed.shutdown()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,6 +99,7 @@ def _no_run_log(args, config):
 
 
 def _train(args) -> int:
+    from colam import distributed
     from colam.engine import fit, fit_stage
 
     config = args.load_config(args)
@@ -97,7 +109,8 @@ def _train(args) -> int:
         else:
             metrics = fit_stage(config, args.out, args.stage, run_log=run_log, progress=args.progress,
                                 split_dir=args.split)
-    print(json.dumps(metrics))
+    if distributed.current().main:  # under torchrun, once
+        print(json.dumps(metrics))
     return 0
 
 

@@ -53,6 +53,11 @@ class TrainConfig:
     gamma: float = 0.1  # multistep decay factor
     device: str = "auto"  # auto picks cuda when available, else cpu
     eval_batch_size: int = 256
+    precision: str = "auto"  # fp32 | bf16 (autocast); auto: bf16 on a CUDA device that supports it, else fp32
+    channels_last: bool | str = "auto"  # NHWC memory layout for the convolutions; auto: on CUDA
+    compile: bool = False  # torch.compile the model (the first epochs pay for compiling)
+    data_on_device: bool | str = "auto"  # hold the training set on the device, crop/flip there in batches
+    # (CIFAR, digits; colam.feed); auto: on CUDA when the data set has a tensor form; false: DataLoader
 
 
 @dataclass
@@ -83,6 +88,8 @@ class ColamConfig:
     temperature: float = 2.0  # T of Eq. 4 and of the soft-label softmax; the paper recommends 1..2
     peers: int | str = "all"  # "all": one soft label per class; k: each sample averages k random same-class peers
     aggregation: str = "logits"  # average logits (the paper) or probabilities over the peers
+    estimation: str = "pass"  # pass: a forward pass over the training set at each stage end (Algorithm 1);
+    # online: the training logits of each stage's last epoch, summed as they are computed (no extra pass)
 
 
 # --- CSKD (block owned by colam/methods/cskd.py)
@@ -338,4 +345,8 @@ def validate(config: Config) -> None:
     require(0.0 < t.gamma <= 1.0, "train.gamma", t.gamma, "must be in (0, 1]")
     require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device) is not None, "train.device", t.device,
             "must be auto, cpu, cuda or cuda:N")
+    require(t.precision in ("auto", "fp32", "bf16"), "train.precision", t.precision, "must be auto, fp32 or bf16")
+    for key in ("channels_last", "data_on_device"):
+        value = getattr(t, key)
+        require(isinstance(value, bool) or value == "auto", f"train.{key}", value, "must be true, false or auto")
     METHODS[m.name].validate(config)

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from colam import io as cio
 from colam.config import DataConfig
-from colam.datasets import RawData, build_raw_data
+from colam.datasets import ImageTensors, RawData, build_raw_data
 from colam.errors import ColamError
 
 
@@ -52,6 +52,7 @@ class TrainingData:
     classes: list[str]
     in_channels: int
     image_size: int
+    tensors: ImageTensors | None = None  # the raw data set as tensors (train.data_on_device), indexed by the splits
 
     @property
     def num_classes(self) -> int:
@@ -97,6 +98,7 @@ def build_data(cfg: DataConfig, split_dir: str | Path | None = None) -> Training
         classes=list(raw.classes),
         in_channels=raw.in_channels,
         image_size=raw.image_size,
+        tensors=raw.tensors,
     )
 
 

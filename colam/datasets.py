@@ -28,6 +28,21 @@ from colam.errors import ColamError
 
 
 @dataclass
+class ImageTensors:
+    """A data set small enough to hold whole, as tensors, with its training transform in batch
+    form: what `train.data_on_device` (colam.feed.ResidentFeed) needs. The transform is a random
+    crop of the image's size from the image zero-padded by `pad` pixels, a horizontal flip with
+    probability 1/2 when `flip`, then (x - mean) / std per channel."""
+
+    train: torch.Tensor  # N x C x H x W in the order of RawData.train_targets: uint8 (0..255) or float in [0, 1]
+    test: torch.Tensor
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    pad: int
+    flip: bool
+
+
+@dataclass
 class RawData:
     train: Dataset  # augmented training samples: item -> (CxHxW float tensor, int label)
     train_eval: Dataset  # the same samples, same order, evaluation transform
@@ -37,6 +52,7 @@ class RawData:
     classes: list[str]  # class names, index = label
     in_channels: int
     image_size: int
+    tensors: ImageTensors | None = None  # the same data as tensors, when it fits in (GPU) memory
 
 
 @dataclass(frozen=True)
@@ -125,7 +141,8 @@ def _build_digits(root: Path, download: bool) -> RawData:
     )
     train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
     train_images = images[train_idx]
-    normalize = T.Normalize([train_images.mean().item()], [train_images.std().item()])
+    mean, std = train_images.mean().item(), train_images.std().item()
+    normalize = T.Normalize([mean], [std])
     # Shift before normalising so the padding is 0 = background. No flips: digits are not symmetric.
     augment = T.Compose([RandomShift(1, fill=0.0), normalize])
     return RawData(
@@ -137,6 +154,7 @@ def _build_digits(root: Path, download: bool) -> RawData:
         classes=[str(c) for c in bunch.target_names],
         in_channels=1,
         image_size=8,
+        tensors=ImageTensors(train_images, images[test_idx], (mean,), (std,), pad=1, flip=False),
     )
 
 
@@ -146,9 +164,17 @@ def _cifar_builder(name: str, cls: type) -> Callable[[Path, bool], RawData]:
         train = cls(root, train=True, transform=train_t, download=download)
         train_eval = cls(root, train=True, transform=eval_t, download=False)
         test = cls(root, train=False, transform=eval_t, download=False)
-        return _from_labelled(train, train_eval, test, image_size=32)
+        raw = _from_labelled(train, train_eval, test, image_size=32)
+        # torchvision holds CIFAR in memory as N x H x W x C uint8: the same pixels, channels first
+        raw.tensors = ImageTensors(_channels_first(train.data), _channels_first(test.data), *CIFAR_STATS[name],
+                                   pad=4, flip=True)
+        return raw
 
     return build
+
+
+def _channels_first(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
 
 
 def _image_folder(path: Path, transform: Callable) -> tvd.ImageFolder:

@@ -12,6 +12,11 @@
 
 Every epoch starts by seeding torch's generator and the loader's from (seed, epoch), so an
 interrupted run resumed from its checkpoint repeats the uninterrupted run's numbers on CPU.
+
+Speed (train.*): batches come from a DataLoader or, for data that fits, straight from the device
+(`colam.feed`); bf16 autocast, channels_last and torch.compile are options whose `auto` defaults
+follow the device. Under `torchrun` the model is wrapped in DistributedDataParallel and rank 0
+alone evaluates and writes (`colam.distributed`).
 """
 
 from __future__ import annotations
@@ -32,14 +37,16 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
+from colam import distributed
 from colam import io as cio
 from colam.config import Config, validate
-from colam.data import TrainingData, build_data, loader
+from colam.data import TrainingData, build_data
 from colam.datasets import dataset_spec
+from colam.distributed import World
 from colam.errors import ColamError
+from colam.feed import LoaderFeed, ResidentFeed, global_seed, make_feed
 from colam.methods import METHODS, Method
 from colam.models import build_model
-from colam.seeding import derive_seed
 from colam.soft_labels import check_soft_labels
 
 log = logging.getLogger("colam")
@@ -68,6 +75,17 @@ class Prepared:
     method: Method
     stage_epochs: list[int]
     device: torch.device
+    world: World = distributed.SINGLE
+    feed: LoaderFeed | ResidentFeed | None = None
+    precision: torch.dtype | None = None  # the autocast dtype (bf16), None for fp32
+    channels_last: bool = False
+
+    @property
+    def speed(self) -> dict:
+        """How this run executes, for the run log: none of it changes what is trained."""
+        return {"world_size": self.world.size, "precision": "bf16" if self.precision else "fp32",
+                "channels_last": self.channels_last, "compile": self.config.train.compile,
+                "data_on_device": isinstance(self.feed, ResidentFeed)}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -88,10 +106,20 @@ def prepare(config: Config, split_dir: str | Path | None = None) -> Prepared:
     split is drawn from `data.*` (the same one, since it depends on `data.split_seed` alone).
     """
     validate(config)
-    device = resolve_device(config.train.device)
+    world, device_name = distributed.init(config.train.device)
+    device = resolve_device(device_name)
+    method_cls = METHODS[config.method.name]
+    if not method_cls.data_parallel:
+        if world.distributed:
+            raise ColamError(f"method.name: {config.method.name} cannot train under torchrun (WORLD_SIZE={world.size}); "
+                             f"run it as one process")
+        if config.train.compile:
+            raise ColamError(f"train.compile: {config.method.name} does not train through a single model call that "
+                             f"torch.compile could take; set it to false")
     check_names(config)  # before a data set is read or downloaded
     data = build_data(config.data, split_dir)
-    METHODS[config.method.name].check_data(config, data.class_counts())
+    method_cls.check_data(config, data.class_counts())
+    _check_shards(config, len(data.train), world)
     torch.manual_seed(config.seed)  # the model's initial weights
     model = build_model(config.model.name, data.num_classes, in_channels=data.in_channels, **config.model.options)
     model = METHODS[config.method.name].wrap_model(model, config, data.num_classes)
@@ -99,8 +127,29 @@ def prepare(config: Config, split_dir: str | Path | None = None) -> Prepared:
     method.attach(model)
     method.clean_train_targets = data.clean_train_targets  # for stage_report only, never for training
     method.attach_data(data)
-    return Prepared(config, data, model.to(device), method.to(device), METHODS[config.method.name].stage_epochs(config),
-                    device)
+    t = config.train
+    precision = torch.bfloat16 if t.precision == "bf16" or (
+        t.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()) else None
+    channels_last = device.type == "cuda" if t.channels_last == "auto" else t.channels_last
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return Prepared(config, data, model, method.to(device), method_cls.stage_epochs(config), device, world,
+                    make_feed(data, config, device, world), precision, channels_last)
+
+
+def _check_shards(config: Config, samples: int, world: World) -> None:
+    """Under torchrun the last global batch is dropped when it has fewer samples than ranks;
+    per-sample soft labels gathered online need every sample in the stage's last epoch."""
+    dropped = samples % config.train.batch_size
+    if not world.distributed or dropped == 0 or dropped >= world.size:
+        return
+    colam = config.method.colam
+    if config.method.name == "colam" and colam.estimation == "online" and colam.peers != "all":
+        raise ColamError(f"train.batch_size: {config.train.batch_size} leaves a last batch of {dropped} sample(s) for "
+                         f"{world.size} ranks, which is dropped; online per-sample soft labels need every sample. "
+                         f"Choose a batch size that leaves none or at least {world.size}")
+    log.warning("the last batch of each epoch (%d samples, fewer than the %d ranks) is dropped", dropped, world.size)
 
 
 def check_names(config: Config) -> None:
@@ -133,29 +182,37 @@ def learning_rate(config: Config, epoch: int) -> float:
     return t.lr
 
 
-def epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
-    """A seed for one epoch; separate streams keep shuffling independent of augmentation draws."""
-    return derive_seed(seed, epoch * 7919 + stream * 104_729)
+def to_device(images: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
+    """A batch of inputs on the device (non-blocking from pinned memory), NHWC when asked."""
+    if channels_last and images.dim() == 4:
+        return images.to(device, non_blocking=True, memory_format=torch.channels_last)
+    return images.to(device, non_blocking=True)
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
 def train_one_epoch(model: nn.Module, batches, method: Method, optimizer: torch.optim.Optimizer, stage: int,
-                    device: torch.device, desc: str = "", progress: bool = False) -> tuple[float, float]:
-    """One pass over `batches` of (x, y, index); returns mean loss and accuracy on the given labels."""
+                    device: torch.device, desc: str = "", progress: bool = False, precision: torch.dtype | None = None,
+                    channels_last: bool = False) -> tuple[float, float]:
+    """One pass over `batches` of (x, y, index); returns mean loss and accuracy on the given labels
+    (over every rank's samples under torchrun)."""
     model.train()
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    seen = 0
+    totals = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, correct, seen
     for images, targets, indices in tqdm(batches, desc=desc, leave=False, disable=not progress, file=sys.stderr):
-        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        loss, logits = method.forward_loss(model, images, targets, indices, stage)
+        images, targets = to_device(images, device, channels_last), targets.to(device, non_blocking=True)
+        with autocast(device, precision):
+            loss, logits = method.forward_loss(model, images, targets, indices, stage)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         # Accumulate on the device: a .item() per step would synchronise with the GPU every step.
-        loss_sum += loss.detach() * len(targets)
-        correct += (logits.detach().argmax(dim=1) == targets).sum()
-        seen += len(targets)
-    return loss_sum.item() / seen, correct.item() / seen
+        totals[0] += loss.detach() * len(targets)
+        totals[1] += (logits.detach().argmax(dim=1) == targets).sum()
+        totals[2] += len(targets)
+    loss_sum, correct, seen = distributed.all_reduce_sum(totals).tolist()
+    return loss_sum / seen, correct / seen
 
 
 @torch.no_grad()
@@ -166,14 +223,17 @@ def predict(model: nn.Module, batches, device: torch.device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches, device: torch.device) -> float:
+def evaluate(model: nn.Module, batches, device: torch.device, precision: torch.dtype | None = None,
+             channels_last: bool = False) -> float:
     model.eval()
-    correct, seen = 0, 0
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
     for images, targets, _ in batches:
-        logits = model(images.to(device, non_blocking=True))
-        correct += (logits.argmax(dim=1).cpu() == targets).sum().item()
+        with autocast(device, precision):
+            logits = model(to_device(images, device, channels_last))
+        correct += (logits.argmax(dim=1) == targets.to(device, non_blocking=True)).sum()
         seen += len(targets)
-    return correct / seen
+    return correct.item() / seen
 
 
 def fit(config: Config, out_dir: str | Path, *, run_log: RunLog | None = None, progress: bool | None = None,
@@ -192,7 +252,8 @@ def fit(config: Config, out_dir: str | Path, *, run_log: RunLog | None = None, p
             return metrics
     prepared = prepare(config, split_dir)  # raises before anything is written
     _make_dir(out_dir)
-    cio.write_text(out_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+    if prepared.world.main:
+        cio.write_text(out_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
     return _train(prepared, out_dir, state, run_log, progress, until=config.train.epochs, whole_run=True)
 
 
@@ -267,8 +328,11 @@ def _train(p: Prepared, out_dir: Path, state: dict | None, run_log: RunLog, prog
     """
     if stage_dir is None:
         stage_dir = lambda stage: out_dir / f"stage_{stage}"  # noqa: E731
-    config, model, method, data, device = p.config, p.model, p.method, p.data, p.device
+    config, model, method, data, device, world = p.config, p.model, p.method, p.data, p.device, p.world
     t = config.train
+    main = world.main  # rank 0 evaluates, writes and reports; every rank trains
+    if not main:
+        run_log = RunLog()
     optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     history: list[dict] = []
     start_epoch, elapsed = 0, 0.0
@@ -278,12 +342,13 @@ def _train(p: Prepared, out_dir: Path, state: dict | None, run_log: RunLog, prog
         method.load_state_dict(state["method"])
         history, start_epoch, elapsed = state["history"], state["epoch"], state["elapsed"]
         log.info("continuing %s after epoch %d of %d", out_dir, start_epoch, t.epochs)
-    pin = device.type == "cuda"
-    eval_loaders = {name: loader(split, t.eval_batch_size, shuffle=False, num_workers=config.data.num_workers,
-                                 pin_memory=pin)
-                    for name, split in (("val", data.val), ("test", data.test)) if split is not None}
+    net = model  # what training calls; the model itself is evaluated and saved
+    if world.distributed:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if t.compile:
+        net = torch.compile(net)
     run_log.start(config, {"num_classes": data.num_classes, "train_samples": len(data.train), "device": str(device),
-                           "stage_epochs": p.stage_epochs, "resumed_from_epoch": start_epoch})
+                           "stage_epochs": p.stage_epochs, "resumed_from_epoch": start_epoch, **p.speed})
     stage_ends = np.cumsum(p.stage_epochs).tolist()
     for epoch in range(start_epoch, until):
         stage = 1 + sum(epoch >= end for end in stage_ends)
@@ -295,21 +360,24 @@ def _train(p: Prepared, out_dir: Path, state: dict | None, run_log: RunLog, prog
         lr = learning_rate(config, epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        torch.manual_seed(epoch_seed(config.seed, epoch))
-        batches = loader(data.train, t.batch_size, shuffle=True, num_workers=config.data.num_workers,
-                         seed=epoch_seed(config.seed, epoch, stream=1), pin_memory=pin)
+        torch.manual_seed(global_seed(config.seed, epoch, world))
+        method.epoch_start(epoch + 1, stage)
         desc = f"stage {stage}/{len(stage_ends)} epoch {epoch + 1}/{t.epochs}"
-        train_loss, train_acc = train_one_epoch(model, batches, method, optimizer, stage, device, desc, progress)
+        train_loss, train_acc = train_one_epoch(net, p.feed.train(epoch), method, optimizer, stage, device, desc,
+                                                progress and main, p.precision, p.channels_last)
+        distributed.broadcast_buffers(model)  # every rank now holds rank 0's model exactly
         method.epoch_end(epoch + 1, stage)
         if not math.isfinite(train_loss):
             where = out_dir / "checkpoint.pt" if whole_run else last_good or out_dir / f"stage_{stage - 1}"
             raise ColamError(f"training diverged: non-finite loss in stage {stage}, epoch {epoch + 1}; "
                              f"the last good state is {where}")
         row = {"epoch": epoch + 1, "stage": stage, "lr": lr, "train_loss": train_loss, "train_acc": train_acc}
-        for name, batches_eval in eval_loaders.items():
-            row[f"{name}_acc"] = evaluate(model, batches_eval, device)
+        for name in ("val", "test") if main else ():
+            batches_eval = p.feed.evaluation(name)
+            if batches_eval is not None:
+                row[f"{name}_acc"] = evaluate(model, batches_eval, device, p.precision, p.channels_last)
         stage_end = epoch + 1 in stage_ends
-        saved = stage_end or (not whole_run and epoch + 1 == until)  # a step may end mid-stage
+        saved = main and (stage_end or (not whole_run and epoch + 1 == until))  # a step may end mid-stage
         estimation_seconds = None
         if saved:
             cio.save_torch(stage_dir(stage) / "model.pt", model.state_dict())
@@ -322,7 +390,7 @@ def _train(p: Prepared, out_dir: Path, state: dict | None, run_log: RunLog, prog
                  "".join(f"  {k[:-4]} {row[k]:.4f}" for k in ("val_acc", "test_acc") if k in row), row["seconds"])
         resume = {"epoch": epoch + 1, "optimizer": optimizer.state_dict(), "method": method.state_dict(),
                   "history": history, "elapsed": elapsed, "config": config.to_dict()}
-        if epoch + 1 == t.epochs:
+        if epoch + 1 == t.epochs and main:
             exported = method.export(model)
             if exported is not model:  # the deployable network, e.g. one head of a multi-head model
                 cio.save_torch(stage_dir(stage) / "export.pt", exported.state_dict())
@@ -330,13 +398,14 @@ def _train(p: Prepared, out_dir: Path, state: dict | None, run_log: RunLog, prog
             report = method.stage_report(stage) if stage_end else {}
             _write_stage(stage_dir(stage), resume,
                          {**row, "estimation_seconds": estimation_seconds, **report, **(step_info or {})})
-        if whole_run:
+        if whole_run and main:
             _write_history(out_dir / "history.csv", history)
             cio.save_torch(out_dir / "checkpoint.pt", {**resume, "model": model.state_dict()})
         run_log.epoch_end(stage, row)  # after the state is saved: a resumed run never reports an epoch twice
         if stage_end:
             run_log.stage_end(stage, stage_dir(stage), {**row, "estimation_seconds": estimation_seconds})
-    if until < t.epochs:
+    distributed.barrier()  # every file rank 0 writes exists before any rank returns
+    if until < t.epochs or not main:
         return {}
     metrics = run_metrics(config, history, elapsed)
     if whole_run:
@@ -349,22 +418,32 @@ def estimate_artifacts(p: Prepared, stage: int, stage_dir: Path, epoch: int) -> 
     """Let the method learn from the model at a stage end (COLAM's soft labels) and save what it
     learned to `stage_dir`; returns the seconds it took and the names saved (NAME.npy)."""
     began = time.perf_counter()
-    outputs = None
     if p.method.needs_outputs(stage):
-        batches = loader(p.data.train_eval, p.config.train.eval_batch_size, shuffle=False,
-                         num_workers=p.config.data.num_workers, pin_memory=p.device.type == "cuda")
-        outputs = predict(p.model, batches, p.device)
-    artifacts = p.method.end_stage(stage, outputs)
+        stream_outputs(p)
+    artifacts = p.method.end_stage(stage)
     for name, tensor in artifacts.items():
+        distributed.check_identical(tensor, f"stage {stage} {name}")
         check_soft_labels(tensor, p.data.num_classes, f"stage {stage} {name} (estimated from the model's outputs)")
-        cio.save_array(stage_dir / f"{name}.npy", tensor.detach().cpu().numpy().astype(np.float32))
-    if "soft_labels" in artifacts:
+        if p.world.main:
+            cio.save_array(stage_dir / f"{name}.npy", tensor.detach().cpu().numpy().astype(np.float32))
+    if "soft_labels" in artifacts and p.world.main:
         section = p.config.method.colam
         cio.write_json(stage_dir / "soft_labels.json", {
             "stage": stage, "epoch": epoch, "temperature": section.temperature,
             "aggregation": section.aggregation, "peers": section.peers, "method": p.config.method.name,
             "class_names": p.data.classes, "train_samples_per_class": p.data.class_counts()})
     return time.perf_counter() - began, sorted(artifacts)
+
+
+@torch.no_grad()
+def stream_outputs(p: Prepared) -> None:
+    """The stage-end pass: the model's outputs on the training set (no augmentation, eval mode),
+    batch by batch into `method.observe`; under torchrun each rank passes its share."""
+    p.model.eval()
+    for images, targets, indices in p.feed.estimation():
+        with autocast(p.device, p.precision):
+            outputs = p.model(to_device(images, p.device, p.channels_last))
+        p.method.observe(outputs.float(), targets.to(p.device, non_blocking=True), indices.to(p.device))
 
 
 def _write_stage(stage_dir: Path, resume: dict, metrics: dict) -> None:

@@ -6,16 +6,20 @@ With all same-class samples as peers every sample of a class shares one label, s
 form a C x C matrix (row c = label of class c). With k random peers each sample gets its own
 label (an N x C matrix), the "number of random peer samples" of Sec. 5.3.
 
-Pure tensor functions: no model, no data loading, no state.
+Tensor functions, and `OutputSums`, which gathers what they need batch by batch: from the
+stage-end forward pass (estimation "pass", Algorithm 1) or from the training logits of the
+stage's last epoch (estimation "online", no extra pass), summed over the ranks of a torchrun job.
 """
 
 from __future__ import annotations
 
 import torch
 
+from colam import distributed
 from colam.errors import ColamError
 
 AGGREGATIONS = ("logits", "probs")
+ESTIMATIONS = ("pass", "online")
 
 
 def class_sums(outputs: torch.Tensor, targets: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,3 +105,64 @@ def check_soft_labels(labels: torch.Tensor, num_classes: int, name: str = "soft 
     worst = (labels.sum(dim=1) - 1).abs().max().item()
     if worst > 1e-4:
         raise ColamError(f"{name}: rows must sum to 1 (largest deviation {worst:.3g})")
+
+
+class OutputSums:
+    """Class-wise sums and counts of a model's outputs, added batch by batch with `index_add_` and
+    `bincount` (never a loop over samples); with `num_samples`, also every sample's outputs by
+    index, which the per-sample labels of a peer count need.
+
+    Fed the whole training set once, it gives exactly `class_soft_labels` / `peer_soft_labels` of
+    the outputs in one piece. `reduce` sums the partial results of the ranks of a distributed run.
+    """
+
+    def __init__(self, num_classes: int, aggregation: str, num_samples: int | None = None,
+                 device: torch.device | str = "cpu"):
+        _prepare(torch.zeros(1, 1), aggregation)  # refuses an unknown aggregation
+        self.num_classes, self.aggregation, self.num_samples = num_classes, aggregation, num_samples
+        self.sums = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device)
+        self.counts = torch.zeros(num_classes, dtype=torch.float64, device=device)
+        self.outputs = self.seen = None
+        if num_samples is not None:
+            self.outputs = torch.zeros(num_samples, num_classes, dtype=torch.float32, device=device)
+            self.seen = torch.zeros(num_samples, dtype=torch.float32, device=device)
+
+    @torch.no_grad()
+    def add(self, outputs: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor | None = None) -> None:
+        outputs = outputs.detach().float()
+        targets = targets.to(self.sums.device)
+        self.sums.index_add_(0, targets, _prepare(outputs, self.aggregation).to(self.sums))
+        self.counts.index_add_(0, targets, torch.ones_like(targets, dtype=torch.float64))
+        if self.outputs is not None:
+            if indices is None:
+                raise ValueError("OutputSums.add: indices are required when per-sample outputs are kept")
+            indices = indices.to(self.outputs.device)
+            self.outputs.index_copy_(0, indices, outputs.to(self.outputs))
+            self.seen.index_fill_(0, indices, 1.0)
+
+    def reduce(self) -> None:
+        """Sum the ranks' partial results (a no-op in a single process): each sample is seen by one rank."""
+        for tensor in (self.sums, self.counts, self.outputs, self.seen):
+            if tensor is not None:
+                distributed.all_reduce_sum(tensor)
+
+    def class_labels(self, temperature: float) -> torch.Tensor:
+        """The C x C matrix: row c = softmax(mean of class c's outputs / T)."""
+        return soft_labels_from_sums(self.sums, self.counts, temperature, self.aggregation)
+
+    def sample_outputs(self) -> torch.Tensor:
+        """Every training sample's outputs (N x C); refuses a set in which a sample was never seen."""
+        missing = int((self.seen == 0).sum())
+        if missing:
+            raise ColamError(f"method.colam.peers: per-sample soft labels need the outputs of every training sample, "
+                             f"{missing} of {self.num_samples} were not seen")
+        return self.outputs
+
+    def state_dict(self) -> dict:
+        return {"sums": self.sums, "counts": self.counts, "outputs": self.outputs, "seen": self.seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        device = self.sums.device
+        self.sums, self.counts = state["sums"].to(device), state["counts"].to(device)
+        self.outputs = state["outputs"].to(device) if state.get("outputs") is not None else None
+        self.seen = state["seen"].to(device) if state.get("seen") is not None else None

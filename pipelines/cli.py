@@ -87,8 +87,10 @@ def _check(args) -> int:
 def _run_log(args, config):
     from contextlib import nullcontext
 
+    from colam.distributed import env_world
+
     track = args.track if args.track is not None else bool(os.environ.get("MLFLOW_TRACKING_URI"))
-    if not track:
+    if not track or not env_world().main:  # under torchrun, rank 0 alone reports
         return nullcontext(None)
     from pipelines.tracking import MlflowRunLog, connect
 

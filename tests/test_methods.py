@@ -36,7 +36,7 @@ def test_every_method_gives_a_finite_differentiable_loss(name, tmp_path):
     """Each stage of every method on a real tiny batch, through the hooks the engine calls."""
     from colam.config import load_config
     from colam.data import loader
-    from colam.engine import predict, prepare
+    from colam.engine import prepare, stream_outputs
     from tests.conftest import TINY
 
     p = prepare(load_config(None, TINY + [f"method.name={name}", *method_extras(name, tmp_path)]))
@@ -44,8 +44,8 @@ def test_every_method_gives_a_finite_differentiable_loss(name, tmp_path):
     images, targets, indices = next(iter(loader(p.data.train, 16, shuffle=True, num_workers=0, seed=0)))
     for stage in range(1, len(p.stage_epochs) + 1):
         if stage > 1 and p.method.needs_outputs(stage - 1):  # what the engine does at a stage end
-            p.method.end_stage(stage - 1, predict(p.model, loader(p.data.train_eval, 64, shuffle=False,
-                                                                  num_workers=0), p.device))
+            stream_outputs(p)
+            p.method.end_stage(stage - 1)
         p.method.stage_start(stage, p.model, optimizer)
         p.model.train()
         loss, logits = p.method.forward_loss(p.model, images, targets, indices, stage)
@@ -117,12 +117,18 @@ def test_disturblabel_alpha_zero_is_hard_labels(batch):
     assert torch.allclose(method.loss(logits, targets, indices, 1), F.cross_entropy(logits, targets))
 
 
+def end_stage(method, outputs):
+    """A stage-1 end fed the whole training set's `outputs` in one batch, as the engine's pass does."""
+    method.observe(outputs, method.train_targets, torch.arange(len(outputs)))
+    return method.end_stage(1)
+
+
 def test_colam_stage_one_is_hard_labels_then_eq4_with_soft_labels(batch):
     method, train_targets = make("colam", temperature=2.0)
     logits, targets, indices = batch
     assert torch.allclose(method.loss(logits, targets, indices, 1), F.cross_entropy(logits, targets))
     outputs = torch.randn(20, C, generator=torch.Generator().manual_seed(1))
-    artifacts = method.end_stage(1, outputs)
+    artifacts = end_stage(method, outputs)
     soft = artifacts["soft_labels"]
     assert soft.shape == (C, C) and torch.allclose(soft.sum(1), torch.ones(C))
     mean_c0 = outputs[train_targets == 0].mean(0)
@@ -135,7 +141,7 @@ def test_colam_stage_one_is_hard_labels_then_eq4_with_soft_labels(batch):
 def test_colam_random_peers_give_per_sample_labels(batch):
     method, train_targets = make("colam", temperature=2.0, peers=2)
     outputs = torch.randn(20, C)
-    artifacts = method.end_stage(1, outputs)
+    artifacts = end_stage(method, outputs)
     per_sample = artifacts["sample_soft_labels"]
     assert per_sample.shape == (20, C)
     assert not torch.allclose(per_sample, artifacts["soft_labels"][train_targets])  # labels differ within a class
@@ -148,7 +154,7 @@ def test_colam_random_peers_give_per_sample_labels(batch):
 
 def test_colam_state_round_trips(batch):
     method, _ = make("colam", peers=2)
-    method.end_stage(1, torch.randn(20, C))
+    end_stage(method, torch.randn(20, C))
     restored, _ = make("colam", peers=2)
     restored.load_state_dict(method.state_dict())
     logits, targets, indices = batch

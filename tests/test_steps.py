@@ -118,12 +118,18 @@ def test_every_method_gives_the_numbers_of_fit_when_run_as_pipeline_steps(name, 
     assert all(torch.equal(final[k], stepped[k]) for k in final)
 
 
-def test_colam_stages_cut_into_several_steps_give_the_numbers_of_fit(tmp_path):
+@pytest.mark.parametrize("extra", [
+    [],
+    # online sums travel from the train step to the estimate step in the stage state
+    ["method.colam.estimation=online"],
+    ["method.colam.estimation=online", "method.colam.peers=3", "train.data_on_device=true"],
+])
+def test_colam_stages_cut_into_several_steps_give_the_numbers_of_fit(tmp_path, extra):
     """Two steps per COLAM stage: a step that starts mid-stage needs no new soft labels."""
     from colam.engine import fit
     from colam.steps import estimate_step, prepare_step, train_step
 
-    config = step_config(base(), steps=2, epochs_per_step=2)  # 2 stages of 2 epochs
+    config = step_config(base(*extra), steps=2, epochs_per_step=2)  # 2 stages of 2 epochs
     whole = fit(config, tmp_path / "whole", progress=False)
     prepare_step(config, tmp_path / "split")
     previous: dict = {}
@@ -133,3 +139,9 @@ def test_colam_stages_cut_into_several_steps_give_the_numbers_of_fit(tmp_path):
         estimate_step(config, step, 4, out, tmp_path / f"estimate_{step}", split_dir=tmp_path / "split")
         previous = {"checkpoint": out, "soft_labels": tmp_path / f"estimate_{step}"}
     assert (metrics["test_acc"], metrics["train_loss"]) == (whole["test_acc"], whole["train_loss"])
+    import numpy as np
+
+    for stage, step in ((1, 2), (2, 4)):  # the soft labels of each stage end, bit for bit
+        for name in ("soft_labels", "sample_soft_labels")[: 2 if "method.colam.peers=3" in extra else 1]:
+            assert np.array_equal(np.load(tmp_path / "whole" / f"stage_{stage}" / f"{name}.npy"),
+                                  np.load(tmp_path / f"estimate_{step}" / f"{name}.npy")), (stage, name)

@@ -28,6 +28,10 @@ class Method:
     summary: ClassVar[str]
     uses_soft_labels: ClassVar[bool] = False
     restarts_schedule: ClassVar[bool] = False  # each stage trains a fresh model: the lr schedule restarts per stage
+    # forward_loss calls the trained model once per batch and any state learned from the batches is
+    # summed over ranks (colam.distributed), so the engine may wrap the model in DistributedDataParallel
+    # or torch.compile. Methods with extra passes through the model (lookahead, partners) set False.
+    data_parallel: ClassVar[bool] = True
 
     def __init__(self, config: Config, num_classes: int, train_targets: torch.Tensor):
         self.config = config
@@ -83,6 +87,9 @@ class Method:
         """At the first epoch of every stage, also in a process that starts there from a saved stage
         (label refinery: the trained model becomes the refiner and a fresh one starts)."""
 
+    def epoch_start(self, epoch: int, stage: int) -> None:
+        """Before every training epoch (1-based `epoch`), also the first one after a resume."""
+
     def epoch_end(self, epoch: int, stage: int) -> None:
         """After every training epoch (1-based `epoch`), before the state is saved."""
 
@@ -99,15 +106,20 @@ class Method:
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor, stage: int) -> torch.Tensor:
         raise NotImplementedError
 
-    def end_stage(self, stage: int, outputs: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """Stage-end learning from the model's outputs on the training set (N x C, in data order).
-
-        Called with outputs only when `needs_outputs(stage)`; returns artifacts to save.
-        """
+    def end_stage(self, stage: int) -> dict[str, torch.Tensor]:
+        """Stage-end learning (COLAM's soft labels); returns the artifacts to save. When
+        `needs_outputs(stage)`, the engine has first passed the model's outputs on the whole
+        training set to `observe`, in batches (on this rank's share of it, under torchrun)."""
         return {}
 
     def needs_outputs(self, stage: int) -> bool:
+        """Whether the stage end needs a forward pass over the training set (`observe`)."""
         return False
+
+    def observe(self, outputs: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor) -> None:
+        """A batch of the stage-end pass: the model's outputs (eval mode) for training samples
+        `indices` (positions in the training set) with labels `targets`."""
+        raise NotImplementedError(f"{self.name} does not learn from a pass over the training set")
 
     def state_dict(self) -> dict:
         return {}

@@ -426,6 +426,7 @@ class Collaborative(Method):
     name = "collaborative"
     paper = "Song & Chai 2018, NeurIPS, arXiv:1805.11761"
     summary = "heads on a shared trunk (binary tree, backprop rescaling) fit labels and each other's consensus"
+    data_parallel = False  # trains through forward_all, which a DDP wrapper would bypass
 
     @classmethod
     def validate(cls, config):

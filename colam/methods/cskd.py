@@ -34,6 +34,7 @@ class ClassWiseSelfKD(Method):
     name = "cskd"
     paper = "Yun et al. 2020, CVPR, arXiv:2003.13964"
     summary = "cross-entropy plus lam*T^2*KL towards a same-class partner's softened prediction"
+    data_parallel = False  # a second pass (the partner) per batch: no DDP / torch.compile
 
     def __init__(self, config, num_classes, train_targets):
         super().__init__(config, num_classes, train_targets)

@@ -202,6 +202,7 @@ class MetaLabels(Method):
     paper = "Vyas, Saxena, Voice 2020, arXiv:2009.09496"
     summary = "soft labels (class C x C or instance top-k rows) learned by a one-step lookahead meta-gradient"
     uses_soft_labels = False  # it writes learned_labels.npy, but trains on no earlier step's estimate
+    data_parallel = False  # a lookahead pass through the model per batch: no DDP / torch.compile
 
     def __init__(self, config, num_classes, train_targets):
         super().__init__(config, num_classes, train_targets)
@@ -321,7 +322,7 @@ class MetaLabels(Method):
                 "clean_labels": clean_count, "clean_labels_kept": kept,
                 "clean_labels_kept_fraction": kept / clean_count if clean_count else None}
 
-    def end_stage(self, stage, outputs):
+    def end_stage(self, stage):
         if self.class_labels is not None:
             return {"learned_labels": self.class_labels.detach().cpu().clone()}
         artifacts = {"learned_labels": self.store.class_means(self.train_targets)}

@@ -1,6 +1,7 @@
 import torch
 import torch.nn.functional as F
 
+from colam import distributed
 from colam.errors import require
 from colam.methods.base import Method, soft_cross_entropy
 
@@ -73,6 +74,8 @@ class OnlineLabelSmoothing(Method):
         self.counts.index_add_(0, targets, correct.to(self.counts.dtype))
 
     def epoch_end(self, epoch, stage):
+        distributed.all_reduce_sum(self.sums)  # a torchrun job: every rank's samples
+        distributed.all_reduce_sum(self.counts)
         self.soft_labels = next_soft_labels(self.soft_labels, self.sums, self.counts)
         self.sums.zero_()
         self.counts.zero_()

@@ -9,7 +9,7 @@ from colam.methods.base import Method, soft_cross_entropy
 from colam.models import build_model
 from colam.seeding import derive_seed
 
-# derive_seed stream of generation g's initial weights: apart from the epoch streams (colam.engine.epoch_seed).
+# derive_seed stream of generation g's initial weights: apart from the epoch streams (colam.feed.epoch_seed).
 REINIT_STREAM = 1_000_000_007
 
 
@@ -44,6 +44,7 @@ class LabelRefinery(Method):
     restarts_schedule = True
     paper = "Bagherinezhad et al. 2018, arXiv:1805.02641"
     summary = "generations of fresh models, each trained on the previous one's predictions of the same crops"
+    data_parallel = False  # re-initialises the model at each generation: not under DDP / torch.compile
 
     def __init__(self, config, num_classes, train_targets):
         super().__init__(config, num_classes, train_targets)
