@@ -502,7 +502,8 @@ def _resume_state(config: Config, out_dir: Path) -> dict | None:
 
 
 # Keys that change how a run is executed or where its data lives, never its numbers.
-EXECUTION_KEYS = {"data": ("root", "download", "num_workers"), "train": ("device", "eval_batch_size")}
+EXECUTION_KEYS = {"data": ("root", "download", "num_workers"),
+                  "train": ("device", "eval_batch_size", "channels_last", "compile")}
 
 
 def run_identity(settings: dict) -> dict:

@@ -180,3 +180,12 @@ def test_build_raw_data_gives_cifar_tensors_with_the_datasets_pixels(tmp_path, m
     assert raw.tensors.train.shape == (12, 3, 32, 32) and raw.tensors.train.dtype == torch.uint8
     assert raw.tensors.pad == 4 and raw.tensors.flip
     assert raw.tensors.train[5, 2, 7, 13].item() == fake.train_data[5, 2 * 1024 + 7 * 32 + 13]
+
+
+def test_layout_and_compile_are_how_a_run_executes_precision_and_data_path_are_what_it_computes():
+    from colam.engine import run_identity
+
+    plain = run_identity(load_config(None, TINY).to_dict())
+    assert run_identity(load_config(None, TINY + ["train.compile=true", "train.channels_last=true"]).to_dict()) == plain
+    for changed in ("train.precision=bf16", "train.data_on_device=true", "method.colam.estimation=online"):
+        assert run_identity(load_config(None, TINY + [changed]).to_dict()) != plain, changed

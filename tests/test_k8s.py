@@ -443,12 +443,12 @@ def test_profile_overlay_moves_every_namespaced_object(rendered):
 
 
 @needs_kubectl
-def test_pytorchjob_trains_one_stage_on_one_gpu(rendered):
+def test_pytorchjob_trains_one_stage_data_parallel_under_torchrun(rendered):
     docs = rendered["training"]["docs"]
     job = _find(docs, "PyTorchJob", "colam-train-stage")
     assert job["apiVersion"] == "kubeflow.org/v1"
     replicas = job["spec"]["pytorchReplicaSpecs"]
-    # No DistributedDataParallel in the library yet: a Master only, one process, one GPU.
+    # One pod: torchrun starts a process per GPU of it; the runs volume is ReadWriteOnce.
     assert set(replicas) == {"Master"} and replicas["Master"]["replicas"] == 1
     assert "nprocPerNode" not in job["spec"] and "elasticPolicy" not in job["spec"]
     assert replicas["Master"]["restartPolicy"] in {"OnFailure", "ExitCode"}
@@ -457,12 +457,15 @@ def test_pytorchjob_trains_one_stage_on_one_gpu(rendered):
     assert container["name"] == "pytorch"  # the container the operator looks for
     assert container["image"].endswith("-cuda")
     command = container["command"] + container.get("args", [])
+    # the DDP entry point of colam.distributed: the console script under torchrun, a process per GPU
+    assert command[0] == "torchrun" and {"--standalone", "--nproc-per-node=gpu", "--no-python"} <= set(command)
+    command = command[command.index("--no-python") + 1:]
     assert command[:2] == ["colam", "train"]
     assert _option(command, "--config") == "/config/params.yaml"
     out, split = _option(command, "--out"), _option(command, "--split")
     assert split == f"{out}/split" and int(_option(command, "--stage")) == 1
-    for resources in (container["resources"]["limits"], container["resources"]["requests"]):
-        assert str(resources["nvidia.com/gpu"]) == "1"
+    limits, requests = container["resources"]["limits"], container["resources"]["requests"]
+    assert str(limits["nvidia.com/gpu"]) == str(requests["nvidia.com/gpu"]) == "1"  # raise both to scale out
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
     assert pod["nodeSelector"]
     volumes = {v["name"]: v for v in pod["volumes"]}
