@@ -84,11 +84,23 @@ def init(device_name: str) -> tuple[World, str]:
         device_name = "cpu"
     if not dist.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(minutes=int(os.environ.get("COLAM_DIST_TIMEOUT_MIN", 30))))
+        dist.init_process_group(backend, timeout=timedelta(minutes=_timeout_minutes()))
     if dist.get_world_size() != world.size or dist.get_rank() != world.rank:
         raise ColamError(f"WORLD_SIZE/RANK: the process group ({dist.get_rank()} of {dist.get_world_size()}) "
                          f"differs from the environment ({world.rank} of {world.size})")
     return world, device_name
+
+
+def _timeout_minutes() -> float:
+    """How long a collective may wait for the other ranks (COLAM_DIST_TIMEOUT_MIN, default 30)."""
+    text = os.environ.get("COLAM_DIST_TIMEOUT_MIN", "30")
+    try:
+        minutes = float(text)
+    except ValueError:
+        minutes = float("nan")
+    if not minutes > 0:
+        raise ColamError(f"COLAM_DIST_TIMEOUT_MIN: expected a positive number of minutes, got {text!r}")
+    return minutes
 
 
 def current() -> World:
@@ -116,6 +128,17 @@ def check_identical(tensor: torch.Tensor, what: str) -> None:
     if differs.item():
         raise ColamError(f"distributed training: {what} differ between ranks ({int(differs.item())} of "
                          f"{current().size} differ from rank 0)")
+
+
+def check_same_model(model: torch.nn.Module, what: str) -> None:
+    """Raise unless every rank's model equals rank 0's: a fingerprint (sum and sum of squares of
+    every floating tensor of the state) compared exactly, so the ranks' stage-end passes, whose
+    sums are all-reduced, are passes of one model."""
+    if not current().distributed:
+        return
+    state = [t.detach().double() for t in model.state_dict().values() if t.is_floating_point()]
+    fingerprint = torch.stack([torch.stack([t.sum(), t.square().sum()]) for t in state]).flatten()
+    check_identical(fingerprint, what)
 
 
 def broadcast_buffers(model: torch.nn.Module) -> None:

@@ -21,6 +21,7 @@ alone evaluates and writes (`colam.distributed`).
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
@@ -44,7 +45,7 @@ from colam.data import TrainingData, build_data
 from colam.datasets import dataset_spec
 from colam.distributed import World
 from colam.errors import ColamError
-from colam.feed import LoaderFeed, ResidentFeed, global_seed, make_feed
+from colam.feed import LoaderFeed, ResidentFeed, global_seed, make_feed, wants_resident
 from colam.methods import METHODS, Method
 from colam.models import build_model
 from colam.soft_labels import check_soft_labels
@@ -76,16 +77,23 @@ class Prepared:
     stage_epochs: list[int]
     device: torch.device
     world: World = distributed.SINGLE
-    feed: LoaderFeed | ResidentFeed | None = None
     precision: torch.dtype | None = None  # the autocast dtype (bf16), None for fp32
     channels_last: bool = False
+    _feed: LoaderFeed | ResidentFeed | None = None
+
+    @property
+    def feed(self) -> LoaderFeed | ResidentFeed:
+        """Where the batches come from, built when first needed (it may copy the data to the device)."""
+        if self._feed is None:
+            self._feed = make_feed(self.data, self.config, self.device, self.world)
+        return self._feed
 
     @property
     def speed(self) -> dict:
-        """How this run executes, for the run log: none of it changes what is trained."""
+        """How this run executes, for the run log and the checkpoint."""
         return {"world_size": self.world.size, "precision": "bf16" if self.precision else "fp32",
                 "channels_last": self.channels_last, "compile": self.config.train.compile,
-                "data_on_device": isinstance(self.feed, ResidentFeed)}
+                "data_on_device": wants_resident(self.config, self.data, self.device)}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -128,21 +136,30 @@ def prepare(config: Config, split_dir: str | Path | None = None) -> Prepared:
     method.clean_train_targets = data.clean_train_targets  # for stage_report only, never for training
     method.attach_data(data)
     t = config.train
-    precision = torch.bfloat16 if t.precision == "bf16" or (
-        t.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()) else None
+    native_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    if t.precision == "bf16" and device.type == "cuda" and not native_bf16:
+        raise ColamError(f"train.precision: bf16 needs a GPU with native bfloat16 (compute capability 8.0 or "
+                         f"newer), {torch.cuda.get_device_name(device)} emulates it slowly; use fp32 or auto")
+    precision = torch.bfloat16 if t.precision == "bf16" or (t.precision == "auto" and native_bf16) else None
     channels_last = device.type == "cuda" if t.channels_last == "auto" else t.channels_last
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    wants_resident(config, data, device)  # refuses data_on_device: true for data without a tensor form, now
     return Prepared(config, data, model, method.to(device), method_cls.stage_epochs(config), device, world,
-                    make_feed(data, config, device, world), precision, channels_last)
+                    precision, channels_last)
 
 
 def _check_shards(config: Config, samples: int, world: World) -> None:
     """Under torchrun the last global batch is dropped when it has fewer samples than ranks;
     per-sample soft labels gathered online need every sample in the stage's last epoch."""
+    if not world.distributed:
+        return
+    if config.train.batch_size % world.size:
+        raise ColamError(f"train.batch_size: the global batch of {config.train.batch_size} does not split evenly over "
+                         f"{world.size} processes; use a multiple of {world.size}")
     dropped = samples % config.train.batch_size
-    if not world.distributed or dropped == 0 or dropped >= world.size:
+    if dropped == 0 or dropped >= world.size:
         return
     colam = config.method.colam
     if config.method.name == "colam" and colam.estimation == "online" and colam.peers != "all":
@@ -199,7 +216,9 @@ def train_one_epoch(model: nn.Module, batches, method: Method, optimizer: torch.
     """One pass over `batches` of (x, y, index); returns mean loss and accuracy on the given labels
     (over every rank's samples under torchrun)."""
     model.train()
-    totals = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, correct, seen
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
     for images, targets, indices in tqdm(batches, desc=desc, leave=False, disable=not progress, file=sys.stderr):
         images, targets = to_device(images, device, channels_last), targets.to(device, non_blocking=True)
         with autocast(device, precision):
@@ -208,9 +227,11 @@ def train_one_epoch(model: nn.Module, batches, method: Method, optimizer: torch.
         loss.backward()
         optimizer.step()
         # Accumulate on the device: a .item() per step would synchronise with the GPU every step.
-        totals[0] += loss.detach() * len(targets)
-        totals[1] += (logits.detach().argmax(dim=1) == targets).sum()
-        totals[2] += len(targets)
+        loss_sum += loss.detach().float() * len(targets)
+        correct += (logits.detach().argmax(dim=1) == targets).sum()
+        seen += len(targets)
+    totals = torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(seen), device=device,
+                                                                             dtype=torch.float64)])
     loss_sum, correct, seen = distributed.all_reduce_sum(totals).tolist()
     return loss_sum / seen, correct / seen
 
@@ -336,7 +357,10 @@ def _train(p: Prepared, out_dir: Path, state: dict | None, run_log: RunLog, prog
     optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     history: list[dict] = []
     start_epoch, elapsed = 0, 0.0
+    # what `auto` chose on this machine, where it changes the numbers: a run continues as it began
+    execution = {"precision": p.speed["precision"], "data_on_device": p.speed["data_on_device"]}
     if state is not None:
+        _refuse_other_execution(out_dir, state, execution, world)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         method.load_state_dict(state["method"])
@@ -389,7 +413,8 @@ def _train(p: Prepared, out_dir: Path, state: dict | None, run_log: RunLog, prog
         log.info("%s  loss %.4f  train %.4f%s  (%.1fs)", desc, train_loss, train_acc,
                  "".join(f"  {k[:-4]} {row[k]:.4f}" for k in ("val_acc", "test_acc") if k in row), row["seconds"])
         resume = {"epoch": epoch + 1, "optimizer": optimizer.state_dict(), "method": method.state_dict(),
-                  "history": history, "elapsed": elapsed, "config": config.to_dict()}
+                  "history": history, "elapsed": elapsed, "config": config.to_dict(), "execution": execution,
+                  "world_size": world.size}
         if epoch + 1 == t.epochs and main:
             exported = method.export(model)
             if exported is not model:  # the deployable network, e.g. one head of a multi-head model
@@ -414,10 +439,24 @@ def _train(p: Prepared, out_dir: Path, state: dict | None, run_log: RunLog, prog
     return metrics
 
 
+def _refuse_other_execution(out_dir: Path, state: dict, execution: dict, world: World) -> None:
+    saved = state.get("execution")  # absent from checkpoints written before it was recorded
+    if saved is not None and saved != execution:
+        def describe(e):
+            return f"{e['precision']} on the {'device-resident' if e['data_on_device'] else 'DataLoader'} data path"
+
+        raise ColamError(f"--out: '{out_dir}' was trained in {describe(saved)}; `auto` settings would continue it in "
+                         f"{describe(execution)} on this machine; resume it on the same kind of device")
+    if state.get("world_size", world.size) != world.size:
+        log.warning("%s was trained by %d process(es), it continues with %d: the global batch is the same, the "
+                    "per-process batches and BatchNorm statistics are not", out_dir, state["world_size"], world.size)
+
+
 def estimate_artifacts(p: Prepared, stage: int, stage_dir: Path, epoch: int) -> tuple[float, list[str]]:
     """Let the method learn from the model at a stage end (COLAM's soft labels) and save what it
     learned to `stage_dir`; returns the seconds it took and the names saved (NAME.npy)."""
     began = time.perf_counter()
+    distributed.check_same_model(p.model, f"stage {stage} model (parameters and BatchNorm statistics)")
     if p.method.needs_outputs(stage):
         stream_outputs(p)
     artifacts = p.method.end_stage(stage)
@@ -501,6 +540,12 @@ def _resume_state(config: Config, out_dir: Path) -> dict | None:
     return None
 
 
+# Keys added after runs were first written, with the value every earlier run had: at that value
+# they are left out of a run's identity, so a run from before they existed (its checkpoint, its
+# MLflow protocol, its estimate digests) is still the same run.
+LATER_KEYS = {("train", "precision"): "auto", ("train", "data_on_device"): "auto",
+              ("method", "colam", "estimation"): "pass"}
+
 # Keys that change how a run is executed or where its data lives, never its numbers.
 EXECUTION_KEYS = {"data": ("root", "download", "num_workers"),
                   "train": ("device", "eval_batch_size", "channels_last", "compile")}
@@ -514,6 +559,13 @@ def run_identity(settings: dict) -> dict:
     method = identity.get("method")
     if isinstance(method, dict) and method.get("name") in method:
         identity["method"] = {"name": method["name"], method["name"]: method[method["name"]]}
+    identity = copy.deepcopy(identity)
+    for (*path, key), default in LATER_KEYS.items():
+        node = identity
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and node.get(key) == default:
+            del node[key]
     return identity
 
 

@@ -20,10 +20,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from colam import distributed
 from colam import io as cio
 from colam.config import Config
 from colam.data import loader
 from colam.engine import run_metrics, load_stage_state, predict, prepare
+from colam.errors import ColamError
 
 ECE_BINS = 15  # the usual choice since Guo et al. 2017
 
@@ -48,6 +50,8 @@ def score(logits: torch.Tensor, targets: torch.Tensor) -> dict:
 def evaluate_run(config: Config, stage_dir: str | Path, out_dir: str | Path,
                  split_dir: str | Path | None = None) -> dict:
     stage_dir, out_dir = Path(stage_dir), Path(out_dir)
+    if distributed.env_world().distributed:
+        raise ColamError("WORLD_SIZE: evaluating a stage runs in one process; start `colam evaluate` without torchrun")
     state = load_stage_state(stage_dir, config)
     p = prepare(config, split_dir)
     p.model.load_state_dict(state["model"])

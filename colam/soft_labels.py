@@ -123,6 +123,7 @@ class OutputSums:
         self.sums = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device)
         self.counts = torch.zeros(num_classes, dtype=torch.float64, device=device)
         self.outputs = self.seen = None
+        self.reduced = False  # summed over the ranks already (a second reduce would double it)
         if num_samples is not None:
             self.outputs = torch.zeros(num_samples, num_classes, dtype=torch.float32, device=device)
             self.seen = torch.zeros(num_samples, dtype=torch.float32, device=device)
@@ -141,10 +142,13 @@ class OutputSums:
             self.seen.index_fill_(0, indices, 1.0)
 
     def reduce(self) -> None:
-        """Sum the ranks' partial results (a no-op in a single process): each sample is seen by one rank."""
+        """Sum the ranks' partial results, once (a no-op in a single process): each sample is seen by one rank."""
+        if self.reduced:
+            return
         for tensor in (self.sums, self.counts, self.outputs, self.seen):
             if tensor is not None:
                 distributed.all_reduce_sum(tensor)
+        self.reduced = True
 
     def class_labels(self, temperature: float) -> torch.Tensor:
         """The C x C matrix: row c = softmax(mean of class c's outputs / T)."""
@@ -159,10 +163,12 @@ class OutputSums:
         return self.outputs
 
     def state_dict(self) -> dict:
-        return {"sums": self.sums, "counts": self.counts, "outputs": self.outputs, "seen": self.seen}
+        return {"sums": self.sums, "counts": self.counts, "outputs": self.outputs, "seen": self.seen,
+                "reduced": self.reduced}
 
     def load_state_dict(self, state: dict) -> None:
         device = self.sums.device
         self.sums, self.counts = state["sums"].to(device), state["counts"].to(device)
         self.outputs = state["outputs"].to(device) if state.get("outputs") is not None else None
         self.seen = state["seen"].to(device) if state.get("seen") is not None else None
+        self.reduced = bool(state.get("reduced", False))

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import yaml
 
+from colam import distributed
 from colam import io as cio
 from colam.config import Config, from_dict, validate
 from colam.data import save_split
@@ -155,6 +156,8 @@ def train_step(config: Config, step: int, steps: int, out: str | Path, *, checkp
                              f"epoch {start}")
         learned, digest = _read_estimate(soft_labels, start, config, step, after_stage=start in _stage_ends(config))
         state["method"] = {**state["method"], **learned}
+        if start in _stage_ends(config):  # estimated: the previous stage's online sums are spent
+            state["method"].pop("online_sums", None)
         inputs["soft_labels_sha256"] = digest
     prepared = prepare(config, split_dir)
     if state is not None:
@@ -188,9 +191,11 @@ def estimate_step(config: Config, step: int, steps: int, checkpoint: str | Path,
         prepared.model.load_state_dict(state["model"])
         prepared.method.load_state_dict(state["method"])
         seconds, artifacts = estimate_artifacts(prepared, stage, out, epoch)
+        distributed.barrier()  # under torchrun: rank 0 has written the files the digests are taken of
     summary = {"step": step, "stage": stage, "epoch": epoch, "seconds": round(seconds, 3), "artifacts": artifacts,
                "sha256": {name: cio.sha256_file(out / f"{name}.npy") for name in artifacts}, "run": _run_digest(config)}
-    cio.write_json(out / "estimation.json", summary)  # last: its presence means the folder is complete
+    if distributed.current().main:
+        cio.write_json(out / "estimation.json", summary)  # last: its presence means the folder is complete
     return summary
 
 

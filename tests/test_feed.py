@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from colam.config import load_config
-from colam.data import build_data, loader
+from colam.data import build_data
 from colam.datasets import build_raw_data
 from colam.distributed import SINGLE, ShardedBatches, World
 from colam.engine import fit, prepare
@@ -158,21 +158,6 @@ def test_sharded_batches_deal_each_global_batch_over_the_ranks():
     assert sorted(torch.cat(shards).tolist()) == list(range(17))
 
 
-def test_the_loader_path_keeps_the_single_process_order():
-    """World size 1 is the DataLoader of earlier releases: runs keep their numbers."""
-    config, data = digits()
-    feed = LoaderFeed(data, config, CPU, SINGLE)
-    from colam.feed import epoch_seed
-
-    reference = loader(data.train, config.train.batch_size, shuffle=True, num_workers=0,
-                       seed=epoch_seed(config.seed, 3, stream=1))
-    torch.manual_seed(0)
-    a = [b[2] for b in feed.train(3)]
-    torch.manual_seed(0)
-    b = [b[2] for b in reference]
-    assert all(torch.equal(x, y) for x, y in zip(a, b)) and len(a) == len(b)
-
-
 def test_build_raw_data_gives_cifar_tensors_with_the_datasets_pixels(tmp_path, monkeypatch):
     fake = make_fake_cifar(tmp_path, "cifar10", n_train=12, n_test=5)
     fake.patch_md5(monkeypatch)
@@ -189,3 +174,41 @@ def test_layout_and_compile_are_how_a_run_executes_precision_and_data_path_are_w
     assert run_identity(load_config(None, TINY + ["train.compile=true", "train.channels_last=true"]).to_dict()) == plain
     for changed in ("train.precision=bf16", "train.data_on_device=true", "method.colam.estimation=online"):
         assert run_identity(load_config(None, TINY + [changed]).to_dict()) != plain, changed
+
+
+def test_a_run_saved_before_the_speed_keys_existed_is_the_same_run(tmp_path):
+    """Configs written by earlier releases lack precision, data_on_device and estimation."""
+    from colam.engine import run_identity
+
+    new = load_config(None, TINY).to_dict()
+    old = load_config(None, TINY).to_dict()
+    for key in ("precision", "data_on_device", "channels_last", "compile"):
+        del old["train"][key]
+    del old["method"]["colam"]["estimation"]
+    assert run_identity(old) == run_identity(new)
+    # and a checkpoint of such a run resumes: cut a finished run back to its stage 1 in the old format
+    config = load_config(None, TINY)
+    whole = fit(config, tmp_path / "whole", progress=False)
+    state = torch.load(tmp_path / "whole" / "stage_1" / "state.pt", weights_only=True)
+    state["model"] = torch.load(tmp_path / "whole" / "stage_1" / "model.pt", weights_only=True)
+    state["config"], state["method"] = old, {k: v for k, v in state["method"].items() if k != "online_sums"}
+    del state["execution"], state["world_size"]
+    (tmp_path / "old").mkdir()
+    torch.save(state, tmp_path / "old" / "checkpoint.pt")
+    resumed = fit(config, tmp_path / "old", progress=False)
+    assert (resumed["test_acc"], resumed["train_loss"]) == (whole["test_acc"], whole["train_loss"])
+
+
+def test_a_run_does_not_continue_on_a_data_path_or_precision_auto_chose_differently(tmp_path):
+    """`auto` resolves by device: a GPU run (bf16, resident) resumed on a CPU would change its numbers."""
+    config = load_config(None, TINY)
+    fit(config, tmp_path, progress=False)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["execution"] == {"precision": "fp32", "data_on_device": False} and state["world_size"] == 1
+    state["execution"] = {"precision": "bf16", "data_on_device": True}
+    state["epoch"] = 2
+    torch.save(state, tmp_path / "checkpoint.pt")
+    (tmp_path / "metrics.json").unlink()
+    with pytest.raises(ColamError, match=r"^--out: '.*' was trained in bf16 on the device-resident data path; `auto` "
+                                         r"settings would continue it in fp32 on the DataLoader data path"):
+        fit(config, tmp_path, progress=False)

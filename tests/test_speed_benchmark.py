@@ -20,7 +20,7 @@ def test_the_speed_benchmark_reports_every_figure(tmp_path, capsys):
         assert figure in printed, figure
     saved = json.loads((tmp_path / "speed.json").read_text())
     assert saved["table"] in printed and saved["machine"] == report["machine"]
-    # every run of (a) trained the same epochs; the pass run estimated once per stage, online never passed
+    # the pass run estimated once per stage end (4 stages)
     assert len(saved["runs"]["colam_pass"][0]["estimation_s"]) == 4
     assert saved["d"]["resident"]["flops_per_image"] > 1e9  # PreActResNet-18: ~1.7 GFLOP per image, forward+backward
     assert saved["d"]["resident"]["mfu"] is None  # no peak is known for a CPU

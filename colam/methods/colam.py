@@ -71,9 +71,11 @@ class Colam(Method):
     @classmethod
     def hyperparameters(cls, config):
         section = config.method.colam
-        return {"stages": section.stages, "epochs_per_stage": section.epochs_per_stage,
-                "temperature": section.temperature, "peers": section.peers, "aggregation": section.aggregation,
-                "estimation": section.estimation}
+        settings = {"stages": section.stages, "epochs_per_stage": section.epochs_per_stage,
+                    "temperature": section.temperature, "peers": section.peers, "aggregation": section.aggregation}
+        if section.estimation != "pass":  # runs from before the key existed keep their variant (MLflow, compare)
+            settings["estimation"] = section.estimation
+        return settings
 
     def to(self, device):
         self.device = torch.device(device)
@@ -95,6 +97,11 @@ class Colam(Method):
         self.accumulating = self.section.estimation == "online" and epoch == stage * self.section.epochs_per_stage
         if self.accumulating:
             self.sums = self._new_sums()
+
+    def epoch_end(self, epoch, stage):
+        if self.accumulating:  # every rank is here: sum the ranks' shares now, before a step saves them
+            self.sums.reduce()
+            self.accumulating = False
 
     def loss(self, logits, targets, indices, stage):
         if self.accumulating:
