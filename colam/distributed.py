@@ -11,7 +11,7 @@ What a distributed run shares, and how:
   on every rank) is dealt out, sample i of it to rank i mod WORLD_SIZE (`shard`);
 - the soft-label sums and counts (and, with a peer count, the training-set outputs) are
   all-reduced, so every rank holds the identical soft-label matrix (`all_reduce_sum`), and
-  `check_identical` proves it after each estimation;
+  before each stage end `check_same_model` proves the ranks estimate from one model;
 - rank 0 alone evaluates, writes files and reports to the run log; `out_dir` must be a folder
   every rank can read (one node, or a shared volume), since a resumed run reads its checkpoint
   on every rank.
