@@ -35,16 +35,22 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
                             stream=sys.stderr)
         return args.func(args)
     except ColamError as exc:
-        print(f"colam: error: {exc}", file=sys.stderr)
+        _say(f"colam: error: {exc}")
         return 2
     except KeyboardInterrupt:
-        print("colam: interrupted; run the same command again to resume from the last completed epoch",
-              file=sys.stderr)
+        _say("colam: interrupted; run the same command again to resume from the last completed epoch")
         return 130
     finally:
         from colam import distributed
 
         distributed.shutdown()
+
+
+def _say(line: str) -> None:
+    """One line on stderr in a single write: under torchrun every rank may say it at once, and
+    writes of a whole line to a pipe do not interleave (print writes the text and the newline apart)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def build_parser() -> argparse.ArgumentParser:
