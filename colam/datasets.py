@@ -20,6 +20,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset
 from torchvision import datasets as tvd
 from torchvision import transforms as T
@@ -177,13 +178,23 @@ def _channels_first(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
 
 
+def load_image(path: str) -> Image.Image:
+    """An RGB image file (torchvision's default loader), or a ColamError naming the file: a corrupt
+    or truncated image is met while training reads it, possibly in a DataLoader worker."""
+    try:
+        with open(path, "rb") as handle:
+            return Image.open(handle).convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ColamError(f"data.root: image '{path}' cannot be read ({_one_line(err)[:160]})") from None
+
+
 def _image_folder(path: Path, transform: Callable) -> tvd.ImageFolder:
     if not path.is_dir():
         raise ColamError(
             f"data.root: '{path}' does not exist (expected <root>/train/<class>/<image> and <root>/val/<class>/<image>)"
         )
     try:
-        return tvd.ImageFolder(path, transform=transform)
+        return tvd.ImageFolder(path, transform=transform, loader=load_image)
     except FileNotFoundError as err:  # no class folders, or a class folder without images
         raise ColamError(f"data.root: bad image folder '{path}': {_one_line(err)}") from err
 
