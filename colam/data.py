@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from colam import io as cio
 from colam.config import DataConfig
-from colam.datasets import ImageTensors, RawData, build_raw_data
+from colam.datasets import ImageTensors, RawData, build_raw_data, dataset_spec
 from colam.errors import ColamError
 
 
@@ -80,10 +80,7 @@ _SPLIT_KEY_DEFAULTS = {"noise_type": "symmetric"}
 
 def build_data(cfg: DataConfig, split_dir: str | Path | None = None) -> TrainingData:
     """The training data of `cfg`; with `split_dir`, the split saved there by `save_split`."""
-    raw = build_raw_data(cfg.name, cfg.root, download=cfg.download)
-    if len(raw.classes) < 2:
-        raise ColamError(f"data: '{cfg.name}' under '{cfg.root}' has {len(raw.classes)} class(es); "
-                         f"classification needs 2 or more")
+    raw = _raw_data(cfg)
     split = draw_split(cfg, raw) if split_dir is None else load_split(split_dir, cfg, raw)
     test_labels = np.asarray(raw.test_targets, dtype=np.int64)
     val_index = split.val_index
@@ -102,31 +99,50 @@ def build_data(cfg: DataConfig, split_dir: str | Path | None = None) -> Training
     )
 
 
+def _raw_data(cfg: DataConfig) -> RawData:
+    raw = build_raw_data(cfg.name, cfg.root, download=cfg.download)
+    if len(raw.classes) < 2:
+        where = f"data.root: '{cfg.root}'" if dataset_spec(cfg.name).needs_files else f"data.name: '{cfg.name}'"
+        raise ColamError(f"{where} holds {len(raw.classes)} class(es) of {cfg.name}; classification needs 2 or more")
+    return raw
+
+
 def draw_split(cfg: DataConfig, raw: RawData) -> Split:
     """Subset, validation split and label noise, drawn from `data.split_seed` alone."""
     num_classes = len(raw.classes)
     rng = np.random.default_rng(cfg.split_seed)
     labels = np.asarray(raw.train_targets, dtype=np.int64)
     kept = np.arange(len(labels))
+    _require_every_class(labels, num_classes, "data.root", cfg.root, f"the training split of {cfg.name}")
     if cfg.train_subset is not None:
         if cfg.train_subset > len(labels):
             raise ColamError(f"data.train_subset: {cfg.train_subset} exceeds the {len(labels)} training samples of "
                              f"'{cfg.name}'")
         kept = stratified_sample(labels, cfg.train_subset, rng)
+        _require_every_class(labels[kept], num_classes, "data.train_subset", cfg.train_subset,
+                             f"keeping {len(kept)} of the {len(labels)} training samples")
     val_idx = np.array([], dtype=np.int64)
     if cfg.val_fraction > 0:
         chosen = stratified_sample(labels[kept], round(cfg.val_fraction * len(kept)), rng)
         val_idx = kept[chosen]
         kept = np.delete(kept, chosen)
+        _require_every_class(labels[kept], num_classes, "data.val_fraction", cfg.val_fraction,
+                             f"holding out {len(val_idx)} of {len(kept) + len(val_idx)} samples")
     clean = labels[kept]
     if cfg.noise_type not in NOISE:
         raise ColamError(f"data.noise_type: must be {' or '.join(NOISE_TYPES)}, got {cfg.noise_type!r}")
     noisy = NOISE[cfg.noise_type](clean, num_classes, cfg.label_noise, rng)
-    missing = sorted(set(range(num_classes)) - set(noisy.tolist()))
-    if missing:
-        raise ColamError(f"data: class(es) {missing} of '{cfg.name}' have no training samples after "
-                         f"train_subset/val_fraction; use more training samples")
+    _require_every_class(noisy, num_classes, "data.label_noise", cfg.label_noise, "flipping the labels")
     return Split(kept, noisy, clean, val_idx)
+
+
+def _require_every_class(labels: np.ndarray, num_classes: int, key: str, value: object, what: str) -> None:
+    """Every class keeps a training sample (soft labels, class-wise methods and accuracy need one)."""
+    missing = sorted(set(range(num_classes)) - set(labels.tolist()))
+    if missing:
+        shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
+        raise ColamError(f"{key}: {what} leaves {len(missing)} of the {num_classes} classes ({shown}) with no "
+                         f"training samples, got {value!r}")
 
 
 def save_split(cfg: DataConfig, out_dir: str | Path) -> dict:
@@ -136,7 +152,7 @@ def save_split(cfg: DataConfig, out_dir: str | Path) -> dict:
     training sees. The images stay in the raw data set; `build_data(cfg, out_dir)` reads them back
     and checks that the raw data still holds the recorded labels.
     """
-    raw = build_raw_data(cfg.name, cfg.root, download=cfg.download)
+    raw = _raw_data(cfg)
     split = draw_split(cfg, raw)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
