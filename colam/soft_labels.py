@@ -13,6 +13,9 @@ stage's last epoch (estimation "online", no extra pass), summed over the ranks o
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import torch
 
 from colam import distributed
@@ -105,6 +108,25 @@ def check_soft_labels(labels: torch.Tensor, num_classes: int, name: str = "soft 
     worst = (labels.sum(dim=1) - 1).abs().max().item()
     if worst > 1e-4:
         raise ColamError(f"{name}: rows must sum to 1 (largest deviation {worst:.3g})")
+
+
+NPY_MAGIC = b"\x93NUMPY"  # the first bytes of every .npy file
+
+
+def load_npy(file: str | Path, key: str) -> np.ndarray:
+    """The numeric array in .npy `file` (never pickled objects), or a ColamError naming `key` and the file."""
+    try:
+        with open(file, "rb") as handle:
+            header = handle.read(len(NPY_MAGIC))
+        array = np.load(file, allow_pickle=False) if header == NPY_MAGIC else None
+    except (OSError, ValueError, EOFError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ColamError(f"{key}: '{file}' is not a readable .npy array ({reason[:160]})") from None
+    if array is None:  # numpy would call it pickled data
+        raise ColamError(f"{key}: '{file}' is not a readable .npy array (no NumPy header; write it with numpy.save)")
+    if array.dtype.kind not in "fiu":
+        raise ColamError(f"{key}: '{file}' holds {array.dtype} values, not probabilities")
+    return array
 
 
 class OutputSums:

@@ -19,7 +19,7 @@ from colam.config import Config, from_dict, validate
 from colam.engine import fit
 from colam.errors import ColamError
 from colam.runs import RunFolder
-from colam.soft_labels import check_soft_labels
+from colam.soft_labels import check_soft_labels, load_npy
 
 
 def labelled_stages(run: RunFolder, key: str = "--run") -> list[tuple[int, Path]]:
@@ -87,12 +87,8 @@ def _stage_metrics(stage_dir: Path) -> dict:
 
 def read_soft_labels(path: Path, key: str = "--run") -> np.ndarray:
     """A saved C x C soft-label matrix, refused in one line unless square, finite and row-stochastic."""
-    try:
-        array = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ColamError(f"{key}: '{path}' is not a readable .npy array ({reason[:160]})") from None
-    if array.ndim != 2 or array.shape[0] != array.shape[1] or array.dtype.kind not in "fiu":
+    array = load_npy(path, key)
+    if array.ndim != 2 or array.shape[0] != array.shape[1]:
         raise ColamError(f"{key}: '{path}' holds a {array.shape} {array.dtype} array, not a C x C soft-label matrix")
     check_soft_labels(torch.from_numpy(array.astype(np.float64)), len(array), f"{key}: '{path}'")
     return array

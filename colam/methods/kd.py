@@ -12,7 +12,7 @@ from colam import io as cio
 from colam.errors import ColamError, require
 from colam.runs import RunFolder, final_network, open_run
 from colam.methods.base import Method
-from colam.soft_labels import check_soft_labels
+from colam.soft_labels import check_soft_labels, load_npy
 
 KEY = "method.kd.teacher"
 
@@ -164,14 +164,7 @@ def locate_teacher(text: str) -> TeacherSource:
 def load_teacher_labels(file: Path, num_classes: int, key: str = KEY) -> torch.Tensor:
     """The C x C matrix in `file`, refused unless it is finite, non-negative, with rows summing to 1;
     errors name the config `key` that gave the file."""
-    try:
-        array = np.load(file, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ColamError(f"{key}: '{file}' is not a readable .npy array ({reason[:160]})") from None
-    if not isinstance(array, np.ndarray) or array.dtype.kind not in "fiu":
-        raise ColamError(f"{key}: '{file}' holds {getattr(array, 'dtype', type(array).__name__)} values, not "
-                         f"probabilities")
+    array = load_npy(file, key)
     if array.shape != (num_classes, num_classes):
         raise ColamError(f"{key}: '{file}' has shape {array.shape}, this data's {num_classes} classes need "
                          f"({num_classes}, {num_classes}) (row c = the soft label of class c)")
