@@ -1,0 +1,420 @@
+"""Bad input (issue 8): one table of malformed configs, data and artifacts, each run through the
+real `colam` entry point (`pipelines.cli.main`).
+
+Every case must exit with status 2 and one line on stderr, `colam: error: ...`, that names the
+input (the key, the flag or the file) and says what is wrong with it; and it must leave every file
+that existed before byte-for-byte as it was (sha256 and mtime), with no new file either, but for
+the ones a case lists in `leaves` (a corrupt image is met only when training reads it: the fresh
+--out then holds the run's config.yaml, nothing else).
+
+The earlier artifacts are real: a finished tiny `colam train` run and a `colam prepare` split,
+built once per module and copied into each case's folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from colam.models import build_model
+from pipelines.cli import main
+from tests.conftest import TINY
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def sets(items) -> list[str]:
+    return [a for item in items for a in ("--set", item)]
+
+
+# ----------------------------------------------------------------------------- a case's world
+
+
+@dataclass
+class World:
+    """The folder of one case: `run` and `split` are copies of the earlier artifacts, `out` a fresh
+    output folder, `data` a folder for image data, `tmp` the case's folder."""
+
+    tmp: Path
+
+    @property
+    def run(self) -> Path:
+        return self.tmp / "run"
+
+    @property
+    def split(self) -> Path:
+        return self.tmp / "split"
+
+    @property
+    def out(self) -> Path:
+        return self.tmp / "out"
+
+    @property
+    def data(self) -> Path:
+        return self.tmp / "images"
+
+    def fill(self, text: str) -> str:
+        """`text` with {tmp}, {run}, {split}, {out}, {data} replaced by this case's paths."""
+        for name in ("tmp", "run", "split", "out", "data"):
+            text = text.replace("{" + name + "}", str(getattr(self, name)))
+        return text
+
+    def path(self, relative: str) -> Path:
+        return self.tmp / relative
+
+    def write(self, relative: str, content: str | bytes) -> None:
+        path = self.path(relative)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content)
+
+    def truncate(self, relative: str) -> None:
+        path = self.path(relative)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+    def npy(self, relative: str, array: np.ndarray, allow_pickle: bool = False) -> None:
+        buffer = io.BytesIO()
+        np.save(buffer, array, allow_pickle=allow_pickle)
+        self.write(relative, buffer.getvalue())
+
+    def weights(self, relative: str, classes: int = 10, width: int = 8) -> None:
+        """A small_cnn state_dict for 1-channel digits, of another width or class count than the run's."""
+        torch.manual_seed(0)
+        buffer = io.BytesIO()
+        torch.save(build_model("small_cnn", classes, in_channels=1, width=width).state_dict(), buffer)
+        self.write(relative, buffer.getvalue())
+
+    def torch_file(self, relative: str, obj) -> None:
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
+        self.write(relative, buffer.getvalue())
+
+    def images(self, train=("ant", "bee"), val=("ant", "bee"), per_class: int = 3) -> None:
+        """An imagefolder data set under `data`: 16x16 RGB noise PNGs, `per_class` of each class."""
+        rng = np.random.default_rng(0)
+        for split, classes in (("train", train), ("val", val)):
+            for name in classes:
+                folder = self.data / split / name
+                folder.mkdir(parents=True, exist_ok=True)
+                for i in range(per_class):
+                    pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+                    Image.fromarray(pixels).save(folder / f"{i}.png")
+
+
+def snapshot(root: Path) -> dict[str, tuple[str, int]]:
+    """sha256 and mtime of every file under `root`, by relative path."""
+    return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+@dataclass(frozen=True)
+class Case:
+    kind: str  # config, data or artifact
+    id: str
+    argv: tuple[str, ...]  # the command line, with {run}, {out}, ... filled in per case
+    names: str  # the input the message must name: a key, a flag or a file path
+    says: str  # a fragment of the message that says what is wrong
+    setup: Callable[[World], None] | None = None
+    leaves: tuple[str, ...] = ()  # new files the command may write (relative to the case's folder)
+    fails: str = ""  # a known failure, and the change that fixes it (the case is a strict xfail until then)
+
+
+def train(*overrides: str, out: str = "{out}", extra: tuple[str, ...] = ()) -> tuple[str, ...]:
+    return ("train", "--out", out, *extra, *sets(TINY + list(overrides)))
+
+
+def evaluate(*overrides: str, stage: str = "{run}/stage_2") -> tuple[str, ...]:
+    return ("evaluate", "--stage-dir", stage, "--out", "{out}", *sets(TINY + list(overrides)))
+
+
+IMAGES = ("data.name=imagefolder", "data.root={data}", "data.train_subset=null", "data.val_fraction=0")
+FIXED = ("method.name=fixed", "method.fixed.labels={tmp}/labels.npy")
+KD = ("method.name=kd", "method.kd.teacher={tmp}/labels.npy")
+RESUME = train(out="{run}")
+# what a fresh --out holds when training stops at its first batch: the run's config and provenance
+STARTED = ("out/config.yaml", "out/.provenance.json")
+
+
+def uniform(rows: int, cols: int) -> np.ndarray:
+    return np.full((rows, cols), 1.0 / cols, dtype=np.float32)
+
+
+def with_nan(array: np.ndarray) -> np.ndarray:
+    array = array.copy()
+    array[3, 2] = np.nan
+    return array
+
+
+def negative(array: np.ndarray) -> np.ndarray:
+    array = array.copy()
+    array[0, 0], array[0, 1] = -0.1, array[0, 1] + 0.2  # the row still sums to 1
+    return array
+
+
+def checkpoint_with_model(w: World, **weights) -> None:
+    """The run's own checkpoint.pt (same config), with the weights of another model, as if it were
+    interrupted before writing its metrics."""
+    state = torch.load(w.run / "checkpoint.pt", weights_only=True)
+    w.weights("other.pt", **weights)
+    state["model"] = torch.load(w.path("other.pt"), weights_only=True)
+    w.path("other.pt").unlink()
+    w.torch_file("run/checkpoint.pt", state)
+    (w.run / "metrics.json").unlink()
+
+
+CONFIG = [
+    Case("config", "unknown-method", train("method.name=xyz"), "method.name", "unknown method"),
+    Case("config", "unknown-key", train("method.colam.tempreture=2"), "method.colam.tempreture", "unknown key"),
+    Case("config", "unknown-section", train("optimizer.lr=0.1"), "optimizer", "unknown key"),
+    Case("config", "string-for-int", train("train.epochs=four"), "train.epochs", "expected int"),
+    Case("config", "float-for-int", train("train.batch_size=32.5"), "train.batch_size", "expected int"),
+    Case("config", "list-for-float", train("train.lr=[0.1, 0.2]"), "train.lr", "expected float"),
+    Case("config", "string-for-bool", train("data.download=maybe"), "data.download", "expected bool"),
+    Case("config", "number-for-mapping", train("model.options=3"), "model.options", "expected a mapping"),
+    Case("config", "value-for-section", ("train", "--out", "{out}", "--config", "{tmp}/c.yaml"), "train",
+         "expected a section", lambda w: w.write("c.yaml", "train: 5\n")),
+    Case("config", "temperature-zero", train("method.colam.temperature=0"), "method.colam.temperature", "must be > 0"),
+    Case("config", "temperature-negative", train("method.colam.temperature=-1"), "method.colam.temperature",
+         "must be > 0"),
+    Case("config", "temperature-nan", train("method.colam.temperature=.nan"), "method.colam.temperature", "finite"),
+    Case("config", "kd-temperature-zero", train("method.name=kd", "method.kd.teacher={run}", "method.kd.temperature=0"),
+         "method.kd.temperature", "must be > 0"),
+    Case("config", "lr-inf", train("train.lr=.inf"), "train.lr", "finite"),
+    Case("config", "lr-negative", train("train.lr=-0.05"), "train.lr", "must be > 0"),
+    Case("config", "weight-decay-negative", train("train.weight_decay=-1e-4"), "train.weight_decay", "must be >= 0"),
+    Case("config", "momentum-nan", train("train.momentum=nan"), "train.momentum", "finite"),
+    Case("config", "batch-size-negative", train("train.batch_size=-32"), "train.batch_size", "must be >= 1"),
+    Case("config", "epochs-negative", train("train.epochs=-4"), "train.epochs", "must be >= 1"),
+    Case("config", "epochs-zero", train("train.epochs=0", "method.name=hl"), "train.epochs", "must be >= 1"),
+    Case("config", "stages-times-epochs", train("train.epochs=5"), "method.colam.stages", "must equal train.epochs"),
+    Case("config", "epochs-per-stage-zero", train("method.colam.epochs_per_stage=0"), "method.colam.epochs_per_stage",
+         "must be >= 1"),
+    Case("config", "peers-zero", train("method.colam.peers=0"), "method.colam.peers", "integer >= 1"),
+    Case("config", "peers-above-smallest-class", train("method.colam.peers=1000"), "method.colam.peers",
+         "exceeds the smallest class"),
+    Case("config", "label-noise-one", train("data.label_noise=1"), "data.label_noise", "must be in [0, 1)"),
+    Case("config", "label-noise-negative", train("data.label_noise=-0.1"), "data.label_noise", "must be in [0, 1)"),
+    Case("config", "val-fraction-one", train("data.val_fraction=1.0"), "data.val_fraction", "must be in [0, 1)"),
+    Case("config", "seed-negative", train("seed=-1"), "seed", "must be in [0, 2**32)"),
+    Case("config", "unknown-schedule", train("train.lr_schedule=linear"), "train.lr_schedule", "must be one of"),
+    Case("config", "unknown-data-set", train("data.name=imagenet"), "data.name", "unknown data set"),
+    Case("config", "unknown-model-option", train("model.options={depth: 3}"), "model.options.depth",
+         "not an option of model"),
+    Case("config", "yaml-truncated", ("train", "--out", "{out}", "--config", "{tmp}/c.yaml"), "{tmp}/c.yaml",
+         "not valid YAML", lambda w: w.write("c.yaml", "train:\n  epochs: [4, 8\n  lr: 0.1\n")),
+    Case("config", "yaml-not-text", ("train", "--out", "{out}", "--config", "{tmp}/c.yaml"), "{tmp}/c.yaml",
+         "cannot read", lambda w: w.write("c.yaml", b"\xff\xfe\x00\x81 train")),
+    Case("config", "yaml-list", ("train", "--out", "{out}", "--config", "{tmp}/c.yaml"), "{tmp}/c.yaml",
+         "must hold a mapping", lambda w: w.write("c.yaml", "- train\n- method\n")),
+    Case("config", "config-missing", ("train", "--out", "{out}", "--config", "{tmp}/none.yaml"), "{tmp}/none.yaml",
+         "does not exist"),
+    Case("config", "set-without-value", ("train", "--out", "{out}", "--set", "train.epochs"), "--set",
+         "not of the form KEY=VALUE"),
+    Case("config", "set-into-a-value", train("train.epochs.x=1"), "--set", "is a value, not a section"),
+    Case("config", "params-repeated-seeds", ("check", "--config", "{tmp}/params.yaml"), "compare.seeds",
+         "repeats a value", lambda w: w.write("params.yaml", "compare:\n  seeds: [0, 0]\n")),
+]
+
+DATA = [
+    Case("data", "class-missing-in-train", train(*IMAGES), "{data}", "different classes",
+         lambda w: w.images(train=("ant", "bee"), val=("ant", "bee", "cat"))),
+    Case("data", "class-folder-without-images", train(*IMAGES), "{data}/train", "cat",
+         lambda w: (w.images(train=("ant", "bee"), val=("ant", "bee", "cat")),
+                    (w.data / "train" / "cat").mkdir())),
+    Case("data", "one-class", train(*IMAGES), "data.root", "2 or more", lambda w: w.images(("ant",), ("ant",))),
+    Case("data", "corrupt-image", train(*IMAGES), "{data}/train/bee/1.png", "cannot be read",
+         lambda w: (w.images(), w.write("images/train/bee/1.png", os.urandom(300))), STARTED),
+    Case("data", "corrupt-image-in-a-worker", train(*IMAGES, "data.num_workers=2"), "{data}/train/bee/1.png",
+         "cannot be read", lambda w: (w.images(), w.write("images/train/bee/1.png", os.urandom(300))),
+         STARTED),
+    Case("data", "truncated-image", train(*IMAGES), "{data}/train/ant/2.png", "cannot be read",
+         lambda w: (w.images(), w.truncate("images/train/ant/2.png")), STARTED),
+    Case("data", "train-subset-below-classes", train("data.train_subset=5", "data.val_fraction=0"),
+         "data.train_subset", "no training samples"),
+    Case("data", "val-fraction-takes-a-class", train("data.train_subset=10", "data.val_fraction=0.5"),
+         "data.val_fraction", "no training samples"),
+    Case("data", "label-noise-empties-a-class",
+         train("data.train_subset=10", "data.val_fraction=0", "data.label_noise=0.5"), "data.label_noise",
+         "no training samples"),
+    Case("data", "train-subset-above-samples", train("data.train_subset=100000"), "data.train_subset", "exceeds"),
+    Case("data", "root-missing", train(*IMAGES), "{data}", "does not exist"),
+    Case("data", "root-without-val", train(*IMAGES), "{data}/val", "does not exist",
+         lambda w: (w.images(), shutil.rmtree(w.data / "val"))),
+    Case("data", "cifar-root-empty", train("data.name=cifar10", "data.root={data}", "data.train_subset=null"),
+         "{data}", "no cifar10 data set found", lambda w: w.data.mkdir()),
+]
+
+ARTIFACTS = [
+    # resuming into an existing run folder
+    Case("artifact", "resume-truncated-checkpoint", RESUME, "{run}/checkpoint.pt", "not a readable checkpoint",
+         lambda w: w.truncate("run/checkpoint.pt")),
+    Case("artifact", "resume-foreign-torch-file", RESUME, "{run}/checkpoint.pt", "not a colam training checkpoint",
+         lambda w: w.torch_file("run/checkpoint.pt", {"weights": torch.zeros(3)})),
+    Case("artifact", "resume-checkpoint-of-another-model", RESUME, "{run}/checkpoint.pt", "another model",
+         lambda w: checkpoint_with_model(w, width=16),
+         fails="colam.engine.fit rewrites config.yaml and .provenance.json before _train loads the checkpoint's "
+               "weights; fit should call cio.load_weights on the prepared model before writing (see issue 8)"),
+    Case("artifact", "out-holds-another-config", train("seed=1", out="{run}"), "{run}", "different configuration"),
+    Case("artifact", "out-holds-unreadable-config", RESUME, "{run}", "different configuration",
+         lambda w: ((w.run / "checkpoint.pt").unlink(), w.write("run/config.yaml", "train: [1,\n"))),
+    Case("artifact", "out-is-a-file", train(out="{tmp}/file"), "{tmp}/file", "not a folder",
+         lambda w: w.write("file", "x")),
+    Case("artifact", "stage-from-truncated-state", train(out="{run}", extra=("--stage", "2")),
+         "{run}/stage_1/state.pt", "not a readable checkpoint", lambda w: w.truncate("run/stage_1/state.pt")),
+    Case("artifact", "stage-out-of-range", train(out="{run}", extra=("--stage", "3")), "--stage",
+         "not a stage of this run"),
+    # colam evaluate --stage-dir
+    Case("artifact", "evaluate-model-of-another-model", evaluate(), "{run}/stage_2/model.pt", "another model",
+         lambda w: w.weights("run/stage_2/model.pt", width=16)),
+    Case("artifact", "evaluate-model-of-another-class-count", evaluate(), "{run}/stage_2/model.pt",
+         "another model or class count", lambda w: w.weights("run/stage_2/model.pt", classes=5)),
+    Case("artifact", "evaluate-truncated-model", evaluate(), "{run}/stage_2/model.pt", "not a readable checkpoint",
+         lambda w: w.truncate("run/stage_2/model.pt")),
+    Case("artifact", "evaluate-model-not-a-state-dict", evaluate(), "{run}/stage_2/model.pt", "not a model state_dict",
+         lambda w: w.torch_file("run/stage_2/model.pt", [1, 2, 3])),
+    Case("artifact", "evaluate-truncated-state", evaluate(), "{run}/stage_2/state.pt", "not a readable checkpoint",
+         lambda w: w.truncate("run/stage_2/state.pt")),
+    Case("artifact", "evaluate-stage-of-another-config", evaluate("seed=1"), "{run}/stage_2",
+         "different configuration"),
+    Case("artifact", "evaluate-stage-dir-missing", evaluate(stage="{run}/stage_9"), "{run}/stage_9", "does not exist"),
+    # a prepared split
+    Case("artifact", "split-truncated", train(extra=("--split", "{split}")), "{split}", "not a readable prepared split",
+         lambda w: w.truncate("split/split.npz")),
+    Case("artifact", "split-of-other-data", train("data.split_seed=1", extra=("--split", "{split}")), "{split}",
+         "prepared with data.split_seed"),
+    Case("artifact", "split-missing", train(extra=("--split", "{tmp}/nosplit")), "{tmp}/nosplit",
+         "holds no prepared split"),
+    # soft-label files: method.fixed.labels and method.kd.teacher
+    Case("artifact", "labels-wrong-shape", train(*FIXED), "{tmp}/labels.npy", "has shape",
+         lambda w: w.npy("labels.npy", uniform(3, 3))),
+    Case("artifact", "labels-nan", train(*FIXED), "{tmp}/labels.npy", "NaN",
+         lambda w: w.npy("labels.npy", with_nan(uniform(10, 10)))),
+    Case("artifact", "labels-rows-not-summing-to-1", train(*FIXED), "{tmp}/labels.npy", "sum to 1",
+         lambda w: w.npy("labels.npy", uniform(10, 10) * 2)),
+    Case("artifact", "labels-negative", train(*FIXED), "{tmp}/labels.npy", "negative",
+         lambda w: w.npy("labels.npy", negative(uniform(10, 10)))),
+    Case("artifact", "labels-not-npy", train(*FIXED), "{tmp}/labels.npy", "no NumPy header",
+         lambda w: w.write("labels.npy", "0.1,0.9\n0.9,0.1\n")),
+    Case("artifact", "labels-pickled-objects", train(*FIXED), "{tmp}/labels.npy", "not a readable .npy",
+         lambda w: w.npy("labels.npy", np.array([{"a": 1}] * 10, dtype=object), allow_pickle=True)),
+    Case("artifact", "labels-missing", train(*FIXED), "{tmp}/labels.npy", "not a file"),
+    Case("artifact", "kd-labels-wrong-shape", train(*KD), "{tmp}/labels.npy", "has shape",
+         lambda w: w.npy("labels.npy", uniform(10, 9))),
+    Case("artifact", "kd-labels-nan", train(*KD), "{tmp}/labels.npy", "NaN",
+         lambda w: w.npy("labels.npy", with_nan(uniform(10, 10)))),
+    Case("artifact", "kd-labels-not-npy", train("method.name=kd", "method.kd.teacher={tmp}/labels.csv"),
+         "{tmp}/labels.csv", "not a .npy", lambda w: w.write("labels.csv", "0.5,0.5\n")),
+    # a finished run as a teacher
+    Case("artifact", "kd-teacher-of-another-class-count", train("method.name=kd", "method.kd.teacher={run}"),
+         "{run}/stage_2/model.pt", "classifies 5 classes", lambda w: w.weights("run/stage_2/model.pt", classes=5)),
+    Case("artifact", "kd-teacher-truncated-model", train("method.name=kd", "method.kd.teacher={run}"),
+         "{run}/stage_2/model.pt", "not a readable checkpoint", lambda w: w.truncate("run/stage_2/model.pt")),
+    Case("artifact", "kd-teacher-unfinished", train("method.name=kd", "method.kd.teacher={run}"), "{run}",
+         "not a finished run", lambda w: (w.run / "stage_2" / "model.pt").unlink()),
+    # the analyses read a run's soft labels and curves
+    Case("artifact", "analyze-labels-not-summing-to-1", ("analyze", "soft-labels", "--run", "{run}", "--out", "{out}"),
+         "{run}/stage_2/soft_labels.npy", "sum to 1",
+         lambda w: w.npy("run/stage_2/soft_labels.npy", uniform(10, 10) / 2)),
+    Case("artifact", "analyze-history-garbled", ("analyze", "curves", "--run", "{run}", "--out", "{out}"),
+         "{run}/history.csv", "history.csv", lambda w: w.write("run/history.csv", "epoch,train_acc,test_acc\n1,x,y\n")),
+]
+
+CASES = CONFIG + DATA + ARTIFACTS
+
+
+def test_the_table_covers_config_data_and_artifacts():
+    kinds = [case.kind for case in CASES]
+    assert len(CASES) >= 30 and len({case.id for case in CASES}) == len(CASES)
+    assert {kind: kinds.count(kind) >= 10 for kind in ("config", "data", "artifact")} == {
+        "config": True, "data": True, "artifact": True}
+
+
+# ----------------------------------------------------------------------------- the earlier run
+
+
+@pytest.fixture(scope="module")
+def earlier(tmp_path_factory) -> Path:
+    """A finished tiny `colam train` run (run/) and a `colam prepare` split (split/)."""
+    root = tmp_path_factory.mktemp("earlier")
+    assert main(["train", "--out", str(root / "run"), *sets(TINY)]) == 0
+    assert main(["prepare", "--out", str(root / "split"), *sets(TINY)]) == 0
+    return root
+
+
+def prepared_world(case: Case, earlier: Path, tmp: Path) -> World:
+    world = World(tmp)
+    shutil.copytree(earlier / "run", world.run)  # copy2: contents and mtimes
+    shutil.copytree(earlier / "split", world.split)
+    if case.setup is not None:
+        case.setup(world)
+    return world
+
+
+def run_in_process(argv: list[str], capsys) -> tuple[object, str]:
+    capsys.readouterr()
+    try:
+        status = main(argv)
+    except BaseException as exc:  # noqa: BLE001 - a traceback is what the table checks against
+        status = f"raised {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+    return status, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=f"{c.kind}-{c.id}", marks=[pytest.mark.xfail(
+    strict=True, reason=c.fails)] if c.fails else []) for c in CASES])
+def test_bad_input_exits_2_with_one_line_naming_it_and_touches_nothing(case, earlier, tmp_path, capsys):
+    world = prepared_world(case, earlier, tmp_path)
+    argv = [world.fill(a) for a in case.argv]
+    before = snapshot(tmp_path)
+
+    status, err = run_in_process(argv, capsys)
+
+    lines = err.splitlines()
+    assert status == 2, f"exit {status!r}; stderr: {err[-600:]!r}"
+    assert len(lines) == 1, f"{len(lines)} lines on stderr: {err[-600:]!r}"
+    line = lines[0]
+    assert line.startswith("colam: error: "), line
+    assert world.fill(case.names) in line, f"does not name {world.fill(case.names)!r}: {line}"
+    assert case.says in line, f"does not say {case.says!r}: {line}"
+    after = snapshot(tmp_path)
+    changed = sorted(k for k in before if after.get(k) != before[k])
+    added = sorted(set(after) - set(before) - set(case.leaves))
+    assert not changed, f"changed or removed: {changed}"
+    assert not added, f"written: {added}"
+
+
+# ----------------------------------------------------------------------------- real processes
+
+
+REAL = ["config-unknown-key", "data-corrupt-image-in-a-worker", "artifact-resume-truncated-checkpoint"]
+
+
+def test_representative_cases_in_a_real_process(earlier, tmp_path):
+    by_id = {f"{c.kind}-{c.id}": c for c in CASES}
+    for name in REAL:
+        case = by_id[name]
+        world = prepared_world(case, earlier, tmp_path / name)
+        result = subprocess.run([sys.executable, "-m", "pipelines.cli", *(world.fill(a) for a in case.argv)],
+                                capture_output=True, text=True, cwd=REPO, timeout=300,
+                                env={**os.environ, "MLFLOW_TRACKING_URI": ""})
+        lines = result.stderr.splitlines()
+        assert result.returncode == 2, (name, result.returncode, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr, (name, result.stderr[-2000:])
+        assert len(lines) == 1 and lines[0].startswith("colam: error: "), (name, result.stderr[-2000:])
+        assert case.says in lines[0], (name, lines[0])
