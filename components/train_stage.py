@@ -8,7 +8,7 @@ def train_stage(config: str, stage: int, stages: int, split: Input[Dataset], che
     from pathlib import Path
 
     from colam.steps import train_step, run_config
-    from pipelines.tracking import log_files, step_run_log, tracking_client
+    from pipelines.tracking import step_run_log, tracking_client
 
     run, client = run_config(config, split.path), tracking_client()
     with step_run_log(client, experiment, checkpoint.path, run_key, run_name) as run_log:
@@ -16,7 +16,7 @@ def train_stage(config: str, stage: int, stages: int, split: Input[Dataset], che
                             checkpoint=previous_checkpoint.path if previous_checkpoint else None,
                             soft_labels=soft_labels.path if soft_labels else None)
         if run_log is not None and stage == 1:
-            log_files(client, run_log.run_id, [Path(split.path) / "split.json"], "data")
+            run_log.log_files([Path(split.path) / "split.json"], "data")
     for name in ("train_loss", "train_acc", "val_acc", "test_acc"):
         if name in result:
             metrics.log_metric(name, result[name])

@@ -4,6 +4,7 @@
     colam compare --experiment NAME [--params params.yaml] [--out DIR]
     colam analyze curves|expected-accuracy|geometry|soft-labels|grid-cell|grid ...   (pipelines/analysis.py)
     colam kfp compile|submit|local ...   (pipelines/kubeflow.py)
+    colam tracking sync DIR   (send the MLflow records a run kept offline in DIR/mlflow-journal)
 
 `--config` may be a pipeline params.yaml: its `compare` and `tracking` sections are checked and set
 aside, the rest is the run's config. Training is tracked in MLflow with `--track`, or whenever
@@ -52,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     analysis_arguments(commands.add_parser("analyze", help="the paper's analyses of finished runs: figures, tables, "
                                                            "MLflow (curves, expected-accuracy, geometry, ...)"))
 
+    tracking = commands.add_parser("tracking", help="the MLflow records a run kept offline")
+    tracking_commands = tracking.add_subparsers(dest="tracking_command", required=True)
+    sync = tracking_commands.add_parser("sync", help="send the journal of a run folder (kept while the tracking "
+                                                     "store did not answer) to MLFLOW_TRACKING_URI")
+    sync.add_argument("dir", help="the run's --out folder (or its mlflow-journal folder)")
+    sync.set_defaults(func=_tracking_sync)
+
     from pipelines.kubeflow import add_arguments as kubeflow_arguments
 
     kubeflow_arguments(commands.add_parser("kfp", help="the Kubeflow pipeline: compile, submit, or run it here"))
@@ -92,10 +100,17 @@ def _run_log(args, config):
     track = args.track if args.track is not None else bool(os.environ.get("MLFLOW_TRACKING_URI"))
     if not track or not env_world().main:  # under torchrun, rank 0 alone reports
         return nullcontext(None)
-    from pipelines.tracking import MlflowRunLog, connect
+    from pipelines.tracking import open_run_log
 
     experiment = args.experiment or args.params_tracking.experiment
-    return MlflowRunLog(connect(), experiment, args.out, run_name=args.run_name)
+    return open_run_log(experiment, args.out, run_name=args.run_name)
+
+
+def _tracking_sync(args) -> int:
+    from pipelines.tracking import sync
+
+    print(sync(args.dir))
+    return 0
 
 
 def _compare(args) -> int:
