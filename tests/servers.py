@@ -16,9 +16,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
+from http.client import HTTPConnection
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlparse
 from pathlib import Path
 
 import boto3
@@ -77,12 +81,23 @@ class _Process:
     """A child process in its own session; stop() kills its whole process group, once."""
 
     def __init__(self, cmd: list[str], env: dict[str, str], log_path: Path, cwd: Path):
+        self.cmd, self.env, self.cwd = cmd, env, cwd  # for again()
         self.log_path = log_path
         self._stopped = False
         with open(log_path, "ab") as log:  # the child keeps its own copy of the fd
             self.proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True,
                                          preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+
+    def again(self) -> _Process:
+        """The same command started anew (same ports, same data), once this one has stopped."""
+        if not self._stopped:
+            raise RuntimeError("again() of a process still running")
+        return _Process(self.cmd, self.env, self.log_path, self.cwd)
+
+    @property
+    def running(self) -> bool:
+        return not self._stopped and self.proc.poll() is None
 
     def fail(self, what: str) -> None:
         self.stop()
@@ -165,6 +180,17 @@ class S3Server:
             config=botocore.config.Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=10),
         )
 
+    @property
+    def running(self) -> bool:
+        return self._process.running
+
+    def restart(self) -> None:
+        """Start the stopped server again on the same ports and data folder (objects kept)."""
+        self._process = self._process.again()
+        s3 = self.client()
+        self._process.wait_until(lambda: s3.list_objects_v2(Bucket=self.bucket, MaxKeys=1),
+                                 f"SeaweedFS S3 on {self.endpoint} (restarted)")
+
     def stop(self) -> None:
         self._process.stop()
         # weed hard-codes its gRPC unix sockets as /tmp/seaweedfs-<service>-grpc-<port>.sock and
@@ -235,8 +261,22 @@ class MlflowServer:
     log_path: Path
     _process: _Process = field(repr=False)
 
+    @property
+    def running(self) -> bool:
+        return self._process.running
+
+    def restart(self) -> None:
+        """Start the stopped server again on the same port and backend store (runs kept)."""
+        self._process = self._process.again()
+        self._process.wait_until(lambda: _health(self.uri), f"MLflow server on {self.uri} (restarted)")
+
     def stop(self) -> None:
         self._process.stop()
+
+
+def _health(uri: str) -> None:
+    with urllib.request.urlopen(f"{uri}/health", timeout=2):  # raises unless 2xx
+        pass
 
 
 def start_mlflow_server(tmp_dir: Path, artifacts_destination: str, env: dict[str, str]) -> MlflowServer:
@@ -257,11 +297,7 @@ def start_mlflow_server(tmp_dir: Path, artifacts_destination: str, env: dict[str
     process = _Process(cmd, server_env, tmp_dir / "mlflow.log", cwd=tmp_dir)
     server = MlflowServer(f"http://127.0.0.1:{port}", artifacts_destination, process.log_path, process)
 
-    def probe() -> None:
-        with urllib.request.urlopen(f"{server.uri}/health", timeout=2):  # raises unless 2xx
-            pass
-
-    process.wait_until(probe, f"MLflow server on {server.uri}")
+    process.wait_until(lambda: _health(server.uri), f"MLflow server on {server.uri}")
     return server
 
 
@@ -272,3 +308,97 @@ def mlflow_server(tmp_dir: Path, artifacts_destination: str, env: dict[str, str]
         yield server
     finally:
         server.stop()
+
+
+class FaultProxy:
+    """An HTTP proxy on 127.0.0.1 in front of `target` that can answer the next requests whose path
+    contains a string with an error status (503 by default) instead of forwarding them: a
+    deterministic transient fault of a tracking server or of the S3 behind it."""
+
+    def __init__(self, target: str):
+        self.target = urlparse(target)
+        self.failed: list[tuple[str, str]] = []  # (method, path) of each request answered with a fault
+        self.forwarded = 0
+        self._faults: list[list] = []  # [substring, times left, status]
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def _forward(self):
+                body = self._body()
+                status = proxy._take(self.command, self.path)
+                if status is not None:
+                    message = b"injected fault"
+                    self.send_response(status)
+                    self.send_header("Content-Type", "text/plain")
+                    self.send_header("Content-Length", str(len(message)))
+                    self.end_headers()
+                    self.wfile.write(message)
+                    return
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in ("host", "content-length", "transfer-encoding", "connection")}
+                connection = HTTPConnection(proxy.target.hostname, proxy.target.port, timeout=120)
+                try:
+                    connection.request(self.command, self.path, body=body, headers=headers)
+                    response = connection.getresponse()
+                    data = response.read()
+                finally:
+                    connection.close()
+                with proxy._lock:
+                    proxy.forwarded += 1
+                self.send_response(response.status, response.reason)
+                for key, value in response.getheaders():
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    chunks = []
+                    while True:
+                        size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                        if size == 0:
+                            self.rfile.readline()
+                            return b"".join(chunks)
+                        chunks.append(self.rfile.read(size))
+                        self.rfile.readline()
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _forward
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.uri = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, name="fault-proxy", daemon=True)
+        self._thread.start()
+
+    def fail(self, path_contains: str, times: int, status: int = 503) -> None:
+        with self._lock:
+            self._faults.append([path_contains, times, status])
+
+    def _take(self, method: str, path: str) -> int | None:
+        with self._lock:
+            for fault in self._faults:
+                if fault[0] in path and fault[1] > 0:
+                    fault[1] -= 1
+                    self.failed.append((method, path))
+                    return fault[2]
+        return None
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@contextlib.contextmanager
+def fault_proxy(target: str):
+    proxy = FaultProxy(target)
+    try:
+        yield proxy
+    finally:
+        proxy.stop()

@@ -1,0 +1,414 @@
+"""Storage and tracking faults (pipelines/tracking.py), against real servers on 127.0.0.1: an MLflow
+server that goes away during training, transient 5xx answers, S3 down behind the server, and
+parallel runs on one fresh sqlite store.
+
+The servers here are this module's own (stopped and restarted by the tests), never the session's.
+"""
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+
+from colam.config import load_config
+from colam.engine import fit
+from pipelines import cli as pipelines_cli
+from pipelines.tracking import JOURNAL_DIR, RETRY_ENV, Journal, MlflowRunLog
+from tests.conftest import TINY
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMINGS = {"seconds", "wall_time_s", "estimation_seconds"}
+CURVES = ("train_loss", "train_acc", "val_acc", "test_acc", "lr")
+STAGE_FILES = ("model.pt", "soft_labels.npy", "soft_labels.json", "metrics.json")
+PARENT_FILES = ("config.yaml", "history.csv", "metrics.json")
+
+
+# ----------------------------------------------------------------------------- servers and helpers
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    """This module's SeaweedFS and an MLflow server proxying artifacts to it (the tests stop them)."""
+    from tests.servers import seaweed_s3, start_mlflow_server
+
+    with seaweed_s3(tmp_path_factory.mktemp("faults-weed"), bucket="colam-faults") as s3:
+        # The server's boto3 tries S3 once, so that an upload while S3 is down fails in a moment
+        # (its default, five tries with backoff, takes ~5 s per upload).
+        mlflow = start_mlflow_server(tmp_path_factory.mktemp("faults-mlflow"), f"s3://{s3.bucket}/mlflow",
+                                     {**s3.env(), "AWS_MAX_ATTEMPTS": "1"})
+        try:
+            yield mlflow, s3
+        finally:
+            mlflow.stop()
+
+
+@pytest.fixture
+def up(servers, monkeypatch):
+    """Both servers running at the start of a test (a test that failed half-way may have left one
+    stopped), the client with no S3 credentials (the server proxies), tracking to the server."""
+    mlflow, s3 = servers
+    for server in (s3, mlflow):
+        if not server.running:
+            server.restart()
+    for key in s3.env():
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow.uri)
+    return mlflow, s3
+
+
+@pytest.fixture(scope="module")
+def tiny_yaml(tmp_path_factory):
+    path = tmp_path_factory.mktemp("faults-config") / "tiny.yaml"
+    path.write_text(yaml.safe_dump(load_config(None, TINY).to_dict(), sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def untracked(tmp_path_factory):
+    """The same tiny run, untracked: what a tracked run must give, whatever happens to tracking."""
+    out = tmp_path_factory.mktemp("faults-untracked") / "run"
+    fit(load_config(None, TINY), out)
+    return out
+
+
+def train(out, experiment, config, *extra):
+    return pipelines_cli.main(["train", "--config", str(config), "--out", str(out), "--experiment", experiment,
+                               "--track", "--no-progress", *extra])
+
+
+def sync(out):
+    return pipelines_cli.main(["tracking", "sync", str(out)])
+
+
+def without_timings(metrics):
+    return {k: v for k, v in metrics.items() if k not in TIMINGS}
+
+
+def read_csv(path):
+    with open(path) as handle:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(handle)]
+
+
+def assert_same_training(out, reference):
+    """Numbers and files exactly those of the untracked run."""
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert without_timings(metrics) == without_timings(json.loads((reference / "metrics.json").read_text()))
+    assert read_csv(out / "history.csv") == read_csv(reference / "history.csv")
+    for stage in (1, 2):
+        ours = torch.load(out / f"stage_{stage}" / "model.pt", weights_only=True)
+        theirs = torch.load(reference / f"stage_{stage}" / "model.pt", weights_only=True)
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), stage
+        for name in ("soft_labels.npy", "soft_labels.json"):
+            assert (out / f"stage_{stage}" / name).read_bytes() == (reference / f"stage_{stage}" / name).read_bytes()
+
+
+def runs_of(client, experiment):
+    """(parent runs, stage runs in stage order)."""
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("colam.role") == "parent"]
+    stages = sorted((r for r in runs if r.data.tags.get("colam.role") == "stage"),
+                    key=lambda r: int(r.data.tags["colam.stage"]))
+    assert len(parents) + len(stages) == len(runs)
+    return parents, stages
+
+
+def artifact_paths(client, run_id, path=None):
+    found = set()
+    for entry in client.list_artifacts(run_id, path):
+        found |= artifact_paths(client, run_id, entry.path) if entry.is_dir else {entry.path}
+    return found
+
+
+def snapshot(client, experiment):
+    """Everything an experiment holds, every metric point counted: what a second sync must not change."""
+    parents, stages = runs_of(client, experiment)
+    state = {}
+    for run in parents + stages:
+        full = client.get_run(run.info.run_id)
+        state[run.info.run_id] = {
+            "status": full.info.status, "params": full.data.params,
+            "tags": {k: v for k, v in full.data.tags.items() if not k.startswith("mlflow.")},
+            "metrics": {key: sorted((m.step, m.value, m.timestamp) for m in client.get_metric_history(run.info.run_id,
+                                                                                                         key))
+                        for key in full.data.metrics},
+            "artifacts": sorted(artifact_paths(client, run.info.run_id))}
+    return state
+
+
+def assert_complete(client, experiment, out, tmp_path):
+    """One FINISHED parent with every epoch's curves (equal to history.csv) and its files; one
+    FINISHED run per stage with its curves and its files, byte-identical to the run folder's."""
+    (parent,), stages = runs_of(client, experiment)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["method"] == "colam" and parent.data.params["seed"] == "0"
+    rows = list(csv.DictReader(open(out / "history.csv")))
+    for key in CURVES:
+        points = sorted((m.step, m.value) for m in client.get_metric_history(parent.info.run_id, key))
+        assert [step for step, _ in points] == [1, 2, 3, 4], key
+        for (step, value), row in zip(points, rows, strict=True):
+            assert value == pytest.approx(float(row[key]), abs=1e-6), (key, step)
+    assert artifact_paths(client, parent.info.run_id) == set(PARENT_FILES)
+    for name in PARENT_FILES:
+        local = Path(client.download_artifacts(parent.info.run_id, name, str(tmp_path / "parent")))
+        assert local.read_bytes() == (out / name).read_bytes(), name
+    assert [(s.data.tags["colam.stage"], s.info.status) for s in stages] == [("1", "FINISHED"), ("2", "FINISHED")]
+    for stage, epochs in zip(stages, ([1, 2], [3, 4]), strict=True):
+        k = stage.data.tags["colam.stage"]
+        assert stage.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert sorted(m.step for m in client.get_metric_history(stage.info.run_id, "lr")) == epochs
+        assert artifact_paths(client, stage.info.run_id) == {*STAGE_FILES, f"figures/soft_labels_stage_{k}.png"}
+        for name in STAGE_FILES:
+            local = Path(client.download_artifacts(stage.info.run_id, name, str(tmp_path / f"stage{k}")))
+            assert local.read_bytes() == (out / f"stage_{k}" / name).read_bytes(), (k, name)
+    return parent, stages
+
+
+def warnings_of(caplog):
+    return [r.getMessage() for r in caplog.records if r.name == "colam" and r.levelno >= logging.WARNING]
+
+
+def file_digests(folder):
+    """sha256 of every file of a run folder outside its journal."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and JOURNAL_DIR not in p.parts}
+
+
+def closed_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------- the server goes away
+
+
+def test_a_server_stopped_mid_run_loses_nothing_and_sync_sends_the_rest_once(up, untracked, tiny_yaml, tmp_path,
+                                                                             monkeypatch, caplog, capsys):
+    mlflow, _ = up
+    caplog.set_level(logging.INFO, logger="colam")
+    monkeypatch.setenv(RETRY_ENV, "2")
+    original = MlflowRunLog.stage_end
+
+    def stop_after_stage_1(self, stage, stage_dir, metrics):
+        original(self, stage, stage_dir, metrics)
+        if stage == 1:
+            mlflow.stop()  # stage 1 is in the store, stage 2 and the end are not
+
+    monkeypatch.setattr(MlflowRunLog, "stage_end", stop_after_stage_1)
+    out = tmp_path / "run"
+    assert train(out, "goes-away", tiny_yaml) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert without_timings(printed) == without_timings(json.loads((untracked / "metrics.json").read_text()))
+    assert_same_training(out, untracked)
+
+    command = f"MLFLOW_TRACKING_URI={mlflow.uri} colam tracking sync {out}"
+    told = [w for w in warnings_of(caplog) if "colam tracking sync" in w]
+    assert len(told) == 1, warnings_of(caplog)
+    assert command in told[0] and "training goes on" in told[0] and str(out / JOURNAL_DIR) in told[0]
+    journal = Journal(out / JOURNAL_DIR)
+    records = journal.records()
+    assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
+    kinds = [r["op"] for r in records]
+    assert kinds.count("create_run") == 1 and kinds[-1] == "set_terminated"  # stage 2's run, ..., the parent's end
+    assert kinds.count("log_artifact") == len(STAGE_FILES) + 1 + len(PARENT_FILES)  # with the heatmap's copy
+    heatmap = next(r for r in records if r["op"] == "log_artifact" and r["artifact_path"] == "figures")
+    assert (journal.folder / heatmap["file"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # its temp file is gone
+    local = file_digests(out)
+
+    mlflow.restart()  # the same port and backend store
+    client = MlflowClient(mlflow.uri)
+    (parent,), stages = runs_of(client, "goes-away")
+    assert parent.info.status == "RUNNING" and len(stages) == 1  # what got there before the server went away
+    capsys.readouterr()
+    assert sync(out) == 0
+    said = capsys.readouterr().out.strip()
+    assert said.endswith("the journal is synced") and f"sent {len(records)} of {len(records)} records" in said
+    assert "(1 runs created" in said
+    parent, stages = assert_complete(client, "goes-away", out, tmp_path / "download")
+    assert stages[1].data.tags["colam.journal_id"] == records[kinds.index("create_run")]["id"]
+    assert file_digests(out) == local  # sync leaves the run's files as they are
+    before = snapshot(client, "goes-away")
+
+    assert sync(out) == 0  # a second sync: nothing to send
+    assert "nothing sent" in capsys.readouterr().out
+    # A sync cut off half-way forgets what it sent: replaying every record again logs nothing twice
+    progress = json.loads(journal.progress_path.read_text())
+    journal.progress_path.write_text(json.dumps({**progress, "done": [], "ids": {}, "synced": False}))
+    assert sync(out) == 0
+    assert "(0 runs created" in capsys.readouterr().out
+    assert snapshot(client, "goes-away") == before
+
+
+def test_an_offline_run_goes_back_online_at_a_stage_end_when_the_server_answers_again(up, untracked, tiny_yaml,
+                                                                                       tmp_path, monkeypatch, caplog,
+                                                                                       capsys):
+    mlflow, _ = up
+    caplog.set_level(logging.INFO, logger="colam")
+    monkeypatch.setenv(RETRY_ENV, "1")
+    stage_end, epoch_end = MlflowRunLog.stage_end, MlflowRunLog.epoch_end
+
+    def stop_after_stage_1(self, stage, stage_dir, metrics):
+        stage_end(self, stage, stage_dir, metrics)
+        if stage == 1:
+            mlflow.stop()
+
+    def back_after_epoch_3(self, stage, row):
+        epoch_end(self, stage, row)
+        if row["epoch"] == 3:
+            mlflow.restart()
+
+    monkeypatch.setattr(MlflowRunLog, "stage_end", stop_after_stage_1)
+    monkeypatch.setattr(MlflowRunLog, "epoch_end", back_after_epoch_3)
+    out = tmp_path / "run"
+    assert train(out, "comes-back", tiny_yaml) == 0
+    assert_same_training(out, untracked)
+    assert len([w for w in warnings_of(caplog) if "colam tracking sync" in w]) == 1
+    assert any("answers again" in r.getMessage() for r in caplog.records)
+    journal = Journal(out / JOURNAL_DIR)
+    assert journal.records() and journal.pending() == [] and journal.progress()["synced"]
+    # stage 2's epochs and files went through the journal, the run's end straight to the store
+    records = journal.records()
+    parent_id = next(r["run"] for r in records if r["op"] == "parent")
+    assert any(r["op"] == "log_batch" and r["run"] != parent_id for r in records)
+    assert not any(r["op"] == "set_terminated" and r["run"] == parent_id for r in records)
+    assert_complete(MlflowClient(mlflow.uri), "comes-back", out, tmp_path / "download")
+    capsys.readouterr()
+    assert sync(out) == 0 and "nothing sent" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- transient faults
+
+
+def test_transient_5xx_answers_are_retried_and_everything_arrives(up, untracked, tiny_yaml, tmp_path, monkeypatch,
+                                                                  caplog):
+    from tests.servers import fault_proxy
+
+    mlflow, _ = up
+    caplog.set_level(logging.INFO, logger="colam")
+    with fault_proxy(mlflow.uri) as proxy:
+        proxy.fail("/runs/log-batch", 2)  # the first batch: the run's parameters
+        proxy.fail("/mlflow-artifacts/artifacts/", 2, status=500)  # the first upload, stage 1's model.pt
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", proxy.uri)
+        out = tmp_path / "run"
+        began = time.monotonic()
+        assert train(out, "transient", tiny_yaml) == 0
+        seconds = time.monotonic() - began
+    assert len(proxy.failed) == 4 and proxy.forwarded > 20
+    assert [method for method, _ in proxy.failed] == ["POST", "POST", "PUT", "PUT"]
+    retries = [r.getMessage() for r in caplog.records if "; try " in r.getMessage()]
+    assert len(retries) == 4, retries
+    assert "503" in retries[0] and "try 2 in 0.25 s" in retries[0] and "try 3 in 0.50 s" in retries[1]
+    assert "500" in retries[2] and "model.pt" in retries[2]
+    assert warnings_of(caplog) == []
+    assert not (out / JOURNAL_DIR).exists()
+    assert_same_training(out, untracked)
+    assert_complete(MlflowClient(mlflow.uri), "transient", out, tmp_path / "download")
+    assert seconds < 120
+
+
+# ----------------------------------------------------------------------------- S3 down behind the server
+
+
+def test_s3_down_during_a_run_keeps_the_artifacts_for_sync_and_the_bucket_gets_them_byte_identical(
+        up, untracked, tiny_yaml, tmp_path, monkeypatch, caplog, capsys):
+    mlflow, s3 = up
+    caplog.set_level(logging.INFO, logger="colam")
+    monkeypatch.setenv(RETRY_ENV, "1")
+    s3.stop()
+    out = tmp_path / "run"
+    assert train(out, "s3-down", tiny_yaml) == 0
+    assert_same_training(out, untracked)
+
+    said = " ".join(warnings_of(caplog))
+    assert "does not answer" not in said  # the tracking store did: the metrics are in it already
+    names = [f"stage_{k}/{n}" for k in (1, 2) for n in STAGE_FILES] + [f"figures/soft_labels_stage_{k}.png"
+                                                                       for k in (1, 2)] + list(PARENT_FILES)
+    assert [n for n in names if n not in said] == []
+    assert f"MLFLOW_TRACKING_URI={mlflow.uri} colam tracking sync {out}" in said
+    client = MlflowClient(mlflow.uri)
+    (parent,), stages = runs_of(client, "s3-down")
+    assert parent.info.status == "FINISHED" and [s.info.status for s in stages] == ["FINISHED", "FINISHED"]
+    assert len(client.get_metric_history(parent.info.run_id, "test_acc")) == 4
+
+    journal = Journal(out / JOURNAL_DIR)
+    kept = [r for r in journal.records() if r["op"] == "log_artifact"]
+    assert sorted(r["source"] for r in kept) == sorted(names)
+    for record in kept:  # the journal keeps each file as it was logged, and the run's files are intact
+        data = (journal.folder / record["file"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == record["sha256"]
+        if not record["source"].startswith("figures/"):
+            assert (out / record["source"]).read_bytes() == data
+    local = file_digests(out)
+
+    s3.restart()
+    capsys.readouterr()
+    assert sync(out) == 0
+    assert f"{len(kept)} artifacts) to {mlflow.uri}; the journal is synced" in capsys.readouterr().out
+    assert file_digests(out) == local
+    bucket = s3.client()
+    destination = urlparse(mlflow.artifacts_destination)  # s3://BUCKET/mlflow
+    for record in kept:
+        run = client.get_run(record["run"])
+        name = Path(record["file"]).name
+        rel = f"{record['artifact_path']}/{name}" if record["artifact_path"] else name
+        key = destination.path.strip("/") + urlparse(run.info.artifact_uri).path + "/" + rel
+        body = bucket.get_object(Bucket=destination.netloc, Key=key)["Body"].read()
+        assert body == (journal.folder / record["file"]).read_bytes(), record["source"]
+    assert_complete(client, "s3-down", out, tmp_path / "download")
+    assert sync(out) == 0 and "nothing sent" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- sync's bad input
+
+
+def test_sync_without_a_journal_or_with_an_unreachable_store_exits_2_with_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{closed_port()}")
+    assert sync(tmp_path) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "no MLflow journal" in lines[0]
+
+    Journal(tmp_path / JOURNAL_DIR).append({"op": "update_run", "run": "0" * 32, "status": "RUNNING"})
+    began = time.monotonic()
+    assert sync(tmp_path) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "MLFLOW_TRACKING_URI" in lines[0] and "Connection refused" in lines[0], lines
+    assert time.monotonic() - began < 30
+    assert len(Journal(tmp_path / JOURNAL_DIR).pending()) == 1  # still there for the next try
+
+
+# ----------------------------------------------------------------------------- parallel runs, one sqlite store
+
+
+def test_parallel_runs_on_one_fresh_sqlite_store_all_succeed(tiny_yaml, tmp_path):
+    store = tmp_path / "mlflow.db"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}", "PYTHONPATH": str(ROOT),
+           RETRY_ENV: "8"}
+    seeds = range(4)
+    runs = [subprocess.Popen([sys.executable, "-m", "pipelines.cli", "train", "--config", str(tiny_yaml), "--out",
+                              f"seed{seed}", "--set", f"seed={seed}", "--set", "train.epochs=2", "--set",
+                              "method.colam.epochs_per_stage=1", "--track", "--experiment", "parallel",
+                              "--no-progress"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for seed in seeds]
+    results = [(run.wait(timeout=300), run.stdout.read(), run.stderr.read()) for run in runs]
+    for seed, (code, _, err) in zip(seeds, results, strict=True):
+        assert code == 0, f"seed {seed}: exit {code}\n{err[-3000:]}"
+        assert "does not answer" not in err and "refused" not in err, err[-3000:]
+        assert not (tmp_path / f"seed{seed}" / JOURNAL_DIR).exists()
+    client = MlflowClient(f"sqlite:///{store}")
+    parents, stages = runs_of(client, "parallel")
+    assert sorted(p.data.params["seed"] for p in parents) == ["0", "1", "2", "3"]
+    assert {p.info.status for p in parents} == {"FINISHED"}
+    assert len(stages) == 8 and {s.info.status for s in stages} == {"FINISHED"}
