@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="output folder of the run")
     train.add_argument("--split", help="a split written by `colam prepare` (default: draw it from data.*)")
     train.add_argument("--stage", type=int, help="train this stage only, from --out/stage_{K-1} to --out/stage_K")
+    restart_argument(train)
     train.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                        help="show a progress bar per epoch (default: when stderr is a terminal)")
     train.set_defaults(func=_train)
@@ -86,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(func=_models)
     commands.add_parser("datasets", help="list the data sets").set_defaults(func=_datasets)
     return parser
+
+
+def restart_argument(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--restart-if-changed", action="store_true",
+                         help="when --out holds a run trained from another configuration, code or inputs, delete it "
+                              "and train afresh (for runners that keep earlier outputs themselves, as DVC does)")
 
 
 def _config_arguments(command: argparse.ArgumentParser) -> None:
@@ -111,8 +118,9 @@ def _train(args) -> int:
     config = args.load_config(args)
     with args.run_log(args, config) as run_log:
         if args.stage is None:
-            metrics = fit(config, args.out, run_log=run_log, progress=args.progress, split_dir=args.split)
-        else:
+            metrics = fit(config, args.out, run_log=run_log, progress=args.progress, split_dir=args.split,
+                          restart_if_changed=args.restart_if_changed)
+        else:  # a stage folder is always trained afresh unless it holds this very stage
             metrics = fit_stage(config, args.out, args.stage, run_log=run_log, progress=args.progress,
                                 split_dir=args.split)
     if distributed.current().main:  # under torchrun, once

@@ -23,10 +23,13 @@ from __future__ import annotations
 
 import copy
 import csv
+import functools
+import hashlib
 import io
 import json
 import logging
 import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -219,6 +222,7 @@ def train_one_epoch(model: nn.Module, batches, method: Method, optimizer: torch.
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
+    losses = []  # each step's loss, read only when the epoch's sum is not finite
     for images, targets, indices in tqdm(batches, desc=desc, leave=False, disable=not progress, file=sys.stderr):
         images, targets = to_device(images, device, channels_last), targets.to(device, non_blocking=True)
         with autocast(device, precision):
@@ -227,13 +231,27 @@ def train_one_epoch(model: nn.Module, batches, method: Method, optimizer: torch.
         loss.backward()
         optimizer.step()
         # Accumulate on the device: a .item() per step would synchronise with the GPU every step.
-        loss_sum += loss.detach().float() * len(targets)
+        losses.append(loss.detach())
+        loss_sum += losses[-1].float() * len(targets)
         correct += (logits.detach().argmax(dim=1) == targets).sum()
         seen += len(targets)
     totals = torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(seen), device=device,
                                                                              dtype=torch.float64)])
     loss_sum, correct, seen = distributed.all_reduce_sum(totals).tolist()
+    if not math.isfinite(loss_sum):
+        finite = torch.isfinite(torch.stack(losses).float()).tolist() if losses else []
+        step = finite.index(False) if False in finite else None  # None: another rank's loss diverged
+        raise NonFiniteLoss("another process" if step is None else step + 1,
+                            "on another rank" if step is None else f"{losses[step].item()}")
     return loss_sum / seen, correct / seen
+
+
+class NonFiniteLoss(Exception):
+    """A training step's loss was NaN or infinite: `step` (1-based, in its epoch) and its `value`."""
+
+    def __init__(self, step, value):
+        super().__init__(f"non-finite loss {value} at step {step}")
+        self.step, self.value = step, value
 
 
 @torch.no_grad()
@@ -258,24 +276,43 @@ def evaluate(model: nn.Module, batches, device: torch.device, precision: torch.d
 
 
 def fit(config: Config, out_dir: str | Path, *, run_log: RunLog | None = None, progress: bool | None = None,
-        split_dir: str | Path | None = None) -> dict:
-    """Train one run into `out_dir`, resuming from its checkpoint when it holds the same run."""
+        split_dir: str | Path | None = None, restart_if_changed: bool = False,
+        inputs: dict[str, str | Path] | None = None) -> dict:
+    """Train one run into `out_dir`, resuming from its checkpoint when it holds the same run.
+
+    `restart_if_changed` is for runners that keep earlier outputs themselves and run a command
+    again when its inputs change (DVC, with `persist: true`): a folder trained with another
+    configuration, another version of the colam code or other inputs is deleted and the run
+    trained afresh; the same run is resumed, or left alone when it is complete. `inputs` names
+    files the run reads beyond the split (fixed soft labels): their contents are part of what
+    the run was trained from.
+    """
     run_log = run_log or RunLog()
     progress = sys.stderr.isatty() if progress is None else progress
     out_dir = Path(out_dir)
     _check_out_dir(out_dir)
+    origin = provenance(config, split_dir, files=inputs)
+    if restart_if_changed:
+        _clear_if_changed(out_dir, origin, "run")
+    cio.remove_stale_temporaries(out_dir)  # a write cut off by a kill leaves its temporary file
     # Another run in out_dir, or this run already finished: known before any data is read.
     state = _resume_state(config, out_dir)
-    if state is not None and state["epoch"] == config.train.epochs:
+    if state is not None and state["epoch"] == config.train.epochs and _reported(out_dir):
         metrics = _read_metrics(out_dir)
         if metrics is not None:
             log.info("%s already holds a completed run; nothing to do", out_dir)
             return metrics
     prepared = prepare(config, split_dir)  # raises before anything is written
+    if state is not None:
+        _check_state(prepared, state, out_dir)
     _make_dir(out_dir)
     if prepared.world.main:
         cio.write_text(out_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
-    return _train(prepared, out_dir, state, run_log, progress, until=config.train.epochs, whole_run=True)
+        cio.write_json(out_dir / PROVENANCE, {**origin, "complete": False})
+    metrics = _train(prepared, out_dir, state, run_log, progress, until=config.train.epochs, whole_run=True)
+    if prepared.world.main:
+        cio.write_json(out_dir / PROVENANCE, {**origin, "complete": True})  # after the run log heard the end
+    return metrics
 
 
 def fit_stage(config: Config, out_dir: str | Path, stage: int, *, run_log: RunLog | None = None,
@@ -295,6 +332,9 @@ def fit_stage(config: Config, out_dir: str | Path, stage: int, *, run_log: RunLo
         raise ColamError(f"--stage: {stage} is not a stage of this run ({config.method.name} trains "
                          f"{len(stage_epochs)} stage(s))")
     _check_out_dir(out_dir)
+    if (out_dir / "checkpoint.pt").exists():
+        raise ColamError(f"--out: '{out_dir}' holds a whole run (checkpoint.pt); train --stage writes a folder of "
+                         f"stages, choose another --out")
     state = None
     if stage > 1:
         previous = out_dir / f"stage_{stage - 1}"
@@ -305,10 +345,138 @@ def fit_stage(config: Config, out_dir: str | Path, stage: int, *, run_log: RunLo
         if state["epoch"] != sum(stage_epochs[: stage - 1]):
             raise ColamError(f"--stage: '{out_dir / f'stage_{stage - 1}'}' ends at epoch {state['epoch']}, "
                              f"stage {stage} starts after epoch {sum(stage_epochs[: stage - 1])}")
-    prepared = prepare(config, split_dir)
+    folder = out_dir / f"stage_{stage}"
+    _check_out_dir(folder)
+    origin = provenance(config, split_dir, previous=out_dir / f"stage_{stage - 1}" if stage > 1 else None)
+    found = _read_provenance(folder)
+    if found == {**origin, "complete": True} and (folder / "metrics.json").exists():
+        (folder / PARTIAL).unlink(missing_ok=True)
+        log.info("%s already holds stage %d of this run; nothing to do", folder, stage)
+        return json.loads((folder / "metrics.json").read_text())
+    resumed = found == {**origin, "complete": False} and (folder / PARTIAL).exists()
+    if resumed:
+        state = _read_partial(folder / PARTIAL, config)  # killed mid-stage: continue after its last epoch
+    else:
+        _check_stage_folder(folder)
+    prepared = prepare(config, split_dir)  # raises before anything is deleted or written
+    if state is not None:
+        _check_state(prepared, state, folder if resumed else out_dir / f"stage_{stage - 1}")
     _make_dir(out_dir)
-    _train(prepared, out_dir, state, run_log, progress, until=sum(stage_epochs[:stage]), whole_run=False)
-    return json.loads((out_dir / f"stage_{stage}" / "metrics.json").read_text())
+    main = prepared.world.main
+    if main:
+        if not resumed:
+            _clear_stage_folder(folder)  # another stage, or one trained by other code or from other inputs
+        cio.remove_stale_temporaries(folder)
+        cio.write_json(folder / PROVENANCE, {**origin, "complete": False})
+    _train(prepared, out_dir, state, run_log, progress, until=sum(stage_epochs[:stage]), whole_run=False,
+           partial=folder / PARTIAL)
+    if main:
+        cio.write_json(folder / PROVENANCE, {**origin, "complete": True})  # after the run log heard the end
+        (folder / PARTIAL).unlink(missing_ok=True)
+    distributed.barrier()
+    return json.loads((folder / "metrics.json").read_text())
+
+
+# Beside a run's (or a stage's) files, and ignored by DVC (.dvcignore) so that they never change an
+# output's hash: what the files were trained from, and a stage's state while it trains.
+PROVENANCE = ".provenance.json"
+PARTIAL = ".partial.pt"
+
+
+@functools.lru_cache(maxsize=1)
+def code_digest() -> str:
+    """sha256 of the colam package's source files: the code that makes a run's numbers."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def provenance(config: Config, split_dir: str | Path | None, previous: Path | None = None,
+               files: dict[str, str | Path] | None = None) -> dict:
+    """What a run or stage is trained from: its configuration, the colam code, the split files, the
+    stage it starts from and other input `files` (digests). Two folders with the same provenance
+    hold the same numbers."""
+    inputs = {}
+    if files:
+        inputs["files"] = {name: cio.sha256_file(path) for name, path in sorted(files.items())}
+    if split_dir is not None:
+        inputs["split"] = {p.name: cio.sha256_file(p) for p in sorted(Path(split_dir).glob("split.*")) if p.is_file()}
+    if previous is not None:
+        inputs["previous_stage"] = {name: cio.sha256_file(previous / name) for name in ("model.pt", "state.pt")
+                                    if (previous / name).exists()}
+    run = hashlib.sha256(json.dumps(run_identity(config.to_dict()), sort_keys=True).encode()).hexdigest()
+    return {"run": run, "code": code_digest(), "inputs": inputs}
+
+
+def _read_provenance(folder: Path) -> dict | None:
+    try:
+        found = json.loads((folder / PROVENANCE).read_text())
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) else None
+
+
+def _reported(out_dir: Path) -> bool:
+    """Whether a finished run told its run log (MLflow) so; folders from before provenance was
+    written count as reported."""
+    found = _read_provenance(out_dir)
+    return found is None or found.get("complete", True)
+
+
+def _clear_if_changed(out_dir: Path, origin: dict, what: str) -> None:
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    found = _read_provenance(out_dir)
+    if found is not None and {k: v for k, v in found.items() if k != "complete"} == origin:
+        return
+    known = {"config.yaml", "checkpoint.pt", "history.csv", "metrics.json", PROVENANCE}
+    foreign = [p.name for p in out_dir.iterdir() if p.name not in known and not p.name.startswith(("stage_", "."))]
+    if foreign or not any((out_dir / name).exists() for name in known):
+        raise ColamError(f"--out: '{out_dir}' was trained from something else and holds files the {what} did not write "
+                         f"({', '.join(sorted(foreign)[:3]) or 'no run files'}); it is not deleted: move them or choose "
+                         f"another --out")
+    if found is None:
+        why = "no record of what it was trained from"
+    else:
+        why = ", ".join(k for k in ("run", "code", "inputs") if found.get(k) != origin[k]) + " changed"
+    log.info("%s holds a %s trained from something else (%s); training afresh", out_dir, what, why)
+    shutil.rmtree(out_dir)
+
+
+def _check_stage_folder(folder: Path) -> None:
+    if folder.is_dir():
+        for path in folder.iterdir():
+            if path.is_dir():
+                raise ColamError(f"--stage: '{folder}' holds a folder '{path.name}', not a colam stage; it is not "
+                                 f"deleted, choose another --out")
+
+
+def _clear_stage_folder(folder: Path) -> None:
+    """Empty a stage folder before the stage is trained into it again, so that no file of an earlier
+    attempt (a soft-label file another setting wrote) stays beside the new ones."""
+    if folder.is_dir():
+        _check_stage_folder(folder)
+        for path in folder.iterdir():
+            path.unlink()
+
+
+def _check_state(p: Prepared, state: dict, where: Path) -> None:
+    """Refuse a saved state this run cannot continue from before anything is written: one trained on
+    another kind of device path, or whose weights do not fit the model (another model or class count)."""
+    execution = {"precision": p.speed["precision"], "data_on_device": p.speed["data_on_device"]}
+    _refuse_other_execution(where, state, execution, p.world)
+    cio.load_weights(p.model, state["model"], "--out checkpoint", state.get("model_file", where))
+
+
+def _read_partial(path: Path, config: Config) -> dict:
+    state = cio.load_torch(path, "stage checkpoint")
+    if not isinstance(state, dict) or not _CHECKPOINT_KEYS <= state.keys():
+        raise ColamError(f"stage checkpoint: '{path}' is not a colam training checkpoint; delete it")
+    _refuse_other_run(path.parent, state["config"], config, what="stage")
+    state["model_file"] = path
+    return state
 
 
 def load_stage_state(stage_dir: str | Path, config: Config | None = None) -> dict:
@@ -320,6 +488,7 @@ def load_stage_state(stage_dir: str | Path, config: Config | None = None) -> dic
     if config is not None:
         _refuse_other_run(stage_dir, state["config"], config, what="stage")
     state["model"] = cio.load_torch(stage_dir / "model.pt", "stage model")
+    state["model_file"] = stage_dir / "model.pt"  # where the weights came from, for error messages
     return state
 
 
@@ -337,7 +506,7 @@ def _make_dir(out_dir: Path) -> None:
 
 def _train(p: Prepared, out_dir: Path, state: dict | None, run_log: RunLog, progress: bool, until: int,
            whole_run: bool, stage_dir=None, estimate: bool = True, step_info: dict | None = None,
-           last_good: Path | None = None) -> dict:
+           last_good: Path | None = None, partial: Path | None = None) -> dict:
     """Train from the epoch `state` ends at (or 0) up to epoch `until`.
 
     `whole_run` (fit) also keeps out_dir/checkpoint.pt after every epoch, out_dir/history.csv
@@ -345,7 +514,9 @@ def _train(p: Prepared, out_dir: Path, state: dict | None, run_log: RunLog, prog
     `stage_dir(stage)` of each stage end, and of the last epoch when `until` ends mid-stage.
     `estimate=False` leaves the stage-end soft labels to a later step (colam.steps.estimate_step);
     `step_info` is added to the metrics.json of the folders written; `last_good` is the folder a
-    diverged step names as the state to go back to (default: the previous stage's folder).
+    diverged step names as the state to go back to (default: the previous stage's folder);
+    `partial` (fit_stage) is where the state after every epoch that ends no stage is kept, so that a
+    killed stage loses at most the epoch it was in.
     """
     if stage_dir is None:
         stage_dir = lambda stage: out_dir / f"stage_{stage}"  # noqa: E731
@@ -360,8 +531,7 @@ def _train(p: Prepared, out_dir: Path, state: dict | None, run_log: RunLog, prog
     # what `auto` chose on this machine, where it changes the numbers: a run continues as it began
     execution = {"precision": p.speed["precision"], "data_on_device": p.speed["data_on_device"]}
     if state is not None:
-        _refuse_other_execution(out_dir, state, execution, world)
-        model.load_state_dict(state["model"])
+        model.load_state_dict(state["model"])  # checked by _check_state before anything was written
         optimizer.load_state_dict(state["optimizer"])
         method.load_state_dict(state["method"])
         history, start_epoch, elapsed = state["history"], state["epoch"], state["elapsed"]
@@ -374,6 +544,8 @@ def _train(p: Prepared, out_dir: Path, state: dict | None, run_log: RunLog, prog
     run_log.start(config, {"num_classes": data.num_classes, "train_samples": len(data.train), "device": str(device),
                            "stage_epochs": p.stage_epochs, "resumed_from_epoch": start_epoch, **p.speed})
     stage_ends = np.cumsum(p.stage_epochs).tolist()
+    if partial is not None and state is not None and start_epoch == until and until in stage_ends:
+        _replay_stage_end(run_log, stage_ends.index(until) + 1, stage_dir(stage_ends.index(until) + 1), history[-1])
     for epoch in range(start_epoch, until):
         stage = 1 + sum(epoch >= end for end in stage_ends)
         if epoch == start_epoch or epoch in stage_ends:
@@ -387,14 +559,22 @@ def _train(p: Prepared, out_dir: Path, state: dict | None, run_log: RunLog, prog
         torch.manual_seed(global_seed(config.seed, epoch, world))
         method.epoch_start(epoch + 1, stage)
         desc = f"stage {stage}/{len(stage_ends)} epoch {epoch + 1}/{t.epochs}"
-        train_loss, train_acc = train_one_epoch(net, p.feed.train(epoch), method, optimizer, stage, device, desc,
-                                                progress and main, p.precision, p.channels_last)
+        try:
+            train_loss, train_acc = train_one_epoch(net, p.feed.train(epoch), method, optimizer, stage, device, desc,
+                                                    progress and main, p.precision, p.channels_last)
+        except NonFiniteLoss as diverged:
+            if epoch == 0:
+                where = "none: it diverged in the first epoch"
+            elif whole_run:
+                where = out_dir / "checkpoint.pt"
+            elif partial is not None and partial.exists():
+                where = partial
+            else:
+                where = last_good or out_dir / f"stage_{stage - 1}"
+            raise ColamError(f"training diverged: non-finite loss ({diverged.value}) in stage {stage}, epoch "
+                             f"{epoch + 1}, step {diverged.step}; the last good state is {where}") from None
         distributed.broadcast_buffers(model)  # every rank now holds rank 0's model exactly
         method.epoch_end(epoch + 1, stage)
-        if not math.isfinite(train_loss):
-            where = out_dir / "checkpoint.pt" if whole_run else last_good or out_dir / f"stage_{stage - 1}"
-            raise ColamError(f"training diverged: non-finite loss in stage {stage}, epoch {epoch + 1}; "
-                             f"the last good state is {where}")
         row = {"epoch": epoch + 1, "stage": stage, "lr": lr, "train_loss": train_loss, "train_acc": train_acc}
         for name in ("val", "test") if main else ():
             batches_eval = p.feed.evaluation(name)
@@ -410,8 +590,6 @@ def _train(p: Prepared, out_dir: Path, state: dict | None, run_log: RunLog, prog
         row["seconds"] = time.perf_counter() - began
         elapsed += row["seconds"]
         history.append(row)
-        log.info("%s  loss %.4f  train %.4f%s  (%.1fs)", desc, train_loss, train_acc,
-                 "".join(f"  {k[:-4]} {row[k]:.4f}" for k in ("val_acc", "test_acc") if k in row), row["seconds"])
         resume = {"epoch": epoch + 1, "optimizer": optimizer.state_dict(), "method": method.state_dict(),
                   "history": history, "elapsed": elapsed, "config": config.to_dict(), "execution": execution,
                   "world_size": world.size}
@@ -426,6 +604,11 @@ def _train(p: Prepared, out_dir: Path, state: dict | None, run_log: RunLog, prog
         if whole_run and main:
             _write_history(out_dir / "history.csv", history)
             cio.save_torch(out_dir / "checkpoint.pt", {**resume, "model": model.state_dict()})
+        elif partial is not None and main:  # at the stage's end too: its files are whole once this exists
+            cio.save_torch(partial, {**resume, "model": model.state_dict()})
+        # after the state is saved: an epoch in the log is an epoch a restart continues after
+        log.info("%s  loss %.4f  train %.4f%s  (%.1fs)", desc, train_loss, train_acc,
+                 "".join(f"  {k[:-4]} {row[k]:.4f}" for k in ("val_acc", "test_acc") if k in row), row["seconds"])
         run_log.epoch_end(stage, row)  # after the state is saved: a resumed run never reports an epoch twice
         if stage_end:
             run_log.stage_end(stage, stage_dir(stage), {**row, "estimation_seconds": estimation_seconds})
@@ -437,6 +620,17 @@ def _train(p: Prepared, out_dir: Path, state: dict | None, run_log: RunLog, prog
         cio.write_json(out_dir / "metrics.json", metrics)
     run_log.finish(metrics, out_dir)
     return metrics
+
+
+def _replay_stage_end(run_log: RunLog, stage: int, folder: Path, row: dict) -> None:
+    """A stage killed after its files and its last epoch's state were written, before it was marked
+    complete: nothing is trained again, the run log hears the stage's end (again, if the kill came
+    after it had)."""
+    written = json.loads((folder / "metrics.json").read_text())
+    log.info("%s: stage %d was trained to its end; telling the run log", folder, stage)
+    run_log.stage_start(stage)
+    run_log.epoch_end(stage, row)
+    run_log.stage_end(stage, folder, {**row, "estimation_seconds": written.get("estimation_seconds")})
 
 
 def _refuse_other_execution(out_dir: Path, state: dict, execution: dict, world: World) -> None:
@@ -528,6 +722,7 @@ def _resume_state(config: Config, out_dir: Path) -> dict | None:
         if not isinstance(state, dict) or not _CHECKPOINT_KEYS <= state.keys():
             raise ColamError(f"--out: '{path}' is not a colam training checkpoint; use another --out or delete it")
         _refuse_other_run(out_dir, state["config"], config)
+        state["model_file"] = path
         return state
     saved_config = out_dir / "config.yaml"
     if saved_config.exists():  # a run that never finished its first epoch, or whose checkpoint was removed

@@ -54,7 +54,7 @@ def evaluate_run(config: Config, stage_dir: str | Path, out_dir: str | Path,
         raise ColamError("WORLD_SIZE: evaluating a stage runs in one process; start `colam evaluate` without torchrun")
     state = load_stage_state(stage_dir, config)
     p = prepare(config, split_dir)
-    p.model.load_state_dict(state["model"])
+    cio.load_weights(p.model, state["model"], "--stage-dir model", state["model_file"])
     metrics = run_metrics(config, state["history"], state["elapsed"])
     metrics["evaluated_epoch"] = state["epoch"]
     splits = {"test": p.data.test, "val": p.data.val}

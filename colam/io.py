@@ -37,6 +37,19 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[str]:
+    """Delete the temporary files of writes that a killed process never renamed into place
+    (`.NAME.XXXXXXXX.tmp`, see atomic_write_bytes) in `folder` and its stage folders; returns
+    their names. Call it only where no other process is writing."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [p for pattern in (".*.tmp", "stage_*/.*.tmp") for p in folder.glob(pattern) if p.is_file()]
+    for path in found:
+        path.unlink(missing_ok=True)
+    return sorted(str(p.relative_to(folder)) for p in found)
+
+
 def _fsync_dir(folder: Path) -> None:
     """Persist the rename itself (POSIX); Windows cannot open folders and needs no such step."""
     try:
@@ -87,6 +100,26 @@ def load_torch(path: str | os.PathLike, what: str) -> Any:
     except Exception as exc:  # truncated zip, foreign pickle, ...: one line, no traceback
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ColamError(f"{what}: '{path}' is not a readable checkpoint ({reason[:160]})") from None
+
+
+def load_weights(model: torch.nn.Module, state: Any, what: str, path: str | os.PathLike) -> None:
+    """Load a state_dict into `model`, or one line saying why these weights belong to another model
+    (missing or unexpected keys, a tensor of another shape: another architecture or class count)."""
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ColamError(f"{what}: '{path}' is not a model state_dict")
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} is {tuple(state[k].shape)} there, {tuple(v.shape)} here" for k, v in expected.items()
+              if k in state and state[k].shape != v.shape]
+    problems = ([f"{len(missing)} missing key(s) ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})"]
+                if missing else [])
+    problems += ([f"{len(unexpected)} unexpected key(s) ({', '.join(unexpected[:3])}"
+                  f"{', ...' if len(unexpected) > 3 else ''})"] if unexpected else [])
+    problems += shapes[:2]
+    if problems:
+        raise ColamError(f"{what}: '{path}' holds the weights of another model or class count ({'; '.join(problems)})")
+    model.load_state_dict(state)
 
 
 def sha256_file(path: str | os.PathLike) -> str:

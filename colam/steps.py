@@ -35,8 +35,8 @@ from colam import io as cio
 from colam.config import Config, from_dict, validate
 from colam.data import save_split
 from colam.datasets import DATASETS
-from colam.engine import (RunLog, _check_out_dir, _make_dir, _train, check_names, estimate_artifacts, load_stage_state,
-                          prepare, run_identity)
+from colam.engine import (RunLog, _check_out_dir, _check_state, _make_dir, _train, check_names, estimate_artifacts,
+                          load_stage_state, prepare, run_identity)
 from colam.errors import ColamError, require
 from colam.methods import METHODS
 from colam.soft_labels import check_soft_labels
@@ -161,6 +161,7 @@ def train_step(config: Config, step: int, steps: int, out: str | Path, *, checkp
         inputs["soft_labels_sha256"] = digest
     prepared = prepare(config, split_dir)
     if state is not None:
+        _check_state(prepared, state, Path(checkpoint))
         _check_estimate_shapes(learned, prepared, soft_labels)
     _make_dir(out)
     _train(prepared, out, state, run_log or RunLog(), progress, until=ends[step - 1], whole_run=False,
@@ -188,7 +189,7 @@ def estimate_step(config: Config, step: int, steps: int, checkpoint: str | Path,
     if epoch in stage_ends:  # a one-stage method learns nothing at a segment's end
         stage = stage_ends.index(epoch) + 1
         prepared = prepare(config, split_dir)
-        prepared.model.load_state_dict(state["model"])
+        cio.load_weights(prepared.model, state["model"], "checkpoint model", state["model_file"])
         prepared.method.load_state_dict(state["method"])
         seconds, artifacts = estimate_artifacts(prepared, stage, out, epoch)
         distributed.barrier()  # under torchrun: rank 0 has written the files the digests are taken of

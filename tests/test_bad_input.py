@@ -268,16 +268,17 @@ ARTIFACTS = [
     Case("artifact", "resume-foreign-torch-file", RESUME, "{run}/checkpoint.pt", "not a colam training checkpoint",
          lambda w: w.torch_file("run/checkpoint.pt", {"weights": torch.zeros(3)})),
     Case("artifact", "resume-checkpoint-of-another-model", RESUME, "{run}/checkpoint.pt", "another model",
-         lambda w: checkpoint_with_model(w, width=16),
-         fails="colam.engine.fit rewrites config.yaml and .provenance.json before _train loads the checkpoint's "
-               "weights; fit should call cio.load_weights on the prepared model before writing (see issue 8)"),
+         lambda w: checkpoint_with_model(w, width=16)),
     Case("artifact", "out-holds-another-config", train("seed=1", out="{run}"), "{run}", "different configuration"),
     Case("artifact", "out-holds-unreadable-config", RESUME, "{run}", "different configuration",
          lambda w: ((w.run / "checkpoint.pt").unlink(), w.write("run/config.yaml", "train: [1,\n"))),
     Case("artifact", "out-is-a-file", train(out="{tmp}/file"), "{tmp}/file", "not a folder",
          lambda w: w.write("file", "x")),
     Case("artifact", "stage-from-truncated-state", train(out="{run}", extra=("--stage", "2")),
-         "{run}/stage_1/state.pt", "not a readable checkpoint", lambda w: w.truncate("run/stage_1/state.pt")),
+         "{run}/stage_1/state.pt", "not a readable checkpoint",  # a stage chain: no checkpoint.pt of a whole run
+         lambda w: ((w.run / "checkpoint.pt").unlink(), w.truncate("run/stage_1/state.pt"))),
+    Case("artifact", "stage-into-a-whole-run", train(out="{run}", extra=("--stage", "2")), "{run}",
+         "holds a whole run"),
     Case("artifact", "stage-out-of-range", train(out="{run}", extra=("--stage", "3")), "--stage",
          "not a stage of this run"),
     # colam evaluate --stage-dir

@@ -51,9 +51,11 @@ def fixed_label_config(run: RunFolder, labels_file: Path) -> Config:
 
 
 def expected_accuracy(run: RunFolder, out_dir: str | Path, *, split_dir: str | Path | None = None,
-                      progress: bool | None = None, stages: list[int] | None = None) -> list[dict]:
+                      progress: bool | None = None, stages: list[int] | None = None,
+                      restart_if_changed: bool = False) -> list[dict]:
     """Train one fixed-label run per labelled stage (or per stage of `stages`) into out_dir/stage_K
-    (resumable; a finished one is read, not trained again); one row per stage."""
+    (resumable; a finished one is read, not trained again); one row per stage. A folder that holds
+    a run of other soft labels is refused, or with `restart_if_changed` (DVC) trained afresh."""
     out_dir = Path(out_dir)
     labelled = labelled_stages(run)
     if stages is not None:
@@ -66,8 +68,10 @@ def expected_accuracy(run: RunFolder, out_dir: str | Path, *, split_dir: str | P
     for stage, labels_file in labelled:
         folder = out_dir / f"stage_{stage}"
         digest = cio.sha256_file(labels_file)
-        _refuse_other_labels(folder, digest)
-        metrics = fit(fixed_label_config(run, labels_file), folder, progress=progress, split_dir=split_dir)
+        if not restart_if_changed:
+            _refuse_other_labels(folder, digest)
+        metrics = fit(fixed_label_config(run, labels_file), folder, progress=progress, split_dir=split_dir,
+                      restart_if_changed=restart_if_changed, inputs={"soft_labels": labels_file})
         stage_metrics = _stage_metrics(run.stage_dirs[stage - 1])
         rows.append({"stage": stage, "epoch": stage_metrics["epoch"], "soft_labels": str(labels_file),
                      "soft_labels_sha256": digest, "temperature": labels_temperature(labels_file),

@@ -1,0 +1,124 @@
+"""What a run folder was trained from (.provenance.json), and `--restart-if-changed`: the DVC
+stages keep their outputs (`persist: true`) so that a killed `dvc repro` resumes, and a folder
+trained from another config, code or input is then trained afresh, never taken for the new run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from colam import engine
+from colam.engine import PROVENANCE, fit, fit_stage
+from colam.errors import ColamError
+from tests.conftest import TINY
+
+
+def record(folder):
+    return json.loads((folder / PROVENANCE).read_text())
+
+
+def test_a_finished_run_records_what_it_was_trained_from(tiny_config, tmp_path):
+    fit(tiny_config(), tmp_path / "run")
+    found = record(tmp_path / "run")
+    assert found == {**engine.provenance(tiny_config(), None), "complete": True}
+    assert found["code"] == engine.code_digest() and len(found["run"]) == 64
+
+
+def test_the_same_run_is_left_alone_and_another_config_trained_afresh(tiny_config, tmp_path, caplog):
+    out = tmp_path / "run"
+    first = fit(tiny_config(), out, restart_if_changed=True)
+    weights = (out / "stage_2" / "model.pt").read_bytes()
+    caplog.set_level("INFO", logger="colam")
+    assert fit(tiny_config(), out, restart_if_changed=True) == first
+    assert "already holds a completed run" in caplog.text and (out / "stage_2" / "model.pt").read_bytes() == weights
+
+    caplog.clear()
+    other = fit(tiny_config("seed=1"), out, restart_if_changed=True)
+    assert "trained from something else (run changed); training afresh" in caplog.text
+    assert other["seed"] == 1 and record(out)["run"] == engine.provenance(tiny_config("seed=1"), None)["run"]
+    # without the flag a folder of another run is refused, as before
+    with pytest.raises(ColamError, match="different configuration"):
+        fit(tiny_config(), out)
+
+
+def test_a_run_of_other_code_or_without_a_record_is_trained_afresh(tiny_config, tmp_path, caplog):
+    out = tmp_path / "run"
+    fit(tiny_config(), out)
+    caplog.set_level("INFO", logger="colam")
+    (out / PROVENANCE).write_text(json.dumps({**record(out), "code": "0" * 64}))
+    fit(tiny_config(), out, restart_if_changed=True)
+    assert "(code changed)" in caplog.text and record(out)["code"] == engine.code_digest()
+
+    caplog.clear()
+    (out / PROVENANCE).unlink()  # a folder from before provenance was recorded
+    fit(tiny_config(), out, restart_if_changed=True)
+    assert "no record of what it was trained from" in caplog.text and record(out)["complete"]
+
+
+def test_a_changed_input_file_is_part_of_what_a_run_was_trained_from(tiny_config, tmp_path, caplog):
+    labels = tmp_path / "labels.npy"
+    np.save(labels, np.full((10, 10), 0.1, dtype=np.float32))
+    config = tiny_config("method.name=fixed", f"method.fixed.labels={labels}")
+    out = tmp_path / "run"
+    fit(config, out, restart_if_changed=True, inputs={"soft_labels": labels})
+    caplog.set_level("INFO", logger="colam")
+    np.save(labels, np.eye(10, dtype=np.float32))  # same path, same config, other labels
+    fit(config, out, restart_if_changed=True, inputs={"soft_labels": labels})
+    assert "(inputs changed); training afresh" in caplog.text
+
+
+def test_files_colam_did_not_write_are_never_deleted(tiny_config, tmp_path):
+    out = tmp_path / "run"
+    fit(tiny_config(), out)
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ColamError, match=r"did not write \(notes.txt\); it is not deleted"):
+        fit(tiny_config("seed=1"), out, restart_if_changed=True)
+    assert (out / "notes.txt").read_text() == "mine" and (out / "checkpoint.pt").exists()
+
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "a.jpg").write_bytes(b"x")
+    with pytest.raises(ColamError, match="it is not deleted"):
+        fit(tiny_config(), other, restart_if_changed=True)
+    assert (other / "a.jpg").exists()
+
+
+def test_a_stage_folder_of_another_run_is_trained_afresh_and_the_same_stage_left_alone(tiny_config, tmp_path,
+                                                                                      caplog):
+    out = tmp_path / "chain"
+    fit_stage(tiny_config(), out, 1)
+    (out / "stage_1" / "stale.npy").write_bytes(b"an earlier attempt's file")
+    fit_stage(tiny_config("seed=1"), out, 1)  # another run: the folder is emptied first
+    assert not (out / "stage_1" / "stale.npy").exists()
+    assert record(out / "stage_1") == {**engine.provenance(tiny_config("seed=1"), None), "complete": True}
+    caplog.set_level("INFO", logger="colam")
+    mtime = (out / "stage_1" / "model.pt").stat().st_mtime_ns
+    fit_stage(tiny_config("seed=1"), out, 1)
+    assert "already holds stage 1 of this run; nothing to do" in caplog.text
+    assert (out / "stage_1" / "model.pt").stat().st_mtime_ns == mtime
+    # stage 2 records the stage it starts from: retraining stage 1 differently changes stage 2's inputs
+    fit_stage(tiny_config("seed=1"), out, 2)
+    assert set(record(out / "stage_2")["inputs"]["previous_stage"]) == {"model.pt", "state.pt"}
+
+
+def test_train_stage_into_a_whole_run_folder_is_refused_and_deletes_nothing(tiny_config, tmp_path):
+    out = tmp_path / "run"
+    fit(tiny_config(), out)
+    before = sorted(p.name for p in (out / "stage_2").iterdir())
+    with pytest.raises(ColamError, match="holds a whole run"):
+        fit_stage(tiny_config(), out, 2)
+    assert sorted(p.name for p in (out / "stage_2").iterdir()) == before
+
+
+def test_the_flag_reaches_fit_from_the_command_line(tmp_path, capsys):
+    from pipelines.cli import main
+
+    sets = [a for item in TINY for a in ("--set", item)]
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), *sets]) == 0
+    assert main(["train", "--out", str(out), *sets, "--set", "seed=1"]) == 2
+    assert "different configuration" in capsys.readouterr().err
+    assert main(["train", "--out", str(out), *sets, "--set", "seed=1", "--restart-if-changed"]) == 0
+    assert record(out)["complete"] and json.loads((out / "metrics.json").read_text())["seed"] == 1
