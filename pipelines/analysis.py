@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from colam import io as cio
+from colam.cli import restart_argument
 from colam.errors import ColamError
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,6 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub.add_argument("--runs-out", required=True, type=Path, help="folder for the fixed-label training runs (resumable)")
     sub.add_argument("--stage", type=int, help="only train the run of this stage's soft labels (a DVC stage per K); "
                                                "no figures")
+    restart_argument(sub)
     sub.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
     sub.set_defaults(func=expected_accuracy)
 
@@ -78,6 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data(sub)
     sub.add_argument("--epochs-per-stage", type=int, required=True, help="the update interval t; stages = epochs / t")
     sub.add_argument("--peers", required=True, help="random peer samples per soft label, or all")
+    restart_argument(sub)
     sub.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
     sub.set_defaults(func=grid_cell)
 
@@ -128,7 +131,8 @@ def expected_accuracy(args) -> int:
 
     if args.stage is not None:  # one fixed-label run, for a pipeline step of its own
         run = open_run(args.run, "--run", finished=False)
-        (row,) = measure(run, args.runs_out, split_dir=args.split, progress=args.progress, stages=[args.stage])
+        (row,) = measure(run, args.runs_out, split_dir=args.split, progress=args.progress, stages=[args.stage],
+                         restart_if_changed=args.restart_if_changed)
         print(json.dumps(row))
         return 0
     if args.out is None:
@@ -136,7 +140,8 @@ def expected_accuracy(args) -> int:
     run = open_run(args.run, "--run")
     baselines = _baselines(args)
     start(args, run)
-    rows = measure(run, args.runs_out, split_dir=args.split, progress=args.progress)
+    rows = measure(run, args.runs_out, split_dir=args.split, progress=args.progress,
+                   restart_if_changed=args.restart_if_changed)
     references = {f"{_label(run.config)} final test accuracy": history(run)[-1]["test_acc"]}
     for name, baseline in baselines.items():
         references[f"{name} final test accuracy"] = history(baseline, f"--baselines {name}")[-1]["test_acc"]
@@ -269,7 +274,8 @@ def grid_cell(args) -> int:
     config = cell_config(params.config, args.epochs_per_stage, parse_peers(args.peers, "--peers"))
     args.params_tracking, args.run_name = params.tracking, args.out.name
     with cli._run_log(args, config) as run_log:
-        metrics = fit(config, args.out, run_log=run_log, progress=args.progress, split_dir=args.split)
+        metrics = fit(config, args.out, run_log=run_log, progress=args.progress, split_dir=args.split,
+                      restart_if_changed=args.restart_if_changed)
     print(json.dumps(metrics))
     return 0
 

@@ -78,9 +78,9 @@ def _ran(output: str) -> list[str]:
     return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")]
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Repo:
-    path = tmp_path_factory.mktemp("pipeline")
+def scratch_repo(path: Path, params: dict) -> Repo:
+    """A git repository at `path` holding this project's dvc.yaml and code, with params.yaml's values
+    replaced by `params` where it names them; nothing is run yet."""
     for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
         shutil.copy(ROOT / name, path / name)
     (path / ".dvc").mkdir()
@@ -93,11 +93,17 @@ def repo(tmp_path_factory) -> Repo:
                GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@localhost", GIT_COMMITTER_NAME="test",
                GIT_COMMITTER_EMAIL="test@localhost")
     repo = Repo(path, env)
-    repo.write_params(_merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY_PARAMS))
+    repo.write_params(_merge(yaml.safe_load((ROOT / "params.yaml").read_text()), params))
     repo.run(sys.executable, "-m", "pipelines.plots", ".dvc/plots/offline.html")
     repo.run("git", "init", "-q")
     repo.run("git", "add", "-A")
     repo.run("git", "commit", "-qm", "pipeline under test")
+    return repo
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Repo:
+    repo = scratch_repo(tmp_path_factory.mktemp("pipeline"), TINY_PARAMS)
     repo.first = repo.dvc("repro")
     return repo
 
