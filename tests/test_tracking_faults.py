@@ -371,6 +371,150 @@ def test_s3_down_during_a_run_keeps_the_artifacts_for_sync_and_the_bucket_gets_t
     assert sync(out) == 0 and "nothing sent" in capsys.readouterr().out
 
 
+def test_a_direct_s3_artifact_store_whose_endpoint_fails_mid_run_is_synced_later(up, untracked, tiny_yaml,
+                                                                                   tmp_path, monkeypatch, caplog,
+                                                                                   capsys):
+    """No proxying: an experiment whose artifact location is s3://, so the client uploads to S3
+    itself (boto3, with the S3 keys), and S3 stops after stage 1."""
+    mlflow, s3 = up
+    caplog.set_level(logging.INFO, logger="colam")
+    for key, value in s3.env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv(RETRY_ENV, "1")
+    MlflowClient(mlflow.uri).create_experiment("direct-s3", artifact_location=f"s3://{s3.bucket}/direct")
+    original = MlflowRunLog.stage_end
+
+    def stop_s3_after_stage_1(self, stage, stage_dir, metrics):
+        original(self, stage, stage_dir, metrics)
+        if stage == 1:
+            s3.stop()
+
+    monkeypatch.setattr(MlflowRunLog, "stage_end", stop_s3_after_stage_1)
+    out = tmp_path / "run"
+    try:
+        assert train(out, "direct-s3", tiny_yaml) == 0
+        assert_same_training(out, untracked)
+        said = " ".join(warnings_of(caplog))
+        assert "Connection refused" in said and "does not answer" not in said
+        later = [f"stage_2/{n}" for n in STAGE_FILES] + ["figures/soft_labels_stage_2.png", *PARENT_FILES]
+        assert [n for n in later if n not in said] == [] and "stage_1/" not in said
+        kept = [r for r in Journal(out / JOURNAL_DIR).records() if r["op"] == "log_artifact"]
+        assert sorted(r["source"] for r in kept) == sorted(later)
+        local = file_digests(out)
+    finally:
+        if not s3.running:
+            s3.restart()
+    capsys.readouterr()
+    assert sync(out) == 0 and "the journal is synced" in capsys.readouterr().out
+    assert file_digests(out) == local
+    client = MlflowClient(mlflow.uri)
+    assert_complete(client, "direct-s3", out, tmp_path / "download")
+    bucket = s3.client()
+    (parent,), stages = runs_of(client, "direct-s3")
+    for run, folder, names in ((stages[1], out / "stage_2", STAGE_FILES), (parent, out, PARENT_FILES)):
+        location = urlparse(run.info.artifact_uri)  # s3://BUCKET/direct/RUN/artifacts
+        for name in names:
+            body = bucket.get_object(Bucket=location.netloc, Key=f"{location.path.strip('/')}/{name}")["Body"].read()
+            assert body == (folder / name).read_bytes(), name
+
+
+# ----------------------------------------------------------------------------- what is retried
+
+
+def _raised(make):
+    try:
+        make()
+    except Exception as exc:
+        return exc
+
+
+def _sqlite_locked():
+    """The error MLflow's sqlite store raises when the database stays locked past its busy timeout."""
+    import sqlite3
+
+    import sqlalchemy.exc
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
+
+    def store():
+        try:
+            try:
+                raise sqlite3.OperationalError("database is locked")
+            except sqlite3.OperationalError as exc:
+                raise sqlalchemy.exc.OperationalError("INSERT INTO metrics ...", {}, exc) from exc
+        except sqlalchemy.exc.OperationalError as exc:
+            raise MlflowException(message=exc, error_code=TEMPORARILY_UNAVAILABLE) from exc
+
+    return _raised(store)
+
+
+def test_store_errors_are_told_apart_transient_or_refused():
+    import botocore.exceptions
+    import requests
+    from mlflow.exceptions import MlflowException, RestException
+
+    from pipelines.tracking import store_error, transient
+
+    def http_error(status):
+        response = requests.Response()
+        response.status_code = status
+        return requests.HTTPError(f"{status} error", response=response)
+
+    def client_error(status, code):
+        return botocore.exceptions.ClientError({"Error": {"Code": code, "Message": "x"},
+                                                "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject")
+
+    retried = [_sqlite_locked(), http_error(503), client_error(503, "SlowDown"), client_error(500, "InternalError"),
+               botocore.exceptions.EndpointConnectionError(endpoint_url="http://127.0.0.1:1"), ConnectionRefusedError(),
+               RestException({"error_code": "TEMPORARILY_UNAVAILABLE", "message": "busy"}),
+               MlflowException("API request to http://127.0.0.1:1/api/2.0/mlflow/runs/get failed with exception "
+                               "HTTPConnectionPool: Max retries exceeded")]
+    refused = [http_error(403), client_error(403, "AccessDenied"),
+               RestException({"error_code": "INVALID_PARAMETER_VALUE", "message": "param changed"}),
+               RestException({"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "no such run"})]
+    assert [transient(e) for e in retried] == [True] * len(retried)
+    assert [transient(e) for e in refused] == [False] * len(refused)
+    assert all(store_error(e) for e in retried + refused)
+    assert not store_error(TypeError("a bug of ours")) and not store_error(KeyError("x"))
+
+
+def test_a_locked_sqlite_write_is_retried_with_backoff_within_the_budget(caplog):
+    from pipelines.tracking import Refused, with_retries
+
+    caplog.set_level(logging.INFO, logger="colam")
+    calls = []
+
+    def locked_twice():
+        calls.append(time.monotonic())
+        if len(calls) <= 2:
+            raise _sqlite_locked()
+        return "logged"
+
+    assert with_retries("log_batch", locked_twice, budget=8) == "logged"
+    gaps = [b - a for a, b in zip(calls, calls[1:])]
+    assert gaps[0] == pytest.approx(0.25, abs=0.15) and gaps[1] == pytest.approx(0.5, abs=0.15)
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == ["MLflow: log_batch failed"] * 2
+    assert "database is locked" in caplog.records[0].getMessage()
+
+    calls.clear()
+    began = time.monotonic()
+
+    def always_locked():
+        calls.append(1)
+        raise _sqlite_locked()
+
+    with pytest.raises(Refused) as refused:
+        with_retries("log_batch", always_locked, budget=2)
+    # 0.25 + 0.5 + 1 s of backoff: a fourth try would wait 2 s more and pass the 2 s budget
+    assert len(calls) == 4 and refused.value.tries == 4 and refused.value.transient
+    assert 1.6 < time.monotonic() - began < 3.5
+
+    calls.clear()
+    with pytest.raises(TypeError):  # a bug is not a store error: raised at once, not retried
+        with_retries("log_batch", lambda: calls.append(1) or None + 1, budget=8)
+    assert calls == [1]
+
+
 # ----------------------------------------------------------------------------- sync's bad input
 
 
