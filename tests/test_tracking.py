@@ -278,11 +278,15 @@ def break_training_on_call(monkeypatch, call: int, error: type[BaseException]) -
     monkeypatch.setattr(colam.engine, "train_one_epoch", breaking)
 
 
-def test_a_stage_step_run_again_after_a_crash_logs_its_epochs_once(store, colam_run, tmp_path, monkeypatch):
-    # A pipeline step trains its whole stage again: the crashed attempt's epochs stay in its own
-    # (FAILED) stage run, and the parent's curve holds every epoch once.
+@pytest.mark.parametrize("partial_kept", [True, False], ids=["resumed", "trained-again"])
+def test_a_stage_step_run_again_after_a_crash_logs_its_epochs_once(store, colam_run, tmp_path, monkeypatch,
+                                                                   partial_kept):
+    # A stage step run again continues after its last saved epoch (stage_2/.partial.pt) in the
+    # crashed attempt's stage run. Without that file (a retry on a fresh pod) it trains the whole
+    # stage again: the crashed attempt's epochs stay in its own (FAILED) stage run. Either way the
+    # parent's curve holds every epoch once.
     config, _, _, (reference,), _ = colam_run
-    name = new_experiment(store, "stage-step-crash")
+    name = new_experiment(store, f"stage-step-crash-{partial_kept}")
     out = tmp_path / "chain"
     with MlflowRunLog(store, name, out) as run_log:
         fit_stage(config, out, 1, run_log=run_log)
@@ -290,13 +294,24 @@ def test_a_stage_step_run_again_after_a_crash_logs_its_epochs_once(store, colam_
     with pytest.raises(RuntimeError), MlflowRunLog(connect(store.tracking_uri), name, out) as run_log:
         fit_stage(config, out, 2, run_log=run_log)
     monkeypatch.undo()
+    assert (out / "stage_2" / ".partial.pt").exists()  # epoch 3 was saved
+    if not partial_kept:
+        (out / "stage_2" / ".partial.pt").unlink()
+    (_,), (_, crashed) = runs_of(store, name)
     with MlflowRunLog(connect(store.tracking_uri), name, out) as run_log:
         fit_stage(config, out, 2, run_log=run_log)
 
     (parent,), stages = runs_of(store, name)
     assert parent.info.status == "FINISHED"
     statuses = sorted((s.data.tags["colam.stage"], s.info.status) for s in stages)
-    assert statuses == [("1", "FINISHED"), ("2", "FAILED"), ("2", "FINISHED")]
+    if partial_kept:
+        assert statuses == [("1", "FINISHED"), ("2", "FINISHED")]
+        assert stages[1].info.run_id == crashed.info.run_id
+        assert [step for step, _ in history(store, crashed.info.run_id, "lr")] == [3, 4]  # epoch 3 once
+    else:
+        assert statuses == [("1", "FINISHED"), ("2", "FAILED"), ("2", "FINISHED")]
+        assert [step for step, _ in history(store, crashed.info.run_id, "lr")] == [3]
+    assert not (out / "stage_2" / ".partial.pt").exists()
     assert [step for step, _ in history(store, parent.info.run_id, "lr")] == [1, 2, 3, 4]
     assert curves(store, parent) == curves(store, reference)
 
