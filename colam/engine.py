@@ -29,6 +29,7 @@ import io
 import json
 import logging
 import math
+import os
 import shutil
 import sys
 import time
@@ -69,6 +70,14 @@ class RunLog:
     def epoch_end(self, stage: int, row: dict) -> None: ...
     def stage_end(self, stage: int, stage_dir: Path, metrics: dict) -> None: ...
     def finish(self, metrics: dict, out_dir: Path) -> None: ...
+
+    def stage_end_again(self, stage: int, stage_dir: Path, row: dict, metrics: dict) -> None:
+        """A resumed run starts right after stage `stage`'s end, which the killed process saved but may
+        not have reported, or reported in part. A log that can tell what it already holds reports
+        only what is missing; by default the stage's end is reported as it happened."""
+        self.stage_start(stage)
+        self.epoch_end(stage, row)
+        self.stage_end(stage, stage_dir, metrics)
 
 
 @dataclass
@@ -292,8 +301,13 @@ def fit(config: Config, out_dir: str | Path, *, run_log: RunLog | None = None, p
     out_dir = Path(out_dir)
     _check_out_dir(out_dir)
     origin = provenance(config, split_dir, files=inputs)
-    if restart_if_changed:
-        _clear_if_changed(out_dir, origin, "run")
+    _clear_abandoned_deletes(out_dir)
+    prepared = None
+    if restart_if_changed and _changed(out_dir, origin, "run"):
+        prepared = prepare(config, split_dir)  # bad input is refused before the folder is deleted
+        if prepared.world.main:
+            _delete_run_folder(out_dir)
+        distributed.barrier()  # under torchrun: no rank reads the folder while rank 0 deletes it
     cio.remove_stale_temporaries(out_dir)  # a write cut off by a kill leaves its temporary file
     # Another run in out_dir, or this run already finished: known before any data is read.
     state = _resume_state(config, out_dir)
@@ -302,14 +316,15 @@ def fit(config: Config, out_dir: str | Path, *, run_log: RunLog | None = None, p
         if metrics is not None:
             log.info("%s already holds a completed run; nothing to do", out_dir)
             return metrics
-    prepared = prepare(config, split_dir)  # raises before anything is written
+    prepared = prepared or prepare(config, split_dir)  # raises before anything is written
     if state is not None:
         _check_state(prepared, state, out_dir)
     _make_dir(out_dir)
     if prepared.world.main:
         cio.write_text(out_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
         cio.write_json(out_dir / PROVENANCE, {**origin, "complete": False})
-    metrics = _train(prepared, out_dir, state, run_log, progress, until=config.train.epochs, whole_run=True)
+    metrics = _train(prepared, out_dir, state, run_log, progress, until=config.train.epochs, whole_run=True,
+                     resumed=state is not None)
     if prepared.world.main:
         cio.write_json(out_dir / PROVENANCE, {**origin, "complete": True})  # after the run log heard the end
     return metrics
@@ -369,7 +384,7 @@ def fit_stage(config: Config, out_dir: str | Path, stage: int, *, run_log: RunLo
         cio.remove_stale_temporaries(folder)
         cio.write_json(folder / PROVENANCE, {**origin, "complete": False})
     _train(prepared, out_dir, state, run_log, progress, until=sum(stage_epochs[:stage]), whole_run=False,
-           partial=folder / PARTIAL)
+           partial=folder / PARTIAL, resumed=resumed)
     if main:
         cio.write_json(folder / PROVENANCE, {**origin, "complete": True})  # after the run log heard the end
         (folder / PARTIAL).unlink(missing_ok=True)
@@ -425,32 +440,79 @@ def _reported(out_dir: Path) -> bool:
     return found is None or found.get("complete", True)
 
 
-def _clear_if_changed(out_dir: Path, origin: dict, what: str) -> None:
-    if not out_dir.is_dir() or not any(out_dir.iterdir()):
-        return
+# What colam and its runners write into a run folder: anything else is someone's own and is never deleted.
+RUN_FILES = {"config.yaml", "checkpoint.pt", "history.csv", "metrics.json", PROVENANCE}
+RUN_LOG_FOLDERS = {"mlflow-journal"}  # a tracking back end's records of the run (pipelines.tracking)
+
+
+def _changed(out_dir: Path, origin: dict, what: str) -> bool:
+    """Whether `out_dir` holds a run trained from something other than `origin` (another config,
+    colam code or input), to be trained afresh; refuses a folder holding files colam did not write."""
+    if not out_dir.is_dir():
+        return False
+    entries = [p for p in out_dir.iterdir() if not _temporary(p)]
+    if not entries:
+        return False
     found = _read_provenance(out_dir)
     if found is not None and {k: v for k, v in found.items() if k != "complete"} == origin:
-        return
-    known = {"config.yaml", "checkpoint.pt", "history.csv", "metrics.json", PROVENANCE}
-    foreign = [p.name for p in out_dir.iterdir() if p.name not in known and not p.name.startswith(("stage_", "."))]
-    if foreign or not any((out_dir / name).exists() for name in known):
+        return False
+    foreign = [p.name for p in entries if not (p.name in RUN_FILES or p.name in RUN_LOG_FOLDERS
+                                                or (p.is_dir() and p.name.startswith("stage_")))]
+    if foreign or not any((out_dir / name).exists() for name in RUN_FILES):
         raise ColamError(f"--out: '{out_dir}' was trained from something else and holds files the {what} did not write "
                          f"({', '.join(sorted(foreign)[:3]) or 'no run files'}); it is not deleted: move them or choose "
                          f"another --out")
+    for folder in entries:
+        if folder.is_dir() and folder.name.startswith("stage_"):
+            _check_stage_folder(folder)
     if found is None:
         why = "no record of what it was trained from"
     else:
         why = ", ".join(k for k in ("run", "code", "inputs") if found.get(k) != origin[k]) + " changed"
     log.info("%s holds a %s trained from something else (%s); training afresh", out_dir, what, why)
-    shutil.rmtree(out_dir)
+    return True
+
+
+def _temporary(path: Path) -> bool:
+    return path.name.startswith(".") and path.name.endswith(".tmp")
+
+
+def _delete_run_folder(out_dir: Path) -> None:
+    """Delete a run folder at once: it is renamed aside first, so that a kill during the deletion
+    leaves no half-deleted run, only the renamed folder, which the next start removes."""
+    out_dir = out_dir.resolve()
+    aside = _aside(out_dir)
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(out_dir, aside)
+    cio.fsync_dir(out_dir.parent)
+    shutil.rmtree(aside)
+
+
+def _clear_abandoned_deletes(out_dir: Path) -> None:
+    aside = _aside(out_dir.resolve())
+    if aside.is_dir():
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _aside(out_dir: Path) -> Path:
+    """Where a run folder is renamed to be deleted (ignored by DVC as a temporary, .*.tmp)."""
+    return out_dir.parent / f".{out_dir.name}.deleting.tmp"
+
+
+# The files of a stage folder: its weights and states (.pt), learned arrays (.npy) and these.
+STAGE_FILES = {"history.csv", "metrics.json", "soft_labels.json", "estimation.json", PROVENANCE}
 
 
 def _check_stage_folder(folder: Path) -> None:
-    if folder.is_dir():
-        for path in folder.iterdir():
-            if path.is_dir():
-                raise ColamError(f"--stage: '{folder}' holds a folder '{path.name}', not a colam stage; it is not "
-                                 f"deleted, choose another --out")
+    """Refuse a stage folder holding anything colam does not write there: it is never deleted."""
+    if not folder.is_dir():
+        return
+    for path in folder.iterdir():
+        ours = path.is_file() and (path.suffix in (".pt", ".npy") or path.name in STAGE_FILES or _temporary(path))
+        if not ours:
+            kind = "folder" if path.is_dir() else "file"
+            raise ColamError(f"--out: '{folder}' holds a {kind} '{path.name}' that colam did not write; it is not "
+                             f"deleted: move it or choose another --out")
 
 
 def _clear_stage_folder(folder: Path) -> None:
@@ -506,7 +568,7 @@ def _make_dir(out_dir: Path) -> None:
 
 def _train(p: Prepared, out_dir: Path, state: dict | None, run_log: RunLog, progress: bool, until: int,
            whole_run: bool, stage_dir=None, estimate: bool = True, step_info: dict | None = None,
-           last_good: Path | None = None, partial: Path | None = None) -> dict:
+           last_good: Path | None = None, partial: Path | None = None, resumed: bool = False) -> dict:
     """Train from the epoch `state` ends at (or 0) up to epoch `until`.
 
     `whole_run` (fit) also keeps out_dir/checkpoint.pt after every epoch, out_dir/history.csv
@@ -516,7 +578,8 @@ def _train(p: Prepared, out_dir: Path, state: dict | None, run_log: RunLog, prog
     `step_info` is added to the metrics.json of the folders written; `last_good` is the folder a
     diverged step names as the state to go back to (default: the previous stage's folder);
     `partial` (fit_stage) is where the state after every epoch that ends no stage is kept, so that a
-    killed stage loses at most the epoch it was in.
+    killed stage loses at most the epoch it was in. `resumed`: `state` is what a killed process of
+    this run saved, so a stage end it ends at may not have reached the run log.
     """
     if stage_dir is None:
         stage_dir = lambda stage: out_dir / f"stage_{stage}"  # noqa: E731
@@ -544,8 +607,9 @@ def _train(p: Prepared, out_dir: Path, state: dict | None, run_log: RunLog, prog
     run_log.start(config, {"num_classes": data.num_classes, "train_samples": len(data.train), "device": str(device),
                            "stage_epochs": p.stage_epochs, "resumed_from_epoch": start_epoch, **p.speed})
     stage_ends = np.cumsum(p.stage_epochs).tolist()
-    if partial is not None and state is not None and start_epoch == until and until in stage_ends:
-        _replay_stage_end(run_log, stage_ends.index(until) + 1, stage_dir(stage_ends.index(until) + 1), history[-1])
+    if resumed and start_epoch in stage_ends:
+        _replay_stage_end(run_log, stage_ends.index(start_epoch) + 1, stage_dir(stage_ends.index(start_epoch) + 1),
+                          history[-1])
     for epoch in range(start_epoch, until):
         stage = 1 + sum(epoch >= end for end in stage_ends)
         if epoch == start_epoch or epoch in stage_ends:
@@ -623,14 +687,15 @@ def _train(p: Prepared, out_dir: Path, state: dict | None, run_log: RunLog, prog
 
 
 def _replay_stage_end(run_log: RunLog, stage: int, folder: Path, row: dict) -> None:
-    """A stage killed after its files and its last epoch's state were written, before it was marked
-    complete: nothing is trained again, the run log hears the stage's end (again, if the kill came
-    after it had)."""
-    written = json.loads((folder / "metrics.json").read_text())
+    """A run killed after a stage's files and the state after its last epoch were written, before
+    the run log had surely heard the stage's end: nothing is trained again, the run log is told
+    (`RunLog.stage_end_again` reports only what it misses)."""
+    try:
+        written = json.loads((folder / "metrics.json").read_text())
+    except (OSError, ValueError):  # no stage folder beside the checkpoint (copied alone): nothing to report
+        return
     log.info("%s: stage %d was trained to its end; telling the run log", folder, stage)
-    run_log.stage_start(stage)
-    run_log.epoch_end(stage, row)
-    run_log.stage_end(stage, folder, {**row, "estimation_seconds": written.get("estimation_seconds")})
+    run_log.stage_end_again(stage, folder, row, {**row, "estimation_seconds": written.get("estimation_seconds")})
 
 
 def _refuse_other_execution(out_dir: Path, state: dict, execution: dict, world: World) -> None:

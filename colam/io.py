@@ -34,7 +34,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[str]:
@@ -50,7 +50,7 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in found)
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     """Persist the rename itself (POSIX); Windows cannot open folders and needs no such step."""
     try:
         fd = os.open(folder, os.O_RDONLY)

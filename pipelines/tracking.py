@@ -90,16 +90,25 @@ def sqlite_path(uri: str) -> Path | None:
 def sqlite_open_lock(uri: str):
     """An exclusive lock on `DB.lock` next to a sqlite store while it is opened; nothing for other stores."""
     path = sqlite_path(uri)
+    if path is None:
+        yield
+        return
+    with file_lock(path.with_name(path.name + ".lock")):
+        yield
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """An exclusive flock on `path` (created if missing) while the block runs; nothing where flock
+    does not exist (Windows) or the folder cannot be written to (then what follows says why)."""
     try:
         import fcntl
-    except ImportError:  # Windows: no flock
-        fcntl = None
-    if path is None or fcntl is None:
+    except ImportError:
         yield
         return
     try:
-        fd = os.open(path.with_name(path.name + ".lock"), os.O_CREAT | os.O_RDWR, 0o666)
-    except OSError:  # a folder we cannot write to: sqlite says so when it opens the store
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o666)
+    except OSError:
         yield
         return
     try:
@@ -457,18 +466,8 @@ class Journal:
     def locked(self):
         """One writer or replayer at a time (a training process, a sync)."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        try:
-            import fcntl
-        except ImportError:
+        with file_lock(self.folder / "lock"):
             yield
-            return
-        fd = os.open(self.folder / "lock", os.O_CREAT | os.O_RDWR, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
 
     def records(self) -> list[dict]:
         if not self.exists():
@@ -493,8 +492,7 @@ class Journal:
                 self._next = 1 + max((r["seq"] for r in self.records()), default=0)
             record = {"seq": self._next, **record}
             with open(self.path, "ab") as handle:
-                if handle.tell() and not self.path.read_bytes().endswith(b"\n"):
-                    handle.write(b"\n")  # after a torn line
+                _drop_torn_line(self.path, handle)
                 handle.write((json.dumps(record) + "\n").encode())
                 handle.flush()
                 os.fsync(handle.fileno())
@@ -529,6 +527,23 @@ class Journal:
         """The parent run an earlier process of this run noted (a real or a placeholder id)."""
         found = [r["run"] for r in self.records() if r["op"] == "parent" and r["run_key"] == run_key]
         return found[-1] if found else None
+
+
+def _drop_torn_line(path: Path, handle) -> None:
+    """Cut off the unfinished last line a process killed while appending left, so that the next
+    record starts a line of its own (the cut record was never written whole: it is lost with the kill)."""
+    size = handle.tell()
+    if not size:
+        return
+    with open(path, "rb") as reader:
+        reader.seek(size - 1)
+        if reader.read(1) == b"\n":
+            return
+        reader.seek(0)
+        keep = reader.read(size).rfind(b"\n") + 1  # 0 when the torn line is the only one
+    log.warning("MLflow: %s: dropping its unfinished last line (%d bytes)", path, size - keep)
+    handle.truncate(keep)
+    handle.seek(keep)
 
 
 def replay(client: MlflowClient, journal: Journal, budget: float) -> dict:
@@ -987,6 +1002,25 @@ class MlflowRunLog(RunLog):
                     MLFLOW_RUN_NAME: f"stage {stage}"}
             self.stage_id = self.store.create_run(self.experiment, self.experiment_id, tags, f"stage {stage}")
 
+    def stage_end_again(self, stage: int, stage_dir: Path, row: dict, metrics: dict) -> None:
+        """A killed process saved stage `stage`'s end; its stage run says how much of it was reported:
+        a FINISHED one all of it, an unfinished one is completed (its last epoch logged once)."""
+        try:
+            found = self._newest_run(f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.store.real(self.parent_id)}' and "
+                                     f"tags.`colam.stage` = '{stage}'", self.parent_id)
+        except Offline:  # nothing can be looked up: report it (a sync sends it as a stage run of its own)
+            found = None
+        if found is None:
+            super().stage_end_again(stage, stage_dir, row, metrics)
+            return
+        if found.info.status == RunStatus.to_string(RunStatus.FINISHED):
+            self.last_stage_dir = stage_dir
+            return
+        self.stage_id = found.info.run_id
+        if self._last_epoch(self.stage_id) < row["epoch"]:
+            self.epoch_end(stage, row)
+        self.stage_end(stage, stage_dir, metrics)
+
     def epoch_end(self, stage: int, row: dict) -> None:
         now = _now_ms()
         metrics = [Metric(k, float(row[k]), now, row["epoch"]) for k in CURVES if k in row]
@@ -1060,11 +1094,15 @@ class MlflowRunLog(RunLog):
         return max((m.step for m in history), default=0)
 
     def _newest(self, condition: str, *run_ids) -> str | None:
+        run = self._newest_run(condition, *run_ids)
+        return run.info.run_id if run is not None else None
+
+    def _newest_run(self, condition: str, *run_ids):
         if self.experiment_id is None:
             raise Offline("search runs")
         runs = self.store.read("search runs", lambda: self.client.search_runs(
             [self.experiment_id], condition, order_by=["attributes.start_time DESC"], max_results=1), *run_ids)
-        return runs[0].info.run_id if runs else None
+        return runs[0] if runs else None
 
 
 def _chunks(items: list, size: int):

@@ -122,3 +122,55 @@ def test_the_flag_reaches_fit_from_the_command_line(tmp_path, capsys):
     assert "different configuration" in capsys.readouterr().err
     assert main(["train", "--out", str(out), *sets, "--set", "seed=1", "--restart-if-changed"]) == 0
     assert record(out)["complete"] and json.loads((out / "metrics.json").read_text())["seed"] == 1
+
+
+def test_bad_input_under_the_flag_is_refused_before_the_earlier_run_is_deleted(tiny_config, tmp_path):
+    out = tmp_path / "run"
+    fit(tiny_config(), out)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(ColamError, match="data.train_subset"):  # 5 samples cannot cover the 10 classes
+        fit(tiny_config("data.train_subset=5"), out, restart_if_changed=True)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_a_folder_left_by_a_kill_in_the_first_write_or_in_a_deletion_is_trained(tiny_config, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".config.yaml.k1ll3d.tmp").write_text("half a config")  # killed writing the run's first file
+    assert fit(tiny_config(), out, restart_if_changed=True)["seed"] == 0
+    assert not list(out.glob(".*.tmp"))
+
+    # a deletion of the folder is a rename aside first: a kill leaves the renamed folder, no half run
+    aside = tmp_path / ".run.deleting.tmp"
+    aside.mkdir()
+    (aside / "stage_1").mkdir()
+    (aside / "stage_1" / "model.pt").write_bytes(b"half deleted")
+    assert fit(tiny_config("seed=1"), out, restart_if_changed=True)["seed"] == 1
+    assert not aside.exists() and record(out)["complete"]
+
+
+def test_a_tracking_journal_is_the_runs_own_and_does_not_stop_a_restart(tiny_config, tmp_path, caplog):
+    out = tmp_path / "run"
+    fit(tiny_config(), out)
+    (out / "mlflow-journal").mkdir()
+    (out / "mlflow-journal" / "journal.jsonl").write_text("")
+    caplog.set_level("INFO", logger="colam")
+    assert fit(tiny_config("seed=1"), out, restart_if_changed=True)["seed"] == 1
+    assert "training afresh" in caplog.text
+
+
+def test_a_stage_folder_holding_a_file_colam_did_not_write_is_refused_and_kept(tiny_config, tmp_path):
+    out = tmp_path / "chain"
+    fit_stage(tiny_config(), out, 1)
+    (out / "stage_1" / "notes.txt").write_text("mine")
+    with pytest.raises(ColamError, match=r"stage_1' holds a file 'notes.txt' that colam did not write; it is not "
+                                         r"deleted"):
+        fit_stage(tiny_config("seed=1"), out, 1)
+    assert (out / "stage_1" / "notes.txt").read_text() == "mine" and (out / "stage_1" / "model.pt").exists()
+    # the same for a whole run's stage folders under --restart-if-changed
+    run = tmp_path / "run"
+    fit(tiny_config(), run)
+    (run / "stage_2" / "plot.png").write_bytes(b"mine")
+    with pytest.raises(ColamError, match="plot.png' that colam did not write"):
+        fit(tiny_config("seed=1"), run, restart_if_changed=True)
+    assert (run / "stage_2" / "plot.png").exists() and (run / "checkpoint.pt").exists()

@@ -316,6 +316,54 @@ def test_a_stage_step_run_again_after_a_crash_logs_its_epochs_once(store, colam_
     assert curves(store, parent) == curves(store, reference)
 
 
+class Killed(BaseException):
+    """Stands for SIGKILL: raised from a run log hook, outside any `with MlflowRunLog` (which would mark
+    the runs FAILED), so the runs stay RUNNING as a killed process leaves them."""
+
+
+def kill_in_hook(monkeypatch, hook: str, call: int = 1) -> None:
+    """Make MlflowRunLog.`hook` raise Killed on its `call`-th call, before it does anything."""
+    real, calls = getattr(MlflowRunLog, hook), []
+
+    def killed(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise Killed(hook)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowRunLog, hook, killed)
+
+
+@pytest.mark.parametrize("hook, call, what", [
+    ("stage_end", 1, "stage 1's end saved, not reported"),
+    ("stage_start", 2, "stage 1's end reported, stage 2 not begun"),
+    ("finish", 1, "the last checkpoint saved, the run's end not reported"),
+    ("stage_end", 2, "the last stage's end saved, not reported"),
+], ids=["stage-end", "after-stage-end", "finish", "last-stage-end"])
+def test_a_run_killed_at_a_stage_end_reports_it_once_when_resumed(store, colam_run, tmp_path, monkeypatch,
+                                                                  hook, call, what):
+    # The state after a stage's last epoch is on disk before the run log hears the stage's end: a
+    # restart trains nothing of that stage again and reports what the killed process did not.
+    config, _, _, (reference,), reference_stages = colam_run
+    name = new_experiment(store, f"killed-{hook}-{call}")
+    out = tmp_path / "run"
+    kill_in_hook(monkeypatch, hook, call)
+    with pytest.raises(Killed):
+        fit(config, out, run_log=MlflowRunLog(store, name, out))
+    monkeypatch.undo()
+    assert json.loads((out / ".provenance.json").read_text())["complete"] is False
+
+    tracked_fit(connect(store.tracking_uri), name, config, out)
+    (parent,), stages = runs_of(store, name)
+    assert parent.info.status == "FINISHED"
+    assert [(s.data.tags["colam.stage"], s.info.status) for s in stages] == [("1", "FINISHED"), ("2", "FINISHED")]
+    for stage, expected in zip(stages, reference_stages, strict=True):
+        assert curves(store, stage) == curves(store, expected), what
+        assert artifact_paths(store, stage.info.run_id) == artifact_paths(store, expected.info.run_id), what
+    assert curves(store, parent) == curves(store, reference)
+    assert json.loads((out / ".provenance.json").read_text())["complete"] is True
+
+
 # ----------------------------------------------------------------------------- 3. interrupted, then resumed
 
 

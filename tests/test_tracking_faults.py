@@ -27,6 +27,7 @@ from colam.engine import fit
 from pipelines import cli as pipelines_cli
 from pipelines.tracking import JOURNAL_DIR, RETRY_ENV, Journal, MlflowRunLog
 from tests.conftest import TINY
+from tests.test_tracking import runs_of
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMINGS = {"seconds", "wall_time_s", "estimation_seconds"}
@@ -112,17 +113,6 @@ def assert_same_training(out, reference):
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), stage
         for name in ("soft_labels.npy", "soft_labels.json"):
             assert (out / f"stage_{stage}" / name).read_bytes() == (reference / f"stage_{stage}" / name).read_bytes()
-
-
-def runs_of(client, experiment):
-    """(parent runs, stage runs in stage order)."""
-    found = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([found.experiment_id], max_results=1000)
-    parents = [r for r in runs if r.data.tags.get("colam.role") == "parent"]
-    stages = sorted((r for r in runs if r.data.tags.get("colam.role") == "stage"),
-                    key=lambda r: int(r.data.tags["colam.stage"]))
-    assert len(parents) + len(stages) == len(runs)
-    return parents, stages
 
 
 def artifact_paths(client, run_id, path=None):
@@ -513,6 +503,29 @@ def test_a_locked_sqlite_write_is_retried_with_backoff_within_the_budget(caplog)
     with pytest.raises(TypeError):  # a bug is not a store error: raised at once, not retried
         with_retries("log_batch", lambda: calls.append(1) or None + 1, budget=8)
     assert calls == [1]
+
+
+def test_a_journal_line_torn_by_a_kill_is_dropped_and_later_records_stay_readable(tmp_path, caplog):
+    journal = Journal(tmp_path / JOURNAL_DIR)
+    journal.append({"op": "update_run", "run": "0" * 32, "status": "RUNNING"})
+    whole = journal.path.read_bytes()
+    with open(journal.path, "ab") as handle:  # a process killed in the middle of its next append
+        handle.write(b'{"seq": 2, "op": "log_batch", "run": "00')
+    assert [r["seq"] for r in Journal(journal.folder).records()] == [1]  # the torn last line is skipped
+    caplog.set_level(logging.WARNING, logger="colam")
+    again = Journal(journal.folder)  # the restarted process
+    again.append({"op": "update_run", "run": "0" * 32, "status": "FINISHED"})
+    again.append({"op": "update_run", "run": "1" * 32, "status": "FINISHED"})
+    assert "dropping its unfinished last line" in caplog.text
+    assert journal.path.read_bytes().startswith(whole)
+    assert [(r["seq"], r["status"]) for r in Journal(journal.folder).records()] == [
+        (1, "RUNNING"), (2, "FINISHED"), (3, "FINISHED")]
+
+    only = Journal(tmp_path / "only")  # a journal whose first line was torn
+    only.folder.mkdir()
+    only.path.write_bytes(b'{"seq": 1, "op"')
+    only.append({"op": "update_run", "run": "2" * 32, "status": "RUNNING"})
+    assert [r["seq"] for r in Journal(only.folder).records()] == [1]
 
 
 # ----------------------------------------------------------------------------- sync's bad input
