@@ -228,6 +228,7 @@ def test_a_stage_killed_mid_stage_resumes_from_its_last_epoch(reference, tmp_pat
             assert saved >= attempt.last_reported_epoch(), "".join(attempt.lines)
     assert kills >= 1
     assert_same_run(out, reference_out, stage_folders_only=True)
+    print(f"seed {KILL_SEED + 1}: colam train --stage killed {kills} times, then ended as the uninterrupted run")
     again = Attempt(out, "--stage", "3")
     assert again.wait() == 0
     assert any("already holds stage 3 of this run; nothing to do" in line for line in again.lines)
