@@ -450,7 +450,7 @@ def _changed(out_dir: Path, origin: dict, what: str) -> bool:
     colam code or input), to be trained afresh; refuses a folder holding files colam did not write."""
     if not out_dir.is_dir():
         return False
-    entries = [p for p in out_dir.iterdir() if not _temporary(p)]
+    entries = [p for p in out_dir.iterdir() if not cio.is_temporary(p)]
     if not entries:
         return False
     found = _read_provenance(out_dir)
@@ -458,7 +458,7 @@ def _changed(out_dir: Path, origin: dict, what: str) -> bool:
         return False
     foreign = [p.name for p in entries if not (p.name in RUN_FILES or p.name in RUN_LOG_FOLDERS
                                                 or (p.is_dir() and p.name.startswith("stage_")))]
-    if foreign or not any((out_dir / name).exists() for name in RUN_FILES):
+    if foreign or not any(p.name in RUN_FILES for p in entries):
         raise ColamError(f"--out: '{out_dir}' was trained from something else and holds files the {what} did not write "
                          f"({', '.join(sorted(foreign)[:3]) or 'no run files'}); it is not deleted: move them or choose "
                          f"another --out")
@@ -473,16 +473,12 @@ def _changed(out_dir: Path, origin: dict, what: str) -> bool:
     return True
 
 
-def _temporary(path: Path) -> bool:
-    return path.name.startswith(".") and path.name.endswith(".tmp")
-
-
 def _delete_run_folder(out_dir: Path) -> None:
     """Delete a run folder at once: it is renamed aside first, so that a kill during the deletion
-    leaves no half-deleted run, only the renamed folder, which the next start removes."""
+    leaves no half-deleted run, only the renamed folder, which the next start removes
+    (`_clear_abandoned_deletes`, first thing in fit)."""
     out_dir = out_dir.resolve()
     aside = _aside(out_dir)
-    shutil.rmtree(aside, ignore_errors=True)
     os.replace(out_dir, aside)
     cio.fsync_dir(out_dir.parent)
     shutil.rmtree(aside)
@@ -508,7 +504,8 @@ def _check_stage_folder(folder: Path) -> None:
     if not folder.is_dir():
         return
     for path in folder.iterdir():
-        ours = path.is_file() and (path.suffix in (".pt", ".npy") or path.name in STAGE_FILES or _temporary(path))
+        ours = path.is_file() and (path.suffix in (".pt", ".npy") or path.name in STAGE_FILES
+                                   or cio.is_temporary(path))
         if not ours:
             kind = "folder" if path.is_dir() else "file"
             raise ColamError(f"--out: '{folder}' holds a {kind} '{path.name}' that colam did not write; it is not "

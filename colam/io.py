@@ -37,6 +37,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def is_temporary(path: Path) -> bool:
+    """A temporary file of atomic_write_bytes (`.NAME.XXXXXXXX.tmp`), or anything named like one."""
+    return path.name.startswith(".") and path.name.endswith(".tmp")
+
+
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[str]:
     """Delete the temporary files of writes that a killed process never renamed into place
     (`.NAME.XXXXXXXX.tmp`, see atomic_write_bytes) in `folder` and its stage folders; returns
