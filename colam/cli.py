@@ -3,6 +3,7 @@
     colam train --config FILE [--set KEY=VALUE ...] --out DIR [--split DIR] [--stage K]
     colam prepare --config FILE --out DIR
     colam evaluate --config FILE --stage-dir DIR --out DIR [--split DIR]
+    colam data get --config FILE --from SOURCE --out DIR
     colam methods
     colam models
     colam datasets
@@ -81,6 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", required=True, help="folder for metrics.json, history.csv, predictions.csv")
     evaluate.set_defaults(func=_evaluate)
 
+    data = commands.add_parser("data", help="data sets as files: a checked copy for DVC to version")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    get = data_commands.add_parser("get", help="write data.name's files, checked, into --out (the folder to use as "
+                                               "data.root)")
+    _config_arguments(get)
+    get.add_argument("--from", dest="source", required=True,
+                     help="a folder holding the data set's original files, 'download' (torchvision's mirrors) or "
+                          "'bundled' (digits, shipped with scikit-learn)")
+    get.add_argument("--out", required=True, help="the folder to write (data/raw/NAME in the DVC pipeline)")
+    get.set_defaults(func=_data_get)
+
     commands.add_parser("methods", help="list the training methods").set_defaults(func=_methods)
     models = commands.add_parser("models", help="list the models with parameter counts")
     models.add_argument("--classes", type=int, nargs="+", default=[10, 100], help="class counts to count for")
@@ -141,6 +153,14 @@ def _evaluate(args) -> int:
 
     metrics = evaluate_run(args.load_config(args), args.stage_dir, args.out, split_dir=args.split)
     print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)}))
+    return 0
+
+
+def _data_get(args) -> int:
+    from colam.datasets import get_data
+
+    written = get_data(args.load_config(args).data.name, args.source, args.out)
+    print(json.dumps({"out": args.out, "files": written}))
     return 0
 
 

@@ -53,6 +53,7 @@ class TrainConfig:
     gamma: float = 0.1  # multistep decay factor
     device: str = "auto"  # auto picks cuda when available, else cpu
     eval_batch_size: int = 256
+    eval_every: int = 1  # score val and test every k epochs; every stage end and the last epoch always
     precision: str = "auto"  # fp32 | bf16 (autocast); auto: bf16 on a CUDA device that supports it, else fp32
     channels_last: bool | str = "auto"  # NHWC memory layout for the convolutions; auto: on CUDA
     compile: bool = False  # torch.compile the model (the first epochs pay for compiling)
@@ -90,6 +91,13 @@ class ColamConfig:
     aggregation: str = "logits"  # average logits (the paper) or probabilities over the peers
     estimation: str = "pass"  # pass: a forward pass over the training set at each stage end (Algorithm 1);
     # online: the training logits of each stage's last epoch, summed as they are computed (no extra pass)
+    stage1_loss: str = "ce"  # ce: plain cross-entropy on the hard labels (hard-label SGD, as Fig. 1a reads stage 1);
+    # tempered: H(y, softmax(z / T)), Algorithm 1 line 5 as written (with T != 1 it changes the first soft labels)
+    peer_labels: str = "sample"  # with peers: k, sample: every sample its own label from k random same-class peers
+    # (N x C); class: one label per class from k random peers of the class (C x C, Sec. 3.3's reading)
+    guard: str = "none"  # a stage-end label row whose own class is not its largest entry (a collapsed snapshot):
+    # none: kept (Algorithm 1 as written); keep: the row of the labels before (the hard label after stage 1);
+    # anchor: half the row, half the hard label. Every such row is counted in the stage's metrics either way
 
 
 # --- CSKD (block owned by colam/methods/cskd.py)
@@ -335,6 +343,7 @@ def validate(config: Config) -> None:
     require(t.epochs >= 1, "train.epochs", t.epochs, "must be >= 1")
     require(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
     require(t.eval_batch_size >= 1, "train.eval_batch_size", t.eval_batch_size, "must be >= 1")
+    require(t.eval_every >= 1, "train.eval_every", t.eval_every, "must be >= 1")
     require(t.lr > 0, "train.lr", t.lr, "must be > 0")
     require(0.0 <= t.momentum < 1.0, "train.momentum", t.momentum, "must be in [0, 1)")
     require(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")

@@ -11,6 +11,7 @@ names become a one-line `ColamError` naming the config key, never a traceback.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -174,6 +175,38 @@ def _cifar_builder(name: str, cls: type) -> Callable[[Path, bool], RawData]:
     return build
 
 
+def _idx_builder(name: str) -> Callable[[Path, bool], RawData]:
+    """MNIST, Fashion-MNIST or KMNIST (colam.idx_datasets): 28x28 grayscale, held whole as uint8.
+    Augmentation as for CIFAR, scaled to the family: a random 28x28 crop of the image zero-padded by
+    2 pixels, and a left-right flip only where it keeps the class (Fashion-MNIST)."""
+
+    def build(root: Path, download: bool) -> RawData:
+        from colam.idx_datasets import IDX_SETS, read_idx_set
+
+        spec, arrays = IDX_SETS[name], read_idx_set(name, root, download)
+        to_float, normalize = T.ConvertImageDtype(torch.float32), T.Normalize([spec.mean], [spec.std])
+        flips = [T.RandomHorizontalFlip()] if spec.flip else []
+        augment = T.Compose([T.RandomCrop(28, padding=IDX_PAD), *flips, to_float, normalize])
+        evaluate = T.Compose([to_float, normalize])
+        train, test = arrays.train_images, arrays.test_images
+        return RawData(
+            train=TensorImageDataset(train, arrays.train_labels, augment),
+            train_eval=TensorImageDataset(train, arrays.train_labels, evaluate),
+            test=TensorImageDataset(test, arrays.test_labels, evaluate),
+            train_targets=arrays.train_labels,
+            test_targets=arrays.test_labels,
+            classes=arrays.classes,
+            in_channels=1,
+            image_size=28,
+            tensors=ImageTensors(train, test, (spec.mean,), (spec.std,), pad=IDX_PAD, flip=spec.flip),
+        )
+
+    return build
+
+
+IDX_PAD = 2  # pixels of zero padding before the random crop (CIFAR: 4 of 32; MNIST digits keep a 4-pixel margin)
+
+
 def _channels_first(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
 
@@ -278,6 +311,10 @@ _SPECS = [
     DatasetSpec("digits", _build_digits, False, "scikit-learn 8x8 handwritten digits (bundled, 10 classes)"),
     DatasetSpec("cifar10", _cifar_builder("cifar10", tvd.CIFAR10), True, "CIFAR-10 (32x32, 10 classes)"),
     DatasetSpec("cifar100", _cifar_builder("cifar100", tvd.CIFAR100), True, "CIFAR-100 (32x32, 100 classes)"),
+    DatasetSpec("mnist", _idx_builder("mnist"), True, "MNIST handwritten digits (28x28 grayscale, 10 classes)"),
+    DatasetSpec("fashion_mnist", _idx_builder("fashion_mnist"), True,
+                "Fashion-MNIST, Zalando's article images (28x28 grayscale, 10 classes)"),
+    DatasetSpec("kmnist", _idx_builder("kmnist"), True, "Kuzushiji-MNIST, cursive Japanese (28x28 grayscale, 10 classes)"),
     DatasetSpec(
         "imagefolder", _build_imagefolder, True, "ImageNet-style folders root/train/<class>, root/val/<class> (224x224)"
     ),
@@ -348,3 +385,54 @@ def _not_found(name: str, root: Path, download: bool) -> ColamError:
 
 def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split())
+
+
+# ---------------------------------------------------------------------------- copies for DVC
+
+BUNDLED, DOWNLOAD = "bundled", "download"  # the sources of `colam data get` that are not folders
+
+
+def get_data(name: str, source: str, out: str | os.PathLike) -> list[str]:
+    """Write data set `name`'s files, checked, into `out`, the folder DVC versions as data.root
+    (`colam data get`); returns the files written, relative to `out`.
+
+    The MNIST family comes from a folder of its original files or from torchvision's download,
+    checked (colam.idx_datasets); other torchvision data sets from their download; the bundled digits
+    have no files of their own, so `out` gets digits.json, the digests of scikit-learn's arrays, and
+    a scikit-learn whose digits differ changes what DVC sees.
+    """
+    spec, out = dataset_spec(name), Path(out)
+    if out.exists() and not out.is_dir():
+        raise ColamError(f"--out: '{out}' exists and is not a folder")
+    if not spec.needs_files:
+        if source != BUNDLED:
+            raise ColamError(f"--from: {name} ships with scikit-learn, it has no other source; use --from {BUNDLED}")
+        return [_write_bundled_manifest(name, out)]
+    if source == BUNDLED:
+        raise ColamError(f"--from: {name} is not bundled; give a folder holding its files or '{DOWNLOAD}'")
+    from colam.idx_datasets import IDX_SETS, copy_idx_files
+
+    if name in IDX_SETS:
+        if source != DOWNLOAD and not Path(source).is_dir():
+            raise ColamError(f"--from: '{source}' is not a folder (nor '{DOWNLOAD}')")
+        written = copy_idx_files(name, Path(source), out, download=source == DOWNLOAD)
+        return sorted(str(p.relative_to(out)) for p in written)
+    if source != DOWNLOAD:
+        raise ColamError(f"--from: colam copies {name} from its download only; use --from {DOWNLOAD}")
+    with _torchvision_errors(name, out, True):
+        spec.builder(out, True)
+    return sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+
+
+def _write_bundled_manifest(name: str, out: Path) -> str:
+    from colam import io as cio
+
+    raw = DATASETS[name].builder(out, False)
+    tensors = raw.tensors
+    arrays = {"train_images": tensors.train, "test_images": tensors.test,
+              "train_targets": raw.train_targets, "test_targets": raw.test_targets}
+    digests = {key: hashlib.md5(np.ascontiguousarray(np.asarray(value)).tobytes()).hexdigest()
+               for key, value in arrays.items()}
+    # no version: a scikit-learn release with the same digits leaves the file, and DVC, as they were
+    cio.write_json(out / f"{name}.json", {"name": name, "source": "scikit-learn's load_digits", "md5": digests})
+    return f"{name}.json"

@@ -637,11 +637,12 @@ def _train(p: Prepared, out_dir: Path, state: dict | None, run_log: RunLog, prog
         distributed.broadcast_buffers(model)  # every rank now holds rank 0's model exactly
         method.epoch_end(epoch + 1, stage)
         row = {"epoch": epoch + 1, "stage": stage, "lr": lr, "train_loss": train_loss, "train_acc": train_acc}
-        for name in ("val", "test") if main else ():
+        stage_end = epoch + 1 in stage_ends
+        scored = stage_end or (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs
+        for name in ("val", "test") if main and scored else ():
             batches_eval = p.feed.evaluation(name)
             if batches_eval is not None:
                 row[f"{name}_acc"] = evaluate(model, batches_eval, device, p.precision, p.channels_last)
-        stage_end = epoch + 1 in stage_ends
         saved = main and (stage_end or (not whole_run and epoch + 1 == until))  # a step may end mid-stage
         estimation_seconds = None
         if saved:
@@ -658,8 +659,8 @@ def _train(p: Prepared, out_dir: Path, state: dict | None, run_log: RunLog, prog
             exported = method.export(model)
             if exported is not model:  # the deployable network, e.g. one head of a multi-head model
                 cio.save_torch(stage_dir(stage) / "export.pt", exported.state_dict())
+        report = method.stage_report(stage) if stage_end and main else {}
         if saved:
-            report = method.stage_report(stage) if stage_end else {}
             _write_stage(stage_dir(stage), resume,
                          {**row, "estimation_seconds": estimation_seconds, **report, **(step_info or {})})
         if whole_run and main:
@@ -672,7 +673,7 @@ def _train(p: Prepared, out_dir: Path, state: dict | None, run_log: RunLog, prog
                  "".join(f"  {k[:-4]} {row[k]:.4f}" for k in ("val_acc", "test_acc") if k in row), row["seconds"])
         run_log.epoch_end(stage, row)  # after the state is saved: a resumed run never reports an epoch twice
         if stage_end:
-            run_log.stage_end(stage, stage_dir(stage), {**row, "estimation_seconds": estimation_seconds})
+            run_log.stage_end(stage, stage_dir(stage), {**row, "estimation_seconds": estimation_seconds, **report})
     distributed.barrier()  # every file rank 0 writes exists before any rank returns
     if until < t.epochs or not main:
         return {}
@@ -692,7 +693,7 @@ def _replay_stage_end(run_log: RunLog, stage: int, folder: Path, row: dict) -> N
     except (OSError, ValueError):  # no stage folder beside the checkpoint (copied alone): nothing to report
         return
     log.info("%s: stage %d was trained to its end; telling the run log", folder, stage)
-    run_log.stage_end_again(stage, folder, row, {**row, "estimation_seconds": written.get("estimation_seconds")})
+    run_log.stage_end_again(stage, folder, row, {**written, **row})
 
 
 def _refuse_other_execution(out_dir: Path, state: dict, execution: dict, world: World) -> None:
@@ -725,7 +726,8 @@ def estimate_artifacts(p: Prepared, stage: int, stage_dir: Path, epoch: int) -> 
         cio.write_json(stage_dir / "soft_labels.json", {
             "stage": stage, "epoch": epoch, "temperature": section.temperature,
             "aggregation": section.aggregation, "peers": section.peers, "method": p.config.method.name,
-            "class_names": p.data.classes, "train_samples_per_class": p.data.class_counts()})
+            "class_names": p.data.classes, "train_samples_per_class": p.data.class_counts(),
+            **p.method.stage_report(stage)})
     return time.perf_counter() - began, sorted(artifacts)
 
 
@@ -759,8 +761,8 @@ def run_metrics(config: Config, history: list[dict], elapsed: float) -> dict:
 
 
 def _write_history(path: Path, history: list[dict]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=[f for f in HISTORY_FIELDS if f in history[0]])
+    buffer = io.StringIO()  # epochs that were not scored (train.eval_every) leave val_acc and test_acc empty
+    writer = csv.DictWriter(buffer, fieldnames=[f for f in HISTORY_FIELDS if any(f in row for row in history)])
     writer.writeheader()
     writer.writerows({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()} for row in history)
     cio.write_text(path, buffer.getvalue())
@@ -799,8 +801,7 @@ def _resume_state(config: Config, out_dir: Path) -> dict | None:
 # Keys added after runs were first written, with the value every earlier run had: at that value
 # they are left out of a run's identity, so a run from before they existed (its checkpoint, its
 # MLflow protocol, its estimate digests) is still the same run.
-LATER_KEYS = {("train", "precision"): "auto", ("train", "data_on_device"): "auto",
-              ("method", "colam", "estimation"): "pass"}
+LATER_KEYS = {("train", "precision"): "auto", ("train", "data_on_device"): "auto", ("train", "eval_every"): 1}
 
 # Keys that change how a run is executed or where its data lives, never its numbers.
 EXECUTION_KEYS = {"data": ("root", "download", "num_workers"),
@@ -816,7 +817,11 @@ def run_identity(settings: dict) -> dict:
     if isinstance(method, dict) and method.get("name") in method:
         identity["method"] = {"name": method["name"], method["name"]: method[method["name"]]}
     identity = copy.deepcopy(identity)
-    for (*path, key), default in LATER_KEYS.items():
+    later = dict(LATER_KEYS)
+    if isinstance(method, dict) and method.get("name") in METHODS:  # the method's own later keys
+        name = method["name"]
+        later.update({("method", name, key): value for key, value in METHODS[name].later_defaults.items()})
+    for (*path, key), default in later.items():
         node = identity
         for part in path:
             node = node.get(part) if isinstance(node, dict) else None

@@ -23,6 +23,8 @@ from colam.errors import ColamError
 
 AGGREGATIONS = ("logits", "probs")
 ESTIMATIONS = ("pass", "online")
+PEER_LABELS = ("sample", "class")
+GUARDS = ("none", "keep", "anchor")
 
 
 def class_sums(outputs: torch.Tensor, targets: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,6 +97,52 @@ def peer_soft_labels(outputs: torch.Tensor, targets: torch.Tensor, num_classes: 
             chosen = members_cpu[keys.topk(peers, dim=1).indices].to(outputs.device)  # rows x peers
             result[rows] = prepared[chosen].mean(dim=1)
     return normalise(result, temperature, aggregation)
+
+
+def class_peer_soft_labels(outputs: torch.Tensor, targets: torch.Tensor, num_classes: int, peers: int,
+                           temperature: float, aggregation: str = "logits",
+                           generator: torch.Generator | None = None) -> torch.Tensor:
+    """The C x C matrix from `peers` random samples of each class: row c = softmax(mean of the outputs
+    of k samples drawn without replacement from class c / T), the peer set of Sec. 3.3 read as one
+    draw per class rather than one per sample (`peer_soft_labels`)."""
+    prepared = _prepare(outputs, aggregation).to(torch.float32)
+    rows = []
+    for c in range(num_classes):
+        members = (targets == c).nonzero().flatten().cpu()
+        if len(members) < peers:
+            raise ColamError(f"method.colam.peers: {peers} peers requested but class {c} has only "
+                             f"{len(members)} training samples")
+        chosen = members[torch.randperm(len(members), generator=generator)[:peers]].to(outputs.device)
+        rows.append(prepared[chosen].mean(dim=0))
+    return normalise(torch.stack(rows), temperature, aggregation)
+
+
+def collapsed_rows(labels: torch.Tensor, row_classes: torch.Tensor) -> torch.Tensor:
+    """Which rows no longer favour their own class: the entry of the row's class (`row_classes`, the
+    class of each row: 0..C-1 for a C x C matrix, the sample labels for N x C) is below the row's
+    largest. A stage-end snapshot with such rows teaches the next stage the wrong class."""
+    own = labels.gather(1, row_classes.view(-1, 1).to(labels.device)).squeeze(1)
+    return own < labels.max(dim=1).values
+
+
+def guard_labels(labels: torch.Tensor, row_classes: torch.Tensor, previous: torch.Tensor | None,
+                 guard: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The labels with every collapsed row (`collapsed_rows`) replaced as `guard` says, and the mask of
+    those rows: none keeps them (Algorithm 1 as written); keep takes the row of `previous`, the labels
+    the stage trained on (None: the hard labels, after stage 1); anchor averages the row with the
+    hard label, so the own class holds at least half the mass and the rest keeps its proportions.
+    Rows that favour their own class are never changed: with none collapsed this is the identity."""
+    if guard not in GUARDS:
+        raise ColamError(f"method.colam.guard: must be one of {', '.join(GUARDS)}, got {guard!r}")
+    collapsed = collapsed_rows(labels, row_classes)
+    if guard == "none" or not collapsed.any():
+        return labels, collapsed
+    hard = torch.nn.functional.one_hot(row_classes.to(labels.device), labels.shape[1]).to(labels.dtype)
+    if guard == "anchor":
+        repaired = (labels + hard) / 2
+    else:
+        repaired = hard if previous is None else previous.to(labels.device, labels.dtype)
+    return torch.where(collapsed[:, None], repaired, labels), collapsed
 
 
 def check_soft_labels(labels: torch.Tensor, num_classes: int, name: str = "soft labels") -> None:

@@ -107,7 +107,7 @@ def curves(args) -> int:
         entry = {"stage": stage, "epoch": end}
         for name, history_rows in rows.items():
             row = next((r for r in history_rows if r["epoch"] == end), None)
-            entry[name] = None if row is None else {"train_acc": row["train_acc"], "test_acc": row["test_acc"]}
+            entry[name] = None if row is None else {"train_acc": row["train_acc"], "test_acc": row.get("test_acc")}
         at_ends.append(entry)
     figure = figures.learning_curves(rows, stage_ends, f"Learning curves: {' vs '.join(rows)} "
                                                       f"({run.config.model.name} on {run.config.data.name})")
@@ -119,7 +119,7 @@ def curves(args) -> int:
         lines.append(f"| {entry['stage']} | {entry['epoch']} | " + " | ".join(cells) + " |")
     results = {"runs": {name: {"path": str(r.path), "epoch": [x["epoch"] for x in rows[name]],
                                "train_acc": [x["train_acc"] for x in rows[name]],
-                               "test_acc": [x["test_acc"] for x in rows[name]]} for name, r in runs.items()},
+                               "test_acc": [x.get("test_acc") for x in rows[name]]} for name, r in runs.items()},
                "stage_ends": stage_ends, "at_stage_ends": at_ends}
     return _finish(args, run, "curves", {"learning_curves": figure}, "\n".join(lines), results, {})
 
@@ -386,7 +386,7 @@ def _pairs(distances, names: list[str]) -> dict[str, float]:
 
 
 def _cell(entry: dict | None, key: str) -> str:
-    return "–" if entry is None else f"{100 * entry[key]:.2f}"
+    return "–" if entry is None or entry[key] is None else f"{100 * entry[key]:.2f}"
 
 
 def _geometry_table(results: dict, names: list[str]) -> str:

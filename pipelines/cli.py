@@ -80,10 +80,14 @@ def _check(args) -> int:
 
     config = args.load_config(args)
     check_names(config)
-    if "analysis" in args.params_given:
-        from pipelines.params import check_pipeline_analysis, load_params
+    if {"analysis", "raw_data"} & set(args.params_given):
+        from pipelines.params import check_pipeline_analysis, check_pipeline_data, load_params
 
-        check_pipeline_analysis(load_params(args.config, args.overrides))
+        params = load_params(args.config, args.overrides)
+        if "raw_data" in args.params_given:
+            check_pipeline_data(params)
+        if "analysis" in args.params_given:
+            check_pipeline_analysis(params)
     if args.out:
         # Constant content: a valid change of params.yaml leaves this file as it was, so the stages
         # after the gate re-run only for the keys they declare themselves.

@@ -89,10 +89,11 @@ def learning_curves(curves: dict[str, list[dict]], stage_ends: list[int], title:
     figure = new_figure(9, 5)
     axes = figure.add_subplot()
     for i, (name, rows) in enumerate(curves.items()):
-        epochs = [r["epoch"] for r in rows]
-        color = f"C{i}"
-        axes.plot(epochs, [PERCENT * r["test_acc"] for r in rows], color=color, label=f"{name} test")
-        axes.plot(epochs, [PERCENT * r["train_acc"] for r in rows], color=color, linestyle=":", label=f"{name} train")
+        color, scored = f"C{i}", [r for r in rows if "test_acc" in r]  # train.eval_every may skip epochs
+        axes.plot([r["epoch"] for r in scored], [PERCENT * r["test_acc"] for r in scored], color=color,
+                  label=f"{name} test")
+        axes.plot([r["epoch"] for r in rows], [PERCENT * r["train_acc"] for r in rows], color=color, linestyle=":",
+                  label=f"{name} train")
     for k, end in enumerate(stage_ends[:-1]):
         axes.axvline(end + 0.5, color="grey", linestyle="--", linewidth=0.8,
                      label="stage boundary" if k == 0 else None)

@@ -3,6 +3,7 @@
     seed, data, model, train, method   the run, exactly as `colam train --config` reads it
     compare                            the comparison DVC runs: baselines, COLAM temperatures, seeds
     analysis                           the paper's analyses of the runs (`colam analyze`)
+    raw_data                           where the `data` stage takes the data set's files from
     tracking                           the MLflow experiment the runs are logged to
 
 Every section is checked with the library's rules (unknown keys and bad values are refused with
@@ -47,6 +48,16 @@ class AnalysisParams:
 
 
 @dataclass
+class RawDataParams:
+    """The `data` stage: `colam data get --from SOURCE --out data.root`, the copy DVC versions."""
+
+    source: str = "bundled"  # a folder holding the original files, `download` (torchvision) or `bundled` (digits)
+
+
+RAW_DATA_FOLDER = "data/raw"  # the pipeline keeps data set NAME in data/raw/NAME (data.root)
+
+
+@dataclass
 class TrackingParams:
     experiment: str = "colam"  # MLflow experiment of the runs; the server is MLFLOW_TRACKING_URI
 
@@ -57,10 +68,11 @@ class Params:
     compare: CompareParams
     tracking: TrackingParams
     analysis: AnalysisParams = field(default_factory=AnalysisParams)
+    raw_data: RawDataParams = field(default_factory=RawDataParams)
     given: tuple[str, ...] = ()  # the pipeline sections the file itself holds
 
 
-PIPELINE_SECTIONS = ("compare", "analysis", "tracking")
+PIPELINE_SECTIONS = ("compare", "analysis", "raw_data", "tracking")
 
 
 def load_params(path: str | Path | None, overrides: list[str] | None = None) -> Params:
@@ -71,7 +83,8 @@ def load_params(path: str | Path | None, overrides: list[str] | None = None) -> 
     validate(config)
     params = Params(config, build_section(CompareParams, sections["compare"], "compare."),
                     build_section(TrackingParams, sections["tracking"], "tracking."),
-                    build_section(AnalysisParams, sections["analysis"], "analysis."), given)
+                    build_section(AnalysisParams, sections["analysis"], "analysis."),
+                    build_section(RawDataParams, sections["raw_data"], "raw_data."), given)
     _validate(params)
     return params
 
@@ -130,6 +143,16 @@ def check_pipeline_analysis(params: Params) -> None:
     for i, interval in enumerate(params.analysis.grid.epochs_per_stage):
         require(config.train.epochs % interval == 0, f"analysis.grid.epochs_per_stage[{i}]", interval,
                 f"must divide train.epochs ({config.train.epochs}) into whole stages")
+
+
+def check_pipeline_data(params: Params) -> None:
+    """The `data` stage writes data.name's files to data/raw/<data.name> and every stage reads them
+    there (`colam check`, the gate, when params.yaml has a raw_data section)."""
+    data, source = params.config.data, params.raw_data.source
+    expected = f"{RAW_DATA_FOLDER}/{data.name}"
+    require(data.root.rstrip("/") == expected, "data.root", data.root,
+            f"must be {expected}: the pipeline's data stage keeps {data.name}'s files there (set data.root={expected})")
+    require(source.strip() != "", "raw_data.source", source, "must be a folder, download or bundled")
 
 
 def pipeline_variants(params: Params, methods: list[str]) -> list[str]:

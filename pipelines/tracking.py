@@ -42,7 +42,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, ML
 
 from colam import io as cio
 from colam.config import Config
-from colam.engine import RunLog, run_identity
+from colam.engine import HISTORY_FIELDS, RunLog, run_identity
 from colam.errors import ColamError
 from colam.methods import METHODS
 
@@ -51,6 +51,7 @@ log = logging.getLogger("colam")
 DEFAULT_URI = "sqlite:///mlflow.db"
 CURVES = ("train_loss", "train_acc", "val_acc", "test_acc", "lr", "seconds")
 FINAL = ("test_acc", "val_acc", "train_acc", "train_loss", "wall_time_s")
+NOT_REPORTS = ("estimation_seconds", "step", "steps")  # numbers in a stage's metrics that are no method report
 
 
 def tracking_uri() -> str:
@@ -1033,6 +1034,9 @@ class MlflowRunLog(RunLog):
         scalars = {f"stage_{k}": v for k, v in metrics.items() if k in ("test_acc", "val_acc", "train_acc")}
         if metrics.get("estimation_seconds") is not None:  # None: a later pipeline step estimates
             scalars["estimation_seconds"] = metrics["estimation_seconds"]
+        # what the method reports of its stage end (COLAM: label rows that did not favour their class)
+        scalars.update({k: v for k, v in metrics.items() if k not in HISTORY_FIELDS and k not in NOT_REPORTS
+                        and isinstance(v, (int, float)) and not isinstance(v, bool)})
         self.store.log_batch(self.stage_id, metrics=[Metric(k, float(v), now, metrics["epoch"])
                                                      for k, v in scalars.items()])
         log_stage_files(self.store, self.stage_id, stage_dir, stage, self.config)

@@ -191,15 +191,16 @@ def test_digits_augmentation_is_a_reproducible_small_shift(digits):
 
 
 def test_registry():
-    names = ["cifar10", "cifar100", "digits", "dtd", "fgvc_aircraft", "flowers102", "imagefolder"]
+    names = ["cifar10", "cifar100", "digits", "dtd", "fashion_mnist", "fgvc_aircraft", "flowers102", "imagefolder",
+             "kmnist", "mnist"]
     assert list_datasets() == names
     assert [n for n, spec in DATASETS.items() if not spec.needs_files] == ["digits"]
     assert all(spec.name == name and spec.description for name, spec in DATASETS.items())
 
 
 def test_unknown_name():
-    with pytest.raises(ColamError, match=r"^data\.name: unknown data set 'mnist'; choose one of: cifar10, "):
-        build_raw_data("mnist", ".")
+    with pytest.raises(ColamError, match=r"^data\.name: unknown data set 'emnist'; choose one of: cifar10, "):
+        build_raw_data("emnist", ".")
 
 
 def test_missing_root(tmp_path):

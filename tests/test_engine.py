@@ -163,3 +163,56 @@ def test_learning_rate_schedules(tiny_config):
     assert [round(learning_rate(config, e), 6) for e in range(8)] == [0.1] * 4 + [0.01] * 2 + [0.001] * 2
     cosine = tiny_config("train.lr_schedule=cosine", "train.lr=0.1")
     assert learning_rate(cosine, 0) == pytest.approx(0.1) and learning_rate(cosine, 2) == pytest.approx(0.05)
+
+
+def test_eval_every_scores_every_kth_epoch_every_stage_end_and_the_last(tiny_config, tmp_path):
+    """train.eval_every: 3 on 4 epochs in 2 stages of 2 scores epoch 3, the stage ends 2 and 4 (the
+    last); epoch 1 leaves val_acc and test_acc empty. Training itself is unchanged."""
+    every = fit(tiny_config("train.eval_every=3"), tmp_path / "every3")
+    history = read_history(tmp_path / "every3")
+    assert [(r["val_acc"] != "", r["test_acc"] != "") for r in history] == [(False, False)] + [(True, True)] * 3
+    each = fit(tiny_config(), tmp_path / "each")
+    assert (every["test_acc"], every["val_acc"], every["train_loss"]) == (each["test_acc"], each["val_acc"],
+                                                                          each["train_loss"])
+    assert json.loads((tmp_path / "every3" / "stage_1" / "metrics.json").read_text())["test_acc"] == json.loads(
+        (tmp_path / "each" / "stage_1" / "metrics.json").read_text())["test_acc"]
+
+
+def test_keys_added_later_keep_an_earlier_runs_identity(tiny_config):
+    """A run saved before train.eval_every and COLAM's recipe keys existed is the same run at their
+    earlier values (what it did), and another run at any other value."""
+    from colam.engine import run_identity
+
+    config = tiny_config().to_dict()
+    earlier = json.loads(json.dumps(config))
+    del earlier["train"]["eval_every"]
+    for key in ("stage1_loss", "peer_labels", "guard", "estimation"):
+        del earlier["method"]["colam"][key]
+    assert run_identity(config) == run_identity(earlier)
+    for section, key, value in (("train", "eval_every", 2), ("colam", "stage1_loss", "tempered"),
+                                ("colam", "peer_labels", "class"), ("colam", "guard", "anchor")):
+        other = json.loads(json.dumps(config))
+        (other["train"] if section == "train" else other["method"]["colam"])[key] = value
+        assert run_identity(other) != run_identity(config)
+
+
+def test_colam_names_only_the_recipe_keys_that_differ_from_what_earlier_runs_did(tiny_config):
+    colam = METHODS["colam"]
+    assert set(colam.hyperparameters(tiny_config())) == {"stages", "epochs_per_stage", "temperature", "peers",
+                                                         "aggregation"}
+    changed = colam.hyperparameters(tiny_config("method.colam.guard=keep", "method.colam.stage1_loss=tempered"))
+    assert changed["guard"] == "keep" and changed["stage1_loss"] == "tempered"
+
+
+def test_a_collapsed_row_is_counted_in_the_stage_metrics_and_soft_labels_json(tiny_config, tmp_path):
+    """Two epochs per stage of a tiny model at a high lr: a stage end the guard must repair."""
+    config = tiny_config("train.lr=0.5", "method.colam.guard=anchor", "method.colam.temperature=1.0")
+    fit(config, tmp_path)
+    for stage in (1, 2):
+        metrics = json.loads((tmp_path / f"stage_{stage}" / "metrics.json").read_text())
+        info = json.loads((tmp_path / f"stage_{stage}" / "soft_labels.json").read_text())
+        labels = np.load(tmp_path / f"stage_{stage}" / "soft_labels.npy")
+        assert metrics["collapsed_rows"] == len(info["collapsed_classes"]) and info["guard"] == "anchor"
+        assert (labels.argmax(1) == np.arange(10)).all()  # repaired: every row favours its class
+    assert sum(json.loads((tmp_path / f"stage_{k}" / "metrics.json").read_text())["collapsed_rows"]
+               for k in (1, 2)) > 0

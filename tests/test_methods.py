@@ -152,6 +152,82 @@ def test_colam_random_peers_give_per_sample_labels(batch):
     assert torch.allclose(method.loss(logits, train_targets[indices], indices, 2), expected, atol=1e-6)
 
 
+def test_colam_tempered_stage_one_is_algorithm_1_line_5(batch):
+    """stage1_loss: tempered trains stage 1 on H(y, softmax(z / T)); the default, ce, on H(y, softmax(z))."""
+    logits, targets, indices = batch
+    tempered, _ = make("colam", temperature=2.0, stage1_loss="tempered")
+    assert torch.allclose(tempered.loss(logits, targets, indices, 1), F.cross_entropy(logits / 2.0, targets))
+    plain, _ = make("colam", temperature=2.0)
+    assert not torch.allclose(plain.loss(logits, targets, indices, 1), tempered.loss(logits, targets, indices, 1))
+
+
+def test_colam_k_peers_per_class_draw_one_label_per_class():
+    """peer_labels: class gives a C x C matrix, row c from k samples of class c drawn without
+    replacement; the draw follows (seed, stage), and with k = the class size it is every peer."""
+    method, train_targets = make("colam", temperature=2.0, peers=3, peer_labels="class")
+    outputs = torch.randn(20, C, generator=torch.Generator().manual_seed(4))
+    artifacts = end_stage(method, outputs)
+    assert set(artifacts) == {"soft_labels"} and artifacts["soft_labels"].shape == (C, C)
+    members = [set((train_targets == c).nonzero().flatten().tolist()) for c in range(C)]
+    for c in range(C):  # each row is the softmax of the mean of some 3 of its class's 4 samples
+        rows = [(outputs[list(m)].mean(0) / 2.0).softmax(0) for m in _subsets(sorted(members[c]), 3)]
+        assert any(torch.allclose(artifacts["soft_labels"][c], row, atol=1e-6) for row in rows)
+    again, _ = make("colam", temperature=2.0, peers=3, peer_labels="class")
+    assert torch.equal(end_stage(again, outputs)["soft_labels"], artifacts["soft_labels"])
+    everyone, _ = make("colam", temperature=2.0, peers=4, peer_labels="class")
+    all_peers, _ = make("colam", temperature=2.0)
+    assert torch.allclose(end_stage(everyone, outputs)["soft_labels"], end_stage(all_peers, outputs)["soft_labels"],
+                          atol=1e-6)
+
+
+def _subsets(items, k):
+    from itertools import combinations
+
+    return combinations(items, k)
+
+
+def collapsing_outputs() -> torch.Tensor:
+    """Outputs whose class-1 mean favours class 3, every other class its own."""
+    outputs = 4.0 * torch.eye(C)[torch.arange(20) % C]
+    outputs[torch.arange(20) % C == 1] = torch.tensor([0.0, 1.0, 0.0, 3.0, 0.0])
+    return outputs
+
+
+@pytest.mark.parametrize("guard", ["none", "keep", "anchor"])
+def test_colam_guard_counts_collapsed_rows_and_repairs_only_them(guard):
+    method, _ = make("colam", temperature=1.0, guard=guard)
+    labels = end_stage(method, collapsing_outputs())["soft_labels"]
+    estimated = (torch.tensor([0.0, 1.0, 0.0, 3.0, 0.0])).softmax(0)
+    healthy = (4.0 * torch.eye(C)).softmax(1)
+    assert method.stage_report(1) == {"collapsed_rows": 1, "collapsed_classes": [1], "guard": guard}
+    others = [0, 2, 3, 4]
+    assert torch.allclose(labels[others], healthy[others], atol=1e-6)  # rows that favour their class: untouched
+    expected = {"none": estimated, "keep": torch.eye(C)[1],  # after stage 1, the labels before are the hard ones
+                "anchor": (estimated + torch.eye(C)[1]) / 2}[guard]
+    assert torch.allclose(labels[1], expected, atol=1e-6)
+    assert labels[1].argmax() == (3 if guard == "none" else 1)
+
+
+def test_colam_guard_keep_takes_the_previous_stage_row_and_is_a_no_op_without_collapse():
+    method, _ = make("colam", temperature=1.0, guard="keep")
+    healthy = 4.0 * torch.eye(C)[torch.arange(20) % C]
+    first = end_stage(method, healthy)["soft_labels"].clone()
+    assert method.stage_report(1)["collapsed_rows"] == 0
+    method.observe(collapsing_outputs(), method.train_targets, torch.arange(20))
+    second = method.end_stage(2)["soft_labels"]
+    assert torch.allclose(second[1], first[1]) and method.stage_report(2)["collapsed_classes"] == [1]
+    unguarded, _ = make("colam", temperature=1.0)
+    assert torch.equal(end_stage(unguarded, healthy)["soft_labels"], first)  # no collapse: the identity
+
+
+def test_colam_guard_applies_to_per_sample_labels():
+    method, train_targets = make("colam", temperature=1.0, peers=4, guard="anchor")
+    artifacts = end_stage(method, collapsing_outputs())
+    per_sample = artifacts["sample_soft_labels"]
+    assert method.stage_report(1)["collapsed_rows"] == 4  # the four samples of class 1 (k = the class: its mean)
+    assert (per_sample.argmax(1) == train_targets).all()
+
+
 def test_colam_state_round_trips(batch):
     method, _ = make("colam", peers=2)
     end_stage(method, torch.randn(20, C))
@@ -174,6 +250,9 @@ def test_colam_state_round_trips(batch):
         ("colam", {"peers": "some"}, "method.colam.peers"),
         ("colam", {"aggregation": "median"}, "method.colam.aggregation"),
         ("colam", {"stages": 3}, "method.colam.stages"),
+        ("colam", {"stage1_loss": "soft"}, "method.colam.stage1_loss"),
+        ("colam", {"peer_labels": "batch"}, "method.colam.peer_labels"),
+        ("colam", {"guard": "repair"}, "method.colam.guard"),
     ],
 )
 def test_invalid_method_settings_name_the_key(name, section, key):

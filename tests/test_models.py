@@ -14,6 +14,9 @@ EXACT_PARAMS = {
     "preact_resnet34": {10: 21_280_330, 100: 21_326_500},
     "resnet50": {10: 23_528_522, 100: 23_712_932, 1000: 25_557_032},
     "resnet101": {10: 42_520_650, 100: 42_705_060, 1000: 44_549_160},
+    "resnet20": {10: 269_722, 100: 275_572},
+    "resnet32": {10: 464_154, 100: 470_004},
+    "resnet44": {10: 658_586, 100: 664_436},
     "resnet56": {10: 853_018, 100: 858_868},
     "resnext29_8x64d": {10: 34_426_698, 100: 34_518_948},
     "small_cnn": {10: 94_762, 100: 106_372},
@@ -68,11 +71,22 @@ def test_imagenet_resnet_contract_on_meta(name):
     assert model.conv1.in_channels == 1 and model.fc.out_features == 5
 
 
-@pytest.mark.parametrize("name,size", [("small_cnn", 8), ("small_cnn", 32), ("preact_resnet18", 32)])
+@pytest.mark.parametrize("name,size", [("small_cnn", 8), ("small_cnn", 32), ("preact_resnet18", 32),
+                                       ("resnet20", 28), ("resnet56", 28)])
 def test_one_input_channel(name, size):
     model = build_model(name, num_classes=10, in_channels=1).eval()
     with torch.no_grad():
         assert model(torch.randn(2, 1, size, size)).shape == (2, 10)
+
+
+def test_cifar_resnets_on_grayscale_28x28():
+    """The MNIST family's models: the stem takes one channel (432 - 144 weights fewer) and the three
+    stages see 28, 14 and 7 pixels, so the pooled features are 64 wide as on CIFAR."""
+    for depth, count in ((20, 269_434), (32, 463_866), (44, 658_298)):
+        model = build_model(f"resnet{depth}", 10, in_channels=1)
+        assert count_parameters(model) == count
+        assert len(model.layers) == 3 * (depth - 2) // 6
+        assert model.forward_features(torch.randn(2, 1, 28, 28)).shape == (2, 64)
 
 
 def test_options_change_the_model():

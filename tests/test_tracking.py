@@ -167,6 +167,8 @@ def test_per_epoch_curves_have_step_epoch_and_equal_history_csv(store, colam_run
         stage_metrics = json.loads((out / f"stage_{stage.data.tags['colam.stage']}" / "metrics.json").read_text())
         assert stage.data.metrics["stage_test_acc"] == stage_metrics["test_acc"]
         assert history(store, stage_id, "stage_test_acc")[0][0] == epochs[-1]
+        # what the method reports of its stage end: the label rows that did not favour their class
+        assert stage.data.metrics["collapsed_rows"] == stage_metrics["collapsed_rows"]
 
 
 def test_stage_runs_hold_checkpoint_soft_labels_and_figure(store, colam_run, tmp_path):

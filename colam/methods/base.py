@@ -32,6 +32,9 @@ class Method:
     # summed over ranks (colam.distributed), so the engine may wrap the model in DistributedDataParallel
     # or torch.compile. Methods with extra passes through the model (lookahead, partners) set False.
     data_parallel: ClassVar[bool] = True
+    # Settings added after runs were first written, with the value every earlier run had: at that value
+    # they are left out of a run's identity (colam.engine.run_identity) and of its variant.
+    later_defaults: ClassVar[dict] = {}
 
     def __init__(self, config: Config, num_classes: int, train_targets: torch.Tensor):
         self.config = config

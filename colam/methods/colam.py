@@ -4,7 +4,13 @@ import torch.nn.functional as F
 from colam.errors import ColamError, require
 from colam.methods.base import Method, soft_cross_entropy
 from colam.seeding import derive_seed
-from colam.soft_labels import AGGREGATIONS, ESTIMATIONS, OutputSums, peer_soft_labels
+from colam.soft_labels import (AGGREGATIONS, ESTIMATIONS, GUARDS, PEER_LABELS, OutputSums, class_peer_soft_labels,
+                               guard_labels, peer_soft_labels)
+
+
+STAGE1_LOSSES = ("ce", "tempered")
+# The value every run had before a key existed: a run at that value keeps its earlier identity and variant.
+EARLIER = {"estimation": "pass", "stage1_loss": "ce", "peer_labels": "sample", "guard": "none"}
 
 
 class Colam(Method):
@@ -22,15 +28,25 @@ class Colam(Method):
     training computes anyway in the stage's last epoch (augmented inputs, train-mode BatchNorm,
     the model moving during that epoch), which costs no extra pass.
 
-    Stage 1 uses the plain cross-entropy. Algorithm 1 writes T in line 5 too; with one-hot targets
-    T only rescales the logits (an effective change of learning rate), and the paper's Fig. 1a
-    reads stage 1 as hard-label SGD, which plain cross-entropy makes exact.
+    Choices the paper leaves open, each a setting (README, "Recipe"):
+    - `stage1_loss`: stage 1 trains on plain cross-entropy (`ce`, hard-label SGD as Fig. 1a reads
+      it) or on H(y, softmax(z / T)) as Algorithm 1's line 5 writes it (`tempered`). The two are
+      not the same training: T rescales the logits the loss sees, so the network learns logits T
+      times as large, and the first soft labels, softmax(mean z / T), come out differently (at
+      T = 2 in a short digits run, 0.46 of the true class's mass with ce against 0.64 tempered).
+    - `peers: k` with `peer_labels`: every sample its own label from k random same-class peers
+      (`sample`), or one label per class from k random peers (`class`).
+    - `guard`: a stage-end row whose own class is not its largest entry is counted in the stage's
+      metrics; after stage 1 nothing else ties training to the hard labels, so such a row is a
+      fixed point that every later stage re-learns and re-estimates. `keep` or `anchor` repairs
+      those rows only (`colam.soft_labels.guard_labels`); `none` is Algorithm 1 as written.
     """
 
     name = "colam"
     paper = "Li et al. 2022, Neural Processing Letters, doi:10.1007/s11063-022-10830-4"
     summary = "m stages; stage 1 hard labels, then class soft labels re-estimated at each stage end"
     uses_soft_labels = True
+    later_defaults = EARLIER
 
     def __init__(self, config, num_classes, train_targets):
         super().__init__(config, num_classes, train_targets)
@@ -40,6 +56,7 @@ class Colam(Method):
         self.device = torch.device("cpu")
         self.sums: OutputSums | None = None  # the outputs gathered for the next stage end
         self.accumulating = False  # online: this is a stage's last epoch, whose training logits are summed
+        self.report: dict = {}  # what the last stage end found in its labels (stage_report)
 
     @classmethod
     def validate(cls, config):
@@ -57,6 +74,11 @@ class Colam(Method):
                 f"must be one of {', '.join(AGGREGATIONS)}")
         require(section.estimation in ESTIMATIONS, "method.colam.estimation", section.estimation,
                 f"must be one of {', '.join(ESTIMATIONS)}")
+        require(section.stage1_loss in STAGE1_LOSSES, "method.colam.stage1_loss", section.stage1_loss,
+                f"must be one of {', '.join(STAGE1_LOSSES)}")
+        require(section.peer_labels in PEER_LABELS, "method.colam.peer_labels", section.peer_labels,
+                f"must be one of {', '.join(PEER_LABELS)}")
+        require(section.guard in GUARDS, "method.colam.guard", section.guard, f"must be one of {', '.join(GUARDS)}")
 
     @classmethod
     def check_data(cls, config, class_counts):
@@ -73,8 +95,11 @@ class Colam(Method):
         section = config.method.colam
         settings = {"stages": section.stages, "epochs_per_stage": section.epochs_per_stage,
                     "temperature": section.temperature, "peers": section.peers, "aggregation": section.aggregation}
-        if section.estimation != "pass":  # runs from before the key existed keep their variant (MLflow, compare)
-            settings["estimation"] = section.estimation
+        # keys added later appear where they differ from what every earlier run did, so that earlier
+        # runs keep their variant (MLflow, compare)
+        for key, earlier in EARLIER.items():
+            if getattr(section, key) != earlier:
+                settings[key] = getattr(section, key)
         return settings
 
     def to(self, device):
@@ -107,7 +132,8 @@ class Colam(Method):
         if self.accumulating:
             self.sums.add(logits, targets, indices)
         if stage == 1:
-            return F.cross_entropy(logits, targets)
+            scale = self.section.temperature if self.section.stage1_loss == "tempered" else 1.0
+            return F.cross_entropy(logits / scale, targets)
         if self.sample_soft_labels is not None:
             targets_soft = self.sample_soft_labels[indices.cpu()].to(logits.device, non_blocking=True)
         else:
@@ -130,16 +156,34 @@ class Colam(Method):
                              f"({section.estimation} estimation)")
         sums, self.sums, self.accumulating = self.sums, None, False
         sums.reduce()  # a distributed run: every rank now holds the sums of the whole training set
-        artifacts = {"soft_labels": sums.class_labels(section.temperature)}
-        self.soft_labels = artifacts["soft_labels"].to(self.device)
-        if section.peers != "all":
-            generator = torch.Generator().manual_seed(derive_seed(self.config.seed, stage))
-            targets = self.train_targets.to(sums.outputs.device)
-            artifacts["sample_soft_labels"] = peer_soft_labels(sums.sample_outputs(), targets, self.num_classes,
-                                                               section.peers, section.temperature,
-                                                               section.aggregation, generator)
-            self.sample_soft_labels = artifacts["sample_soft_labels"].cpu()
-        return artifacts
+        generator = torch.Generator().manual_seed(derive_seed(self.config.seed, stage))
+        classes = torch.arange(self.num_classes)
+        if section.peers == "all":
+            labels = sums.class_labels(section.temperature)
+        elif section.peer_labels == "class":
+            labels = class_peer_soft_labels(sums.sample_outputs(), self.train_targets.to(sums.outputs.device),
+                                            self.num_classes, section.peers, section.temperature,
+                                            section.aggregation, generator)
+        else:  # per-sample labels train; the class labels from every peer are kept beside them
+            samples = peer_soft_labels(sums.sample_outputs(), self.train_targets.to(sums.outputs.device),
+                                       self.num_classes, section.peers, section.temperature, section.aggregation,
+                                       generator)
+            samples, collapsed = guard_labels(samples.cpu(), self.train_targets, self.sample_soft_labels, section.guard)
+            self.sample_soft_labels, self.report = samples, self._report(collapsed, self.train_targets)
+            self.soft_labels = sums.class_labels(section.temperature).to(self.device)
+            return {"soft_labels": self.soft_labels, "sample_soft_labels": samples}
+        labels, collapsed = guard_labels(labels.to(self.device), classes, self.soft_labels, section.guard)
+        self.soft_labels, self.report = labels, self._report(collapsed, classes)
+        return {"soft_labels": labels}
+
+    def _report(self, collapsed: torch.Tensor, row_classes: torch.Tensor) -> dict:
+        """How many label rows did not favour their own class before the guard, and of which classes."""
+        classes = sorted(set(row_classes[collapsed.cpu()].tolist()))
+        return {"collapsed_rows": int(collapsed.sum()), "collapsed_classes": classes,
+                "guard": self.section.guard}
+
+    def stage_report(self, stage):
+        return dict(self.report)
 
     def state_dict(self):
         # The online sums of a stage whose end is estimated by a later step (colam.steps) travel in

@@ -4,8 +4,9 @@ He, Zhang, Ren, Sun, "Deep Residual Learning for Image Recognition", CVPR 2016
 (arXiv:1512.03385), Section 4.2. ResNet-(6n+2): a 16-channel 3x3 stem, three stages of n
 basic blocks with 16/32/64 channels (strides 1/2/2), global average pooling and the
 classifier. Shortcuts are identities ("option A"): when the shape changes, the input is
-subsampled and zero-padded in channels, so shortcuts add no parameters. ResNet-56
-(n=9) is published as 0.85M parameters.
+subsampled and zero-padded in channels, so shortcuts add no parameters. Registered at the
+depths of the paper's Table 6 up to 56 (n = 3, 5, 7, 9: 0.27M, 0.46M, 0.66M, 0.85M
+parameters); global pooling makes them take any input size, e.g. 28x28 Fashion-MNIST.
 """
 
 from __future__ import annotations
@@ -61,7 +62,15 @@ class CifarResNet(Classifier):
         return torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
 
 
-@register_model("resnet56", input_size=32, paper=PAPER,
-                published_params={10: 0.85e6}, published_precision=0.005e6)
-def resnet56(num_classes: int, in_channels: int = 3) -> nn.Module:
-    return CifarResNet(56, num_classes, in_channels)
+def _register(depth: int, published: float) -> None:
+    def build(num_classes: int, in_channels: int = 3) -> nn.Module:
+        return CifarResNet(depth, num_classes, in_channels)
+
+    build.__name__ = f"resnet{depth}"
+    register_model(f"resnet{depth}", input_size=32, paper=PAPER, published_params={10: published},
+                   published_precision=0.005e6)(build)
+
+
+# The paper's Table 6 (CIFAR-10): depth 6n + 2 with n = 3, 5, 7, 9.
+for _depth, _published in ((20, 0.27e6), (32, 0.46e6), (44, 0.66e6), (56, 0.85e6)):
+    _register(_depth, _published)
