@@ -166,3 +166,38 @@ def pipeline_variants(params: Params, methods: list[str]) -> list[str]:
         settings["method"]["name"] = name
         found.append(variant(from_dict(settings)))
     return found
+
+
+def dvc_sets(path: str | Path) -> list[str]:
+    """`dvc exp run -S KEY=VALUE` arguments that lay the run config in `path` over params.yaml: one
+    per value (nested keys dotted, lists and mappings in YAML flow style), so that a config file
+    stays the one place its settings are written (the Makefile's run-fashion-mnist)."""
+    import yaml
+
+    def flatten(node: dict, prefix: str = "") -> list[str]:
+        found = []
+        for key, value in node.items():
+            if isinstance(value, dict) and value and key != "options":
+                found += flatten(value, f"{prefix}{key}.")
+            else:
+                text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+                found.append(f"{prefix}{key}={text.removesuffix('...').strip()}")
+        return found
+
+    raw = read_yaml(path)
+    validate(from_dict(raw))  # a config colam train takes, or one line naming the bad key
+    return [arg for item in flatten(raw) for arg in ("-S", item)]
+
+
+if __name__ == "__main__":  # python -m pipelines.params dvc-sets FILE
+    import shlex
+    import sys
+
+    from colam.errors import ColamError
+
+    if len(sys.argv) != 3 or sys.argv[1] != "dvc-sets":
+        sys.exit("usage: python -m pipelines.params dvc-sets CONFIG")
+    try:
+        print(" ".join(shlex.quote(arg) for arg in dvc_sets(sys.argv[2])))
+    except ColamError as exc:
+        sys.exit(f"colam: error: {exc}")

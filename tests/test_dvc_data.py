@@ -102,3 +102,26 @@ def test_dvc_pull_from_s3_restores_the_data_set_byte_for_byte(repo, s3_server):
     repo.dvc("pull", "evaluate", "--with-deps", env=s3_server.env())
     assert repo.hashes(RAW) == before
     assert _ran(repo.dvc("repro", "evaluate").stdout) == []  # the pulled copy is the one everything was trained on
+
+
+def test_the_documented_fashion_mnist_experiment_passes_the_gate():
+    """`make run-fashion-mnist`: configs/fashion_mnist.yaml's settings plus the Makefile's pipeline
+    settings, laid over params.yaml, are valid params for every stage (the gate, `colam check`)."""
+    import re
+    import shlex
+    import subprocess
+    import sys
+
+    from pipelines.params import dvc_sets
+    from tests.test_dvc_pipeline import ROOT
+
+    makefile = (ROOT / "Makefile").read_text().replace("\\\n", " ")
+    pipeline = shlex.split(re.search(r"^FASHION_MNIST_PIPELINE := (.*)$", makefile, re.M).group(1)
+                           .replace("$(FASHION_MNIST_SOURCE)", str(DEBIAN_FASHION)))
+    settings = dvc_sets(ROOT / "configs/fashion_mnist.yaml") + pipeline
+    assert settings[::2] == ["-S"] * (len(settings) // 2)
+    command = [sys.executable, "-m", "pipelines.cli", "check", "--config", str(ROOT / "params.yaml")]
+    for item in settings[1::2]:
+        command += ["--set", item]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -19,12 +19,13 @@ class OnlineLabelSmoothing(Method):
 
         L = alpha * CE(f(x), y) + (1 - alpha) * H(S[y], softmax(f(x)))
 
-    S starts at zero, as in the public implementations (the authors' README points to
-    Kurumi233/OnlineLabelSmoothing; also zhangchbin/OnlineLabelSmoothing): the first epoch trains on
-    alpha * CE alone. A row whose class had no correctly classified sample in an epoch keeps its
-    previous value (those implementations reset it to zero); a class never predicted correctly keeps
-    the zero row and so the hard-label term only. The accumulation is a vectorised index_add_ (the
-    implementations' `grad[labels] += p` drops repeated labels of a batch). S, the accumulator and
+    S starts at zero, as in the public implementations (the authors' zhangchbin/OnlineLabelSmoothing,
+    cifar/scripts/train_cifar_all_methods.py; and Kurumi233/OnlineLabelSmoothing, models/OLS.py): the
+    first epoch trains on alpha * CE alone. A row whose class had no correctly classified sample in an
+    epoch keeps its previous value here; the two implementations differ on that row, zhangchbin's sets
+    it to the uniform 1/C and Kurumi233's to zero. A class never predicted correctly keeps the zero row
+    and so the hard-label term only. The accumulation is a vectorised index_add_ (Kurumi233's
+    `grad[labels] += p` drops repeated labels of a batch; zhangchbin's loops over the samples). S, the accumulator and
     the counts are the method's state, so a resumed run repeats the uninterrupted one.
 
     Cost: that of hard-label training plus a C x C update per batch.
