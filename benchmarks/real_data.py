@@ -36,6 +36,7 @@ PROTOCOL = ROOT / "configs" / "fashion_mnist.yaml"
 ROOTS = (ROOT / "data/raw/fashion_mnist", Path("/usr/share/datasets/fashion-mnist"))
 
 COLAM = ["method.name=colam"]  # the protocol's recipe (configs/fashion_mnist.yaml)
+LITERAL = [*COLAM, "method.colam.guard=none"]  # Algorithm 1 as written: the recipe study's base
 PARTS = {
     # Baselines at their papers' settings (ls: eps 0.1; cp: beta 0.1; disturblabel: alpha 0.1; cskd: T 4,
     # lambda 1; ols: alpha 0.5); COLAM at the recipe chosen on validation by the `recipe` part.
@@ -49,15 +50,15 @@ PARTS = {
         "colam": COLAM,
     },
     "recipe": {
-        "T=0.5": [*COLAM, "method.colam.temperature=0.5"],
-        "T=1": [*COLAM, "method.colam.temperature=1.0"],
-        "T=2": [*COLAM, "method.colam.temperature=2.0"],
-        "T=0.5 stage 1 tempered": [*COLAM, "method.colam.temperature=0.5", "method.colam.stage1_loss=tempered"],
-        "T=2 stage 1 tempered": [*COLAM, "method.colam.temperature=2.0", "method.colam.stage1_loss=tempered"],
-        "lr cosine": [*COLAM, "train.lr_schedule=cosine"],
-        "lr steps off the stage ends": [*COLAM, "train.milestones=[0.6, 0.85]"],
-        "peers 10 per sample": [*COLAM, "method.colam.peers=10", "method.colam.peer_labels=sample"],
-        "peers 10 per class": [*COLAM, "method.colam.peers=10", "method.colam.peer_labels=class"],
+        "T=0.5": [*LITERAL, "method.colam.temperature=0.5"],
+        "T=1": [*LITERAL, "method.colam.temperature=1.0"],
+        "T=2": [*LITERAL, "method.colam.temperature=2.0"],
+        "T=0.5 stage 1 tempered": [*LITERAL, "method.colam.temperature=0.5", "method.colam.stage1_loss=tempered"],
+        "T=2 stage 1 tempered": [*LITERAL, "method.colam.temperature=2.0", "method.colam.stage1_loss=tempered"],
+        "lr cosine": [*LITERAL, "train.lr_schedule=cosine"],
+        "lr steps off the stage ends": [*LITERAL, "train.milestones=[0.6, 0.85]"],
+        "peers 10 per sample": [*LITERAL, "method.colam.peers=10", "method.colam.peer_labels=sample"],
+        "peers 10 per class": [*LITERAL, "method.colam.peers=10", "method.colam.peer_labels=class"],
         "guard keep": [*COLAM, "method.colam.guard=keep"],
         "guard anchor": [*COLAM, "method.colam.guard=anchor"],
         "T=2 stage 1 tempered, guard anchor": [*COLAM, "method.colam.temperature=2.0",

@@ -183,14 +183,15 @@ def test_keys_added_later_keep_an_earlier_runs_identity(tiny_config):
     earlier values (what it did), and another run at any other value."""
     from colam.engine import run_identity
 
-    config = tiny_config().to_dict()
+    config = tiny_config("method.colam.guard=none").to_dict()  # what every run did before the guard existed
     earlier = json.loads(json.dumps(config))
     del earlier["train"]["eval_every"]
     for key in ("stage1_loss", "peer_labels", "guard", "estimation"):
         del earlier["method"]["colam"][key]
     assert run_identity(config) == run_identity(earlier)
     for section, key, value in (("train", "eval_every", 2), ("colam", "stage1_loss", "tempered"),
-                                ("colam", "peer_labels", "class"), ("colam", "guard", "anchor")):
+                                ("colam", "peer_labels", "class"), ("colam", "guard", "anchor"),
+                                ("colam", "guard", "keep")):
         other = json.loads(json.dumps(config))
         (other["train"] if section == "train" else other["method"]["colam"])[key] = value
         assert run_identity(other) != run_identity(config)
@@ -198,8 +199,9 @@ def test_keys_added_later_keep_an_earlier_runs_identity(tiny_config):
 
 def test_colam_names_only_the_recipe_keys_that_differ_from_what_earlier_runs_did(tiny_config):
     colam = METHODS["colam"]
-    assert set(colam.hyperparameters(tiny_config())) == {"stages", "epochs_per_stage", "temperature", "peers",
-                                                         "aggregation"}
+    assert set(colam.hyperparameters(tiny_config("method.colam.guard=none"))) == {
+        "stages", "epochs_per_stage", "temperature", "peers", "aggregation"}
+    assert colam.hyperparameters(tiny_config())["guard"] == "anchor"  # the default since the guard exists
     changed = colam.hyperparameters(tiny_config("method.colam.guard=keep", "method.colam.stage1_loss=tempered"))
     assert changed["guard"] == "keep" and changed["stage1_loss"] == "tempered"
 
