@@ -35,8 +35,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PROTOCOL = ROOT / "configs" / "fashion_mnist.yaml"
 ROOTS = (ROOT / "data/raw/fashion_mnist", Path("/usr/share/datasets/fashion-mnist"))
 
-COLAM = ["method.name=colam"]  # the protocol's recipe (configs/fashion_mnist.yaml)
-LITERAL = [*COLAM, "method.colam.guard=none"]  # Algorithm 1 as written: the recipe study's base
+COLAM = ["method.name=colam"]  # the recipe the study chose (configs/fashion_mnist.yaml)
+# Where the study started: 4 stages of 5 epochs at T = 1, each variant changing what it names
+STUDY = [*COLAM, "method.colam.stages=4", "method.colam.epochs_per_stage=5", "method.colam.temperature=1.0"]
+LITERAL = [*STUDY, "method.colam.guard=none"]  # Algorithm 1 as written
 PARTS = {
     # Baselines at their papers' settings (ls: eps 0.1; cp: beta 0.1; disturblabel: alpha 0.1; cskd: T 4,
     # lambda 1; ols: alpha 0.5); COLAM at the recipe chosen on validation by the `recipe` part.
@@ -59,15 +61,21 @@ PARTS = {
         "lr steps off the stage ends": [*LITERAL, "train.milestones=[0.6, 0.85]"],
         "peers 10 per sample": [*LITERAL, "method.colam.peers=10", "method.colam.peer_labels=sample"],
         "peers 10 per class": [*LITERAL, "method.colam.peers=10", "method.colam.peer_labels=class"],
-        "guard keep": [*COLAM, "method.colam.guard=keep"],
-        "guard anchor": [*COLAM, "method.colam.guard=anchor"],
-        "T=2 stage 1 tempered, guard anchor": [*COLAM, "method.colam.temperature=2.0",
+        "guard keep": [*STUDY, "method.colam.guard=keep"],
+        "guard anchor": [*STUDY, "method.colam.guard=anchor"],
+        "T=2 stage 1 tempered, guard anchor": [*STUDY, "method.colam.temperature=2.0",
                                                "method.colam.stage1_loss=tempered", "method.colam.guard=anchor"],
-        "m=2 t=10, guard anchor": [*COLAM, "method.colam.stages=2", "method.colam.epochs_per_stage=10",
+        "m=2 t=10, guard anchor": [*STUDY, "method.colam.stages=2", "method.colam.epochs_per_stage=10",
                                    "method.colam.guard=anchor"],
+        "m=2 t=10, T=0.25, guard anchor": [*STUDY, "method.colam.stages=2", "method.colam.epochs_per_stage=10",
+                                           "method.colam.temperature=0.25", "method.colam.guard=anchor"],
+        "m=2 t=10, T=0.5, guard anchor": [*STUDY, "method.colam.stages=2", "method.colam.epochs_per_stage=10",
+                                          "method.colam.temperature=0.5", "method.colam.guard=anchor"],
+        "m=2 t=10, T=2, guard anchor": [*STUDY, "method.colam.stages=2", "method.colam.epochs_per_stage=10",
+                                        "method.colam.temperature=2.0", "method.colam.guard=anchor"],
     },
     "guard": {
-        f"t={t} guard {guard}": [*COLAM, f"method.colam.stages={20 // t}", f"method.colam.epochs_per_stage={t}",
+        f"t={t} guard {guard}": [*STUDY, f"method.colam.stages={20 // t}", f"method.colam.epochs_per_stage={t}",
                                  f"method.colam.guard={guard}"]
         for t in (2, 10) for guard in ("none", "keep", "anchor")
     },
