@@ -2,6 +2,7 @@
 # and the MLflow tracking server of k8s/ run in it. Build context: the repository root.
 #
 #   docker build -f docker/cpu.Dockerfile -t ghcr.io/colam-project/colam:0.1.0-cpu .
+#   docker build -f docker/cpu.Dockerfile --build-arg TORCH_CPU_INDEX= -t local/colam:0.1.0-cpu .  # no PyTorch index
 #
 # torch and torchvision come from PyTorch's CPU wheel index at the versions constraints.txt pins
 # (the CPU build of torch X is X+cpu, which satisfies the constraint torch==X). Those wheels depend
@@ -34,11 +35,19 @@ COPY pyproject.toml constraints.txt ./
 
 # 0. CPU-only torch and torchvision, at the pinned versions read from constraints.txt. --no-deps:
 #    their own dependencies (numpy, pillow, sympy, ...) come from PyPI in step 1, at the pinned versions.
+#    TORCH_CPU_INDEX is where the +cpu wheels come from: PyTorch's index, or a mirror of it. Set it
+#    empty where no such index is reachable (the project's CI): the image then takes PyPI's build of
+#    the same version, which runs on CPU too but brings the CUDA libraries (a ~3x larger image).
+ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
 RUN torch="$(sed -n 's/^torch==//p' constraints.txt)" \
  && torchvision="$(sed -n 's/^torchvision==//p' constraints.txt)" \
  && test -n "$torch" && test -n "$torchvision" \
- && pip install --no-cache-dir --no-deps --index-url https://download.pytorch.org/whl/cpu \
-        "torch==${torch}+cpu" "torchvision==${torchvision}+cpu"
+ && if [ -n "$TORCH_CPU_INDEX" ]; then \
+        pip install --no-cache-dir --no-deps --index-url "$TORCH_CPU_INDEX" \
+            "torch==${torch}+cpu" "torchvision==${torchvision}+cpu"; \
+    else \
+        pip install --no-cache-dir -c constraints.txt "torch==${torch}" "torchvision==${torchvision}"; \
+    fi
 
 # 1. The dependencies declared in pyproject.toml, at the versions pinned in constraints.txt (torch
 #    is already satisfied). This layer is rebuilt only when pyproject.toml or constraints.txt change.
@@ -54,8 +63,9 @@ COPY components/ components/
 RUN pip install --no-cache-dir -c constraints.txt . \
  && rm -rf build ./*.egg-info
 
-# Fail the build if any CUDA package came in after all, or if torch is not the CPU build.
-RUN python -c "import importlib.metadata as m, sys; \
+# Fail the build if any CUDA package came in after all, or if torch is not the CPU build (unless
+# TORCH_CPU_INDEX was emptied on purpose).
+RUN test -z "$TORCH_CPU_INDEX" || python -c "import importlib.metadata as m, sys; \
 cuda = sorted(d.metadata['Name'] for d in m.distributions() if d.metadata['Name'].lower().startswith(('nvidia-', 'nvidia_', 'cuda-', 'cuda_', 'triton'))); \
 torch = m.version('torch'); \
 sys.exit(f'CPU image: unexpected CUDA packages {cuda}, torch {torch}' if cuda or not torch.endswith('+cpu') else 0)"

@@ -3,6 +3,7 @@
     colam kfp compile [--params params.yaml] [--stages M] [--image REPO:TAG] [--out colam-pipeline.yaml]
     colam kfp submit --host URL --experiment NAME [--package colam-pipeline.yaml] [--param KEY=VALUE ...]
     colam kfp local [--params params.yaml] [--stages M] [--param KEY=VALUE ...] [--root DIR]
+                    [--runner subprocess|docker] [--image REPO:TAG] [--network NAME]
 
 m is fixed when the pipeline is compiled (Kubeflow unrolls nothing at run time: the loop runs
 here, one train and one estimate task per stage, each stage consuming the previous one's
@@ -12,12 +13,14 @@ are run parameters, with params.yaml's values as their defaults.
 On the cluster the train and estimate tasks ask for a GPU and land on GPU nodes; every task
 reads the S3 keys from the Secret `colam-credentials` and the MLflow/S3 endpoints from the
 ConfigMap `colam-endpoints` (both made by k8s/), so every step is tracked in MLflow. `local`
-runs the same pipeline with kfp's SubprocessRunner in this environment, where the Kubernetes
-settings do not apply.
+runs the same pipeline without a cluster, where the Kubernetes settings do not apply: with kfp's
+SubprocessRunner in this environment, or with its DockerRunner, every step a container of the
+image the package names, given the Secret's and the ConfigMap's keys from this environment.
 """
 
 # No `from __future__ import annotations` here: kfp reads the pipeline function's annotations as types.
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -35,6 +38,11 @@ SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 ENDPOINTS = "colam-endpoints"
 ENDPOINT_KEYS = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION")
 DEFAULT_PACKAGE = "colam-pipeline.yaml"
+RUNNERS = ("subprocess", "docker")
+# What a step container gets from this environment: the cluster's Secret and ConfigMap keys, and
+# the settings that change a step's numbers or its talk with MLflow.
+CONTAINER_ENV = (*SECRET_KEYS, *ENDPOINT_KEYS, "MLFLOW_DISABLE_TELEMETRY", "MLFLOW_HTTP_REQUEST_TIMEOUT",
+                 "AWS_MAX_ATTEMPTS", "COLAM_TRACKING_RETRY_SECONDS", "OMP_NUM_THREADS")
 
 
 @dataclass(frozen=True)
@@ -154,11 +162,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     submit.add_argument("--no-cache", action="store_true", help="run every step even if Kubeflow cached it")
     submit.set_defaults(func=_submit)
 
-    local_ = commands.add_parser("local", help="run the pipeline here with kfp's SubprocessRunner (no cluster)")
+    local_ = commands.add_parser("local", help="run the pipeline here, without a cluster (kfp.local)")
     _pipeline_arguments(local_)
     local_.add_argument("--param", dest="pipeline_params", action="append", default=[], metavar="NAME=VALUE",
                         help="a pipeline parameter, e.g. --param epochs_per_stage=5 (repeatable)")
     local_.add_argument("--root", default="runs/kfp", help="pipeline root: every step's outputs go below it")
+    local_.add_argument("--runner", default="subprocess", metavar="|".join(RUNNERS),
+                        help="subprocess: every step a process of this environment (default); docker: a "
+                             "container of the step's image on the local engine ($DOCKER_HOST)")
+    local_.add_argument("--image", help="with --runner docker: the images without their -cuda/-cpu suffix "
+                                        "(default: $COLAM_IMAGE or ghcr.io/colam-project/colam:0.1.0)")
+    local_.add_argument("--network", help="with --runner docker: the engine's network the steps join (e.g. one "
+                                          "where the MLflow server answers; default: the engine's bridge)")
     local_.set_defaults(func=_local)
 
 
@@ -294,7 +309,6 @@ def _check_endpoint(host: str, token: str | None) -> None:
 
 
 def _create_run(args, arguments: dict, token: str | None):
-    import contextlib
     import logging
     import warnings
 
@@ -315,21 +329,112 @@ def _create_run(args, arguments: dict, token: str | None):
 def _local(args) -> int:
     from kfp import local
 
-    pipeline, stages = _pipeline_from(args)
+    if args.runner not in RUNNERS:
+        raise ColamError(f"--runner: {args.runner!r} is not a runner; one of {', '.join(RUNNERS)}")
+    pipeline, stages = _pipeline_from(args, image=args.image)
     spec = _spec_of(pipeline)
     arguments = package_arguments(spec, args.pipeline_params)
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(Path(args.root).resolve()),
+    root = Path(args.root).resolve()
+    runner = _docker_runner(spec, args) if args.runner == "docker" else local.SubprocessRunner(use_venv=False)
+    root.mkdir(parents=True, exist_ok=True)
+    if args.runner == "docker":
+        _let_image_user_write(root, runner.user)
+    local.init(runner=runner.kfp if args.runner == "docker" else runner, pipeline_root=str(root),
                raise_on_error=False)
     began = time.perf_counter()
-    task = pipeline(**arguments)
+    with contextlib.redirect_stdout(sys.stderr):  # kfp's log and the containers' output; stdout is our line
+        task = pipeline(**arguments)
     seconds = time.perf_counter() - began
     if task is None or not getattr(task, "outputs", None):
         raise ColamError(f"kfp local: the pipeline run failed after {seconds:.1f}s; the failing step's log is above")
     outputs = {name: artifact.path for name, artifact in task.outputs.items()}
+    missing = sorted(name for name, artifact in task.outputs.items()  # a Metrics output lives in its metadata
+                     if artifact.schema_title != "system.Metrics" and not Path(artifact.path).exists())
+    if missing:  # kfp assumes success when a container is gone before it is waited for
+        raise ColamError(f"kfp local: the pipeline ended without its output {missing[0]!r}; the step's log is above")
     metrics = task.outputs["metrics"].metadata
-    print(json.dumps({"stages": stages, "seconds": round(seconds, 1), "outputs": outputs, "metrics": metrics}),
-          file=sys.stdout)
+    print(json.dumps({"stages": stages, "runner": args.runner, "seconds": round(seconds, 1), "outputs": outputs,
+                      "metrics": metrics}), file=sys.stdout)
     return 0
+
+
+@dataclass(frozen=True)
+class DockerSteps:
+    kfp: object  # kfp.local.DockerRunner
+    user: str  # the images' USER, e.g. 1000:1000
+
+
+def _docker_runner(spec: dict, args) -> DockerSteps:
+    """kfp's DockerRunner, once the engine answers and holds every image the package names; the steps
+    get this environment's CONTAINER_ENV keys (a file-based MLflow store would stay on this side)."""
+    from kfp import local
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if uri and not uri.startswith(("http://", "https://")):
+        raise ColamError(f"MLFLOW_TRACKING_URI: {uri!r} is a store on this machine that step containers do not "
+                         f"see; give an MLflow server (http://...) or unset it")
+    client = _docker_client()
+    images = sorted({executor["container"]["image"] for executor in spec["deploymentSpec"]["executors"].values()})
+    users = {_local_image(client, name, args.image).attrs["Config"].get("User") or "0" for name in images}
+    if args.network is not None:
+        _local_network(client, args.network)
+    if len(users) != 1:
+        raise ColamError(f"--image: the images run as different users ({', '.join(sorted(users))}); the steps share "
+                         f"the pipeline root")
+    environment = {key: os.environ[key] for key in CONTAINER_ENV if key in os.environ}
+    network = {"network": args.network} if args.network else {}
+    return DockerSteps(kfp=local.DockerRunner(environment=environment, **network), user=users.pop())
+
+
+def _docker_client():
+    """A client of the engine at $DOCKER_HOST (or the default socket) that has answered a ping."""
+    try:
+        import docker
+    except ImportError:
+        raise ColamError("--runner docker: needs the Python package 'docker' (pip install docker)") from None
+    where = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+    try:
+        client = docker.from_env(timeout=10)
+        client.ping()
+    except docker.errors.DockerException as exc:
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise ColamError(f"--runner docker: no container engine answers at {where} ({reason}); start one, e.g. "
+                         f"`bash .ci/container-engine.sh`") from None
+    return client
+
+
+def _local_image(client, name: str, base: str | None):
+    """The image `name` as the engine holds it; never pulled (a step must run what was built)."""
+    import docker
+
+    try:
+        return client.images.get(name)
+    except docker.errors.ImageNotFound:
+        source = "--image" if base else ("COLAM_IMAGE" if os.environ.get("COLAM_IMAGE") else "--image (default)")
+        variant = name.rsplit("-", 1)[-1]
+        raise ColamError(f"{source}: {name!r} is not an image of the local container engine; build it: docker build "
+                         f"-f docker/{variant}.Dockerfile -t {name} .") from None
+
+
+def _local_network(client, name: str) -> None:
+    import docker
+
+    try:
+        client.networks.get(name)
+    except docker.errors.NotFound:
+        raise ColamError(f"--network: {name!r} is not a network of the local container engine") from None
+
+
+def _let_image_user_write(root: Path, user: str) -> None:
+    """The steps write below the pipeline root as the images' user (uid 1000), as a pod does into
+    a volume of its fsGroup: hand the root to that user, or, where this process may not, open it."""
+    uid, _, gid = user.partition(":")
+    if not uid.isdigit() or int(uid) == os.getuid():
+        return
+    if os.getuid() == 0:
+        os.chown(root, int(uid), int(gid) if gid.isdigit() else int(uid))
+    else:
+        root.chmod(0o1777)
 
 
 def _spec_of(pipeline) -> dict:

@@ -545,8 +545,11 @@ def test_dockerfile_installs_the_pinned_project(variant):
                 assert "-c constraints.txt" in command, command
     assert any(re.search(r"pip install .*-c constraints\.txt \.(\s|$)", args) for args in installs)
     if variant == "cpu":
-        (torch,) = [args for args in installs if "download.pytorch.org/whl/cpu" in args]
+        # Users get PyTorch's CPU wheels (the build argument's default); CI, without that index, PyPI's build.
+        assert ("ARG", "TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu") in steps
+        (torch,) = [args for args in installs if '--index-url "$TORCH_CPU_INDEX"' in args]
         assert "--no-deps" in torch and "+cpu" in torch
+        assert 'if [ -n "$TORCH_CPU_INDEX" ]' in torch
         # The versions it reads: `torch==X` and `torchvision==X` lines of constraints.txt.
         constraints = (ROOT / "constraints.txt").read_text()
         assert re.search(r"^torch==\S+$", constraints, re.MULTILINE) and re.search(r"^torchvision==\S+$", constraints, re.MULTILINE)

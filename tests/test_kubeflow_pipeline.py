@@ -220,3 +220,22 @@ def test_compile_refuses_params_that_make_no_valid_run(tmp_path, capsys):
     assert main(["kfp", "compile", "--params", str(path), "--stages", "2", "--out", str(out)]) == 2
     assert capsys.readouterr().err.startswith("colam: error: method.colam.temperature: must be > 0")
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------- bad runner input
+
+
+@pytest.mark.parametrize("argv, env, says", [
+    (["--runner", "podman"], {}, "--runner: 'podman' is not a runner; one of subprocess, docker"),
+    (["--runner", "docker"], {"DOCKER_HOST": "unix:///nonexistent/docker.sock", "MLFLOW_TRACKING_URI": ""},
+     "--runner docker: no container engine answers at unix:///nonexistent/docker.sock"),
+    (["--runner", "docker"], {"MLFLOW_TRACKING_URI": "sqlite:///mlflow.db"},
+     "MLFLOW_TRACKING_URI: 'sqlite:///mlflow.db' is a store on this machine that step containers do not see"),
+], ids=["unknown-runner", "no-engine", "file-store"])
+def test_local_runner_bad_input_is_one_line_and_writes_nothing(argv, env, says, tmp_path, capsys, monkeypatch):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    code = main(["kfp", "local", "--params", str(PARAMS), "--stages", "2", "--root", str(tmp_path / "root"), *argv])
+    lines = capsys.readouterr().err.splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"colam: error: {says}"), lines
+    assert list(tmp_path.iterdir()) == []
