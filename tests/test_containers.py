@@ -69,8 +69,8 @@ def images():
             "chrislusf/seaweedfs:4.48": f"local/seaweedfs:{weed}"}
 
 
-def pod_container(manifest: str, name: str) -> tuple[dict, dict]:
-    """The pod spec and the container (or init container) `name` of a k8s/ manifest."""
+def manifest_containers(manifest: str):
+    """(pod spec, container) of every container and init container in a k8s/ manifest."""
     def pods(node):
         if isinstance(node, dict):
             if isinstance(node.get("containers"), list):
@@ -84,8 +84,14 @@ def pod_container(manifest: str, name: str) -> tuple[dict, dict]:
     for document in yaml.safe_load_all((ROOT / manifest).read_text()):
         for pod in pods(document):
             for container in pod["containers"] + pod.get("initContainers", []):
-                if container["name"] == name:
-                    return pod, container
+                yield pod, container
+
+
+def pod_container(manifest: str, name: str) -> tuple[dict, dict]:
+    """The pod spec and the container (or init container) `name` of a k8s/ manifest."""
+    for pod, container in manifest_containers(manifest):
+        if container["name"] == name:
+            return pod, container
     raise AssertionError(f"{manifest}: no container {name}")
 
 
@@ -383,3 +389,15 @@ def test_images_run_as_uid_1000_with_colam_and_writable_artifact_mounts(images):
         output = ENGINE.containers.run(image, ["sh", "-c", "id -u && colam --help >/dev/null && "
                                                           "touch /gcs/x /minio/x /s3/x && echo ok"], remove=True)
         assert output.decode().split() == ["1000", "ok"], image
+
+
+EXECUTED = {("k8s/base/mlflow.yaml", "mlflow"), ("k8s/training/pytorchjob-stage.yaml", "prepare-split"),
+            ("k8s/training/pytorchjob-stage.yaml", "pytorch")}
+
+
+def test_every_k8s_container_of_the_project_image_is_executed_above():
+    """A new manifest container that runs the project's image needs its run in this file."""
+    manifests = [str(path.relative_to(ROOT)) for path in sorted((ROOT / "k8s").rglob("*.yaml"))]
+    found = {(manifest, container["name"]) for manifest in manifests
+             for _, container in manifest_containers(manifest) if container["image"].startswith(RELEASE)}
+    assert found == EXECUTED
