@@ -18,9 +18,13 @@ mkdir -p "$WORK"
 LOG=$WORK/engine.log
 : > "$LOG"
 
-step() {  # step NAME CMD... : runs CMD with its output in $LOG, prints its wall time
-  local name=$1 began=$SECONDS; shift
-  "$@" >>"$LOG" 2>&1 || { echo "container-engine: $name failed; the last lines of $LOG:" >&2; tail -20 "$LOG" >&2; exit 1; }
+step() {  # step NAME CMD... : runs CMD in a subshell that stops at its first failing command
+  local name=$1 began=$SECONDS status; shift
+  # Not `CMD || ...`: bash turns errexit off for everything left of ||, subshells included.
+  set +e; ( set -e; "$@" ) >>"$LOG" 2>&1; status=$?; set -e
+  if [ "$status" != 0 ]; then
+    echo "container-engine: $name failed; the last lines of $LOG:" >&2; tail -20 "$LOG" >&2; exit 1
+  fi
   echo "container-engine: $name: $((SECONDS - began)) s"
 }
 

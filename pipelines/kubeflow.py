@@ -331,48 +331,67 @@ def _local(args) -> int:
 
     if args.runner not in RUNNERS:
         raise ColamError(f"--runner: {args.runner!r} is not a runner; one of {', '.join(RUNNERS)}")
+    if args.network is not None and args.runner != "docker":
+        raise ColamError("--network: only with --runner docker (steps that are processes use this machine's network)")
     pipeline, stages = _pipeline_from(args, image=args.image)
     spec = _spec_of(pipeline)
     arguments = package_arguments(spec, args.pipeline_params)
     root = Path(args.root).resolve()
-    runner = _docker_runner(spec, args) if args.runner == "docker" else local.SubprocessRunner(use_venv=False)
+    docker = _docker_runner(spec, args) if args.runner == "docker" else None
     root.mkdir(parents=True, exist_ok=True)
-    if args.runner == "docker":
-        _let_image_user_write(root, runner.user)
-    local.init(runner=runner.kfp if args.runner == "docker" else runner, pipeline_root=str(root),
+    if docker is not None:
+        _let_image_user_write(root, docker.user)
+    local.init(runner=docker.kfp if docker else local.SubprocessRunner(use_venv=False), pipeline_root=str(root),
                raise_on_error=False)
     began = time.perf_counter()
-    with contextlib.redirect_stdout(sys.stderr):  # kfp's log and the containers' output; stdout is our line
-        task = pipeline(**arguments)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # kfp's log and the containers' output; stdout is our line
+            task = pipeline(**arguments)
+    finally:
+        if docker is not None:
+            docker.remove_left_containers()
     seconds = time.perf_counter() - began
+    print(json.dumps({"stages": stages, "runner": args.runner, "seconds": round(seconds, 1),
+                      **_local_results(task, seconds)}), file=sys.stdout)
+    return 0
+
+
+def _local_results(task, seconds: float) -> dict:
+    """The run's output paths and evaluation metrics, once every output is really there: kfp's
+    DockerRunner takes a container that is gone before it is waited for as a success."""
     if task is None or not getattr(task, "outputs", None):
         raise ColamError(f"kfp local: the pipeline run failed after {seconds:.1f}s; the failing step's log is above")
-    outputs = {name: artifact.path for name, artifact in task.outputs.items()}
     missing = sorted(name for name, artifact in task.outputs.items()  # a Metrics output lives in its metadata
                      if artifact.schema_title != "system.Metrics" and not Path(artifact.path).exists())
-    if missing:  # kfp assumes success when a container is gone before it is waited for
-        raise ColamError(f"kfp local: the pipeline ended without its output {missing[0]!r}; the step's log is above")
     metrics = task.outputs["metrics"].metadata
-    print(json.dumps({"stages": stages, "runner": args.runner, "seconds": round(seconds, 1), "outputs": outputs,
-                      "metrics": metrics}), file=sys.stdout)
-    return 0
+    if missing or not metrics:
+        raise ColamError(f"kfp local: the pipeline ended without its output {(missing or ['metrics'])[0]!r}; the "
+                         f"step's log is above")
+    return {"outputs": {name: artifact.path for name, artifact in task.outputs.items()}, "metrics": metrics}
 
 
 @dataclass(frozen=True)
 class DockerSteps:
     kfp: object  # kfp.local.DockerRunner
     user: str  # the images' USER, e.g. 1000:1000
+    client: object  # docker.DockerClient
+    label: str  # on every step container of this run
+
+    def remove_left_containers(self) -> None:
+        """Step containers still there after the run (interrupted, or failed to start): removed."""
+        for container in self.client.containers.list(all=True, filters={"label": self.label}):
+            with contextlib.suppress(Exception):
+                container.remove(force=True)
 
 
 def _docker_runner(spec: dict, args) -> DockerSteps:
     """kfp's DockerRunner, once the engine answers and holds every image the package names; the steps
-    get this environment's CONTAINER_ENV keys (a file-based MLflow store would stay on this side)."""
+    get this environment's CONTAINER_ENV keys, and nothing of this machine they could not reach."""
+    import uuid
+
     from kfp import local
 
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
-    if uri and not uri.startswith(("http://", "https://")):
-        raise ColamError(f"MLFLOW_TRACKING_URI: {uri!r} is a store on this machine that step containers do not "
-                         f"see; give an MLflow server (http://...) or unset it")
+    _check_reachable_endpoints(args.network)
     client = _docker_client()
     images = sorted({executor["container"]["image"] for executor in spec["deploymentSpec"]["executors"].values()})
     users = {_local_image(client, name, args.image).attrs["Config"].get("User") or "0" for name in images}
@@ -383,7 +402,24 @@ def _docker_runner(spec: dict, args) -> DockerSteps:
                          f"the pipeline root")
     environment = {key: os.environ[key] for key in CONTAINER_ENV if key in os.environ}
     network = {"network": args.network} if args.network else {}
-    return DockerSteps(kfp=local.DockerRunner(environment=environment, **network), user=users.pop())
+    label = f"colam.kfp-local={uuid.uuid4().hex}"
+    runner = local.DockerRunner(environment=environment, labels=dict([label.split("=")]), **network)
+    return DockerSteps(kfp=runner, user=users.pop(), client=client, label=label)
+
+
+def _check_reachable_endpoints(network: str | None) -> None:
+    """A file store or this machine's loopback is not what a step container sees (but on --network host)."""
+    from urllib.parse import urlsplit
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if uri and not uri.startswith(("http://", "https://")):
+        raise ColamError(f"MLFLOW_TRACKING_URI: {uri!r} is a store on this machine that step containers do not "
+                         f"see; give an MLflow server (http://...) or unset it")
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        host = urlsplit(os.environ.get(key, "")).hostname or ""
+        if network != "host" and (host == "localhost" or host.startswith("127.") or host == "::1"):
+            raise ColamError(f"{key}: {host} is the step container itself; give an address the containers reach "
+                             f"(a name on --network) or use --network host")
 
 
 def _docker_client():
@@ -404,16 +440,19 @@ def _docker_client():
 
 
 def _local_image(client, name: str, base: str | None):
-    """The image `name` as the engine holds it; never pulled (a step must run what was built)."""
+    """The image `name` as the engine holds it under that very tag, kfp's test before it would pull:
+    never pulled here (a step must run what was built)."""
     import docker
 
-    try:
-        return client.images.get(name)
-    except docker.errors.ImageNotFound:
-        source = "--image" if base else ("COLAM_IMAGE" if os.environ.get("COLAM_IMAGE") else "--image (default)")
-        variant = name.rsplit("-", 1)[-1]
-        raise ColamError(f"{source}: {name!r} is not an image of the local container engine; build it: docker build "
-                         f"-f docker/{variant}.Dockerfile -t {name} .") from None
+    reference = name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
+    with contextlib.suppress(docker.errors.ImageNotFound):
+        image = client.images.get(reference)
+        if reference in image.tags + image.attrs.get("RepoDigests", []):
+            return image
+    source = "--image" if base else ("COLAM_IMAGE" if os.environ.get("COLAM_IMAGE") else "--image (default)")
+    variant = name.rsplit("-", 1)[-1]
+    raise ColamError(f"{source}: {name!r} is not an image of the local container engine; build it: docker build "
+                     f"-f docker/{variant}.Dockerfile -t {name} .")
 
 
 def _local_network(client, name: str) -> None:
@@ -429,12 +468,18 @@ def _let_image_user_write(root: Path, user: str) -> None:
     """The steps write below the pipeline root as the images' user (uid 1000), as a pod does into
     a volume of its fsGroup: hand the root to that user, or, where this process may not, open it."""
     uid, _, gid = user.partition(":")
-    if not uid.isdigit() or int(uid) == os.getuid():
+    if not uid.isdigit():
+        raise ColamError(f"--image: the images run as user {user!r}, not a numeric uid; the pipeline root cannot be "
+                         f"given to it")
+    if int(uid) in (0, os.getuid()):
         return
-    if os.getuid() == 0:
-        os.chown(root, int(uid), int(gid) if gid.isdigit() else int(uid))
-    else:
-        root.chmod(0o1777)
+    try:
+        if os.getuid() == 0:
+            os.chown(root, int(uid), int(gid) if gid.isdigit() else int(uid))
+        else:
+            root.chmod(0o1777)
+    except OSError as exc:
+        raise ColamError(f"--root: cannot let the images' user {uid} write {str(root)!r} ({exc.strerror})") from None
 
 
 def _spec_of(pipeline) -> dict:

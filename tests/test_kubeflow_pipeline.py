@@ -231,7 +231,10 @@ def test_compile_refuses_params_that_make_no_valid_run(tmp_path, capsys):
      "--runner docker: no container engine answers at unix:///nonexistent/docker.sock"),
     (["--runner", "docker"], {"MLFLOW_TRACKING_URI": "sqlite:///mlflow.db"},
      "MLFLOW_TRACKING_URI: 'sqlite:///mlflow.db' is a store on this machine that step containers do not see"),
-], ids=["unknown-runner", "no-engine", "file-store"])
+    (["--runner", "docker"], {"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"},
+     "MLFLOW_TRACKING_URI: 127.0.0.1 is the step container itself"),
+    (["--network", "bridge"], {}, "--network: only with --runner docker"),
+], ids=["unknown-runner", "no-engine", "file-store", "loopback-server", "network-without-docker"])
 def test_local_runner_bad_input_is_one_line_and_writes_nothing(argv, env, says, tmp_path, capsys, monkeypatch):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
