@@ -39,6 +39,7 @@ COLAM = ["method.name=colam"]  # the recipe the study chose (configs/fashion_mni
 # Where the study started: 4 stages of 5 epochs at T = 1, each variant changing what it names
 STUDY = [*COLAM, "method.colam.stages=4", "method.colam.epochs_per_stage=5", "method.colam.temperature=1.0"]
 LITERAL = [*STUDY, "method.colam.guard=none"]  # Algorithm 1 as written
+TWO_STAGES = [*STUDY, "method.colam.stages=2", "method.colam.epochs_per_stage=10", "method.colam.guard=anchor"]
 PARTS = {
     # Baselines at their papers' settings (ls: eps 0.1; cp: beta 0.1; disturblabel: alpha 0.1; cskd: T 4,
     # lambda 1; ols: alpha 0.5); COLAM at the recipe chosen on validation by the `recipe` part.
@@ -65,14 +66,9 @@ PARTS = {
         "guard anchor": [*STUDY, "method.colam.guard=anchor"],
         "T=2 stage 1 tempered, guard anchor": [*STUDY, "method.colam.temperature=2.0",
                                                "method.colam.stage1_loss=tempered", "method.colam.guard=anchor"],
-        "m=2 t=10, guard anchor": [*STUDY, "method.colam.stages=2", "method.colam.epochs_per_stage=10",
-                                   "method.colam.guard=anchor"],
-        "m=2 t=10, T=0.25, guard anchor": [*STUDY, "method.colam.stages=2", "method.colam.epochs_per_stage=10",
-                                           "method.colam.temperature=0.25", "method.colam.guard=anchor"],
-        "m=2 t=10, T=0.5, guard anchor": [*STUDY, "method.colam.stages=2", "method.colam.epochs_per_stage=10",
-                                          "method.colam.temperature=0.5", "method.colam.guard=anchor"],
-        "m=2 t=10, T=2, guard anchor": [*STUDY, "method.colam.stages=2", "method.colam.epochs_per_stage=10",
-                                        "method.colam.temperature=2.0", "method.colam.guard=anchor"],
+        "m=2 t=10, guard anchor": TWO_STAGES,
+        **{f"m=2 t=10, T={name}, guard anchor": [*TWO_STAGES, f"method.colam.temperature={value}"]
+           for name, value in (("0.25", "0.25"), ("0.5", "0.5"), ("2", "2.0"))},
     },
     "guard": {
         f"t={t} guard {guard}": [*STUDY, f"method.colam.stages={20 // t}", f"method.colam.epochs_per_stage={t}",
