@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 WITH_VENV := PATH="$(CURDIR)/$(BIN):$$PATH" MLFLOW_TRACKING_URI="$(MLFLOW_TRACKING_URI)"
 
-.PHONY: setup run run-fashion-mnist test clean
+.PHONY: setup run run-fashion-mnist test docs clean
 
 setup: $(VENV)/.installed
 
@@ -48,6 +48,11 @@ run-fashion-mnist: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The docs site (mkdocs.yml, docs/) into site/; --strict turns a broken link or reference into an error.
+# NO_MKDOCS_2_WARNING: mkdocs-material prints a banner about MkDocs 2 on every build otherwise.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 clean:
 	rm -rf runs data/prepared dvc_plots .pytest_cache

@@ -1,7 +1,7 @@
 """Every method on the bundled default, clean and under 40% symmetric label noise, over 3 seeds.
 
     .venv/bin/python benchmarks/methods_under_noise.py [--params params.yaml] [--seeds 0 1 2] [--noise 0.4]
-        [--jobs 2] [--out runs/methods] [--only METHOD ...] [--clean-only]
+        [--jobs 2] [--out runs/methods] [--only METHOD ...] [--clean-only] [--docs]
 
 Each run is `colam.engine.fit` of params.yaml's run config with one method (the method's own
 settings from params.yaml/defaults, plus the overrides in VARIANTS), at data.label_noise 0 and
@@ -23,6 +23,8 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+import docs_tables
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,7 +86,11 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "methods")
     parser.add_argument("--only", nargs="+", help="labels or method names to run (default: all)")
     parser.add_argument("--clean-only", action="store_true", help="skip the noisy runs (e.g. a timing pass with --jobs 1)")
+    parser.add_argument("--docs", action="store_true", help="also write the table into the docs, between "
+                                                            "<!-- table:methods-under-noise --> markers")
     args = parser.parse_args()
+    if args.docs:
+        docs_tables.check_table("methods-under-noise")
     sys.path.insert(0, str(ROOT))
     from pipelines.params import load_params
 
@@ -116,6 +122,8 @@ def main() -> int:
     table = format_table(results, args.noise)
     print(table)
     (args.out / "table.md").write_text(table + "\n")
+    if args.docs:
+        docs_tables.write_table("methods-under-noise", table)
     return 0
 
 
