@@ -1,7 +1,7 @@
 """Fashion-MNIST on a CPU: COLAM against hard labels, label smoothing and the other cheap methods, and
-the recipe choices the paper leaves open (README, "Real data").
+the recipe choices the paper leaves open (docs/benchmarks.md, "Real data").
 
-    python benchmarks/real_data.py --part table  [--root DIR] [--seeds 0 1 2] [--jobs 2] [--out DIR]
+    python benchmarks/real_data.py --part table  [--root DIR] [--seeds 0 1 2] [--jobs 2] [--out DIR] [--docs]
     python benchmarks/real_data.py --part recipe [--seeds 0 1]
     python benchmarks/real_data.py --part guard  [--seeds 0 1]
 
@@ -30,6 +30,8 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import docs_tables
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTOCOL = ROOT / "configs" / "fashion_mnist.yaml"
@@ -86,8 +88,8 @@ PUBLISHED = [("ResNet-18, flips, translation, rotation (Efthymiadis)", 94.9),
 
 def train(variant_dir: Path, overrides: list[str], data_root: Path) -> dict:
     """One run (one torch thread); a finished run is read back, not trained again."""
-    command = [sys.executable, "-m", "colam.cli", "train", "--config", str(PROTOCOL), "--out", str(variant_dir),
-               "--set", f"data.root={data_root}", "--no-progress"]
+    command = [sys.executable, "-m", "pipelines.cli", "train", "--config", str(PROTOCOL), "--out", str(variant_dir),
+               "--set", f"data.root={data_root}", "--no-progress", "--no-track"]
     for item in overrides:
         command += ["--set", item]
     result = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
@@ -132,7 +134,11 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="runs at a time, one thread each")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "real_data")
     parser.add_argument("--variants", nargs="+", help="only these variants of the part (default: all)")
+    parser.add_argument("--docs", action="store_true",
+                        help="also write the table into the docs, between <!-- table:fashion-mnist-PART --> markers")
     args = parser.parse_args()
+    if args.docs:
+        docs_tables.check_table(f"fashion-mnist-{args.part}")
 
     unknown = sorted(set(args.variants or []) - set(PARTS[args.part]))
     if unknown:
@@ -158,6 +164,8 @@ def main() -> None:
     print(header + "\n\n" + text)
     folder.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.part}.md").write_text(header + "\n\n" + text + "\n")
+    if args.docs:
+        docs_tables.write_table(f"fashion-mnist-{args.part}", header + "\n\n" + text)
     (args.out / f"{args.part}.json").write_text(json.dumps({"seeds": args.seeds, "root": str(args.root), "runs": runs},
                                                            indent=2))
 

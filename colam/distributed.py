@@ -1,7 +1,7 @@
 """Data-parallel training under `torchrun`: one process per device, gradients averaged by
 DistributedDataParallel, NCCL on GPUs and gloo on CPUs.
 
-    torchrun --standalone --nproc-per-node 4 -m colam.cli train --config FILE --out DIR
+    torchrun --standalone --nproc-per-node 4 -m pipelines.cli train --config FILE --out DIR
 
 torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; `init` reads them. Without them (or with
 WORLD_SIZE=1) everything here is a no-op and a run is the single-process run, bit for bit.

@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from colam import io as cio
-from colam.cli import restart_argument
 from colam.errors import ColamError
+from pipelines.arguments import config_options, params, run_log, tracking, tracking_options, training_options
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     commands = parser.add_subparsers(dest="analysis", required=True)
@@ -35,14 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     def command(name: str, help_text: str, run: bool = True, out_help: str = "folder for figures, table.md, results.json",
                 out_required: bool = True):
         sub = commands.add_parser(name, help=help_text)
-        sub.add_argument("--config", help="params.yaml: its analysis and tracking sections (default: the defaults)")
-        sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+        config_options(sub, help="params.yaml: its analysis and tracking sections (default: the defaults)")
         if run:
             sub.add_argument("--run", required=True, help="the COLAM run folder analysed (and logged to)")
         sub.add_argument("--out", required=out_required, type=Path, help=out_help)
-        sub.add_argument("--track", action=argparse.BooleanOptionalAction, default=None,
-                         help="log to MLflow (default: when MLFLOW_TRACKING_URI is set)")
-        sub.add_argument("--experiment", help="MLflow experiment (default: tracking.experiment of --config)")
+        tracking_options(sub, "MLflow experiment (default: tracking.experiment of --config)")
         return sub
 
     def baselines(sub, names: str):
@@ -63,8 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub.add_argument("--runs-out", required=True, type=Path, help="folder for the fixed-label training runs (resumable)")
     sub.add_argument("--stage", type=int, help="only train the run of this stage's soft labels (a DVC stage per K); "
                                                "no figures")
-    restart_argument(sub)
-    sub.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    training_options(sub)
     sub.set_defaults(func=expected_accuracy)
 
     sub = command("geometry", "penultimate features and templates of three classes (Fig. 2, Table 5, Fig. 3)")
@@ -80,8 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data(sub)
     sub.add_argument("--epochs-per-stage", type=int, required=True, help="the update interval t; stages = epochs / t")
     sub.add_argument("--peers", required=True, help="random peer samples per soft label, or all")
-    restart_argument(sub)
-    sub.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    training_options(sub)
     sub.set_defaults(func=grid_cell)
 
     sub = command("grid", "test accuracy over the (epochs per stage x peers) grid and over T, from MLflow (Fig. 4)")
@@ -170,7 +165,7 @@ def geometry(args) -> int:
     from colam.runs import final_network, open_run
     from pipelines import figures
 
-    analysis = _params(args).analysis
+    analysis = params(args).analysis
     run = open_run(args.run, "--run")
     runs = {**_baselines(args), _label(run.config): run}
     _same_data(runs, run)
@@ -228,7 +223,7 @@ def soft_labels(args) -> int:
     from colam.runs import open_run
     from pipelines import figures
 
-    count = _params(args).analysis.nearest
+    count = params(args).analysis.nearest
     run = open_run(args.run, "--run")
     start(args, run)
     stages = labelled_stages(run)
@@ -267,14 +262,11 @@ def soft_labels(args) -> int:
 
 def grid_cell(args) -> int:
     from colam.engine import fit
-    from pipelines import cli
     from pipelines.grid import cell_config, parse_peers
 
-    params = _params(args)
-    config = cell_config(params.config, args.epochs_per_stage, parse_peers(args.peers, "--peers"))
-    args.params_tracking, args.run_name = params.tracking, args.out.name
-    with cli._run_log(args, config) as run_log:
-        metrics = fit(config, args.out, run_log=run_log, progress=args.progress, split_dir=args.split,
+    config = cell_config(params(args).config, args.epochs_per_stage, parse_peers(args.peers, "--peers"))
+    with run_log(args, args.out.name) as log:
+        metrics = fit(config, args.out, run_log=log, progress=args.progress, split_dir=args.split,
                       restart_if_changed=args.restart_if_changed)
     print(json.dumps(metrics))
     return 0
@@ -287,21 +279,21 @@ def grid(args) -> int:
     from pipelines.grid import collect_grid
     from pipelines.tracking import connect
 
-    params = _params(args)
+    given = params(args)
     run = open_run(args.run, "--run")
     start(args, run)
     client = args.tracker[0] if args.tracker is not None else connect()  # the store start() reached, if any
-    found = collect_grid(client, args.experiment or params.tracking.experiment, params)
-    section = params.config.method.colam
+    found = collect_grid(client, args.experiment or given.tracking.experiment, given)
+    section = given.config.method.colam
     heat = figures.grid_heatmap(found.values, found.counts, found.epochs_per_stage, found.peers,
                                 f"COLAM test accuracy (%) by update interval and peers\n"
-                                f"(T = {section.temperature:g}, seed {params.config.seed}, {section.stages * section.epochs_per_stage} "
+                                f"(T = {section.temperature:g}, seed {given.config.seed}, {section.stages * section.epochs_per_stage} "
                                 f"epochs in all)")
     curve = temperature_figure(found.temperature, title=f"Test accuracy vs temperature T\n(COLAM at t = "
                                                         f"{section.epochs_per_stage} epochs per stage, peers = "
                                                         f"{section.peers}; mean ± std over seeds)")
     lines = [f"COLAM test accuracy (%) by update interval (rows, epochs per stage) and peer samples (columns); "
-             f"T = {section.temperature:g}, seed {params.config.seed}", "",
+             f"T = {section.temperature:g}, seed {given.config.seed}", "",
              "| epochs per stage | " + " | ".join(str(p) for p in found.peers) + " |",
              "|---:|" + "---:|" * len(found.peers)]
     for i, interval in enumerate(found.epochs_per_stage):
@@ -323,18 +315,14 @@ def grid(args) -> int:
 # ----------------------------------------------------------------------------- shared
 
 
-def _params(args):
-    from pipelines.params import load_params
-
-    if not hasattr(args, "_params"):
-        args._params = load_params(args.config, args.overrides)
-    return args._params
-
-
 def _label(config) -> str:
-    if config.method.name == "colam":
-        return f"COLAM (T={config.method.colam.temperature:g})"
-    return config.method.name
+    """'COLAM (T=2)', 'kd (T=4)', 'hl': the method and its headline values (`Method.headline`)."""
+    from colam.methods import METHODS
+
+    name = config.method.name
+    values = ", ".join(f"{'T' if key == 'temperature' else key}={value:g}"
+                       for key, value in METHODS[name].headline_values(config).items())
+    return f"{'COLAM' if name == 'colam' else name}" + (f" ({values})" if values else "")
 
 
 def _metric_name(label: str) -> str:
@@ -431,21 +419,17 @@ def _finish(args, run, name: str, figs: dict, table: str, results: dict, metrics
     return 0
 
 
-def _tracking(args) -> bool:
-    return args.track if args.track is not None else bool(os.environ.get("MLFLOW_TRACKING_URI"))
-
-
 def start(args, run) -> None:
     """Before any work: check --out, and when tracking, that the store answers and holds --run's
     MLflow run (an analysis that trains for minutes must not fail at its last step)."""
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise ColamError(f"--out: '{args.out}' exists and is not a folder")
     args.tracker = None
-    if _tracking(args):
+    if tracking(args):
         from pipelines.tracking import connect, run_parent
 
         client = connect()
-        experiment = args.experiment or _params(args).tracking.experiment
+        experiment = args.experiment or params(args).tracking.experiment
         args.tracker = (client, experiment, run_parent(client, experiment, run.config, run.path))
 
 
@@ -457,16 +441,9 @@ def _make_out(out: Path) -> None:
 
 
 def _log(tracker, name: str, paths: list[Path], metrics: dict) -> None:
-    import time
-
-    from mlflow.entities import Metric
-
-    from pipelines.tracking import log_files
+    from pipelines.tracking import log_files, log_points
 
     client, experiment, parent = tracker
     log_files(client, parent, paths, f"analysis/{name}")
-    now = int(time.time() * 1000)
-    batch = [Metric(key, float(value), now, int(step)) for key, points in metrics.items() for step, value in points]
-    if batch:
-        client.log_batch(parent, metrics=batch)
+    log_points(client, parent, metrics)
     print(f"MLflow: logged analysis/{name} to run {parent} in experiment '{experiment}'", file=sys.stderr)

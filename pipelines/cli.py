@@ -1,93 +1,227 @@
-"""The `colam` console script: the library's commands, plus MLflow tracking and `colam compare`.
+"""The `colam` command.
 
-    colam train --config params.yaml --out DIR [--track] [--experiment NAME] ...
+    colam train --config FILE [--set KEY=VALUE ...] --out DIR [--split DIR] [--stage K] [--track] ...
+    colam prepare --config FILE --out DIR
+    colam evaluate --config FILE --stage-dir DIR --out DIR [--split DIR]
+    colam data get --config FILE --from SOURCE --out DIR
+    colam methods | models | datasets
+    colam check --config params.yaml [--out FILE]
     colam compare --experiment NAME [--params params.yaml] [--out DIR]
     colam analyze curves|expected-accuracy|geometry|soft-labels|grid-cell|grid ...   (pipelines/analysis.py)
+    colam tracking sync DIR
     colam kfp compile|submit|local ...   (pipelines/kubeflow.py)
-    colam tracking sync DIR   (send the MLflow records a run kept offline in DIR/mlflow-journal)
 
-`--config` may be a pipeline params.yaml: its `compare` and `tracking` sections are checked and set
-aside, the rest is the run's config. Training is tracked in MLflow with `--track`, or whenever
-MLFLOW_TRACKING_URI is set; the library's own `python -m colam.cli` never tracks.
+`--config` may be a pipeline params.yaml: its compare, analysis, raw_data and tracking sections are
+checked and set aside, the rest is the run's config. Training is tracked in MLflow with `--track`,
+or whenever MLFLOW_TRACKING_URI is set (`--no-track`: never). Bad input exits with status 2 and one
+line on stderr naming the input; nothing is written.
+
+Data-parallel training on several GPUs (or CPU processes) runs the same command under torchrun:
+    torchrun --standalone --nproc-per-node N -m pipelines.cli train --config FILE --out DIR
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import json
+import logging
 import sys
 
-from colam import cli as library_cli
+from colam.errors import ColamError
+from pipelines import analysis, compare, kubeflow
+from pipelines.arguments import config_options, params, run_log, tracking_options, training_options
 
 
 def main(argv: list[str] | None = None) -> int:
-    return library_cli.main(argv, build_parser())
+    args = build_parser().parse_args(argv)
+    try:
+        from colam.distributed import env_world
+
+        # under torchrun, rank 0 tells the story; the other ranks speak only to warn
+        logging.basicConfig(level=logging.INFO if env_world().main else logging.WARNING, format="%(message)s",
+                            stream=sys.stderr)
+        return args.func(args)
+    except ColamError as exc:
+        _say(f"colam: error: {exc}")
+        return 2
+    except KeyboardInterrupt:
+        _say("colam: interrupted; run the same command again to resume from the last completed epoch")
+        return 130
+    finally:
+        from colam import distributed
+
+        distributed.shutdown()
+
+
+def _say(line: str) -> None:
+    """One line on stderr in a single write: under torchrun every rank may say it at once, and
+    writes of a whole line to a pipe do not interleave (print writes the text and the newline apart)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = library_cli.build_parser()
-    parser.set_defaults(load_config=_load_config, run_log=_run_log)
-    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    train = commands.choices["train"]
-    train.add_argument("--track", action=argparse.BooleanOptionalAction, default=None,
-                       help="log the run to MLflow (default: when MLFLOW_TRACKING_URI is set)")
-    train.add_argument("--experiment", help="MLflow experiment (default: tracking.experiment of the params, or colam)")
-    train.add_argument("--run-name", help="MLflow run name (default: the --out folder's name)")
-
-    check = commands.add_parser("check", help="validate a params.yaml/config without training (exit 2 naming a bad key)")
-    check.add_argument("--config", required=True, help="params.yaml or a colam config")
-    check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    check.add_argument("--out", help="write a marker file here when the params are valid (the DVC gate)")
-    check.set_defaults(func=_check)
-
-    compare = commands.add_parser("compare", help="test accuracy by method and temperature over the MLflow runs")
-    from pipelines.compare import add_arguments
-
-    add_arguments(compare)
-    compare.add_argument("--params", help="take --experiment, --seeds, --methods and --temperatures from the "
-                                          "tracking and compare sections of this params.yaml")
-    compare.set_defaults(func=_compare)
-
-    from pipelines.analysis import add_arguments as analysis_arguments
-
-    analysis_arguments(commands.add_parser("analyze", help="the paper's analyses of finished runs: figures, tables, "
-                                                           "MLflow (curves, expected-accuracy, geometry, ...)"))
-
-    tracking = commands.add_parser("tracking", help="the MLflow records a run kept offline")
-    tracking_commands = tracking.add_subparsers(dest="tracking_command", required=True)
-    sync = tracking_commands.add_parser("sync", help="send the journal of a run folder (kept while the tracking "
-                                                     "store did not answer) to MLFLOW_TRACKING_URI")
-    sync.add_argument("dir", help="the run's --out folder (or its mlflow-journal folder)")
-    sync.set_defaults(func=_tracking_sync)
-
-    from pipelines.kubeflow import add_arguments as kubeflow_arguments
-
-    kubeflow_arguments(commands.add_parser("kfp", help="the Kubeflow pipeline: compile, submit, or run it here"))
+    parser = argparse.ArgumentParser(prog="colam", description="COLAM and soft-label baselines for image "
+                                                               "classification, tracked, compared and analysed")
+    commands = parser.add_subparsers(dest="command", required=True)
+    _run_commands(commands)
+    commands.add_parser("methods", help="list the training methods").set_defaults(func=_methods)
+    models = commands.add_parser("models", help="list the models with parameter counts")
+    models.add_argument("--classes", type=int, nargs="+", default=[10, 100], help="class counts to count for")
+    models.set_defaults(func=_models)
+    commands.add_parser("datasets", help="list the data sets").set_defaults(func=_datasets)
+    _pipeline_commands(commands)
     return parser
 
 
-def _load_config(args):
-    from pipelines.params import load_params
+def _run_commands(commands) -> None:
+    """train, prepare, evaluate and data get: a run and its inputs."""
+    train = commands.add_parser("train", help="train one run (resumes an interrupted run in the same --out)")
+    config_options(train)
+    train.add_argument("--out", required=True, help="output folder of the run")
+    train.add_argument("--split", help="a split written by `colam prepare` (default: draw it from data.*)")
+    train.add_argument("--stage", type=int, help="train this stage only, from --out/stage_{K-1} to --out/stage_K")
+    training_options(train)
+    tracking_options(train, "MLflow experiment (default: tracking.experiment of the params, or colam)")
+    train.add_argument("--run-name", help="MLflow run name (default: the --out folder's name)")
+    train.set_defaults(func=_train)
 
-    params = load_params(args.config, args.overrides)
-    args.params_tracking, args.params_given = params.tracking, params.given
-    return params.config
+    prepare = commands.add_parser("prepare", help="write the training/validation split and the labels training sees")
+    config_options(prepare)
+    prepare.add_argument("--out", required=True, help="folder for split.npz and split.json")
+    prepare.set_defaults(func=_prepare)
+
+    evaluate = commands.add_parser("evaluate", help="score a stage's model: accuracy, NLL, calibration, confusion")
+    config_options(evaluate)
+    evaluate.add_argument("--stage-dir", required=True, help="a stage folder of a run (model.pt, state.pt)")
+    evaluate.add_argument("--split", help="the split the run was trained on (default: draw it from data.*)")
+    evaluate.add_argument("--out", required=True, help="folder for metrics.json, history.csv, predictions.csv")
+    evaluate.set_defaults(func=_evaluate)
+
+    data = commands.add_parser("data", help="data sets as files: a checked copy for DVC to version")
+    get = data.add_subparsers(dest="data_command", required=True).add_parser(
+        "get", help="write data.name's files, checked, into --out (the folder to use as data.root)")
+    config_options(get)
+    get.add_argument("--from", dest="source", required=True,
+                     help="a folder holding the data set's original files, 'download' (torchvision's mirrors) or "
+                          "'bundled' (digits, shipped with scikit-learn)")
+    get.add_argument("--out", required=True, help="the folder to write (data/raw/NAME in the DVC pipeline)")
+    get.set_defaults(func=_data_get)
+
+
+def _pipeline_commands(commands) -> None:
+    """check, compare, analyze, tracking sync and kfp: the pipeline around the runs."""
+    check = commands.add_parser("check", help="validate a params.yaml/config without training (exit 2 naming a bad key)")
+    config_options(check, required=True, help="params.yaml or a colam config")
+    check.add_argument("--out", help="write a marker file here when the params are valid (the DVC gate)")
+    check.set_defaults(func=_check)
+
+    comparison = commands.add_parser("compare", help="test accuracy by method and temperature over the MLflow runs")
+    compare.add_arguments(comparison)
+    comparison.add_argument("--params", help="take --experiment, --seeds, --methods and --temperatures from the "
+                                             "tracking and compare sections of this params.yaml")
+    comparison.set_defaults(func=_compare)
+
+    analysis.add_arguments(commands.add_parser("analyze", help="the paper's analyses of finished runs: figures, "
+                                                               "tables, MLflow (curves, expected-accuracy, ...)"))
+
+    tracking = commands.add_parser("tracking", help="the MLflow records of a run folder")
+    sync = tracking.add_subparsers(dest="tracking_command", required=True).add_parser(
+        "sync", help="bring MLFLOW_TRACKING_URI up to what a run folder holds (what it kept while the store did not "
+                     "answer)")
+    sync.add_argument("dir", help="the run's --out folder")
+    sync.add_argument("--experiment", default="colam", help="the MLflow experiment the run is tracked in (default: "
+                                                             "colam)")
+    sync.set_defaults(func=_tracking_sync)
+
+    kubeflow.add_arguments(commands.add_parser("kfp", help="the Kubeflow pipeline: compile, submit, or run it here"))
+
+
+# ----------------------------------------------------------------------------- the commands
+
+
+def _train(args) -> int:
+    from colam import distributed
+    from colam.engine import fit, fit_stage
+
+    config = params(args).config
+    with run_log(args, args.run_name) as log:
+        if args.stage is None:
+            metrics = fit(config, args.out, run_log=log, progress=args.progress, split_dir=args.split,
+                          restart_if_changed=args.restart_if_changed)
+        else:  # a stage folder is always trained afresh unless it holds this very stage
+            metrics = fit_stage(config, args.out, args.stage, run_log=log, progress=args.progress,
+                                split_dir=args.split)
+    if distributed.current().main:  # under torchrun, once
+        print(json.dumps(metrics))
+    return 0
+
+
+def _prepare(args) -> int:
+    from colam.data import save_split
+
+    summary = save_split(params(args).config.data, args.out)
+    print(json.dumps({k: summary[k] for k in ("data", "train_samples", "val_samples", "test_samples", "noisy_labels")}))
+    return 0
+
+
+def _evaluate(args) -> int:
+    from colam.evaluation import evaluate_run
+
+    metrics = evaluate_run(params(args).config, args.stage_dir, args.out, split_dir=args.split)
+    print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)}))
+    return 0
+
+
+def _data_get(args) -> int:
+    from colam.datasets import get_data
+
+    written = get_data(params(args).config.data.name, args.source, args.out)
+    print(json.dumps({"out": args.out, "files": written}))
+    return 0
+
+
+def _methods(args) -> int:
+    from colam.methods import METHODS
+
+    for name, method in METHODS.items():
+        print(f"{name:<14} {method.summary}  [{method.paper}]")
+    return 0
+
+
+def _models(args) -> int:
+    import torch
+
+    from colam.models import MODELS, build_model, count_parameters
+
+    header = "".join(f"{f'{c} classes':>14}" for c in args.classes)
+    print(f"{'model':<18}{'input':>6}{header}")
+    for name, spec in MODELS.items():
+        with torch.device("meta"):  # counting needs shapes, not memory or initialisation time
+            counts = [count_parameters(build_model(name, c)) for c in args.classes]
+        print(f"{name:<18}{spec.input_size:>6}" + "".join(f"{n:>14,}" for n in counts))
+    return 0
+
+
+def _datasets(args) -> int:
+    from colam.datasets import DATASETS
+
+    for name, spec in DATASETS.items():
+        print(f"{name:<14} {spec.description}")
+    return 0
 
 
 def _check(args) -> int:
     from colam import io as cio
     from colam.engine import check_names
+    from pipelines.params import check_pipeline_analysis, check_pipeline_data
 
-    config = args.load_config(args)
-    check_names(config)
-    if {"analysis", "raw_data"} & set(args.params_given):
-        from pipelines.params import check_pipeline_analysis, check_pipeline_data, load_params
-
-        params = load_params(args.config, args.overrides)
-        if "raw_data" in args.params_given:
-            check_pipeline_data(params)
-        if "analysis" in args.params_given:
-            check_pipeline_analysis(params)
+    checked = params(args)
+    check_names(checked.config)
+    if "raw_data" in checked.given:
+        check_pipeline_data(checked)
+    if "analysis" in checked.given:
+        check_pipeline_analysis(checked)
     if args.out:
         # Constant content: a valid change of params.yaml leaves this file as it was, so the stages
         # after the gate re-run only for the keys they declare themselves.
@@ -96,52 +230,32 @@ def _check(args) -> int:
     return 0
 
 
-def _run_log(args, config):
-    from contextlib import nullcontext
-
-    from colam.distributed import env_world
-
-    track = args.track if args.track is not None else bool(os.environ.get("MLFLOW_TRACKING_URI"))
-    if not track or not env_world().main:  # under torchrun, rank 0 alone reports
-        return nullcontext(None)
-    from pipelines.tracking import open_run_log
-
-    experiment = args.experiment or args.params_tracking.experiment
-    return open_run_log(experiment, args.out, run_name=args.run_name)
-
-
 def _tracking_sync(args) -> int:
     from pipelines.tracking import sync
 
-    print(sync(args.dir))
+    print(sync(args.dir, args.experiment))
     return 0
 
 
 def _compare(args) -> int:
-    from pipelines.compare import run
     from pipelines.tracking import connect
 
     if args.params:
-        from pipelines.params import load_params
-
+        from pipelines.params import load_params, pipeline_variants
         from pipelines.tracking import protocol_digest
 
-        params = load_params(args.params)
-        args.experiment = args.experiment or params.tracking.experiment
-        args.protocol = args.protocol or protocol_digest(params.config)
-        args.seeds = args.seeds or params.compare.seeds
-        args.methods = args.methods or [*params.compare.baselines, "colam"]
-        args.temperatures = args.temperatures or params.compare.temperatures
+        given = load_params(args.params)
+        args.experiment = args.experiment or given.tracking.experiment
+        args.protocol = args.protocol or protocol_digest(given.config)
+        args.seeds = args.seeds or given.compare.seeds
+        args.methods = args.methods or [*given.compare.baselines, "colam"]
+        args.temperatures = args.temperatures or given.compare.temperatures
         # the methods' settings of params.yaml: other runs in the experiment (the analyses' grid
         # cells, earlier settings) are left out
-        from pipelines.params import pipeline_variants
-
-        args.variants = pipeline_variants(params, args.methods)
+        args.variants = pipeline_variants(given, args.methods)
     if not args.experiment:
-        from colam.errors import ColamError
-
         raise ColamError("--experiment: name the MLflow experiment to compare (or give --params)")
-    return run(args, connect())
+    return compare.run(args, connect())
 
 
 if __name__ == "__main__":

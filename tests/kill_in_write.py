@@ -27,7 +27,7 @@ def main() -> None:
         return real_replace(src, dst, *args, **kwargs)
 
     os.replace = replace
-    from colam.cli import main as colam
+    from pipelines.cli import main as colam
 
     sys.exit(colam(argv))
 

@@ -1,19 +1,22 @@
 """The `colam` console script: listings, a real run, and bad input (exit 2, one line, nothing written)."""
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
-from colam.cli import main
 from colam.methods import METHODS
 from colam.models import list_models
+from pipelines.cli import main
 from tests.conftest import TINY
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "colam.cli", *args], capture_output=True, text=True)
+    """The `colam` command in a process of its own, untracked (MLFLOW_TRACKING_URI unset)."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True, env=env)
 
 
 def test_methods_lists_every_registered_method(capsys):
@@ -99,3 +102,15 @@ def test_out_that_is_a_file_and_unreadable_config_are_refused(tmp_path, capsys):
     binary.write_bytes(b"\xff\xfe\x00bad")
     assert main(["train", "--config", str(binary), "--out", str(tmp_path / "run")]) == 2
     assert "--config: cannot read" in capsys.readouterr().err
+
+
+def test_one_command_and_no_argparse_internals():
+    """`colam` is pipelines.cli alone: the library has no command line of its own."""
+    import importlib.util
+    from pathlib import Path
+
+    assert importlib.util.find_spec("colam.cli") is None and importlib.util.find_spec("colam.__main__") is None
+    root = Path(__file__).resolve().parent.parent
+    for path in [*root.joinpath("colam").rglob("*.py"), *root.joinpath("pipelines").rglob("*.py")]:
+        text = path.read_text()
+        assert "_SubParsersAction" not in text and "._actions" not in text and ".choices[" not in text, path

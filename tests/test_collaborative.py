@@ -20,6 +20,7 @@ from colam.methods.collaborative import (
     scale_grad,
 )
 from colam.models import build_model, count_parameters
+from colam.models.split import Splitter
 from tests.conftest import TINY
 from tests.test_engine import Interrupt, read_history
 
@@ -166,6 +167,23 @@ def test_residual_networks_split_between_blocks_at_the_last_stages(name, options
     model.eval()
     with torch.no_grad():
         assert torch.allclose(model.forward_all(x)[0], model(x), atol=1e-5)
+
+
+def test_the_splitter_cuts_a_network_into_segments_that_run_as_the_network():
+    net = plain()
+    splitter = Splitter(net, "small_cnn", 8)
+    positions = splitter.automatic(2)
+    assert [splitter.describe(p) for p in positions] == ["features.3", "features.6"]
+    assert len(splitter.automatic(3)) < 3  # as many as the network has, no more
+    segments = splitter.segments(net, positions)
+    assert len(segments) == 3
+    x = torch.randn(4, 1, 8, 8)
+    net.eval()
+    with torch.no_grad():
+        y = x
+        for segment in segments:
+            y = segment(y)
+        assert torch.equal(y, net(x))
 
 
 def test_a_network_that_cannot_be_split_is_refused_naming_the_model():

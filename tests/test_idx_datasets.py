@@ -194,7 +194,7 @@ def test_data_get_refuses_a_source_it_cannot_take(tmp_path, name, source, messag
 
 
 def test_data_get_command_line_is_one_line_and_exit_2(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "colam.cli", "data", "get", "--set", "data.name=mnist",
+    result = subprocess.run([sys.executable, "-m", "pipelines.cli", "data", "get", "--set", "data.name=mnist",
                              "--from", str(tmp_path), "--out", str(tmp_path / "out")],
                             capture_output=True, text=True)
     assert result.returncode == 2

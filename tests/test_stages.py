@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from colam.cli import main
+from pipelines.cli import main
 from colam.config import load_config
 from colam.data import Split, build_data, draw_split, save_split
 from colam.datasets import build_raw_data
-from colam.engine import fit, fit_stage, load_stage_state, run_identity
+from colam.engine import fit, fit_stage
+from colam.run_folder import load_stage_state, run_identity
 from colam.errors import ColamError
 from tests.conftest import TINY
 

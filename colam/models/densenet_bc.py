@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from colam.models import Classifier, check_dropout, check_int_option, kaiming_init, register_model
+from colam.models.registry import Classifier, check_dropout, check_int_option, kaiming_init, register_model
 
 PAPER = 'Huang et al. 2017, "Densely Connected Convolutional Networks" (CVPR), arXiv:1608.06993'
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from colam.models import Classifier, kaiming_init, register_model
+from colam.models.registry import Classifier, kaiming_init, register_model
 
 PAPER = 'He et al. 2016, "Identity Mappings in Deep Residual Networks" (ECCV), arXiv:1603.05027'
 

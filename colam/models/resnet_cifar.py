@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from colam.models import Classifier, kaiming_init, register_model
+from colam.models.registry import Classifier, kaiming_init, register_model
 
 PAPER = 'He et al. 2016, "Deep Residual Learning for Image Recognition" (CVPR), arXiv:1512.03385'
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from colam.models import Classifier, kaiming_init, register_model
+from colam.models.registry import Classifier, kaiming_init, register_model
 
 PAPER = 'Xie et al. 2017, "Aggregated Residual Transformations for Deep Neural Networks" (CVPR), arXiv:1611.05431'
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from colam.models import Classifier, check_dropout, check_int_option, kaiming_init, register_model
+from colam.models.registry import Classifier, check_dropout, check_int_option, kaiming_init, register_model
 
 
 def _conv_bn_relu(in_planes: int, out_planes: int) -> list[nn.Module]:

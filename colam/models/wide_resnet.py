@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from colam.models import (
+from colam.models.registry import (
     Classifier,
     check_dropout,
     check_int_option,

@@ -1,0 +1,141 @@
+"""The registry of models (`register_model`, `build_model`) and the helpers the family modules share."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from colam.errors import ColamError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registered architecture and the size its paper reports."""
+
+    name: str
+    builder: Callable[..., nn.Module]
+    input_size: int  # side of the square input it was designed for: 32 CIFAR, 224 ImageNet, 8 digits
+    paper: str
+    published_params: dict[int, float]  # num_classes -> parameter count as published
+    published_precision: float  # how far the exact count may be from the published figure
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The builder's options and their defaults."""
+        return _builder_options(self.builder)
+
+
+MODELS: dict[str, ModelSpec] = {}
+
+# Arguments every builder takes; everything else in its signature is an option.
+_FIXED_ARGS = ("num_classes", "in_channels")
+
+
+def register_model(
+    name: str,
+    *,
+    input_size: int,
+    paper: str,
+    published_params: dict[int, float],
+    published_precision: float,
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator registering ``builder(num_classes, in_channels, **options)`` as ``name``."""
+
+    def decorator(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in MODELS:
+            raise ValueError(f"model {name!r} is registered twice")
+        MODELS[name] = ModelSpec(
+            name, builder, input_size, paper, dict(published_params), published_precision
+        )
+        return builder
+
+    return decorator
+
+
+def list_models() -> list[str]:
+    return sorted(MODELS)
+
+
+def build_model(name: str, num_classes: int, in_channels: int = 3, **options: Any) -> nn.Module:
+    """Build registered model ``name``; raises ColamError naming the offending input."""
+    if name not in MODELS:
+        raise ColamError(f"model.name: unknown model {name!r}; choose one of: {', '.join(list_models())}")
+    spec = MODELS[name]
+    accepted = _builder_options(spec.builder)
+    for key in options:
+        if key not in accepted:
+            listed = ", ".join(accepted) or "none"
+            raise ColamError(f"model.options.{key}: not an option of model {name!r} (accepted: {listed})")
+    _require_int("model.num_classes", num_classes, minimum=1)
+    _require_int("model.in_channels", in_channels, minimum=1)
+    return spec.builder(num_classes=num_classes, in_channels=in_channels, **options)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters (shared parameters counted once)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def model_size(name: str, num_classes: int, in_channels: int = 3, **options: Any) -> int:
+    """Trainable parameter count of a registered model, built on the meta device (no memory, fast)."""
+    with torch.device("meta"):
+        return count_parameters(build_model(name, num_classes, in_channels, **options))
+
+
+# ---------------------------------------------------------------------------------------
+# Helpers shared by the family modules.
+
+
+class Classifier(nn.Module):
+    """Base class fixing the contract ``forward(x) == fc(forward_features(x))``."""
+
+    fc: nn.Linear
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.forward_features(x))
+
+
+def kaiming_init(model: nn.Module) -> None:
+    """He-normal (fan_out) convolutions, unit BN, zero biases: the init the reference codes use."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
+
+
+def option_error(key: str, message: str) -> ColamError:
+    return ColamError(f"model.options.{key}: {message}")
+
+
+def check_int_option(key: str, value: Any, minimum: int = 1) -> int:
+    _require_int(f"model.options.{key}", value, minimum)
+    return value
+
+
+def check_dropout(value: Any, key: str = "dropout") -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise option_error(key, f"must be a probability in [0, 1), got {value!r}")
+    return float(value)
+
+
+def _require_int(key: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ColamError(f"{key}: must be an integer >= {minimum}, got {value!r}")
+
+
+def _builder_options(builder: Callable[..., nn.Module]) -> dict[str, Any]:
+    params = inspect.signature(builder).parameters.values()
+    return {p.name: p.default for p in params if p.name not in _FIXED_ARGS}
