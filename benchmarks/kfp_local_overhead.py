@@ -68,7 +68,7 @@ def main() -> int:
             metrics[name] = json.loads(result.stdout.strip().splitlines()[-1])
     shutil.rmtree(work, ignore_errors=True)
     train_acc = metrics["colam train"]["test_acc"]
-    print(f"config: {args.params.name}, {stages} stages x {config.method.colam.epochs_per_stage} epochs, "
+    print(f"config: {args.params.name}, {stages} stages x {config.train.epochs // stages} epochs, "
           f"{config.method.name}, {config.data.name}/{config.model.name}; {args.repeats} runs each, alternating")
     for name, values in times.items():
         print(f"  {name:<12} median {statistics.median(values):7.1f} s   (min {min(values):.1f}, max {max(values):.1f})")

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from colam.config import MetaConfig  # noqa: E402
+from colam.methods.meta import MetaSettings  # noqa: E402
 from colam.methods.meta import TopKLabelStore  # noqa: E402
 
 IMAGENET_TRAIN, IMAGENET_CLASSES = 1_281_167, 1000
@@ -29,7 +29,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=IMAGENET_TRAIN)
     parser.add_argument("--classes", type=int, default=IMAGENET_CLASSES)
-    parser.add_argument("--top-k", type=int, default=MetaConfig().top_k)
+    parser.add_argument("--top-k", type=int, default=MetaSettings().top_k)
     parser.add_argument("--batch", type=int, default=256)
     args = parser.parse_args()
     n, c, k = args.samples, args.classes, min(args.top_k, args.classes)

@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+import docs_tables
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import colam.engine  # noqa: E402
@@ -353,7 +355,11 @@ def main(argv: list[str] | None = None) -> dict:
                                                           "looked up by device name)")
     parser.add_argument("--d-on-cpu", action="store_true", help="run (d) on the CPU (a smoke test, not a figure)")
     parser.add_argument("--json", type=Path, default=Path("runs/benchmarks/speed.json"))
+    parser.add_argument("--docs", action="store_true", help="also write the table into the docs, between "
+                                                            "<!-- table:speed --> markers")
     args = parser.parse_args(argv)
+    if args.docs:
+        docs_tables.check_table("speed")
 
     report = {"machine": machine(), **method_costs(args)}
     if torch.cuda.is_available() or args.d_on_cpu:
@@ -361,10 +367,11 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         report["d_note"] = "no GPU on this machine"
     text = table(report)
-    print(f"machine: {report['machine']}")
-    print(f"(a)-(c): {report['config']}, {report['epochs']} epochs, {report['train_samples']} training images, "
-          f"median of {report['repeats']} interleaved runs each")
-    print(text)
+    intro = (f"machine: {report['machine']}\n(a)-(c): {report['config']}, {report['epochs']} epochs, "
+             f"{report['train_samples']} training images, median of {report['repeats']} interleaved runs each")
+    print(intro + "\n" + text)
+    if args.docs:
+        docs_tables.write_table("speed", intro.replace("\n", "\n\n") + "\n\n" + text)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({**report, "table": text}, indent=2))
     print(f"written: {args.json}")

@@ -3,7 +3,9 @@
 Config is data, not a program: every section is a dataclass, every key has a type and a
 one-line reason, and `load_config` refuses unknown keys, wrong types and out-of-range values
 with a `ColamError` naming the key. The defaults are the paper's CIFAR settings (COLAM,
-Sec. 4.2): SGD, momentum 0.9, weight decay 1e-4, lr 0.1, batch 64, 160 epochs.
+Sec. 4.2): SGD, momentum 0.9, weight decay 1e-4, lr 0.1, batch 64, 160 epochs. The `method`
+section is built from the method registry: `method.<name>` is the `settings` class that the
+method's file in colam/methods/ declares.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 import yaml
 
 from colam.errors import ColamError, require
+from colam.methods import METHODS
 
 
 @dataclass
@@ -61,120 +64,17 @@ class TrainConfig:
     # (CIFAR, digits; colam.feed); auto: on CUDA when the data set has a tensor form; false: DataLoader
 
 
-@dataclass
-class HLConfig:
-    """Hard-label cross-entropy has no settings; the empty section gives every method one to name."""
+def method_section(methods: dict) -> type:
+    """The `method` section: `name` and one section per registered method, of its `settings` class
+    (colam.methods.METHODS), so that a method's file alone adds its section."""
+    section = dataclasses.make_dataclass("MethodConfig", [
+        ("name", str, field(default="colam")),  # a registered method (`colam methods`)
+        *((name, method.settings, field(default_factory=method.settings)) for name, method in methods.items())])
+    section.__module__ = __name__
+    return section
 
 
-@dataclass
-class LSConfig:
-    eps: float = 0.1  # Szegedy et al. 2016, Eq. 1 of the COLAM paper
-    convention: str = "C"  # "C": eps/C to every class (torch's label_smoothing); "C-1": eps/(C-1) to wrong classes
-
-
-@dataclass
-class CPConfig:
-    beta: float = 0.1  # weight of the entropy bonus (Pereyra et al. 2017)
-
-
-@dataclass
-class DisturbLabelConfig:
-    alpha: float = 0.1  # probability that a sample's label is redrawn uniformly (Xie et al. 2016)
-
-
-@dataclass
-class ColamConfig:
-    stages: int = 4  # m; stage 1 uses hard labels
-    epochs_per_stage: int = 40  # t; m * t must equal train.epochs
-    temperature: float = 2.0  # T of Eq. 4 and of the soft-label softmax; the paper recommends 1..2
-    peers: int | str = "all"  # "all": one soft label per class; k: each sample averages k random same-class peers
-    aggregation: str = "logits"  # average logits (the paper) or probabilities over the peers
-    estimation: str = "pass"  # pass: a forward pass over the training set at each stage end (Algorithm 1);
-    # online: the training logits of each stage's last epoch, summed as they are computed (no extra pass)
-    stage1_loss: str = "ce"  # ce: plain cross-entropy on the hard labels (hard-label SGD, as Fig. 1a reads stage 1);
-    # tempered: H(y, softmax(z / T)), Algorithm 1 line 5 as written (with T != 1 it changes the first soft labels)
-    peer_labels: str = "sample"  # with peers: k, sample: every sample its own label from k random same-class peers
-    # (N x C); class: one label per class from k random peers of the class (C x C, Sec. 3.3's reading)
-    guard: str = "anchor"  # a stage-end label row whose own class is not its largest entry (a collapsed snapshot):
-    # anchor: half the row, half the hard label (chosen on Fashion-MNIST's validation split, README "Real data");
-    # keep: the row of the labels before (the hard label after stage 1); none: kept (Algorithm 1 as written).
-    # Rows that favour their class are never changed; every collapsed row is counted in the stage's metrics
-
-
-# --- CSKD (block owned by colam/methods/cskd.py)
-@dataclass
-class CSKDConfig:
-    temperature: float = 4.0  # T of the KL between a same-class partner's and the sample's outputs (Yun et al. 2020)
-    lam: float = 1.0  # lambda_cls: weight of the class-wise distillation term
-
-
-# --- OLS (block owned by colam/methods/ols.py)
-@dataclass
-class OLSConfig:
-    alpha: float = 0.5  # weight of the hard-label loss; 1 - alpha on the online soft labels (Zhang et al. 2021)
-    # (the soft labels start at zero: the first epoch trains on alpha * CE alone, as in the public implementations)
-
-
-# --- Refinery (block owned by colam/methods/refinery.py)
-@dataclass
-class RefineryConfig:
-    generations: int = 2  # a model on hard labels, then generations - 1 students on the refiner's outputs
-    epochs_per_generation: int | None = None  # None: train.epochs / generations; the paper gives each generation
-    # a full budget, i.e. train.epochs = generations x a baseline's epochs (2x its cost for 2 generations);
-    # generations * epochs_per_generation must equal train.epochs. The lr schedule restarts with each generation
-
-
-# --- Collaborative (block owned by colam/methods/collaborative.py)
-@dataclass
-class CollaborativeConfig:
-    heads: int = 4  # classifier heads, a power of 2: log2(heads) binary splits (hierarchical ILR sharing)
-    temperature: float = 2.0  # T of the heads' consensus soft targets (Song & Chai 2018; the paper uses 2)
-    beta: float = 0.5  # the paper's beta: weight of the hard-label term; 1 - beta on the consensus term
-    split: list[str] = field(default_factory=list)  # where the copies start, one module per split, outermost
-    # first (e.g. [layers.4, layers.6]); empty: the starts of the last log2(heads) resolution stages
-
-
-# --- Meta (block owned by colam/methods/meta.py)
-@dataclass
-class MetaConfig:
-    labels: str = "class"  # class: a learnable C x C matrix; instance: learnable N x C rows (top-k sparse)
-    meta_lr: float | None = None  # beta, the labels' projected meta-gradient step; null: 0.1 class, 100 instance
-    top_k: int = 10  # instance labels: entries kept per row (at most C); host memory N * top_k * 6 bytes
-    held_out: float = 0.5  # fraction of each batch held out for the meta loss on the given hard labels
-    init_smoothing: float = 0.0  # labels start as (1 - eps) one-hot + eps / C; 0 starts from one-hot
-    lookahead_lr: float | None = None  # alpha of theta' = theta - alpha grad; null: the epoch's train.lr
-
-
-# --- KD (block owned by colam/methods/kd.py)
-@dataclass
-class KDConfig:
-    teacher: str = ""  # a finished run folder (its final model) or a soft_labels.npy (C x C) to distil from
-    temperature: float = 4.0  # T of the softened teacher and student outputs (Hinton et al. 2015)
-    alpha: float = 0.9  # weight of the distillation term; 1 - alpha on the hard labels
-
-
-# --- Fixed soft labels (colam/methods/fixed.py)
-@dataclass
-class FixedConfig:
-    labels: str = ""  # a C x C soft-label file (COLAM's stage_K/soft_labels.npy) trained on for the whole run
-    temperature: float = 1.0  # T dividing the logits, as in COLAM's Eq. 4: the T the labels were estimated with
-
-
-@dataclass
-class MethodConfig:
-    name: str = "colam"  # a registered method (`colam methods`)
-    hl: HLConfig = field(default_factory=HLConfig)
-    ls: LSConfig = field(default_factory=LSConfig)
-    cp: CPConfig = field(default_factory=CPConfig)
-    disturblabel: DisturbLabelConfig = field(default_factory=DisturbLabelConfig)
-    colam: ColamConfig = field(default_factory=ColamConfig)
-    cskd: CSKDConfig = field(default_factory=CSKDConfig)
-    ols: OLSConfig = field(default_factory=OLSConfig)
-    refinery: RefineryConfig = field(default_factory=RefineryConfig)
-    collaborative: CollaborativeConfig = field(default_factory=CollaborativeConfig)
-    meta: MetaConfig = field(default_factory=MetaConfig)
-    kd: KDConfig = field(default_factory=KDConfig)
-    fixed: FixedConfig = field(default_factory=FixedConfig)
+MethodConfig = method_section(METHODS)
 
 
 @dataclass
@@ -329,9 +229,6 @@ def _scalar(hint: type, value: Any, key: str) -> Any:
 
 def validate(config: Config) -> None:
     """Range checks that need no data or model; the rest is checked when those are built."""
-    # Imported here: the registries import this module's dataclasses.
-    from colam.methods import METHODS
-
     d, t, m = config.data, config.train, config.method
     require(0 <= config.seed < 2**32, "seed", config.seed, "must be in [0, 2**32)")
     require(m.name in METHODS, "method.name", m.name, f"unknown method; choose one of: {', '.join(METHODS)}")

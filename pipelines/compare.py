@@ -2,8 +2,9 @@
 
 Reads the parent runs that the MLflow adapter logs (tags `colam.role`, `colam.method`,
 `colam.variant`, `colam.temperature`, `colam.seed`, `colam.protocol`; metrics `test_acc`,
-`val_acc`), keeps one protocol and the latest run per (variant, temperature, seed), and
-writes `table.md`, `summary.json`, `metrics.json` (flat, for `dvc metrics`) and `accuracy_vs_temperature.png`.
+`val_acc`; T is the run's own method's, its logged `method.<name>.temperature`), keeps one
+protocol and the latest run per (variant, temperature, seed), and writes `table.md`,
+`summary.json`, `metrics.json` (flat, for `dvc metrics`) and `accuracy_vs_temperature.png`.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def collect(client: mlflow.MlflowClient, experiment: str, *, protocol: str | Non
                          f"{_redact(client.tracking_uri)!r}")
     filters = {"protocol": protocol, "seeds": seeds, "methods": methods, "temperatures": temperatures}
     runs = [r for r in _finished_parents(client, exp.experiment_id)
-            if _selected(r.data.tags, seeds, methods, temperatures)
+            if _selected(r, seeds, methods, temperatures)
             and (variants is None or _key(r)[1] in variants)]
     if protocol is None and runs:
         protocol = max(runs, key=lambda r: r.info.start_time).data.tags.get("colam.protocol", "")
@@ -200,8 +201,8 @@ def _finished_parents(client: mlflow.MlflowClient, experiment_id: str) -> list:
             return runs
 
 
-def _selected(tags: dict[str, str], seeds, methods, temperatures) -> bool:
-    t = _temperature(tags)
+def _selected(run, seeds, methods, temperatures) -> bool:
+    tags, t = run.data.tags, _temperature(run)
     return ((seeds is None or _seed(tags) in seeds)
             and (methods is None or tags.get("colam.method") in methods)
             and (temperatures is None or t is None or t in temperatures))
@@ -209,10 +210,17 @@ def _selected(tags: dict[str, str], seeds, methods, temperatures) -> bool:
 
 def _key(run) -> tuple[str, str, float | None]:
     tags = run.data.tags
-    return tags.get("colam.method", ""), tags.get("colam.variant", tags.get("colam.method", "")), _temperature(tags)
+    return tags.get("colam.method", ""), tags.get("colam.variant", tags.get("colam.method", "")), _temperature(run)
 
 
-def _temperature(tags: dict[str, str]) -> float | None:
+def _temperature(run) -> float | None:
+    """The T of the run's own method (a headline setting, `Method.headline`): its logged config's
+    `method.<name>.temperature`, else the `colam.temperature` tag (a kd run tracked before issue 17
+    was tagged with COLAM's T); None for a method without one."""
+    tags, params = run.data.tags, run.data.params
+    key = f"method.{tags.get('colam.method')}.temperature"
+    if key in params:
+        return _number(params, key, float, tags)
     return None if "colam.temperature" not in tags else _number(tags, "colam.temperature", float)
 
 
@@ -220,11 +228,13 @@ def _seed(tags: dict[str, str]) -> int:
     return _number(tags, "colam.seed", int)
 
 
-def _number(tags: dict[str, str], key: str, kind: Callable):
+def _number(values: dict[str, str], key: str, kind: Callable, tags: dict[str, str] | None = None):
+    tags = values if tags is None else tags
     try:
-        return kind(tags[key])
+        return kind(values[key])
     except (KeyError, ValueError):
-        raise ColamError(f"--experiment: a run has tag {key}={tags.get(key)!r}, expected a number "
+        what = "tag" if values is tags else "parameter"
+        raise ColamError(f"--experiment: a run has {what} {key}={values.get(key)!r}, expected a number "
                          f"(run name {tags.get('mlflow.runName')!r})") from None
 
 

@@ -8,7 +8,8 @@
 m is fixed when the pipeline is compiled (Kubeflow unrolls nothing at run time: the loop runs
 here, one train and one estimate task per stage, each stage consuming the previous one's
 checkpoint and soft labels). The method, model, data set, t, T, seed and the whole run config
-are run parameters, with params.yaml's values as their defaults.
+are run parameters, with params.yaml's values as their defaults; T is that of the method trained
+(colam, kd, cskd, ...: its `temperature`), ignored by a method without one.
 
 On the cluster the train and estimate tasks ask for a GPU and land on GPU nodes; every task
 reads the S3 keys from the Secret `colam-credentials` and the MLflow/S3 endpoints from the
@@ -100,8 +101,8 @@ def build_pipeline(stages: int, defaults: dict, experiment: str, image: str | No
                   description=f"COLAM (and baselines) in {stages} stages: prepare, then train and estimate soft "
                               f"labels {stages} times, then evaluate; every step tracked in MLflow")
     def colam_pipeline(method: str = config.method.name, model: str = config.model.name,
-                       dataset: str = config.data.name, epochs_per_stage: int = config.method.colam.epochs_per_stage,
-                       temperature: float = config.method.colam.temperature, seed: int = config.seed,
+                       dataset: str = config.data.name, epochs_per_stage: int = config.train.epochs // stages,
+                       temperature: float = default_temperature(config), seed: int = config.seed,
                        config: str = defaults, mlflow_experiment: str = experiment) -> Outputs:
         prepared = environment(parts.prepare(
             config=config, stages=stages, method=method, model=model, dataset=dataset,
@@ -269,7 +270,17 @@ def headline_arguments(config_file: str) -> dict:
     config = load_params(config_file).config
     return {"config": json.dumps(config.to_dict()), "method": config.method.name, "model": config.model.name,
             "dataset": config.data.name, "epochs_per_stage": config.method.colam.epochs_per_stage,
-            "temperature": config.method.colam.temperature, "seed": config.seed}
+            "temperature": default_temperature(config), "seed": config.seed}
+
+
+def default_temperature(config) -> float:
+    """The `temperature` parameter's default: the T of the config's method, else of the first
+    registered method that has one (COLAM's). The parameter sets the T of whichever method a run
+    trains, when that method has one (colam.steps.step_config)."""
+    from colam.methods import METHODS
+
+    method = next(m for m in (METHODS[config.method.name], *METHODS.values()) if "temperature" in m.headline)
+    return method.headline_values(config)["temperature"]
 
 
 def _submit(args) -> int:

@@ -220,3 +220,39 @@ def test_an_interrupted_write_keeps_the_previous_files_whole(client, exp, tmp_pa
     with pytest.raises(KeyboardInterrupt):
         compare.write(c, tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_the_logged_temperature_of_the_runs_own_method_wins_over_the_tag(client, exp):
+    name, add = exp
+    client.log_param(add("kd", 0, 0.8, T=2, variant="kd(alpha=0.9)"), "method.kd.temperature", "8.0")
+    assert [(row.variant, row.temperature) for row in compare.collect(client, name).rows] == [("kd(alpha=0.9)", 8.0)]
+    client.log_param(add("kd", 1, 0.8, T=2), "method.kd.temperature", "hot")
+    with pytest.raises(ColamError, match=r"^--experiment: a run has parameter method.kd.temperature='hot', expected a "
+                                         r"number"):
+        compare.collect(client, name)
+
+
+def test_two_kd_runs_of_one_seed_at_two_temperatures_are_two_rows(client, tmp_path, monkeypatch):
+    """Tracked by `colam train --track` as a user would: each run keyed by its own method's T (issue 17:
+    they were both tagged with COLAM's T, so one silently replaced the other)."""
+    import yaml
+
+    from colam.config import load_config
+    from pipelines import cli
+    from tests.conftest import TINY
+
+    teacher = tmp_path / "teacher.npy"
+    np.save(teacher, np.full((10, 10), 0.1 / 9) + np.eye(10) * (0.9 - 0.1 / 9))  # the digits' 10 classes
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", client.tracking_uri)
+    for t in (4, 8):
+        config = load_config(None, TINY + ["train.epochs=1", "method.name=kd", f"method.kd.teacher={teacher}",
+                                           f"method.kd.temperature={t}"])
+        (tmp_path / "kd.yaml").write_text(yaml.safe_dump(config.to_dict()))
+        assert cli.main(["train", "--config", str(tmp_path / "kd.yaml"), "--out", str(tmp_path / f"kd-T{t}"),
+                         "--track", "--experiment", "kd-temperatures"]) == 0
+
+    comparison = compare.collect(client, "kd-temperatures")
+    assert [(row.method, row.temperature, row.n) for row in comparison.rows] == [("kd", 4.0, 1), ("kd", 8.0, 1)]
+    assert (comparison.runs_used, comparison.replaced_runs) == (2, 0)
+    table = compare.format_table(comparison)
+    assert "| 4 |" in table and "| 8 |" in table and "replaced" not in table

@@ -115,13 +115,13 @@ def tracked(tmp_path_factory):
 
 
 def test_prepare_resolves_the_headline_parameters_and_writes_the_split(tmp_path):
-    text, split = run_prepare(tmp_path, stages=3, epochs_per_stage=2, method="ls", temperature=0.5, seed=7)
+    text, split = run_prepare(tmp_path, stages=3, epochs_per_stage=2, method="cskd", temperature=0.5, seed=7)
     config = json.loads(text)
-    assert config["method"]["name"] == "ls"
+    assert config["method"]["name"] == "cskd"
     assert config["model"]["name"] == "small_cnn"
     assert config["data"]["name"] == "digits"
     assert config["seed"] == 7
-    assert config["method"]["colam"]["temperature"] == 0.5
+    assert config["method"]["cskd"]["temperature"] == 0.5  # T of the method trained, not COLAM's (issue 17)
     assert config["method"]["colam"]["stages"] == 3
     assert config["method"]["colam"]["epochs_per_stage"] == 2
     assert config["train"]["epochs"] == 3 * 2

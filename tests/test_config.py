@@ -82,3 +82,61 @@ def test_bad_files(tmp_path):
 def test_shipped_configs_are_valid(path):
     config = load_config(path)
     assert config.method.name in ("hl", "ls", "cp", "disturblabel", "colam")
+
+
+def test_the_method_section_is_the_registry():
+    """`method` holds `name` and one section per registered method, of the method's own settings class."""
+    import dataclasses
+
+    from colam.config import MethodConfig
+    from colam.methods import METHODS
+
+    fields = dataclasses.fields(MethodConfig)
+    assert [f.name for f in fields] == ["name", *METHODS]
+    assert {f.name: f.type for f in fields[1:]} == {name: method.settings for name, method in METHODS.items()}
+    config = load_config()
+    for name, method in METHODS.items():
+        assert getattr(config.method, name) == method.settings(), name
+
+
+def test_a_new_methods_settings_become_a_typed_section_without_editing_config():
+    """A method file alone adds its section: checked on the builder with a registry that has one more method."""
+    from dataclasses import dataclass
+
+    from colam.config import build_section, method_section
+    from colam.methods import METHODS, Method
+
+    @dataclass
+    class ToySettings:
+        rate: float = 0.5
+        tags: list[str] | None = None
+
+    class Toy(Method):
+        name = "toy"
+        settings = ToySettings
+
+    section = method_section({**METHODS, "toy": Toy})
+    assert section().toy == ToySettings() and section().colam == METHODS["colam"].settings()
+    built = build_section(section, {"name": "toy", "toy": {"rate": 2, "tags": ["a"]}}, "method.")
+    assert (built.name, built.toy.rate, built.toy.tags) == ("toy", 2.0, ["a"])
+    for raw, message in [({"toy": {"rate": "fast"}}, "method.toy.rate: expected float"),
+                         ({"toy": {"rat": 1.0}}, "method.toy.rat: unknown key"),
+                         ({"toy": 3}, "method.toy: expected a section"),
+                         ({"toy": {"tags": [1]}}, r"method.toy.tags: expected list or null")]:
+        with pytest.raises(ColamError, match="^" + message):
+            build_section(section, raw, "method.")
+
+
+@pytest.mark.parametrize("first, second", [("colam.config", "colam.methods"), ("colam.methods", "colam.config"),
+                                           ("colam.runs", "colam.methods.kd")])
+def test_config_and_the_method_registry_import_in_either_order(first, second):
+    """colam.config builds its method section from colam.methods (kd's colam.runs imports colam.config):
+    in a fresh interpreter, neither may need the other half-imported."""
+    import subprocess
+    import sys
+
+    code = (f"import {first}, {second}; from colam.config import load_config; "
+            f"print(load_config(None, ['method.name=cskd', 'method.cskd.temperature=3']).method.cskd.temperature)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parent.parent)
+    assert result.returncode == 0 and result.stdout == "3.0\n", result.stderr

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from colam.engine import fit
+from colam.errors import ColamError
 from colam.steps import step_config
 from pipelines import kubeflow
 from pipelines.cli import main
@@ -142,6 +143,33 @@ def test_package_chains_m_train_tasks_in_sequence(package):
     assert spec["pipelineInfo"]["name"] == "colam-3-stages"
     assert set(spec["root"]["inputDefinitions"]["parameters"]) == {
         "method", "model", "dataset", "epochs_per_stage", "temperature", "seed", "config", "mlflow_experiment"}
+
+
+def test_temperature_parameter_reaches_every_method_that_has_one(package, tmp_path):
+    """The `temperature` parameter feeds prepare, whose step config gives it to the method trained when
+    that method has a T (issue 17: it reached COLAM alone; a cskd run kept its own T silently)."""
+    _, spec, _ = package
+    prepare = spec["root"]["dag"]["tasks"]["prepare"]["inputs"]["parameters"]
+    assert prepare["temperature"]["componentInputParameter"] == "temperature"
+    default = spec["root"]["inputDefinitions"]["parameters"]["config"]["defaultValue"]
+    colam_t = load_params(PARAMS).config.method.colam.temperature
+    assert spec["root"]["inputDefinitions"]["parameters"]["temperature"]["defaultValue"] == colam_t
+    for method in ("cskd", "colam"):
+        assert getattr(step_config(default, steps=3, method=method, temperature=8.0).method, method).temperature == 8.0
+    assert step_config(default, steps=3, method="cskd", temperature=8.0).method.colam.temperature == colam_t
+    assert step_config(default, steps=3, method="hl", temperature=8.0).to_dict() == \
+        step_config(default, steps=3, method="hl").to_dict()  # hl has no T: nothing changes
+    with pytest.raises(ColamError, match=r"^method\.cskd\.temperature: must be > 0"):
+        kubeflow.package_arguments(spec, ["method=cskd", "temperature=0"])
+    params = yaml.safe_load(PARAMS.read_text())
+    params["method"].update(name="cskd", cskd={"temperature": 3.0})
+    (tmp_path / "cskd.yaml").write_text(yaml.safe_dump(params))
+    assert kubeflow.headline_arguments(str(tmp_path / "cskd.yaml"))["temperature"] == 3.0
+    assert kubeflow.default_temperature(load_params(tmp_path / "cskd.yaml").config) == 3.0
+    params["method"]["name"] = "hl"  # no T of its own: the parameter's default is COLAM's
+    (tmp_path / "hl.yaml").write_text(yaml.safe_dump(params))
+    assert kubeflow.headline_arguments(str(tmp_path / "hl.yaml"))["temperature"] == colam_t
+    assert kubeflow.default_temperature(load_params(tmp_path / "hl.yaml").config) == colam_t
 
 
 def test_package_asks_for_gpus_only_for_training_and_estimation(package):

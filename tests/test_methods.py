@@ -258,3 +258,48 @@ def test_colam_state_round_trips(batch):
 def test_invalid_method_settings_name_the_key(name, section, key):
     with pytest.raises(ColamError, match="^" + key.replace(".", r"\.")):
         make(name, **section)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_method_owns_its_settings_and_names_its_headline(name):
+    """Each method file declares its section (`settings`) and the settings runs are compared at (`headline`):
+    the temperature T of the paper's comparison for every method that has one."""
+    import dataclasses
+
+    method = METHODS[name]
+    config = from_dict({"method": {"name": name}})
+    assert dataclasses.is_dataclass(method.settings) and isinstance(getattr(config.method, name), method.settings)
+    fields = {f.name for f in dataclasses.fields(method.settings)}
+    assert method.headline == (("temperature",) if "temperature" in fields else ())
+    values = method.headline_values(config)
+    assert values == {key: getattr(getattr(config.method, name), key) for key in method.headline}
+    assert values.items() <= method.hyperparameters(config).items()  # what runs are logged and compared by
+
+
+def test_headline_values_follow_the_config():
+    config = from_dict({"method": {"name": "kd", "kd": {"temperature": 8.0}, "colam": {"temperature": 0.5}}})
+    assert METHODS["kd"].headline_values(config) == {"temperature": 8.0}
+    assert METHODS["colam"].headline_values(config) == {"temperature": 0.5}
+    assert METHODS["hl"].headline_values(config) == {}
+    assert sorted(name for name, method in METHODS.items() if method.headline) == [
+        "colam", "collaborative", "cskd", "fixed", "kd"]
+
+
+def test_only_colam_online_per_sample_labels_refuse_a_dropped_last_batch():
+    """Under torchrun the engine asks the method (`needs_every_sample`), not COLAM's section, whether a
+    last batch smaller than the ranks may be dropped."""
+    from colam.distributed import World
+    from colam.engine import _check_shards
+
+    online = {"estimation": "online", "peers": 3}
+    needs = [name for name, method in METHODS.items()
+             if method.needs_every_sample(from_dict({"method": {"name": name, "colam": online}}))]
+    assert needs == ["colam"]
+    assert not METHODS["colam"].needs_every_sample(from_dict({"method": {"colam": {"estimation": "online"}}}))
+    for name in METHODS:
+        config = from_dict({"method": {"name": name, "colam": online}, "train": {"batch_size": 32}})
+        if name == "colam":
+            with pytest.raises(ColamError, match="^train.batch_size: 32 leaves a last batch of 1 sample"):
+                _check_shards(config, 193, World(0, 2))
+        else:
+            _check_shards(config, 193, World(0, 2))  # a warning: the last sample is not trained on

@@ -31,4 +31,18 @@ def _discover() -> dict[str, type[Method]]:
 
 METHODS: dict[str, type[Method]] = _discover()
 
-__all__ = ["METHODS", "Method", "soft_cross_entropy"]
+
+def headline_section(method_section: dict, name: str | None, key: str) -> dict:
+    """Where a pipeline's value of the headline setting `key` (its `temperature` parameter) goes in a
+    raw `method` mapping: the section of the method trained (`name`, else the mapping's own) when `key`
+    is one of that method's headline settings, else a scratch mapping (hl has no temperature)."""
+    from colam.config import MethodConfig
+
+    name = method_section.get("name", MethodConfig.name) if name is None else name
+    if key not in getattr(METHODS.get(name), "headline", ()):
+        return {}
+    section = method_section.setdefault(name, {})
+    return section if isinstance(section, dict) else {}  # not a mapping: from_dict names the key
+
+
+__all__ = ["METHODS", "Method", "headline_section", "soft_cross_entropy"]

@@ -7,6 +7,7 @@ their learned state in `state_dict` so an interrupted run resumes exactly.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -22,6 +23,11 @@ def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torc
     return -(target_probs * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
 
 
+@dataclass
+class NoSettings:
+    """The section of a method without settings (hl): empty, so that every method has one to name."""
+
+
 class Method:
     name: ClassVar[str]
     paper: ClassVar[str]
@@ -35,6 +41,14 @@ class Method:
     # Settings added after runs were first written, with the value every earlier run had: at that value
     # they are left out of a run's identity (colam.engine.run_identity) and of its variant.
     later_defaults: ClassVar[dict] = {}
+    # The dataclass of the method's config section, `method.<name>`: colam.config builds the `method`
+    # section from the registry, so a method's file alone adds its settings.
+    settings: ClassVar[type] = NoSettings
+    # The (numeric) settings runs are compared at, the temperature T of the paper's comparison: the
+    # tracking tags, `colam compare`'s T column, the Kubeflow `temperature` parameter, analysis labels.
+    headline: ClassVar[tuple[str, ...]] = ()
+    # Settings the runs table shows as parameters, under the paper's short names (Sec. 3: T, m, t).
+    short_names: ClassVar[dict[str, str]] = {"temperature": "T"}
 
     def __init__(self, config: Config, num_classes: int, train_targets: torch.Tensor):
         self.config = config
@@ -58,6 +72,24 @@ class Method:
     def hyperparameters(cls, config: Config) -> dict:
         """The method's own settings, for logs and run comparison."""
         return {}
+
+    @classmethod
+    def needs_every_sample(cls, config: Config) -> bool:
+        """Whether a stage end needs the training epoch's outputs of every sample (COLAM's online
+        per-sample labels), so that torchrun must not drop a last batch."""
+        return False
+
+    @classmethod
+    def headline_values(cls, config: Config) -> dict:
+        """The headline settings of this method's section by name, e.g. {"temperature": 4.0}."""
+        section = getattr(config.method, cls.name)
+        return {key: getattr(section, key) for key in cls.headline}
+
+    @classmethod
+    def short_settings(cls, config: Config) -> dict[str, str]:
+        """The settings in `short_names` that this method's section has, as text under their short names."""
+        section = getattr(config.method, cls.name)
+        return {short: str(getattr(section, key)) for key, short in cls.short_names.items() if hasattr(section, key)}
 
     @classmethod
     def wrap_model(cls, model: nn.Module, config: Config, num_classes: int) -> nn.Module:

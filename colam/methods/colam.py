@@ -1,3 +1,5 @@
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -11,6 +13,25 @@ from colam.soft_labels import (AGGREGATIONS, ESTIMATIONS, GUARDS, PEER_LABELS, O
 STAGE1_LOSSES = ("ce", "tempered")
 # The value every run had before a key existed: a run at that value keeps its earlier identity and variant.
 EARLIER = {"estimation": "pass", "stage1_loss": "ce", "peer_labels": "sample", "guard": "none"}
+
+
+@dataclass
+class ColamSettings:
+    stages: int = 4  # m; stage 1 uses hard labels
+    epochs_per_stage: int = 40  # t; m * t must equal train.epochs
+    temperature: float = 2.0  # T of Eq. 4 and of the soft-label softmax; the paper recommends 1..2
+    peers: int | str = "all"  # "all": one soft label per class; k: each sample averages k random same-class peers
+    aggregation: str = "logits"  # average logits (the paper) or probabilities over the peers
+    estimation: str = "pass"  # pass: a forward pass over the training set at each stage end (Algorithm 1);
+    # online: the training logits of each stage's last epoch, summed as they are computed (no extra pass)
+    stage1_loss: str = "ce"  # ce: plain cross-entropy on the hard labels (hard-label SGD, as Fig. 1a reads stage 1);
+    # tempered: H(y, softmax(z / T)), Algorithm 1 line 5 as written (with T != 1 it changes the first soft labels)
+    peer_labels: str = "sample"  # with peers: k, sample: every sample its own label from k random same-class peers
+    # (N x C); class: one label per class from k random peers of the class (C x C, Sec. 3.3's reading)
+    guard: str = "anchor"  # a stage-end label row whose own class is not its largest entry (a collapsed snapshot):
+    # anchor: half the row, half the hard label (chosen on Fashion-MNIST's validation split, README "Real data");
+    # keep: the row of the labels before (the hard label after stage 1); none: kept (Algorithm 1 as written).
+    # Rows that favour their class are never changed; every collapsed row is counted in the stage's metrics
 
 
 class Colam(Method):
@@ -43,6 +64,9 @@ class Colam(Method):
     """
 
     name = "colam"
+    settings = ColamSettings
+    headline = ("temperature",)
+    short_names = {"temperature": "T", "stages": "m", "epochs_per_stage": "t", "peers": "peers"}
     paper = "Li et al. 2022, Neural Processing Letters, doi:10.1007/s11063-022-10830-4"
     summary = "m stages; stage 1 hard labels, then class soft labels re-estimated at each stage end"
     uses_soft_labels = True
@@ -139,6 +163,10 @@ class Colam(Method):
         else:
             targets_soft = self.soft_labels[targets]
         return soft_cross_entropy(logits / self.section.temperature, targets_soft)
+
+    @classmethod
+    def needs_every_sample(cls, config):
+        return config.method.colam.estimation == "online" and config.method.colam.peers != "all"
 
     def needs_outputs(self, stage):
         # Algorithm 1 re-estimates after every stage, the last one included; online needs no pass

@@ -29,34 +29,28 @@ its own L_h at full scale and the shared layers the mean over the heads.
 At inference one head is kept (head 0): `forward(x)` runs the plain network itself, and
 `export` returns that network (same class, parameters and cost as `build_model`'s).
 
-The network is split without model-specific code: its forward is traced (torch.fx), split
-points are placed between top-level blocks (modules that are not containers) where exactly one
-tensor flows from the layers before to the layers after, and the automatic choice takes the
-starts of the last log2(H) resolution stages (the block that first produces a smaller feature
-map), filling in with earlier block starts for networks with fewer stages. Networks that cannot
-be traced or split are refused naming `model.name`.
+The network is split without model-specific code (colam.models.split): the automatic choice
+takes the starts of the last log2(H) resolution stages; `method.collaborative.split` names them.
 """
 
 from __future__ import annotations
 
 import copy
-import itertools
 import math
+from dataclasses import dataclass, field
 
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
 
-from colam.errors import ColamError, require
+from colam.errors import require
 from colam.methods.base import Method
 from colam.models import MODELS, build_model
+from colam.models.split import Splitter
 from colam.seeding import derive_seed
 
 # Offset of the seed streams that initialise the extra copies (copy of head h: SEED_STREAM + h).
 SEED_STREAM = 5_170_001
-_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
 # ----------------------------------------------------------------------------- loss
@@ -120,7 +114,7 @@ class CollaborativeNet(nn.Module):
     Head h runs the trunk, then copy h >> (L - l) of level l for l = 1..L.
     """
 
-    def __init__(self, net: nn.Module, own_segments: list[fx.GraphModule], copies: dict[str, fx.GraphModule],
+    def __init__(self, net: nn.Module, own_segments: list[nn.Module], copies: dict[str, nn.Module],
                  split: list[str]) -> None:
         super().__init__()
         self.net = net
@@ -155,244 +149,21 @@ class CollaborativeNet(nn.Module):
         return outputs
 
 
-def _model_error(name: str, what: str) -> ColamError:
-    return ColamError(f"model.name: {name!r} cannot be split into collaborative heads ({what})")
-
-
-def _module_path(node: fx.Node, units: set[str]) -> str | None:
-    """The outermost non-container module whose forward produced `node` (None: the root's own code)."""
-    for entry in (node.meta.get("nn_module_stack") or {}).values():
-        path = entry[0] if isinstance(entry, tuple) else entry
-        if path in units:
-            return path
-    return None
-
-
-def _stack_paths(node: fx.Node) -> list[str]:
-    return [entry[0] if isinstance(entry, tuple) else entry for entry in (node.meta.get("nn_module_stack") or {}).values()]
-
-
-def _units(module: nn.Module, prefix: str = "") -> set[str]:
-    """Paths of the blocks a split may fall between: submodules that are not containers."""
-    found = set()
-    for name, child in module.named_children():
-        path = f"{prefix}{name}"
-        found |= _units(child, path + ".") if isinstance(child, _CONTAINERS) else {path}
-    return found
-
-
-def _modes(model: nn.Module) -> dict[nn.Module, bool]:
-    return {m: m.training for m in model.modules()}
-
-
-def _restore(modes: dict[nn.Module, bool]) -> None:
-    for module, training in modes.items():
-        module.training = training
-
-
-class _Plan:
-    """The traced network and what may be split where."""
-
-    def __init__(self, model: nn.Module, name: str, input_size: int) -> None:
-        self.model, self.name = model, name
-        modes = _modes(model)
-        try:
-            traced = {}
-            for training in (True, False):
-                model.train(training)
-                traced[training] = fx.symbolic_trace(model)
-        except Exception as exc:  # data-dependent control flow, unsupported ops, ...
-            raise _model_error(name, f"its forward cannot be traced by torch.fx: {type(exc).__name__}: "
-                                     f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
-        finally:
-            _restore(modes)
-        if traced[True].code != traced[False].code:
-            raise _model_error(name, "its forward computes differently in train and eval mode outside its modules")
-        self.graph_module = traced[True]
-        self.nodes = [n for n in self.graph_module.graph.nodes if n.op != "output"]
-        self.output = next(n for n in self.graph_module.graph.nodes if n.op == "output")
-        self.position = {n: i for i, n in enumerate(self.nodes)}
-        self.units = _units(model)
-        self.owner = [_module_path(n, self.units) for n in self.nodes]
-        self.first: dict[str, int] = {}
-        self.last: dict[str, int] = {}
-        for i, unit in enumerate(self.owner):
-            if unit is not None:
-                self.first.setdefault(unit, i)
-                self.last[unit] = i
-        self.in_channels = next((m.in_channels for n in self.nodes if n.op == "call_module"
-                                 for m in [model.get_submodule(n.target)] if isinstance(m, nn.modules.conv._ConvNd)),
-                                3)
-        if [n.op for n in self.nodes].count("placeholder") != 1:
-            raise _model_error(name, "its forward takes more than the input batch")
-        self._cuts()
-        self.first_weight = next((i for i, n in enumerate(self.nodes) if self.has_weights([n])), len(self.nodes))
-        self._shapes(input_size, modes)
-
-    def _shapes(self, input_size: int, modes) -> None:
-        parameter = next(self.model.parameters(), None)
-        device = parameter.device if parameter is not None else torch.device("cpu")
-        sample = torch.zeros(1, self.in_channels, input_size, input_size, device=device)
-        try:
-            self.model.eval()  # running statistics untouched
-            with torch.no_grad():
-                ShapeProp(self.graph_module).propagate(sample)
-        except Exception as exc:
-            raise _model_error(self.name, f"a {input_size}x{input_size} input with {self.in_channels} channels "
-                                          f"does not run: {type(exc).__name__}") from None
-        finally:
-            _restore(modes)
-
-    def resolution(self, i: int) -> int | None:
-        meta = self.nodes[i].meta.get("tensor_meta")
-        shape = getattr(meta, "shape", None)
-        return math.prod(shape[2:]) if shape is not None and len(shape) >= 3 else None
-
-    def _cuts(self) -> None:
-        """For every position p: how many values flow across a cut before node p, and through how
-        many blocks it would cut (difference arrays over the nodes' lifetimes, O(nodes))."""
-        end = len(self.nodes)
-        self.last_use = [max((self.position.get(user, end) for user in n.users), default=-1) for n in self.nodes]
-        flows, cuts = [0] * (end + 2), [0] * (end + 2)
-        for i, n in enumerate(self.nodes):
-            if n.op != "get_attr" and self.last_use[i] > i:
-                flows[i + 1] += 1
-                flows[self.last_use[i] + 1] -= 1
-        for unit, first in self.first.items():
-            cuts[first + 1] += 1
-            cuts[self.last[unit] + 1] -= 1
-        self.flows, self.through = list(itertools.accumulate(flows)), list(itertools.accumulate(cuts))
-
-    def crossing(self, p: int) -> list[fx.Node]:
-        """Values computed before position p and used at or after it (the output counts as after)."""
-        return [n for i, n in enumerate(self.nodes[:p]) if n.op != "get_attr" and self.last_use[i] >= p]
-
-    def has_weights(self, nodes, matrices_only: bool = False) -> bool:
-        for n in nodes:
-            if n.op == "call_module":
-                params = self.model.get_submodule(n.target).parameters()
-            elif n.op == "get_attr":
-                attr = self.model.get_parameter(n.target) if n.target in dict(self.model.named_parameters()) else None
-                params = [attr] if attr is not None else []
-            else:
-                continue
-            if any(q.ndim >= 2 or not matrices_only for q in params):
-                return True
-        return False
-
-    def why_not(self, p: int) -> str | None:
-        """Why position p is no split point (None: it is one)."""
-        if not 1 <= p < len(self.nodes):
-            return "it is not inside the network"
-        if self.through[p]:
-            unit = next(u for u, first in self.first.items() if first < p <= self.last[u])
-            return f"it would cut through block {unit!r}"
-        if self.flows[p] != 1:
-            return f"{self.flows[p]} tensors flow across it, not 1"
-        if p <= self.first_weight:
-            return "no layer with parameters would be shared before it"
-        return None
-
-    def automatic(self, levels: int) -> list[int]:
-        """The starts of the last `levels` resolution stages, then earlier block starts."""
-        weighted = sorted(self.first[u] for u in self.first
-                          if self.has_weights([n for n, o in zip(self.nodes, self.owner) if o == u], True))
-        limit = weighted[-1] if weighted else len(self.nodes)  # the classifier stays below every split
-        starts = sorted({self.first[u] for u in self.first} | {i for i, o in enumerate(self.owner) if o is None})
-        valid = [p for p in starts if p < limit and self.why_not(p) is None]
-        boundaries, current = [], self.resolution(0)
-        for i in range(1, len(self.nodes)):
-            size = self.resolution(i)
-            if size is None:
-                continue
-            smaller, current = current is not None and size < current, size
-            if smaller and size > 1:  # a smaller feature map, not the global pooling
-                start = self.first[self.owner[i]] if self.owner[i] is not None else i
-                before = [p for p in valid if p <= start]
-                if before and before[-1] not in boundaries:
-                    boundaries.append(before[-1])
-        chosen = boundaries[-levels:]
-        if len(chosen) < levels:
-            bound = chosen[0] if chosen else limit
-            extra = [p for p in valid if p < bound and p in weighted][-(levels - len(chosen)):]
-            chosen = sorted(extra + chosen)
-        if len(chosen) < levels:
-            names = ", ".join(self.describe(p) for p in chosen) or "none"
-            raise _model_error(self.name, f"{2**levels} heads need {levels} split points, it has {len(chosen)} "
-                                          f"({names}); lower method.collaborative.heads")
-        return chosen
-
-    def named(self, names: list[str]) -> list[int]:
-        """Positions of the split points the configuration names (the first node of each module)."""
-        positions = []
-        for name in names:
-            hits = [i for i, n in enumerate(self.nodes) if name in _stack_paths(n)]
-            if not hits:
-                raise ColamError(f"method.collaborative.split: {name!r} is not a module that model "
-                                 f"{self.name!r} runs; blocks: {', '.join(self.describe(p) for p in self.block_starts())}")
-            reason = self.why_not(hits[0])
-            if reason is not None:
-                raise ColamError(f"method.collaborative.split: model {self.name!r} cannot be split before "
-                                 f"{name!r}: {reason}")
-            positions.append(hits[0])
-        if positions != sorted(set(positions)):
-            raise ColamError(f"method.collaborative.split: the modules must come in the order the network runs "
-                             f"them, outermost split first, got {names!r}")
-        return positions
-
-    def block_starts(self) -> list[int]:
-        return sorted(p for p in {self.first[u] for u in self.first} if self.why_not(p) is None)
-
-    def describe(self, p: int) -> str:
-        return self.owner[p] or self.nodes[p].name
-
-    def segment(self, root: nn.Module, start: int, end: int) -> fx.GraphModule:
-        """Nodes [start, end) as a module of `root`'s layers: one input (the tensor flowing in at
-        `start`), one output (the tensor flowing out at `end`, or the network's output)."""
-        graph = fx.Graph()
-        inflow = self.nodes[0] if start == 1 else self.crossing(start)[0]
-        env = {inflow: graph.placeholder("x")}
-
-        def value(node: fx.Node) -> fx.Node:
-            if node not in env:
-                if node.op != "get_attr":
-                    raise _model_error(self.name, f"{node.name} is needed across a split point")
-                env[node] = graph.node_copy(node)
-            return env[node]
-
-        for node in self.nodes[start:end]:
-            if node.op != "get_attr":
-                env[node] = graph.node_copy(node, value)
-        result = self.output.args[0] if end == len(self.nodes) else self.crossing(end)[0]
-        graph.output(fx.map_arg(result, value))
-        return fx.GraphModule(root, graph, class_name="Segment")
-
-    def check_untied(self, bounds: list[int]) -> None:
-        """A parameterised module may not run on both sides of a split point (its copies would untie it)."""
-        seen: dict[str, int] = {}
-        for i, n in enumerate(self.nodes):
-            if n.op in ("call_module", "get_attr") and self.has_weights([n]):
-                level = sum(i >= b for b in bounds)
-                if seen.setdefault(n.target, level) != level:
-                    raise _model_error(self.name, f"{n.target!r} runs on both sides of a split point")
-
-
 def build_collaborative(model: nn.Module, config, num_classes: int) -> CollaborativeNet:
     """The multi-head network of `config.method.collaborative` around the plain network `model`."""
     section, name = config.method.collaborative, config.model.name
     levels = int(math.log2(section.heads))
     spec = MODELS.get(name)
-    plan = _Plan(model, name, spec.input_size if spec is not None else 32)
-    positions = plan.named(section.split) if section.split else plan.automatic(levels)
+    plan = Splitter(model, name, spec.input_size if spec is not None else 32)
+    positions = plan.named(section.split, "method.collaborative.split") if section.split else plan.automatic(levels)
     if len(positions) != levels:
-        raise ColamError(f"method.collaborative.split: {len(positions)} split points for {section.heads} heads, "
-                         f"which need {levels}")
+        found = ", ".join(plan.describe(p) for p in positions) or "none"
+        raise plan.error(f"{section.heads} heads need {levels} split points, it has {len(positions)} ({found}); "
+                         f"lower method.collaborative.heads")
     plan.check_untied(positions)
-    bounds = [1, *positions, len(plan.nodes)]
-    own = [plan.segment(model, bounds[level], bounds[level + 1]) for level in range(levels + 1)]
     # Head h >= 1 takes every copy it starts (copy j of level l starts with head j << (L - l))
     # from a network built like `model` from its own derived seed.
-    copies: dict[str, fx.GraphModule] = {}
+    copies: dict[str, nn.Module] = {}
     expected = {k: v.shape for k, v in model.state_dict().items()}
     device = next(model.parameters()).device
     for head in range(1, section.heads):
@@ -400,17 +171,26 @@ def build_collaborative(model: nn.Module, config, num_classes: int) -> Collabora
             torch.manual_seed(derive_seed(config.seed, SEED_STREAM + head))
             fresh = build_model(name, num_classes, in_channels=plan.in_channels, **config.model.options)
         if {k: v.shape for k, v in fresh.state_dict().items()} != expected:
-            raise _model_error(name, "a network rebuilt from model.name and model.options differs from the one given")
-        fresh.to(device)
+            raise plan.error("a network rebuilt from model.name and model.options differs from the one given")
+        segments = plan.segments(fresh.to(device), positions)
         for level in range(1, levels + 1):
             shift = levels - level
             if head >> shift << shift == head:  # head is the first head below copy head >> shift
-                copies[f"level{level}_copy{head >> shift}"] = plan.segment(fresh, bounds[level], bounds[level + 1])
-    wrapped = CollaborativeNet(model, own, dict(sorted(copies.items())), [plan.describe(p) for p in positions])
-    return wrapped
+                copies[f"level{level}_copy{head >> shift}"] = segments[level]
+    return CollaborativeNet(model, plan.segments(model, positions), dict(sorted(copies.items())),
+                            [plan.describe(p) for p in positions])
 
 
 # ----------------------------------------------------------------------------- the method
+
+
+@dataclass
+class CollaborativeSettings:
+    heads: int = 4  # classifier heads, a power of 2: log2(heads) binary splits (hierarchical ILR sharing)
+    temperature: float = 2.0  # T of the heads' consensus soft targets (Song & Chai 2018; the paper uses 2)
+    beta: float = 0.5  # the paper's beta: weight of the hard-label term; 1 - beta on the consensus term
+    split: list[str] = field(default_factory=list)  # where the copies start, one module per split, outermost
+    # first (e.g. [layers.4, layers.6]); empty: the starts of the last log2(heads) resolution stages
 
 
 class Collaborative(Method):
@@ -424,6 +204,8 @@ class Collaborative(Method):
     """
 
     name = "collaborative"
+    settings = CollaborativeSettings
+    headline = ("temperature",)
     paper = "Song & Chai 2018, NeurIPS, arXiv:1805.11761"
     summary = "heads on a shared trunk (binary tree, backprop rescaling) fit labels and each other's consensus"
     data_parallel = False  # trains through forward_all, which a DDP wrapper would bypass

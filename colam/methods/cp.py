@@ -1,8 +1,15 @@
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from colam.errors import require
 from colam.methods.base import Method
+
+
+@dataclass
+class CPSettings:
+    beta: float = 0.1  # weight of the entropy bonus (Pereyra et al. 2017)
 
 
 class ConfidencePenalty(Method):
@@ -11,6 +18,7 @@ class ConfidencePenalty(Method):
     """
 
     name = "cp"
+    settings = CPSettings
     paper = "Pereyra et al. 2017, arXiv:1701.06548"
     summary = "cross-entropy minus beta times the output entropy"
 

@@ -1,8 +1,16 @@
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from colam.errors import require
 from colam.methods.base import Method
+
+
+@dataclass
+class CSKDSettings:
+    temperature: float = 4.0  # T of the KL between a same-class partner's and the sample's outputs (Yun et al. 2020)
+    lam: float = 1.0  # lambda_cls: weight of the class-wise distillation term
 
 
 class ClassWiseSelfKD(Method):
@@ -32,6 +40,8 @@ class ClassWiseSelfKD(Method):
     """
 
     name = "cskd"
+    settings = CSKDSettings
+    headline = ("temperature",)
     paper = "Yun et al. 2020, CVPR, arXiv:2003.13964"
     summary = "cross-entropy plus lam*T^2*KL towards a same-class partner's softened prediction"
     data_parallel = False  # a second pass (the partner) per batch: no DDP / torch.compile

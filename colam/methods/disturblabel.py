@@ -1,8 +1,15 @@
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from colam.errors import require
 from colam.methods.base import Method
+
+
+@dataclass
+class DisturbLabelSettings:
+    alpha: float = 0.1  # probability that a sample's label is redrawn uniformly (Xie et al. 2016)
 
 
 class DisturbLabel(Method):
@@ -15,6 +22,7 @@ class DisturbLabel(Method):
     """
 
     name = "disturblabel"
+    settings = DisturbLabelSettings
     paper = "Xie et al. 2016, CVPR, arXiv:1605.00055"
     summary = "hard labels, each redrawn uniformly with probability alpha per iteration"
 

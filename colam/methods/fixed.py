@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -10,6 +11,12 @@ from colam.methods.base import Method, soft_cross_entropy
 from colam.methods.kd import load_teacher_labels
 
 KEY = "method.fixed.labels"
+
+
+@dataclass
+class FixedSettings:
+    labels: str = ""  # a C x C soft-label file (COLAM's stage_K/soft_labels.npy) trained on for the whole run
+    temperature: float = 1.0  # T dividing the logits, as in COLAM's Eq. 4: the T the labels were estimated with
 
 
 class FixedSoftLabels(Method):
@@ -29,6 +36,8 @@ class FixedSoftLabels(Method):
     """
 
     name = "fixed"
+    settings = FixedSettings
+    headline = ("temperature",)
     paper = "Li et al. 2022, Sec. 5.1 (expected accuracy of a soft-label checkpoint)"
     summary = "H(S[y], softmax(z / T)) on a fixed C x C soft-label file for the whole run (expected accuracy)"
 

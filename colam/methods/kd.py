@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -10,11 +11,20 @@ from torch import nn
 
 from colam import io as cio
 from colam.errors import ColamError, require
-from colam.runs import RunFolder, final_network, open_run
 from colam.methods.base import Method
 from colam.soft_labels import check_soft_labels, load_npy
 
+if TYPE_CHECKING:  # colam.runs imports colam.config, which imports this registry
+    from colam.runs import RunFolder
+
 KEY = "method.kd.teacher"
+
+
+@dataclass
+class KDSettings:
+    teacher: str = ""  # a finished run folder (its final model) or a soft_labels.npy (C x C) to distil from
+    temperature: float = 4.0  # T of the softened teacher and student outputs (Hinton et al. 2015)
+    alpha: float = 0.9  # weight of the distillation term; 1 - alpha on the hard labels
 
 
 class Distillation(Method):
@@ -51,6 +61,8 @@ class Distillation(Method):
     """
 
     name = "kd"
+    settings = KDSettings
+    headline = ("temperature",)
     paper = "Hinton et al. 2015, arXiv:1503.02531"
     summary = "(1 - alpha) CE + alpha T^2 KL(teacher || student) from a finished run or a C x C soft-label file"
 
@@ -157,6 +169,8 @@ def locate_teacher(text: str) -> TeacherSource:
         return TeacherSource("labels", path)
     if not path.is_dir():
         raise ColamError(f"{KEY}: '{text}' is neither a folder nor a file")
+    from colam.runs import open_run
+
     run = open_run(path, KEY)
     return TeacherSource("run", run.network_file, run)
 
@@ -175,4 +189,6 @@ def load_teacher_labels(file: Path, num_classes: int, key: str = KEY) -> torch.T
 
 def load_teacher_network(source: TeacherSource, num_classes: int, in_channels: int) -> nn.Module:
     """The run's final network for this data's classes and channels, in eval mode, without gradients."""
+    from colam.runs import final_network
+
     return final_network(source.run, num_classes, in_channels, KEY)

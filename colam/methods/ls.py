@@ -1,8 +1,16 @@
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from colam.errors import require
 from colam.methods.base import Method, soft_cross_entropy
+
+
+@dataclass
+class LSSettings:
+    eps: float = 0.1  # Szegedy et al. 2016, Eq. 1 of the COLAM paper
+    convention: str = "C"  # "C": eps/C to every class (torch's label_smoothing); "C-1": eps/(C-1) to wrong classes
 
 
 class LabelSmoothing(Method):
@@ -14,6 +22,7 @@ class LabelSmoothing(Method):
     """
 
     name = "ls"
+    settings = LSSettings
     paper = "Szegedy et al. 2016, arXiv:1512.00567"
     summary = "cross-entropy on labels smoothed towards uniform (eps)"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -127,6 +128,16 @@ def lookahead_meta_gradient(model: nn.Module, labels: torch.Tensor, rows: torch.
     return meta_grad, held_loss.detach()
 
 
+@dataclass
+class MetaSettings:
+    labels: str = "class"  # class: a learnable C x C matrix; instance: learnable N x C rows (top-k sparse)
+    meta_lr: float | None = None  # beta, the labels' projected meta-gradient step; null: 0.1 class, 100 instance
+    top_k: int = 10  # instance labels: entries kept per row (at most C); host memory N * top_k * 6 bytes
+    held_out: float = 0.5  # fraction of each batch held out for the meta loss on the given hard labels
+    init_smoothing: float = 0.0  # labels start as (1 - eps) one-hot + eps / C; 0 starts from one-hot
+    lookahead_lr: float | None = None  # alpha of theta' = theta - alpha grad; null: the epoch's train.lr
+
+
 class MetaLabels(Method):
     """Soft labels learned as parameters by a meta-gradient (Vyas, Saxena, Voice 2020, arXiv:2009.09496).
 
@@ -199,6 +210,7 @@ class MetaLabels(Method):
     """
 
     name = "meta"
+    settings = MetaSettings
     paper = "Vyas, Saxena, Voice 2020, arXiv:2009.09496"
     summary = "soft labels (class C x C or instance top-k rows) learned by a one-step lookahead meta-gradient"
     uses_soft_labels = False  # it writes learned_labels.npy, but trains on no earlier step's estimate

@@ -1,9 +1,17 @@
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from colam import distributed
 from colam.errors import require
 from colam.methods.base import Method, soft_cross_entropy
+
+
+@dataclass
+class OLSSettings:
+    alpha: float = 0.5  # weight of the hard-label loss; 1 - alpha on the online soft labels (Zhang et al. 2021)
+    # (the soft labels start at zero: the first epoch trains on alpha * CE alone, as in the public implementations)
 
 
 class OnlineLabelSmoothing(Method):
@@ -32,6 +40,7 @@ class OnlineLabelSmoothing(Method):
     """
 
     name = "ols"
+    settings = OLSSettings
     paper = "Zhang et al. 2021, IEEE TIP, arXiv:2011.12562"
     summary = "alpha*CE plus (1-alpha)*CE towards per-class soft labels averaged from last epoch's correct predictions"
 

@@ -1,4 +1,5 @@
 import copy
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +12,14 @@ from colam.seeding import derive_seed
 
 # derive_seed stream of generation g's initial weights: apart from the epoch streams (colam.feed.epoch_seed).
 REINIT_STREAM = 1_000_000_007
+
+
+@dataclass
+class RefinerySettings:
+    generations: int = 2  # a model on hard labels, then generations - 1 students on the refiner's outputs
+    epochs_per_generation: int | None = None  # None: train.epochs / generations; the paper gives each generation
+    # a full budget, i.e. train.epochs = generations x a baseline's epochs (2x its cost for 2 generations);
+    # generations * epochs_per_generation must equal train.epochs. The lr schedule restarts with each generation
 
 
 class LabelRefinery(Method):
@@ -41,6 +50,7 @@ class LabelRefinery(Method):
     """
 
     name = "refinery"
+    settings = RefinerySettings
     restarts_schedule = True
     paper = "Bagherinezhad et al. 2018, arXiv:1805.02641"
     summary = "generations of fresh models, each trained on the previous one's predictions of the same crops"
