@@ -4,18 +4,16 @@ One parent run per training run, holding the run's parameters, the per-epoch cur
 metrics; one nested run per stage, holding that stage's curves (step = epoch), its checkpoint
 (`model.pt`, a state_dict), its soft labels (`soft_labels.npy` and a heatmap) and its metrics.
 
-A run trained in pieces (a resumed run, or a pipeline that runs each stage as its own step)
-continues the same parent run: the parent is found again by its `colam.run_key` tag, a digest of
-the output folder and the configuration, among the experiment's unfinished runs.
+The run folder is the record, the store a view of it: `MlflowRunLog.catch_up` (at every stage end
+and at the finish) and `colam tracking sync DIR` (at any time) bring the store up to what the
+folder holds, adding only what the store misses, so they may run any number of times and after a
+kill at any moment. A run trained in pieces (resumed, or a pipeline step per stage) continues the
+same parent run, found by its `colam.run_key` tag (a digest of the output folder, or the pipeline
+run's key, and the configuration).
 
-The tracking store is `MLFLOW_TRACKING_URI`, or `sqlite:///mlflow.db` in the current folder.
-
-A store that stops answering during training does not stop it: each call is retried with
-exponential backoff for COLAM_TRACKING_RETRY_SECONDS (default 8) in all, then the run log goes
-offline and writes every record to a journal in the run's folder (`mlflow-journal/`, JSON lines
-in call order), which `colam tracking sync DIR` sends later. An artifact upload that fails while
-the store itself answers (its S3 is down) is journaled alone, the rest goes on being logged. At
-each stage end and at the finish an offline run log tries to send the journal and go back online.
+The tracking store is `MLFLOW_TRACKING_URI`, or `sqlite:///mlflow.db` in the current folder. Each
+call is retried with exponential backoff for COLAM_TRACKING_RETRY_SECONDS (default 8) in all; a
+store that still does not answer costs one warning, never the training.
 """
 
 from __future__ import annotations
@@ -27,22 +25,22 @@ import logging
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import tempfile
 import time
-import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import yaml
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException, RestException
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from colam import io as cio
 from colam.config import Config
-from colam.engine import HISTORY_FIELDS, RunLog, run_identity
+from colam.engine import HISTORY_FIELDS, RunLog, run_identity, run_metrics
 from colam.errors import ColamError
 from colam.methods import METHODS
 
@@ -140,8 +138,9 @@ def protocol_digest(config: Config) -> str:
 
 
 def variant(config: Config) -> str:
-    """The method and its settings other than the temperature, e.g. 'ls(eps=0.1, convention=C)'."""
-    settings = {k: v for k, v in METHODS[config.method.name].hyperparameters(config).items() if k != "temperature"}
+    """The method and its settings other than its headline (T), e.g. 'ls(eps=0.1, convention=C)'."""
+    method = METHODS[config.method.name]
+    settings = {k: v for k, v in method.hyperparameters(config).items() if k not in method.headline}
     inner = ", ".join(f"{k}={v}" for k, v in settings.items())
     return f"{config.method.name}({inner})" if inner else config.method.name
 
@@ -168,11 +167,7 @@ def summary_params(config: Config) -> dict[str, str]:
     """The parameters the runs are compared by, under short names."""
     summary = {"method": config.method.name, "model": config.model.name, "dataset": config.data.name,
                "seed": str(config.seed), "git_commit": git_commit() or "unknown"}
-    if config.method.name == "colam":
-        section = config.method.colam
-        summary.update(T=str(section.temperature), m=str(section.stages), t=str(section.epochs_per_stage),
-                       peers=str(section.peers))
-    return summary
+    return {**summary, **METHODS[config.method.name].short_settings(config)}
 
 
 def git_commit() -> str | None:
@@ -194,18 +189,21 @@ STAGE_FILES = ("model.pt", "export.pt", "metrics.json", "soft_labels.npy", "soft
                "learned_labels.npy", "learned_sample_labels.npy")
 
 
-def log_stage_files(client: MlflowClient, run_id: str, stage_dir: Path, stage: int, config: Config) -> None:
-    """A stage folder's checkpoint, metrics and soft labels (with their heatmap) as artifacts of `run_id`."""
-    for name in STAGE_FILES:
-        if (stage_dir / name).exists():
-            client.log_artifact(run_id, str(stage_dir / name))
-    if (stage_dir / "soft_labels.npy").exists():
-        soft_labels = np.load(stage_dir / "soft_labels.npy")
-        names = json.loads((stage_dir / "soft_labels.json").read_text())["class_names"]
-        title = f"soft labels after stage {stage} (T = {config.method.colam.temperature:g})"
-        with tempfile.TemporaryDirectory() as scratch:
-            figure = soft_label_heatmap(soft_labels, names, title, Path(scratch) / f"soft_labels_stage_{stage}.png")
-            client.log_artifact(run_id, str(figure), artifact_path="figures")
+@contextlib.contextmanager
+def stage_files(folder: Path, stage: int, config: Config, held: set[str] = frozenset()):
+    """A stage folder's checkpoint, metrics and soft labels, with a heatmap of the soft labels drawn
+    into a temporary folder while the block runs (unless `held` has it already): (path, artifact
+    folder, name to report) each."""
+    files = [(folder / name, None, f"stage_{stage}/{name}") for name in STAGE_FILES if (folder / name).exists()]
+    with tempfile.TemporaryDirectory() as scratch:
+        if (folder / "soft_labels.npy").exists() and f"figures/soft_labels_stage_{stage}.png" not in held:
+            names = json.loads((folder / "soft_labels.json").read_text())["class_names"]
+            temperature = METHODS[config.method.name].headline_values(config).get("temperature")
+            title = f"soft labels after stage {stage}" + (f" (T = {temperature:g})" if temperature is not None else "")
+            figure = soft_label_heatmap(np.load(folder / "soft_labels.npy"), names, title,
+                                        Path(scratch) / f"soft_labels_stage_{stage}.png")
+            files.append((figure, "figures", f"figures/{figure.name}"))
+        yield files
 
 
 def parent_key(config: Config, key: str) -> str:
@@ -253,7 +251,9 @@ def log_estimate(client: MlflowClient, experiment: str, config: Config, key: str
         raise ColamError(f"MLFLOW_TRACKING_URI: run {parent} has no stage {summary['stage']} to log soft labels to")
     run_id = runs[0].info.run_id
     client.log_metric(run_id, "estimation_seconds", float(summary["seconds"]), step=summary["epoch"])
-    log_stage_files(client, run_id, folder, summary["stage"], config)
+    with stage_files(folder, summary["stage"], config) as files:
+        for path, artifact_path, _ in files:
+            client.log_artifact(run_id, str(path), artifact_path=artifact_path)
 
 
 def log_evaluation(client: MlflowClient, experiment: str, config: Config, key: str, report: Path,
@@ -297,15 +297,12 @@ def checked_key(run_key: str) -> str:
     return run_key
 
 
-# --------------------------------------------------------------- faults: retries and the offline journal
+# --------------------------------------------------------------- a store that may not answer
 
-RETRY_ENV = "COLAM_TRACKING_RETRY_SECONDS"  # seconds of retries of one call before the run log goes offline
+RETRY_ENV = "COLAM_TRACKING_RETRY_SECONDS"  # seconds of retries of one call before the run log falls behind
 DEFAULT_RETRY_S = 8.0
 FIRST_DELAY_S = 0.25  # then 0.5, 1, 2, 4 ... while the total stays within the budget
 HTTP_TIMEOUT_S = 30  # per request (connect, read) unless MLFLOW_HTTP_REQUEST_TIMEOUT says otherwise
-JOURNAL_DIR = "mlflow-journal"  # in the run's folder; .dvcignore keeps it out of the outputs' hashes
-JOURNAL_TAG = "colam.journal_id"  # the placeholder id of a run created offline, on the run a sync creates
-OFFLINE_PREFIX = "offline-"
 _TRANSIENT_CODES = {"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED",
                     "COULD_NOT_ACQUIRE_LOCK", "SERVICE_UNDER_MAINTENANCE"}
 _BOTO_TRANSPORT = {"EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError", "ConnectTimeoutError",
@@ -444,304 +441,149 @@ def display_uri(uri: str) -> str:
     return re.sub(r"(://[^/:@]*):[^/@]*@", r"\1:***@", uri)
 
 
-def sync_command(run_dir: Path, uri: str) -> str:
-    return f"MLFLOW_TRACKING_URI={shlex.quote(display_uri(uri))} colam tracking sync {shlex.quote(str(run_dir))}"
+def sync_command(run_dir: Path, uri: str, experiment: str) -> str:
+    return (f"MLFLOW_TRACKING_URI={shlex.quote(display_uri(uri))} colam tracking sync {shlex.quote(str(run_dir))} "
+            f"--experiment {shlex.quote(experiment)}")
 
 
-class Journal:
-    """The offline records of one run folder, in `mlflow-journal/`: journal.jsonl (one call a line,
-    in call order, numbered by `seq`), files/ (each artifact as it was when logged: a hard link, as
-    colam replaces files by rename, or a copy), progress.json (the records a replay has sent, and
-    the real ids of the runs created offline)."""
-
-    def __init__(self, folder: Path):
-        self.folder = Path(folder)
-        self.path = self.folder / "journal.jsonl"
-        self.progress_path = self.folder / "progress.json"
-        self._next: int | None = None
-
-    def exists(self) -> bool:
-        return self.path.is_file()
-
-    @contextlib.contextmanager
-    def locked(self):
-        """One writer or replayer at a time (a training process, a sync)."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with file_lock(self.folder / "lock"):
-            yield
-
-    def records(self) -> list[dict]:
-        if not self.exists():
-            return []
-        lines = self.path.read_text().splitlines()
-        records = []
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                if number == len(lines):  # the torn last line of a process killed while writing it
-                    log.warning("MLflow: %s: ignoring its unfinished last line", self.path)
-                    break
-                raise ColamError(f"{self.path}: line {number} is not a journal record") from None
-        return records
-
-    def append(self, record: dict) -> dict:
-        with self.locked():
-            if self._next is None:
-                self._next = 1 + max((r["seq"] for r in self.records()), default=0)
-            record = {"seq": self._next, **record}
-            with open(self.path, "ab") as handle:
-                _drop_torn_line(self.path, handle)
-                handle.write((json.dumps(record) + "\n").encode())
-                handle.flush()
-                os.fsync(handle.fileno())
-            self._next += 1
-        return record
-
-    def keep(self, path: Path) -> str:
-        """A snapshot of `path` under files/, relative to the journal folder."""
-        folder = self.folder / "files" / uuid.uuid4().hex[:12]
-        folder.mkdir(parents=True)
-        target = folder / path.name  # the artifact keeps its name
-        try:
-            os.link(path, target)
-        except OSError:  # another file system (a temporary file), or no hard links
-            shutil.copy2(path, target)
-        return str(target.relative_to(self.folder))
-
-    def progress(self) -> dict:
-        progress = {"done": [], "ids": {}, "reused": [], "synced": False}
-        if self.progress_path.exists():
-            progress.update(json.loads(self.progress_path.read_text()))
-        return progress
-
-    def save_progress(self, progress: dict) -> None:
-        cio.write_json(self.progress_path, progress)
-
-    def pending(self) -> list[dict]:
-        done = set(self.progress()["done"])
-        return [r for r in self.records() if r["seq"] not in done]
-
-    def parent_of(self, run_key: str) -> str | None:
-        """The parent run an earlier process of this run noted (a real or a placeholder id)."""
-        found = [r["run"] for r in self.records() if r["op"] == "parent" and r["run_key"] == run_key]
-        return found[-1] if found else None
+# --------------------------------------------------------------- what a run folder holds
 
 
-def _drop_torn_line(path: Path, handle) -> None:
-    """Cut off the unfinished last line a process killed while appending left, so that the next
-    record starts a line of its own (the cut record was never written whole: it is lost with the kill)."""
-    size = handle.tell()
-    if not size:
-        return
-    with open(path, "rb") as reader:
-        reader.seek(size - 1)
-        if reader.read(1) == b"\n":
-            return
-        reader.seek(0)
-        keep = reader.read(size).rfind(b"\n") + 1  # 0 when the torn line is the only one
-    log.warning("MLflow: %s: dropping its unfinished last line (%d bytes)", path, size - keep)
-    handle.truncate(keep)
-    handle.seek(keep)
+@dataclass
+class FolderState:
+    """What a run folder holds, as the store should show it: its finished stage folders and,
+    when the run is over, its final metrics and the files of the parent run."""
+
+    stages: dict[int, Path]
+    final: dict | None = None
+    parent_files: tuple[Path, ...] = ()
 
 
-def replay(client: MlflowClient, journal: Journal, budget: float) -> dict:
-    """Send the journal's pending records in order, each retried for `budget` seconds, recording
-    each one sent, so that a replay stopped half-way and run again sends nothing twice (a run is
-    created once: a sync finds it again by its JOURNAL_TAG). Stops at the first record other than
-    an artifact that the store does not take; an artifact that does not upload stays pending, and
-    no other artifact is tried after it."""
-    result = {"sent": 0, "runs": 0, "metrics": 0, "artifacts": 0, "left": [], "stopped": None, "artifact_error": None}
-    with journal.locked():
-        progress = journal.progress()
-        done = set(progress["done"])
-        for record in journal.records():
-            if record["seq"] in done:
-                continue
-            artifact = record["op"] == "log_artifact"
-            if artifact and result["artifact_error"] is not None:
-                result["left"].append(record)
-                continue
-            try:
-                created = _apply(client, journal, record, progress, budget)
-            except Refused as refused:
-                if artifact:
-                    result["artifact_error"] = refused
-                    result["left"].append(record)
-                    continue
-                result["stopped"] = (record, refused)
-                break
-            done.add(record["seq"])
-            progress["done"] = sorted(done)
-            journal.save_progress(progress)
-            result["sent"] += 1
-            result["runs"] += created
-            result["metrics"] += len(record.get("metrics", ()))
-            result["artifacts"] += artifact
-        progress["synced"] = result["stopped"] is None and not result["left"]
-        journal.save_progress(progress)
-    result["ids"] = progress["ids"]
-    return result
+def read_folder(out_dir: Path, config: Config, stage_dirs: dict[int, Path] | None = None,
+                final: dict | None = None) -> FolderState:
+    """The finished stages of `out_dir` (stage_K/ with its metrics.json and state.pt, plus the
+    folders a run log was told of), and the final metrics once the last stage is there."""
+    stages = dict(stage_dirs or {})
+    for folder in out_dir.glob("stage_*"):
+        number = folder.name.removeprefix("stage_")
+        if number.isdigit() and (folder / "metrics.json").is_file() and (folder / "state.pt").is_file():
+            stages.setdefault(int(number), folder)
+    count = len(METHODS[config.method.name].stage_epochs(config))
+    if final is None and (out_dir / "metrics.json").is_file() and (out_dir / "checkpoint.pt").is_file():
+        final = json.loads((out_dir / "metrics.json").read_text())
+    whole_run = (out_dir / "checkpoint.pt").is_file()  # its end is its metrics.json; a run trained stage by
+    if final is None and count in stages and not whole_run:  # stage (or step) ends with its last stage
+        state = _stage_state(stages[count])
+        if state["epoch"] == config.train.epochs:
+            final = run_metrics(config, state["history"], state["elapsed"])
+    files = ()
+    if final is not None and count in stages:
+        history = next(p for p in (out_dir / "history.csv", stages[count] / "history.csv") if p.exists())
+        files = tuple(p for p in (out_dir / "config.yaml", history, out_dir / "metrics.json") if p.exists())
+    return FolderState(stages=dict(sorted(stages.items())), final=final, parent_files=files)
 
 
-def _apply(client: MlflowClient, journal: Journal, record: dict, progress: dict, budget: float) -> bool:
-    """Send one record; True when it created a run."""
-    ids = progress["ids"]
-    op = record["op"]
-
-    def real(run_id: str) -> str:
-        found = ids.get(run_id, run_id)
-        if found.startswith(OFFLINE_PREFIX):
-            raise ColamError(f"{journal.path}: record {record['seq']} names run {run_id}, which no earlier record "
-                             f"creates")
-        return found
-
-    def call(what, fn):
-        return with_retries(what, fn, budget)
-
-    if op == "parent":
-        return False
-    if op == "create_run":
-        placeholder = record["id"]
-        if placeholder in ids:
-            return False
-        experiment = call(f"experiment '{record['experiment']}'", lambda: experiment_id(client, record["experiment"]))
-
-        def newest(condition):
-            runs = call("search runs", lambda: client.search_runs([experiment], condition, max_results=1,
-                                                                   order_by=["attributes.start_time DESC"]))
-            return runs[0].info.run_id if runs else None
-
-        found = newest(f"tags.`{JOURNAL_TAG}` = '{placeholder}'")  # created by a replay that stopped before noting it
-        if found is None and record.get("reuse"):
-            found = newest(record["reuse"])  # a resumed run started offline continues its parent, as online
-            if found is not None:
-                progress["reused"].append(placeholder)
-                call("update run", lambda: client.update_run(found, status=RunStatus.to_string(RunStatus.RUNNING)))
-        if found is not None:
-            ids[placeholder] = found
-            return False
-        tags = {k: ids.get(v, v) for k, v in record["tags"].items()}
-        tags[JOURNAL_TAG] = placeholder
-        run = call(f"create run '{record['run_name']}'", lambda: client.create_run(
-            experiment, start_time=record["start_time"], tags=tags, run_name=record["run_name"]))
-        ids[placeholder] = run.info.run_id
-        return True
-    if op == "log_batch":
-        if record.get("unless_reused") and record["run"] in progress["reused"]:
-            return False
-        run_id = real(record["run"])
-        metrics = [Metric(k, float(v), int(t), int(s)) for k, v, t, s in record.get("metrics", ())]
-        params = [Param(k, v) for k, v in record.get("params", ())]
-        call(f"log_batch to run {run_id}", lambda: client.log_batch(run_id, metrics=metrics, params=params))
-        return False
-    if op == "log_artifact":
-        run_id, path = real(record["run"]), journal.folder / record["file"]
-        if not path.exists():
-            raise ColamError(f"{journal.folder}: the kept copy of {record['source']} ({record['file']}) is missing")
-        call(f"upload {record['source']}", lambda: client.log_artifact(run_id, str(path),
-                                                                         artifact_path=record.get("artifact_path")))
-        return False
-    if op == "set_terminated":
-        run_id = real(record["run"])
-        call(f"end run {run_id}", lambda: client.set_terminated(run_id, record["status"], end_time=record["end_time"]))
-        return False
-    if op == "update_run":
-        run_id = real(record["run"])
-        call(f"update run {run_id}", lambda: client.update_run(run_id, status=record["status"]))
-        return False
-    raise ColamError(f"{journal.path}: record {record['seq']} has an unknown kind {op!r}")
+def _stage_state(folder: Path) -> dict:
+    """A stage's state.pt: the history of every epoch so far at full precision, without the weights."""
+    return cio.load_torch(folder / "state.pt", "stage state")
 
 
-def sync(run_dir: str | Path) -> str:
-    """`colam tracking sync DIR`: send DIR's journal to MLFLOW_TRACKING_URI; one line saying what was sent."""
-    folder = Path(run_dir)
-    journal = Journal(folder if folder.name == JOURNAL_DIR else folder / JOURNAL_DIR)
-    if not journal.exists():
-        raise ColamError(f"{run_dir}: no MLflow journal here ({journal.path} does not exist); a run keeps one only "
-                         f"when the tracking store did not answer")
-    pending = journal.pending()
-    if not pending:
-        return f"{run_dir}: every journaled record is in the tracking store already; nothing sent"
-    client = connect()
-    where = display_uri(client.tracking_uri)
-    result = replay(client, journal, retry_seconds())
-    sent = (f"sent {result['sent']} of {len(pending)} records ({result['runs']} runs created, {result['metrics']} "
-            f"metrics, {result['artifacts']} artifacts) to {where}")
-    if result["stopped"] is not None:
-        record, refused = result["stopped"]
-        raise ColamError(f"{run_dir}: {sent}; record {record['seq']} ({refused.what}) failed: {refused.reason}; "
-                         f"run the same command again when the store answers")
-    if result["left"]:
-        names = ", ".join(r["source"] for r in result["left"])
-        raise ColamError(f"{run_dir}: {sent}; {len(result['left'])} artifacts not uploaded ({names}): "
-                         f"{result['artifact_error'].reason}; run the same command again when the store answers")
-    return f"{run_dir}: {sent}; the journal is synced"
+def folder_config(out_dir: Path) -> Config:
+    """The configuration a run folder was trained with: its config.yaml, else a stage's state."""
+    from colam.config import from_dict
+
+    if (out_dir / "config.yaml").is_file():
+        return from_dict(yaml.safe_load((out_dir / "config.yaml").read_text()))
+    for folder in sorted(out_dir.glob("stage_*/state.pt")):
+        return from_dict(_stage_state(folder.parent)["config"])
+    raise ColamError(f"{out_dir}: not a colam run folder (no config.yaml and no stage_K/state.pt)")
 
 
-ONLINE, ARTIFACTS_DOWN, OFFLINE = "online", "artifacts down", "offline"
+# --------------------------------------------------------------- the store as a view of the folder
 
 
-class Offline(Exception):
-    """A search the run log cannot make now: the store does not answer."""
+class Behind(Exception):
+    """The store did not take a call: what it misses stays in the run folder for the next sync."""
 
 
-class ResilientStore:
-    """The MlflowClient calls of a run log, made so that tracking never stops training.
+class StoreView:
+    """One run's runs in the store (a parent, a nested run per stage), brought up to a run folder.
 
-    Online, each call is retried (with_retries); one that still fails sends this and every later
-    record to the run folder's Journal (OFFLINE), with one warning saying how to send them later.
-    An artifact that does not upload while the store otherwise answers (its S3 is down) sends only
-    the artifacts there (ARTIFACTS_DOWN). checkpoint() tries to send the journal and go back online.
-    """
+    Every step looks at what the store holds first and adds only what is missing, so a sync may run
+    any number of times and after a kill at any moment; each call is retried (`with_retries`)."""
 
-    def __init__(self, client: MlflowClient, run_dir: Path, offline: str | None = None):
-        self.client, self.uri, self.run_dir = client, client.tracking_uri, Path(run_dir)
-        self.journal = Journal(self.run_dir / JOURNAL_DIR)
+    def __init__(self, client: MlflowClient, experiment: str, run_key: str):
+        self.client, self.experiment, self.run_key = client, experiment, run_key
         self.budget = retry_seconds()
-        self.mode = ONLINE
-        self.warned = False
-        self.unsent: list[tuple[int, str]] = []  # artifacts journaled while the store answered, not yet named
-        self.parent: tuple[str, str] | None = None  # (run key, id) of the parent run, noted in the journal
-        self._noted: tuple[str, str] | None = None
-        self._ids: dict[str, str] = {}  # placeholder -> real id, as replays found them
-        if offline is not None:
-            self.go_offline(offline)
+        self.experiment_id: str | None = None
+        self.not_uploaded: list[str] = []  # artifacts the store refused while it otherwise answered
+        self.upload_error: Refused | None = None  # why, in this pass
+        self.counts = {"runs": 0, "epochs": 0, "artifacts": 0}
 
-    @property
-    def command(self) -> str:
-        return sync_command(self.run_dir, self.uri)
+    def call(self, what: str, fn):
+        try:
+            return with_retries(what, fn, self.budget)
+        except Refused as refused:
+            raise Behind(refused) from refused
 
-    def real(self, run_id: str | None) -> str | None:
-        return self._ids.get(run_id, run_id) if run_id else run_id
+    def experiment_id_now(self) -> str:
+        if self.experiment_id is None:
+            self.experiment_id = self.call(f"experiment '{self.experiment}'",
+                                           lambda: experiment_id(self.client, self.experiment))
+        return self.experiment_id
 
-    def _unsent_run(self, *run_ids) -> bool:
-        """Whether a run named is known only to the journal (created offline, not sent yet)."""
-        return any(r and self.real(r).startswith(OFFLINE_PREFIX) for r in run_ids)
+    def newest(self, condition: str):
+        runs = self.call("search runs", lambda: self.client.search_runs(
+            [self.experiment_id_now()], condition, order_by=["attributes.start_time DESC"], max_results=1))
+        return runs[0] if runs else None
 
-    def _record(self, record: dict) -> dict:
-        if self.parent is not None and self._noted != self.parent:
-            self._noted = self.parent
-            self.journal.append({"op": "parent", "run_key": self.parent[0], "run": self.parent[1]})
-        return self.journal.append(record)
+    def create(self, tags: dict, name: str) -> str:
+        run = self.call(f"create run '{name}'", lambda: self.client.create_run(
+            self.experiment_id_now(), start_time=_now_ms(), tags={**tags, MLFLOW_RUN_NAME: name}, run_name=name))
+        self.counts["runs"] += 1
+        return run.info.run_id
 
-    def go_offline(self, why: Refused | str) -> None:
-        if self.mode == OFFLINE:
-            return
-        self.mode = OFFLINE
-        if isinstance(why, Refused):
-            what = (f"does not answer ({why.reason}, {why.tries} tries)" if why.transient
-                    else f"refused {why.what} ({why.reason})")
-        else:
-            what = f"does not answer ({why})"
-        if self.warned:
-            log.info("MLflow: the tracking store %s again; records go to %s", what, self.journal.folder)
-            return
-        self.warned = True
-        log.warning("MLflow: the tracking store %s %s; training goes on, and its records are kept in %s; "
-                    "send them later with: %s", display_uri(self.uri), what, self.journal.folder, self.command)
+    def last_epoch(self, run_id: str) -> int:
+        points = self.call("metric history", lambda: self.client.get_metric_history(run_id, "lr"))
+        return max((m.step for m in points), default=0)
+
+    def log(self, run_id: str, metrics: list[Metric] = (), params: list[Param] = ()) -> None:
+        for batch in _chunks(list(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
+            self.call(f"log_batch to run {run_id}", lambda b=batch: self.client.log_batch(run_id, metrics=b))
+        for batch in _chunks(list(params), 100):
+            self.call(f"log_batch to run {run_id}", lambda b=batch: self.client.log_batch(run_id, params=b))
+
+    def end(self, run_id: str, status: str) -> None:
+        self.call(f"end run {run_id}", lambda: self.client.set_terminated(run_id, status, end_time=_now_ms()))
+
+    def held(self, run_id: str) -> set[str]:
+        """The artifacts a run holds; none, and no upload tried, when the store answers but its
+        artifact storage does not (S3 down behind a proxying server)."""
+        try:
+            return self.call(f"list artifacts of run {run_id}", lambda: artifact_names(self.client, run_id))
+        except Behind as behind:
+            if not self.answers():
+                raise
+            self.upload_error = behind.args[0]
+            return set()
+
+    def upload(self, run_id: str, files: list[tuple[Path, str | None, str]], held: set[str]) -> None:
+        """Upload the (path, artifact folder, name to report) the run does not hold yet. After an
+        upload the store refuses while it answers (its S3 is down), the rest are noted untried."""
+        for path, folder, name in files:
+            if (f"{folder}/{path.name}" if folder else path.name) in held:
+                continue
+            if self.upload_error is not None:
+                self.not_uploaded.append(name)
+                continue
+            try:
+                self.call(f"upload {name}", lambda p=path, f=folder: self.client.log_artifact(run_id, str(p), f))
+                self.counts["artifacts"] += 1
+            except Behind as behind:
+                if not self.answers():
+                    raise
+                self.not_uploaded.append(name)
+                self.upload_error = behind.args[0]
 
     def answers(self) -> bool:
         """One quick request; tried twice, as a server that answered an error may have closed the
@@ -756,140 +598,102 @@ class ResilientStore:
                     raise
         return False
 
-    # --------------------------------------------------------------- the calls
 
-    def read(self, what: str, call, *run_ids):
-        """A search or get: its answer, or Offline when the store does not answer (now or after retries)."""
-        if self.mode == OFFLINE or self._unsent_run(*run_ids):
-            raise Offline(what)
-        try:
-            return with_retries(what, call, self.budget)
-        except Refused as refused:
-            self.go_offline(refused)
-            raise Offline(what) from None
+def artifact_names(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
+    found = set()
+    for entry in client.list_artifacts(run_id, path):
+        found |= artifact_names(client, run_id, entry.path) if entry.is_dir else {entry.path}
+    return found
 
-    def _write(self, what: str, record: dict, call) -> None:
-        if self.mode != OFFLINE and not self._unsent_run(record.get("run")):
-            try:
-                with_retries(what, call, self.budget)
-                return
-            except Refused as refused:
-                self.go_offline(refused)
-        self._record(record)
 
-    def create_run(self, experiment: str, experiment_id: str | None, tags: dict, run_name: str,
-                   reuse: str | None = None) -> str:
-        """A run's id; offline a placeholder that a sync maps to the run it creates (or, with
-        `reuse`, to the newest run matching that filter, if any)."""
-        now = _now_ms()
-        if self.mode != OFFLINE and experiment_id is not None and reuse is None and not self._unsent_run(*tags.values()):
-            real_tags = {k: self.real(v) for k, v in tags.items()}
-            try:
-                return with_retries(f"create run '{run_name}'", lambda: self.client.create_run(
-                    experiment_id, start_time=now, tags=real_tags, run_name=run_name), self.budget).info.run_id
-            except Refused as refused:
-                self.go_offline(refused)
-        placeholder = OFFLINE_PREFIX + uuid.uuid4().hex[:24]
-        self._record({"op": "create_run", "id": placeholder, "experiment": experiment, "tags": tags,
-                      "run_name": run_name, "start_time": now, "reuse": reuse})
-        return placeholder
+def parent_tags(config: Config, run_key: str, out_dir: Path, run_name: str | None) -> dict:
+    method = METHODS[config.method.name]
+    tags = {"colam.role": "parent", "colam.run_key": run_key, "colam.method": config.method.name,
+            "colam.variant": variant(config), "colam.seed": str(config.seed),
+            "colam.protocol": protocol_digest(config), "colam.out_dir": str(out_dir),
+            MLFLOW_RUN_NAME: run_name or out_dir.name}
+    tags.update({f"colam.{key}": str(float(value)) for key, value in method.headline_values(config).items()})
+    commit = git_commit()
+    if commit:
+        tags[MLFLOW_GIT_COMMIT] = commit
+    return tags
 
-    def log_batch(self, run_id: str, metrics=(), params=(), unless_reused: bool = False) -> None:
-        metrics, params = list(metrics), list(params)
-        record = {"op": "log_batch", "run": run_id, "metrics": [[m.key, m.value, m.timestamp, m.step] for m in metrics],
-                  "params": [[p.key, p.value] for p in params]}
-        if unless_reused:
-            record["unless_reused"] = True
-        self._write(f"log_batch to run {self.real(run_id)}", record,
-                    lambda: self.client.log_batch(self.real(run_id), metrics=metrics, params=params))
 
-    def set_terminated(self, run_id: str, status: str) -> None:
-        now = _now_ms()
-        self._write(f"end run {self.real(run_id)}", {"op": "set_terminated", "run": run_id, "status": status,
-                                                      "end_time": now},
-                    lambda: self.client.set_terminated(self.real(run_id), status, end_time=now))
+def sync_stage(view: StoreView, parent_id: str, stage: int, folder: Path, config: Config,
+               recheck: bool = True) -> None:
+    """The nested run of a finished stage: its epochs, its scalars, its files, FINISHED. A FINISHED
+    run is looked into again only when `recheck` (a sync; a training process checked it at its end)."""
+    condition = f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}' and tags.`colam.stage` = '{stage}'"
+    run = view.newest(condition)
+    if run is not None and run.info.status == RunStatus.to_string(RunStatus.FINISHED) and not recheck:
+        return
+    run_id = run.info.run_id if run is not None else view.create(
+        {MLFLOW_PARENT_RUN_ID: parent_id, "colam.role": "stage", "colam.stage": str(stage)}, f"stage {stage}")
+    state = _stage_state(folder)
+    rows = [r for r in state["history"] if r["stage"] == stage and r["epoch"] > view.last_epoch(run_id)]
+    view.log(run_id, epoch_metrics(rows))
+    view.counts["epochs"] += len(rows)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    if run is None or not {f"stage_{k}" for k in ("test_acc", "train_acc")} <= run.data.metrics.keys():
+        view.log(run_id, stage_scalars(metrics))
+    held = view.held(run_id)
+    with stage_files(folder, stage, config, held) as files:
+        view.upload(run_id, files, held)
+    if run is None or run.info.status != RunStatus.to_string(RunStatus.FINISHED):
+        view.end(run_id, RunStatus.to_string(RunStatus.FINISHED))
 
-    def update_run(self, run_id: str, status: str) -> None:
-        self._write(f"update run {self.real(run_id)}", {"op": "update_run", "run": run_id, "status": status},
-                    lambda: self.client.update_run(self.real(run_id), status=status))
 
-    def log_artifact(self, run_id: str, local_path: str | Path, artifact_path: str | None = None) -> None:
-        path = Path(local_path)
-        try:
-            name = str(path.resolve().relative_to(self.run_dir.resolve()))
-        except ValueError:  # a temporary file (the heatmap): named by where it goes in the run
-            name = f"{artifact_path}/{path.name}" if artifact_path else path.name
-        if self.mode == ONLINE and not self._unsent_run(run_id):
-            try:
-                with_retries(f"upload {name}", lambda: self.client.log_artifact(
-                    self.real(run_id), str(path), artifact_path=artifact_path), self.budget)
-                return
-            except Refused as refused:
-                if not self.answers():
-                    self.go_offline(refused)
-                else:
-                    self.mode = ARTIFACTS_DOWN
-                    log.warning("MLflow: could not upload %s to run %s (%s, %d tries); training goes on, the files "
-                                "stay in %s and the artifacts not uploaded are kept in %s; send them later with: %s",
-                                name, self.real(run_id), refused.reason, refused.tries, self.run_dir,
-                                self.journal.folder, self.command)
-        record = self._record({"op": "log_artifact", "run": run_id, "file": self.journal.keep(path),
-                               "artifact_path": artifact_path, "source": name, "sha256": cio.sha256_file(path)})
-        if self.mode != OFFLINE:
-            self.unsent.append((record["seq"], name))
+def sync_parent_end(view: StoreView, parent_id: str, state: FolderState, last_stage: Path) -> None:
+    """The parent of a finished run: every epoch's curves, the final metrics, its files, FINISHED."""
+    history = _stage_state(last_stage)["history"]
+    logged = view.last_epoch(parent_id)
+    now = _now_ms()
+    curves = epoch_metrics([row for row in history if row["epoch"] > logged], now)
+    final = [Metric(k, float(state.final[k]), now, state.final["epochs"]) for k in FINAL if k in state.final]
+    view.log(parent_id, curves + (final if logged < state.final["epochs"] else []))
+    view.upload(parent_id, [(path, None, path.name) for path in state.parent_files], view.held(parent_id))
+    view.end(parent_id, RunStatus.to_string(RunStatus.FINISHED))
 
-    # --------------------------------------------------------------- back online
 
-    def resume(self) -> None:
-        """Before a run starts: send what an earlier process of this run journaled."""
-        if self.mode == OFFLINE or not self.journal.exists():
-            return
-        self._ids.update(self.journal.progress()["ids"])
-        if self.journal.pending():
-            self._replay()
-            left = [r["source"] for r in self.journal.pending() if r["op"] == "log_artifact"]
-            if self.mode == ARTIFACTS_DOWN and left:
-                log.warning("MLflow: not uploaded yet (kept in %s): %s; send them later with: %s",
-                            self.journal.folder, ", ".join(left), self.command)
+def epoch_metrics(rows: list[dict], now: int | None = None) -> list[Metric]:
+    now = now or _now_ms()
+    return [Metric(k, float(row[k]), now, row["epoch"]) for row in rows for k in CURVES if k in row]
 
-    def checkpoint(self) -> None:
-        """At a stage end and at the finish: send the journal if the store answers again, then name
-        the artifacts not uploaded."""
-        if self.mode != ONLINE and (self.mode == ARTIFACTS_DOWN or self.answers()):
-            self._replay()
-        self.report()
 
-    def _replay(self) -> None:
-        # A short budget (two tries: see answers()); what does not go now, the next checkpoint tries again.
-        result = replay(self.client, self.journal, budget=min(self.budget, 0.5))
-        self._ids.update(result["ids"])
-        was = self.mode
-        if result["stopped"] is not None:
-            self.go_offline(result["stopped"][1])
-        elif result["left"]:
-            self.mode = ARTIFACTS_DOWN
-        else:
-            self.mode = ONLINE
-        if result["sent"] and was == OFFLINE:
-            log.info("MLflow: the tracking store answers again; sent %d journaled records (%s)", result["sent"],
-                     "all" if self.mode == ONLINE else "some artifacts are still to upload")
+def stage_scalars(metrics: dict) -> list[Metric]:
+    """A stage's accuracies, its estimation time and what the method reports of its end (COLAM:
+    label rows that did not favour their class), at the stage's last epoch."""
+    scalars = {f"stage_{k}": v for k, v in metrics.items() if k in ("test_acc", "val_acc", "train_acc")}
+    if metrics.get("estimation_seconds") is not None:  # None: a later pipeline step estimates
+        scalars["estimation_seconds"] = metrics["estimation_seconds"]
+    scalars.update({k: v for k, v in metrics.items() if k not in HISTORY_FIELDS and k not in NOT_REPORTS
+                    and isinstance(v, (int, float)) and not isinstance(v, bool)})
+    now = _now_ms()
+    return [Metric(k, float(v), now, metrics["epoch"]) for k, v in scalars.items()]
 
-    def report(self) -> None:
-        """One warning naming the artifacts journaled while the store answered, since the last one."""
-        if self.unsent and self.mode != OFFLINE:
-            pending = {r["seq"] for r in self.journal.pending()}
-            names = [name for seq, name in self.unsent if seq in pending]
-            if names:
-                log.warning("MLflow: not uploaded (kept in %s): %s; send them later with: %s", self.journal.folder,
-                            ", ".join(names), self.command)
-        self.unsent = []
 
-    def final_note(self) -> None:
-        if self.mode != ONLINE and self.journal.exists():
-            left = len(self.journal.pending())
-            if left:
-                log.info("MLflow: %d records of this run wait in %s; send them with: %s", left, self.journal.folder,
-                         self.command)
+def sync(run_dir: str | Path, experiment: str) -> str:
+    """`colam tracking sync DIR`: bring the store up to what the run folder DIR holds; one line."""
+    out_dir = Path(run_dir)
+    if not out_dir.is_dir():
+        raise ColamError(f"{run_dir}: not a folder")
+    config = folder_config(out_dir)
+    client = connect()
+    run_log = MlflowRunLog(client, experiment, out_dir)
+    run_log.attach(config)
+    try:
+        run_log.catch_up(find_finished=True, recheck=True)
+    except Behind as behind:
+        raise ColamError(f"{run_dir}: the tracking store {display_uri(client.tracking_uri)} did not take "
+                         f"{behind.args[0].what} ({behind.args[0].reason}); run the same command again when it "
+                         f"answers") from None
+    counts = run_log.view.counts
+    said = (f"{counts['runs']} runs created, {counts['epochs']} epochs and {counts['artifacts']} artifacts sent"
+            if any(counts.values()) else "nothing sent")
+    if run_log.view.not_uploaded:
+        raise ColamError(f"{run_dir}: {said}; not uploaded: {', '.join(run_log.view.not_uploaded)} "
+                         f"({run_log.view.upload_error.reason}); run the same command again when the store answers")
+    return f"{run_dir}: the tracking store holds what the folder holds ({said}) at {display_uri(client.tracking_uri)}"
 
 
 def _now_ms() -> int:
@@ -897,177 +701,158 @@ def _now_ms() -> int:
 
 
 def open_run_log(experiment: str, out_dir: str | Path, run_name: str | None = None) -> MlflowRunLog:
-    """The run log of `colam train --track`: the store must answer now, unless this run already
-    keeps records offline (a later stage of a pipeline run): then it goes on offline."""
-    try:
-        client = connect()
-    except ColamError as exc:
-        journal = Journal(Path(out_dir) / JOURNAL_DIR)
-        if not (journal.exists() and journal.pending()):
-            raise
-        return MlflowRunLog(MlflowClient(tracking_uri=tracking_uri()), experiment, out_dir, run_name=run_name,
-                            offline=str(exc).split(" (", 1)[-1][:-1])
-    return MlflowRunLog(client, experiment, out_dir, run_name=run_name)
+    """The run log of `colam train --track`: the store must answer now (a wrong URI fails at once)."""
+    return MlflowRunLog(connect(), experiment, out_dir, run_name=run_name)
 
 
 class MlflowRunLog(RunLog):
     """Reports a colam run to MLflow; use it as a context manager so a crash marks the runs FAILED.
 
-    Its calls go through a ResilientStore: a store that stops answering sends the records to the
-    run folder's journal, and training goes on."""
+    The run folder is the record: the live hooks log each epoch as it ends, and at every stage end
+    and at the finish `catch_up` brings the store up to the folder. A store that does not answer
+    costs one warning; from then on the run log waits for a stage end or the finish at which the
+    store answers again, and `colam tracking sync DIR` catches up from the files at any time."""
 
     def __init__(self, client: MlflowClient, experiment: str, out_dir: str | Path, run_name: str | None = None,
-                 run_key: str | None = None, offline: str | None = None):
+                 run_key: str | None = None):
         """`run_key` names the run across processes whose out_dir differs (a Kubeflow run's id);
-        by default the run is named by its out_dir. `offline`: why the store cannot be used now
-        (the run log then starts offline)."""
+        by default the run is named by its out_dir."""
         self.client, self.experiment, self.out_dir, self.run_name = client, experiment, Path(out_dir), run_name
         self.key = run_key
-        self.store = ResilientStore(client, self.out_dir, offline)
-        self.experiment_id: str | None = None
-        self.parent_id: str | None = None  # the parent run while it is open (a placeholder when created offline)
+        self.view = StoreView(client, experiment, "")
+        self.config: Config | None = None
+        self.info: dict = {}
+        self.parent_id: str | None = None  # the parent run while it is open
         self._run_id: str | None = None  # the parent run, also after finish()
         self.stage_id: str | None = None
-        self.config: Config | None = None
-        self.last_stage_dir: Path | None = None
+        self.stage_dirs: dict[int, Path] = {}
+        self.final: dict | None = None
         self.resumed_from = 0
+        self.behind: Behind | None = None
 
     @property
     def run_id(self) -> str | None:
-        """The parent run's id (a placeholder while it exists only in the journal)."""
-        return self.store.real(self._run_id)
+        return self._run_id
+
+    @property
+    def command(self) -> str:
+        return sync_command(self.out_dir, self.client.tracking_uri, self.experiment)
 
     # --------------------------------------------------------------- RunLog hooks
 
-    def start(self, config: Config, info: dict) -> None:
+    def attach(self, config: Config) -> None:
+        """The run this log reports: its configuration names its parent run (`parent_key`)."""
         self.config = config
+        self.view.run_key = parent_key(config, self.key or str(self.out_dir.resolve()))
+
+    def start(self, config: Config, info: dict) -> None:
+        self.attach(config)
         self.resumed_from = info["resumed_from_epoch"]
-        self.store.resume()
-        try:
-            self.experiment_id = self.store.read(f"experiment '{self.experiment}'",
-                                                 lambda: experiment_id(self.client, self.experiment))
-        except Offline:
-            self.experiment_id = None
-        run_key = parent_key(config, self.key or str(self.out_dir.resolve()))
-        reuse = None
-        if info["resumed_from_epoch"] > 0:
-            condition = f"tags.`colam.run_key` = '{run_key}' and tags.`colam.role` = 'parent'"
-            # A pipeline run's key is unique to it: a retried last step continues its parent even
-            # after that parent finished. Without a key, a finished run with this out_dir is an old one.
-            if not self.key:
-                condition += " and attributes.status != 'FINISHED'"
-            try:
-                self.parent_id = self._newest(condition)
-            except Offline:  # the parent an earlier process noted, else the one a sync finds
-                self.parent_id = self.store.journal.parent_of(run_key)
-                reuse = condition if self.parent_id is None else None
-        if self.parent_id is not None:
-            log.info("MLflow: continuing run %s", self.store.real(self.parent_id))
-            self.store.update_run(self.parent_id, RunStatus.to_string(RunStatus.RUNNING))
-            self._run_id = self.parent_id
-            self.store.parent = (run_key, self.parent_id)
-            return
-        tags = {"colam.role": "parent", "colam.run_key": run_key, "colam.method": config.method.name,
-                "colam.variant": variant(config), "colam.seed": str(config.seed),
-                "colam.protocol": protocol_digest(config), "colam.out_dir": str(self.out_dir),
-                MLFLOW_RUN_NAME: self.run_name or self.out_dir.name}
-        if "temperature" in METHODS[config.method.name].hyperparameters(config):
-            tags["colam.temperature"] = str(float(config.method.colam.temperature))
-        commit = git_commit()
-        if commit:
-            tags[MLFLOW_GIT_COMMIT] = commit
-        self.parent_id = self._run_id = self.store.create_run(self.experiment, self.experiment_id, tags,
-                                                              tags[MLFLOW_RUN_NAME], reuse=reuse)
-        self.store.parent = (run_key, self.parent_id)
-        params = {**flat_params(config), **summary_params(config),
-                  **{k: str(v) for k, v in info.items() if k != "resumed_from_epoch"}}
-        for batch in _chunks([Param(k, v[:6000]) for k, v in params.items()], 100):  # MLflow's batch limit
-            self.store.log_batch(self.parent_id, params=batch, unless_reused=reuse is not None)
-        if self.store.mode != OFFLINE:
-            log.info("MLflow: run %s in experiment '%s' at %s", self.run_id, self.experiment,
+        self.info = {k: str(v) for k, v in info.items() if k != "resumed_from_epoch"}
+        self._guarded(lambda: self.catch_up(find_finished=bool(self.key), resumed=self.resumed_from > 0))
+        if self.parent_id is not None and self.behind is None:
+            log.info("MLflow: run %s in experiment '%s' at %s", self.parent_id, self.experiment,
                      display_uri(self.client.tracking_uri))
 
     def stage_start(self, stage: int) -> None:
-        try:
-            self.stage_id = self._newest(f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.store.real(self.parent_id)}' and "
-                                         f"tags.`colam.stage` = '{stage}' and attributes.status != 'FINISHED'",
-                                         self.parent_id)
-            if self.stage_id is not None and self._last_epoch(self.stage_id) > self.resumed_from:
-                # An interrupted attempt logged epochs that this process trains again (a pipeline step
-                # re-runs its stage from the start): keep that attempt as it is, log this one apart.
-                self.stage_id = None
-        except Offline:  # a stage run this process creates (a sync does not look for an interrupted one)
-            self.stage_id = None
-        if self.stage_id is None:
-            tags = {MLFLOW_PARENT_RUN_ID: self.parent_id, "colam.role": "stage", "colam.stage": str(stage),
-                    MLFLOW_RUN_NAME: f"stage {stage}"}
-            self.stage_id = self.store.create_run(self.experiment, self.experiment_id, tags, f"stage {stage}")
-
-    def stage_end_again(self, stage: int, stage_dir: Path, row: dict, metrics: dict) -> None:
-        """A killed process saved stage `stage`'s end; its stage run says how much of it was reported:
-        a FINISHED one all of it, an unfinished one is completed (its last epoch logged once)."""
-        try:
-            found = self._newest_run(f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.store.real(self.parent_id)}' and "
-                                     f"tags.`colam.stage` = '{stage}'", self.parent_id)
-        except Offline:  # nothing can be looked up: report it (a sync sends it as a stage run of its own)
-            found = None
-        if found is None:
-            super().stage_end_again(stage, stage_dir, row, metrics)
-            return
-        if found.info.status == RunStatus.to_string(RunStatus.FINISHED):
-            self.last_stage_dir = stage_dir
-            return
-        self.stage_id = found.info.run_id
-        if self._last_epoch(self.stage_id) < row["epoch"]:
-            self.epoch_end(stage, row)
-        self.stage_end(stage, stage_dir, metrics)
+        if self.behind is None:
+            self._guarded(lambda: self._open_stage(stage))
 
     def epoch_end(self, stage: int, row: dict) -> None:
-        now = _now_ms()
-        metrics = [Metric(k, float(row[k]), now, row["epoch"]) for k in CURVES if k in row]
-        # The parent gets the whole curve at the end, from history.csv: a stage trained again after
-        # an interruption would otherwise leave its first attempt's epochs in the parent's curves.
-        self.store.log_batch(self.stage_id, metrics=metrics)
+        if self.behind is None and self.stage_id is not None:
+            self._guarded(lambda: self.view.log(self.stage_id, epoch_metrics([row])))
 
     def stage_end(self, stage: int, stage_dir: Path, metrics: dict) -> None:
-        now = _now_ms()
-        scalars = {f"stage_{k}": v for k, v in metrics.items() if k in ("test_acc", "val_acc", "train_acc")}
-        if metrics.get("estimation_seconds") is not None:  # None: a later pipeline step estimates
-            scalars["estimation_seconds"] = metrics["estimation_seconds"]
-        # what the method reports of its stage end (COLAM: label rows that did not favour their class)
-        scalars.update({k: v for k, v in metrics.items() if k not in HISTORY_FIELDS and k not in NOT_REPORTS
-                        and isinstance(v, (int, float)) and not isinstance(v, bool)})
-        self.store.log_batch(self.stage_id, metrics=[Metric(k, float(v), now, metrics["epoch"])
-                                                     for k, v in scalars.items()])
-        log_stage_files(self.store, self.stage_id, stage_dir, stage, self.config)
-        self.store.set_terminated(self.stage_id, RunStatus.to_string(RunStatus.FINISHED))
+        self.stage_dirs[stage] = Path(stage_dir)
         self.stage_id = None
-        self.last_stage_dir = stage_dir
-        self.store.checkpoint()
+        self._sync_point()
 
     def finish(self, metrics: dict, out_dir: Path) -> None:
-        now = _now_ms()
-        # The last stage's state holds every epoch at full precision, however the run was split up.
-        history = cio.load_torch(self.last_stage_dir / "state.pt", "stage state")["history"]
-        curves = [Metric(k, float(row[k]), now, row["epoch"]) for row in history for k in CURVES if k in row]
-        history_path = next(p for p in (out_dir / "history.csv", self.last_stage_dir / "history.csv") if p.exists())
-        final = [Metric(k, float(metrics[k]), now, metrics["epochs"]) for k in FINAL if k in metrics]
-        for batch in _chunks(curves + final, 1000):  # MLflow takes at most 1000 metrics per batch
-            self.store.log_batch(self.parent_id, metrics=batch)
-        for path in (out_dir / "config.yaml", history_path, out_dir / "metrics.json"):
-            if path.exists():
-                self.store.log_artifact(self.parent_id, path)
-        self.store.set_terminated(self.parent_id, RunStatus.to_string(RunStatus.FINISHED))
+        self.final = metrics
+        self._sync_point()
         self.parent_id = None
-        self.store.checkpoint()
-        self.store.final_note()
 
     def log_files(self, paths: list[Path], artifact_path: str) -> None:
         """Files of the run (e.g. a pipeline's split.json) as artifacts of the parent run."""
-        for path in paths:
-            if Path(path).exists():
-                self.store.log_artifact(self._run_id, path, artifact_path=artifact_path)
-        self.store.report()
+        files = [(Path(p), artifact_path, Path(p).name) for p in paths if Path(p).exists()]
+        if self._run_id is not None:
+            self._guarded(lambda: self.view.upload(self._run_id, files, self.view.held(self._run_id)))
+        self._tell_not_uploaded()
+
+    # --------------------------------------------------------------- catching up with the folder
+
+    def catch_up(self, find_finished: bool = False, resumed: bool = True, recheck: bool = False) -> None:
+        """Bring the store up to the folder: the parent (found by its key, or created), every finished
+        stage, and the parent's end once the run is over. Idempotent; `recheck` looks into the
+        finished stage runs again (their files)."""
+        self.view.upload_error = None  # each pass tries the uploads again
+        if self.parent_id is None:
+            self._find_or_create_parent(find_finished, resumed)
+        folder = read_folder(self.out_dir, self.config, self.stage_dirs, self.final)
+        for stage, stage_dir in folder.stages.items():
+            sync_stage(self.view, self.parent_id, stage, stage_dir, self.config, recheck)
+        if folder.final is not None and folder.stages:
+            sync_parent_end(self.view, self.parent_id, folder, folder.stages[max(folder.stages)])
+
+    def _find_or_create_parent(self, find_finished: bool, resumed: bool) -> None:
+        condition = f"tags.`colam.run_key` = '{self.view.run_key}' and tags.`colam.role` = 'parent'"
+        # A pipeline run's key is unique to it: a retried last step continues its parent even after
+        # that parent finished. Without a key, a finished run with this out_dir is an old one.
+        found = self.view.newest(condition if find_finished else condition + " and attributes.status != 'FINISHED'") \
+            if resumed else None
+        if found is not None:
+            self.parent_id = found.info.run_id
+            if found.info.status != RunStatus.to_string(RunStatus.RUNNING):
+                self.view.call("update run", lambda: self.client.update_run(self.parent_id, status="RUNNING"))
+        else:
+            tags = parent_tags(self.config, self.view.run_key, self.out_dir, self.run_name)
+            self.parent_id = self.view.create(tags, tags[MLFLOW_RUN_NAME])
+            params = {**flat_params(self.config), **summary_params(self.config), **self.info}
+            self.view.log(self.parent_id, params=[Param(k, v[:6000]) for k, v in params.items()])
+        self._run_id = self.parent_id
+
+    def _open_stage(self, stage: int) -> None:
+        run = self.view.newest(f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.parent_id}' and tags.`colam.stage` = "
+                               f"'{stage}' and attributes.status != 'FINISHED'")
+        # An interrupted attempt that logged epochs this process trains again (a pipeline step re-runs
+        # its stage from the start) is kept as it is; this attempt gets a run of its own.
+        if run is not None and self.view.last_epoch(run.info.run_id) <= self.resumed_from:
+            self.stage_id = run.info.run_id
+        else:
+            self.stage_id = self.view.create({MLFLOW_PARENT_RUN_ID: self.parent_id, "colam.role": "stage",
+                                              "colam.stage": str(stage)}, f"stage {stage}")
+
+    def _sync_point(self) -> None:
+        """At a stage end and at the finish: catch up, if the store answers again after falling behind."""
+        if self.behind is not None and not self.view.answers():
+            return
+        was_behind = self.behind is not None
+        self.behind = None
+        self._guarded(self.catch_up)
+        if was_behind and self.behind is None:
+            log.info("MLflow: the tracking store answers again; it holds what %s holds", self.out_dir)
+        self._tell_not_uploaded()
+
+    def _guarded(self, call) -> None:
+        """Run `call`; a store that does not take it costs one warning, never the training."""
+        try:
+            call()
+        except Behind as behind:
+            refused = behind.args[0]
+            what = (f"does not answer ({refused.reason}, {refused.tries} tries)" if refused.transient
+                    else f"refused {refused.what} ({refused.reason})")
+            if self.behind is None and not getattr(self, "_warned", False):
+                log.warning("MLflow: the tracking store %s %s; training goes on, the run folder keeps everything; "
+                            "bring the store up to it later with: %s", display_uri(self.client.tracking_uri), what,
+                            self.command)
+                self._warned = True
+            self.behind = behind
+
+    def _tell_not_uploaded(self) -> None:
+        if self.view.not_uploaded:
+            log.warning("MLflow: could not upload %s (%s); the files stay in %s; send them later with: %s",
+                        ", ".join(self.view.not_uploaded), self.view.upload_error.reason, self.out_dir, self.command)
+            self.view.not_uploaded = []
 
     # --------------------------------------------------------------- context
 
@@ -1076,37 +861,15 @@ class MlflowRunLog(RunLog):
 
     def __exit__(self, kind, error, traceback) -> None:
         """On an error mark the open runs; after a stage that is not the last, the parent stays RUNNING."""
-        if kind is None:
+        if kind is None or self.behind is not None:
             return
-        status = RunStatus.KILLED if issubclass(kind, KeyboardInterrupt) else RunStatus.FAILED
+        status = RunStatus.to_string(RunStatus.KILLED if issubclass(kind, KeyboardInterrupt) else RunStatus.FAILED)
         for run_id in (self.stage_id, self.parent_id):
             if run_id is not None:
                 try:
-                    self.store.set_terminated(run_id, RunStatus.to_string(status))
+                    self.view.end(run_id, status)
                 except Exception as exc:  # the original error matters more than this one
-                    log.warning("MLflow: could not mark run %s %s (%s)", self.store.real(run_id),
-                                RunStatus.to_string(status), exc)
-        try:
-            self.store.report()
-            self.store.final_note()
-        except Exception as exc:
-            log.warning("MLflow: %s", exc)
-
-    def _last_epoch(self, run_id: str) -> int:
-        history = self.store.read("metric history", lambda: self.client.get_metric_history(self.store.real(run_id), "lr"),
-                                  run_id)
-        return max((m.step for m in history), default=0)
-
-    def _newest(self, condition: str, *run_ids) -> str | None:
-        run = self._newest_run(condition, *run_ids)
-        return run.info.run_id if run is not None else None
-
-    def _newest_run(self, condition: str, *run_ids):
-        if self.experiment_id is None:
-            raise Offline("search runs")
-        runs = self.store.read("search runs", lambda: self.client.search_runs(
-            [self.experiment_id], condition, order_by=["attributes.start_time DESC"], max_results=1), *run_ids)
-        return runs[0] if runs else None
+                    log.warning("MLflow: could not mark run %s %s (%s)", run_id, status, exc)
 
 
 def _chunks(items: list, size: int):
@@ -1115,3 +878,11 @@ def _chunks(items: list, size: int):
 
 def _digest(payload: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def log_points(client: MlflowClient, run_id: str, metrics: dict[str, list]) -> None:
+    """Each metric's (step, value) points on run `run_id`, in one batch."""
+    now = int(time.time() * 1000)
+    batch = [Metric(key, float(value), now, int(step)) for key, points in metrics.items() for step, value in points]
+    if batch:
+        client.log_batch(run_id, metrics=batch)

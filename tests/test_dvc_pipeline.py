@@ -68,7 +68,7 @@ class Repo:
 
     def hashes(self, *folders: str, outputs_only: bool = False) -> dict[str, str]:
         """sha256 of every file under `folders`; `outputs_only` leaves out colam's bookkeeping that
-        .dvcignore keeps out of DVC's outputs (.partial.pt, temporaries, journals)."""
+        .dvcignore keeps out of DVC's outputs (.partial.pt, temporaries)."""
         found = {}
         for folder in folders:
             for path in sorted((self.path / folder).rglob("*")):
@@ -78,8 +78,7 @@ class Repo:
 
 
 def _bookkeeping(path: Path) -> bool:
-    return (path.name == ".partial.pt" or fnmatch.fnmatch(path.name, ".*.tmp")
-            or "mlflow-journal" in path.parts)
+    return path.name == ".partial.pt" or fnmatch.fnmatch(path.name, ".*.tmp")
 
 
 def _ran(output: str) -> list[str]:

@@ -1,6 +1,7 @@
 """Storage and tracking faults (pipelines/tracking.py), against real servers on 127.0.0.1: an MLflow
 server that goes away during training, transient 5xx answers, S3 down behind the server, and
-parallel runs on one fresh sqlite store.
+parallel runs on one fresh sqlite store. Whatever happens, the store ends equal to what the run
+folder holds, however often a sync ran.
 
 The servers here are this module's own (stopped and restarted by the tests), never the session's.
 """
@@ -25,7 +26,8 @@ from mlflow import MlflowClient
 from colam.config import load_config
 from colam.engine import fit
 from pipelines import cli as pipelines_cli
-from pipelines.tracking import JOURNAL_DIR, RETRY_ENV, Journal, MlflowRunLog
+import pipelines.tracking
+from pipelines.tracking import RETRY_ENV, MlflowRunLog
 from tests.conftest import TINY
 from tests.test_tracking import runs_of
 
@@ -89,8 +91,8 @@ def train(out, experiment, config, *extra):
                                "--track", "--no-progress", *extra])
 
 
-def sync(out):
-    return pipelines_cli.main(["tracking", "sync", str(out)])
+def sync(out, experiment):
+    return pipelines_cli.main(["tracking", "sync", str(out), "--experiment", experiment])
 
 
 def without_timings(metrics):
@@ -171,9 +173,9 @@ def warnings_of(caplog):
 
 
 def file_digests(folder):
-    """sha256 of every file of a run folder outside its journal."""
+    """sha256 of every file of a run folder."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and JOURNAL_DIR not in p.parts}
+            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def closed_port():
@@ -185,8 +187,12 @@ def closed_port():
 # ----------------------------------------------------------------------------- the server goes away
 
 
-def test_a_server_stopped_mid_run_loses_nothing_and_sync_sends_the_rest_once(up, untracked, tiny_yaml, tmp_path,
-                                                                             monkeypatch, caplog, capsys):
+class Killed(BaseException):
+    """Stands for SIGKILL in the middle of a sync."""
+
+
+def test_a_server_stopped_mid_run_loses_nothing_and_sync_brings_the_store_up_to_the_folder(
+        up, untracked, tiny_yaml, tmp_path, monkeypatch, caplog, capsys):
     mlflow, _ = up
     caplog.set_level(logging.INFO, logger="colam")
     monkeypatch.setenv(RETRY_ENV, "2")
@@ -204,41 +210,32 @@ def test_a_server_stopped_mid_run_loses_nothing_and_sync_sends_the_rest_once(up,
     assert without_timings(printed) == without_timings(json.loads((untracked / "metrics.json").read_text()))
     assert_same_training(out, untracked)
 
-    command = f"MLFLOW_TRACKING_URI={mlflow.uri} colam tracking sync {out}"
+    command = f"MLFLOW_TRACKING_URI={mlflow.uri} colam tracking sync {out} --experiment goes-away"
     told = [w for w in warnings_of(caplog) if "colam tracking sync" in w]
     assert len(told) == 1, warnings_of(caplog)
-    assert command in told[0] and "training goes on" in told[0] and str(out / JOURNAL_DIR) in told[0]
-    journal = Journal(out / JOURNAL_DIR)
-    records = journal.records()
-    assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
-    kinds = [r["op"] for r in records]
-    assert kinds.count("create_run") == 1 and kinds[-1] == "set_terminated"  # stage 2's run, ..., the parent's end
-    assert kinds.count("log_artifact") == len(STAGE_FILES) + 1 + len(PARENT_FILES)  # with the heatmap's copy
-    heatmap = next(r for r in records if r["op"] == "log_artifact" and r["artifact_path"] == "figures")
-    assert (journal.folder / heatmap["file"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # its temp file is gone
+    assert command in told[0] and "training goes on" in told[0] and "the run folder keeps everything" in told[0]
     local = file_digests(out)
 
     mlflow.restart()  # the same port and backend store
     client = MlflowClient(mlflow.uri)
     (parent,), stages = runs_of(client, "goes-away")
     assert parent.info.status == "RUNNING" and len(stages) == 1  # what got there before the server went away
+    # A sync killed half-way (before the parent's end), then run again: nothing is logged twice.
+    real_end = pipelines.tracking.sync_parent_end
+    monkeypatch.setattr(pipelines.tracking, "sync_parent_end", lambda *a: (_ for _ in ()).throw(Killed()))
+    with pytest.raises(Killed):
+        sync(out, "goes-away")
+    monkeypatch.setattr(pipelines.tracking, "sync_parent_end", real_end)
     capsys.readouterr()
-    assert sync(out) == 0
+    assert sync(out, "goes-away") == 0
     said = capsys.readouterr().out.strip()
-    assert said.endswith("the journal is synced") and f"sent {len(records)} of {len(records)} records" in said
-    assert "(1 runs created" in said
+    assert "the tracking store holds what the folder holds (0 runs created" in said  # stage 2's run: the first sync
     parent, stages = assert_complete(client, "goes-away", out, tmp_path / "download")
-    assert stages[1].data.tags["colam.journal_id"] == records[kinds.index("create_run")]["id"]
     assert file_digests(out) == local  # sync leaves the run's files as they are
     before = snapshot(client, "goes-away")
 
-    assert sync(out) == 0  # a second sync: nothing to send
+    assert sync(out, "goes-away") == 0  # a second sync: nothing to send
     assert "nothing sent" in capsys.readouterr().out
-    # A sync cut off half-way forgets what it sent: replaying every record again logs nothing twice
-    progress = json.loads(journal.progress_path.read_text())
-    journal.progress_path.write_text(json.dumps({**progress, "done": [], "ids": {}, "synced": False}))
-    assert sync(out) == 0
-    assert "(0 runs created" in capsys.readouterr().out
     assert snapshot(client, "goes-away") == before
 
 
@@ -267,16 +264,10 @@ def test_an_offline_run_goes_back_online_at_a_stage_end_when_the_server_answers_
     assert_same_training(out, untracked)
     assert len([w for w in warnings_of(caplog) if "colam tracking sync" in w]) == 1
     assert any("answers again" in r.getMessage() for r in caplog.records)
-    journal = Journal(out / JOURNAL_DIR)
-    assert journal.records() and journal.pending() == [] and journal.progress()["synced"]
-    # stage 2's epochs and files went through the journal, the run's end straight to the store
-    records = journal.records()
-    parent_id = next(r["run"] for r in records if r["op"] == "parent")
-    assert any(r["op"] == "log_batch" and r["run"] != parent_id for r in records)
-    assert not any(r["op"] == "set_terminated" and r["run"] == parent_id for r in records)
+    # stage 2's epochs, missed while the store was away, came from the folder at stage 2's end
     assert_complete(MlflowClient(mlflow.uri), "comes-back", out, tmp_path / "download")
     capsys.readouterr()
-    assert sync(out) == 0 and "nothing sent" in capsys.readouterr().out
+    assert sync(out, "comes-back") == 0 and "nothing sent" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------- transient faults
@@ -303,7 +294,6 @@ def test_transient_5xx_answers_are_retried_and_everything_arrives(up, untracked,
     assert "503" in retries[0] and "try 2 in 0.25 s" in retries[0] and "try 3 in 0.50 s" in retries[1]
     assert "500" in retries[2] and "model.pt" in retries[2]
     assert warnings_of(caplog) == []
-    assert not (out / JOURNAL_DIR).exists()
     assert_same_training(out, untracked)
     assert_complete(MlflowClient(mlflow.uri), "transient", out, tmp_path / "download")
     assert seconds < 120
@@ -333,32 +323,23 @@ def test_s3_down_during_a_run_keeps_the_artifacts_for_sync_and_the_bucket_gets_t
     assert parent.info.status == "FINISHED" and [s.info.status for s in stages] == ["FINISHED", "FINISHED"]
     assert len(client.get_metric_history(parent.info.run_id, "test_acc")) == 4
 
-    journal = Journal(out / JOURNAL_DIR)
-    kept = [r for r in journal.records() if r["op"] == "log_artifact"]
-    assert sorted(r["source"] for r in kept) == sorted(names)
-    for record in kept:  # the journal keeps each file as it was logged, and the run's files are intact
-        data = (journal.folder / record["file"]).read_bytes()
-        assert hashlib.sha256(data).hexdigest() == record["sha256"]
-        if not record["source"].startswith("figures/"):
-            assert (out / record["source"]).read_bytes() == data
     local = file_digests(out)
 
     s3.restart()
     capsys.readouterr()
-    assert sync(out) == 0
-    assert f"{len(kept)} artifacts) to {mlflow.uri}; the journal is synced" in capsys.readouterr().out
+    assert sync(out, "s3-down") == 0
+    assert f"0 runs created, 0 epochs and {len(names)} artifacts sent" in capsys.readouterr().out
     assert file_digests(out) == local
     bucket = s3.client()
     destination = urlparse(mlflow.artifacts_destination)  # s3://BUCKET/mlflow
-    for record in kept:
-        run = client.get_run(record["run"])
-        name = Path(record["file"]).name
-        rel = f"{record['artifact_path']}/{name}" if record["artifact_path"] else name
-        key = destination.path.strip("/") + urlparse(run.info.artifact_uri).path + "/" + rel
-        body = bucket.get_object(Bucket=destination.netloc, Key=key)["Body"].read()
-        assert body == (journal.folder / record["file"]).read_bytes(), record["source"]
+    for run, folder, files in [(stages[0], out / "stage_1", STAGE_FILES), (stages[1], out / "stage_2", STAGE_FILES),
+                               (parent, out, PARENT_FILES)]:
+        for name in files:  # the bucket holds the run folder's files, byte for byte
+            key = destination.path.strip("/") + urlparse(run.info.artifact_uri).path + "/" + name
+            body = bucket.get_object(Bucket=destination.netloc, Key=key)["Body"].read()
+            assert body == (folder / name).read_bytes(), (folder, name)
     assert_complete(client, "s3-down", out, tmp_path / "download")
-    assert sync(out) == 0 and "nothing sent" in capsys.readouterr().out
+    assert sync(out, "s3-down") == 0 and "nothing sent" in capsys.readouterr().out
 
 
 def test_a_direct_s3_artifact_store_whose_endpoint_fails_mid_run_is_synced_later(up, untracked, tiny_yaml,
@@ -388,14 +369,12 @@ def test_a_direct_s3_artifact_store_whose_endpoint_fails_mid_run_is_synced_later
         assert "Connection refused" in said and "does not answer" not in said
         later = [f"stage_2/{n}" for n in STAGE_FILES] + ["figures/soft_labels_stage_2.png", *PARENT_FILES]
         assert [n for n in later if n not in said] == [] and "stage_1/" not in said
-        kept = [r for r in Journal(out / JOURNAL_DIR).records() if r["op"] == "log_artifact"]
-        assert sorted(r["source"] for r in kept) == sorted(later)
         local = file_digests(out)
     finally:
         if not s3.running:
             s3.restart()
     capsys.readouterr()
-    assert sync(out) == 0 and "the journal is synced" in capsys.readouterr().out
+    assert sync(out, "direct-s3") == 0 and f"{len(later)} artifacts sent" in capsys.readouterr().out
     assert file_digests(out) == local
     client = MlflowClient(mlflow.uri)
     assert_complete(client, "direct-s3", out, tmp_path / "download")
@@ -505,45 +484,21 @@ def test_a_locked_sqlite_write_is_retried_with_backoff_within_the_budget(caplog)
     assert calls == [1]
 
 
-def test_a_journal_line_torn_by_a_kill_is_dropped_and_later_records_stay_readable(tmp_path, caplog):
-    journal = Journal(tmp_path / JOURNAL_DIR)
-    journal.append({"op": "update_run", "run": "0" * 32, "status": "RUNNING"})
-    whole = journal.path.read_bytes()
-    with open(journal.path, "ab") as handle:  # a process killed in the middle of its next append
-        handle.write(b'{"seq": 2, "op": "log_batch", "run": "00')
-    assert [r["seq"] for r in Journal(journal.folder).records()] == [1]  # the torn last line is skipped
-    caplog.set_level(logging.WARNING, logger="colam")
-    again = Journal(journal.folder)  # the restarted process
-    again.append({"op": "update_run", "run": "0" * 32, "status": "FINISHED"})
-    again.append({"op": "update_run", "run": "1" * 32, "status": "FINISHED"})
-    assert "dropping its unfinished last line" in caplog.text
-    assert journal.path.read_bytes().startswith(whole)
-    assert [(r["seq"], r["status"]) for r in Journal(journal.folder).records()] == [
-        (1, "RUNNING"), (2, "FINISHED"), (3, "FINISHED")]
-
-    only = Journal(tmp_path / "only")  # a journal whose first line was torn
-    only.folder.mkdir()
-    only.path.write_bytes(b'{"seq": 1, "op"')
-    only.append({"op": "update_run", "run": "2" * 32, "status": "RUNNING"})
-    assert [r["seq"] for r in Journal(only.folder).records()] == [1]
-
-
 # ----------------------------------------------------------------------------- sync's bad input
 
 
-def test_sync_without_a_journal_or_with_an_unreachable_store_exits_2_with_one_line(tmp_path, monkeypatch, capsys):
+def test_sync_of_no_run_folder_or_with_an_unreachable_store_exits_2_with_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{closed_port()}")
-    assert sync(tmp_path) == 2
+    assert sync(tmp_path, "x") == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and "no MLflow journal" in lines[0]
+    assert len(lines) == 1 and "not a colam run folder" in lines[0]
 
-    Journal(tmp_path / JOURNAL_DIR).append({"op": "update_run", "run": "0" * 32, "status": "RUNNING"})
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(load_config(None, TINY).to_dict()))
     began = time.monotonic()
-    assert sync(tmp_path) == 2
+    assert sync(tmp_path, "x") == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "MLFLOW_TRACKING_URI" in lines[0] and "Connection refused" in lines[0], lines
     assert time.monotonic() - began < 30
-    assert len(Journal(tmp_path / JOURNAL_DIR).pending()) == 1  # still there for the next try
 
 
 # ----------------------------------------------------------------------------- parallel runs, one sqlite store
@@ -563,7 +518,6 @@ def test_parallel_runs_on_one_fresh_sqlite_store_all_succeed(tiny_yaml, tmp_path
     for seed, (code, _, err) in zip(seeds, results, strict=True):
         assert code == 0, f"seed {seed}: exit {code}\n{err[-3000:]}"
         assert "does not answer" not in err and "refused" not in err, err[-3000:]
-        assert not (tmp_path / f"seed{seed}" / JOURNAL_DIR).exists()
     client = MlflowClient(f"sqlite:///{store}")
     parents, stages = runs_of(client, "parallel")
     assert sorted(p.data.params["seed"] for p in parents) == ["0", "1", "2", "3"]
