@@ -24,7 +24,8 @@ from colam import distributed
 from colam import io as cio
 from colam.config import Config
 from colam.data import loader
-from colam.engine import run_metrics, load_stage_state, predict, prepare
+from colam.engine import predict, prepare, run_metrics
+from colam.run_folder import load_stage_state
 from colam.errors import ColamError
 
 ECE_BINS = 15  # the usual choice since Guo et al. 2017

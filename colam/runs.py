@@ -18,6 +18,7 @@ from torch import nn
 from colam import io as cio
 from colam.config import Config, from_dict, validate
 from colam.errors import ColamError
+from colam.methods import METHODS
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,6 @@ class RunFolder:
 def open_run(text: str | Path, key: str, finished: bool = True) -> RunFolder:
     """The run in folder `text`, finished unless `finished` is False (then only its stages so far
     are there); errors name `key`, the input that gave the folder."""
-    from colam.methods import METHODS  # here: the method registry imports colam.config
-
     path = Path(text).expanduser()
     if not path.exists():
         raise ColamError(f"{key}: '{text}' does not exist")
@@ -114,7 +113,6 @@ def history(run: RunFolder, key: str = "--run") -> list[dict]:
 
 def final_network(run: RunFolder, num_classes: int, in_channels: int, key: str) -> nn.Module:
     """The run's final network for this data's classes and channels, in eval mode, without gradients."""
-    from colam.methods import METHODS
     from colam.models import build_model
 
     config, file = run.config, run.network_file

@@ -22,12 +22,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 
-import numpy as np
-import torch
 import yaml
 
 from colam import distributed
@@ -35,10 +32,11 @@ from colam import io as cio
 from colam.config import Config, from_dict, validate
 from colam.data import save_split
 from colam.datasets import DATASETS
-from colam.engine import (RunLog, _check_out_dir, _check_state, _make_dir, _train, check_names, estimate_artifacts,
-                          load_stage_state, prepare, run_identity)
+from colam.engine import RunLog, check_names, check_state, estimate_artifacts, prepare, train_epochs
 from colam.errors import ColamError, require
-from colam.methods import METHODS
+from colam.methods import METHODS, headline_section
+from colam.run_folder import (PipelineStep, check_out_dir, load_stage_state, make_dir, read_estimation, stage_ends,
+                              write_estimation)
 from colam.soft_labels import check_soft_labels
 
 RAW_DATA = "raw"  # the folder of a prepared split that holds a data set downloaded by prepare_step
@@ -67,7 +65,8 @@ def step_config(base: dict | str, *, steps: int, method: str | None = None, mode
     sections["train"]["device"] = "auto"
     for value, section, key in ((method, sections["method"], "name"), (model, sections["model"], "name"),
                                 (dataset, sections["data"], "name"), (seed, raw, "seed"),
-                                (temperature, colam, "temperature"), (epochs_per_step, colam, "epochs_per_stage")):
+                                (temperature, headline_section(sections["method"], method, "temperature"), "temperature"),
+                                (epochs_per_step, colam, "epochs_per_stage")):
         if value is not None:
             section[key] = value
     epochs_per_stage = colam.get("epochs_per_stage")
@@ -135,38 +134,49 @@ def with_split(config: Config, split_dir: str | Path) -> Config:
     return dataclasses.replace(config, data=dataclasses.replace(config.data, root=str(raw), download=False))
 
 
+def _open_step(config: Config, step: int, steps: int, out: str | Path) -> list[int]:
+    """The epochs the steps end at, refusing a step the run does not have and an `out` that is a file."""
+    ends = step_ends(config, steps)
+    if not 1 <= step <= steps:
+        raise ColamError(f"step: {step} is not a step of a {steps}-step run")
+    check_out_dir(Path(out))
+    return ends
+
+
+def _step_checkpoint(config: Config, step: int, checkpoint: str | Path, epoch: int, relation: str) -> dict:
+    """The state in a train step's output folder, which must end at `epoch`."""
+    state = load_stage_state(checkpoint, config)
+    if state["epoch"] != epoch:
+        raise ColamError(f"checkpoint: '{checkpoint}' ends at epoch {state['epoch']}, step {step} {relation} "
+                         f"epoch {epoch}")
+    return state
+
+
 def train_step(config: Config, step: int, steps: int, out: str | Path, *, checkpoint: str | Path | None = None,
                soft_labels: str | Path | None = None, split_dir: str | Path | None = None,
                run_log: RunLog | None = None, progress: bool = False) -> dict:
     """Train step `step` (1-based) of `steps` into `out`, from the previous step's checkpoint folder
     and soft-label folder; returns the metrics at the step's end (also out/metrics.json)."""
-    ends = step_ends(config, steps)
-    if not 1 <= step <= steps:
-        raise ColamError(f"step: {step} is not a step of a {steps}-step run")
-    out = Path(out)
-    _check_out_dir(out)
-    start = ends[step - 2] if step > 1 else 0
-    state, inputs = None, {"step": step, "steps": steps, "soft_labels_sha256": None}
+    ends = _open_step(config, step, steps, out)
+    out, start = Path(out), ends[step - 2] if step > 1 else 0
+    state, learned, info = None, {}, {"step": step, "steps": steps, "soft_labels_sha256": None}
     if step > 1:
         if checkpoint is None:
             raise ColamError(f"checkpoint: step {step} starts from the checkpoint of step {step - 1}; none was given")
-        state = load_stage_state(checkpoint, config)
-        if state["epoch"] != start:
-            raise ColamError(f"checkpoint: '{checkpoint}' ends at epoch {state['epoch']}, step {step} starts after "
-                             f"epoch {start}")
-        learned, digest = _read_estimate(soft_labels, start, config, step, after_stage=start in _stage_ends(config))
+        state = _step_checkpoint(config, step, checkpoint, start, "starts after")
+        after_stage = start in stage_ends(config)
+        learned, info["soft_labels_sha256"] = read_estimation(
+            soft_labels, start, config, step, METHODS[config.method.name].uses_soft_labels and after_stage)
         state["method"] = {**state["method"], **learned}
-        if start in _stage_ends(config):  # estimated: the previous stage's online sums are spent
+        if after_stage:  # estimated: the previous stage's online sums are spent
             state["method"].pop("online_sums", None)
-        inputs["soft_labels_sha256"] = digest
     prepared = prepare(config, split_dir)
     if state is not None:
-        _check_state(prepared, state, Path(checkpoint))
+        check_state(prepared, state, Path(checkpoint))
         _check_estimate_shapes(learned, prepared, soft_labels)
-    _make_dir(out)
-    _train(prepared, out, state, run_log or RunLog(), progress, until=ends[step - 1], whole_run=False,
-           stage_dir=lambda stage: out, estimate=False, step_info=inputs,
-           last_good=Path(checkpoint) if checkpoint is not None else None)
+    make_dir(out)
+    where = PipelineStep(out, ends[step - 1], Path(checkpoint) if checkpoint is not None else None, info)
+    train_epochs(prepared, state, where, run_log or RunLog(), progress)
     return json.loads((out / "metrics.json").read_text())
 
 
@@ -174,72 +184,20 @@ def estimate_step(config: Config, step: int, steps: int, checkpoint: str | Path,
                   split_dir: str | Path | None = None) -> dict:
     """What the method learns from the model at the end of step `step` (COLAM: the soft labels,
     from a forward pass over the training set), written to `out`; returns out/estimation.json."""
-    ends = step_ends(config, steps)
-    if not 1 <= step <= steps:
-        raise ColamError(f"step: {step} is not a step of a {steps}-step run")
-    out = Path(out)
-    _check_out_dir(out)
-    state = load_stage_state(checkpoint, config)
-    epoch = ends[step - 1]
-    if state["epoch"] != epoch:
-        raise ColamError(f"checkpoint: '{checkpoint}' ends at epoch {state['epoch']}, step {step} ends at epoch {epoch}")
-    stage_ends = _stage_ends(config)
+    ends = _open_step(config, step, steps, out)
+    out, epoch = Path(out), ends[step - 1]
+    state = _step_checkpoint(config, step, checkpoint, epoch, "ends at")
     seconds, stage, artifacts = 0.0, None, []
-    _make_dir(out)
-    if epoch in stage_ends:  # a one-stage method learns nothing at a segment's end
-        stage = stage_ends.index(epoch) + 1
+    make_dir(out)
+    if epoch in stage_ends(config):  # a one-stage method learns nothing at a segment's end
+        stage = stage_ends(config).index(epoch) + 1
         prepared = prepare(config, split_dir)
         cio.load_weights(prepared.model, state["model"], "checkpoint model", state["model_file"])
         prepared.method.load_state_dict(state["method"])
         seconds, artifacts = estimate_artifacts(prepared, stage, out, epoch)
         distributed.barrier()  # under torchrun: rank 0 has written the files the digests are taken of
-    summary = {"step": step, "stage": stage, "epoch": epoch, "seconds": round(seconds, 3), "artifacts": artifacts,
-               "sha256": {name: cio.sha256_file(out / f"{name}.npy") for name in artifacts}, "run": _run_digest(config)}
-    if distributed.current().main:
-        cio.write_json(out / "estimation.json", summary)  # last: its presence means the folder is complete
-    return summary
-
-
-def _read_estimate(folder: str | Path | None, epoch: int, config: Config, step: int,
-                   after_stage: bool = True) -> tuple[dict, str | None]:
-    """The tensors an estimate step wrote at `epoch`, checked, and the digest of soft_labels.npy.
-
-    Soft labels are required only after a stage end: a step that starts mid-stage trains on the
-    labels its checkpoint's method state already holds."""
-    needed = METHODS[config.method.name].uses_soft_labels and after_stage
-    if folder is None:
-        if needed:
-            raise ColamError(f"soft_labels: step {step} of {config.method.name} trains on the soft labels estimated "
-                             f"after step {step - 1}; none were given")
-        return {}, None
-    folder = Path(folder)
-    try:
-        summary = json.loads((folder / "estimation.json").read_text())
-    except (OSError, ValueError):
-        raise ColamError(f"soft_labels: '{folder}' holds no estimation.json; it is not an estimate step's output") \
-            from None
-    if not isinstance(summary, dict) or summary.get("epoch") != epoch:
-        found = summary.get("epoch") if isinstance(summary, dict) else None
-        raise ColamError(f"soft_labels: '{folder}' was estimated at epoch {found}, step {step} starts after "
-                         f"epoch {epoch}")
-    if summary.get("run") != _run_digest(config):
-        raise ColamError(f"soft_labels: '{folder}' was estimated for a run with another configuration")
-    if needed and "soft_labels" not in summary.get("artifacts", []):
-        raise ColamError(f"soft_labels: '{folder}' holds no soft_labels.npy, which step {step} of "
-                         f"{config.method.name} trains on")
-    learned = {}
-    for name in summary.get("artifacts", []):
-        path = folder / f"{name}.npy"
-        if not path.is_file() or cio.sha256_file(path) != summary.get("sha256", {}).get(name):
-            raise ColamError(f"soft_labels: '{path}' is missing or differs from the file the estimate step wrote "
-                             f"(sha256 in estimation.json)")
-        try:
-            array = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise ColamError(f"soft_labels: cannot read '{path}' ({exc})") from None
-        learned[name] = torch.from_numpy(array)
-    digest = cio.sha256_file(folder / "soft_labels.npy") if "soft_labels" in learned else None
-    return learned, digest
+    return write_estimation(out, config, {"step": step, "stage": stage, "epoch": epoch, "seconds": round(seconds, 3)},
+                            artifacts, distributed.current().main)
 
 
 def _check_estimate_shapes(learned: dict, prepared, folder) -> None:
@@ -250,11 +208,3 @@ def _check_estimate_shapes(learned: dict, prepared, folder) -> None:
         if name in rows and len(tensor) != rows[name]:
             raise ColamError(f"soft_labels: '{Path(folder) / name}.npy' has {len(tensor)} rows, this run needs "
                              f"{rows[name]}")
-
-
-def _stage_ends(config: Config) -> list[int]:
-    return np.cumsum(METHODS[config.method.name].stage_epochs(config)).tolist()
-
-
-def _run_digest(config: Config) -> str:
-    return hashlib.sha256(json.dumps(run_identity(config.to_dict()), sort_keys=True).encode()).hexdigest()[:16]

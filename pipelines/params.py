@@ -193,8 +193,6 @@ if __name__ == "__main__":  # python -m pipelines.params dvc-sets FILE
     import shlex
     import sys
 
-    from colam.errors import ColamError
-
     if len(sys.argv) != 3 or sys.argv[1] != "dvc-sets":
         sys.exit("usage: python -m pipelines.params dvc-sets CONFIG")
     try:

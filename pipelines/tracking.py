@@ -40,7 +40,8 @@ from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, ML
 
 from colam import io as cio
 from colam.config import Config
-from colam.engine import HISTORY_FIELDS, RunLog, run_identity, run_metrics
+from colam.engine import RunLog, run_metrics
+from colam.run_folder import HISTORY_FIELDS, run_digest, run_identity
 from colam.errors import ColamError
 from colam.methods import METHODS
 
@@ -208,7 +209,7 @@ def stage_files(folder: Path, stage: int, config: Config, held: set[str] = froze
 
 def parent_key(config: Config, key: str) -> str:
     """The `colam.run_key` tag of a run: its configuration and the name of the run it belongs to."""
-    return _digest({"out_dir": key, "run": run_identity(config.to_dict())})[:16]
+    return _digest({"out_dir": key, "run": run_digest(config)})[:16]
 
 
 def find_parent(client: MlflowClient, experiment: str, config: Config, key: str) -> str:

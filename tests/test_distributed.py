@@ -37,7 +37,7 @@ def torchrun(*args: str, env: dict | None = None) -> subprocess.CompletedProcess
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
 
 
-def train(out: Path, *extra: str, module: str = "colam.cli", env: dict | None = None) -> subprocess.CompletedProcess:
+def train(out: Path, *extra: str, module: str = "pipelines.cli", env: dict | None = None) -> subprocess.CompletedProcess:
     settings = [item for s in SETTINGS + list(extra) for item in ("--set", s)]
     return torchrun("-m", module, "train", *settings, "--out", str(out), "--no-progress", env=env)
 
@@ -103,7 +103,7 @@ def test_a_two_process_run_trained_stage_by_stage_gives_the_whole_runs_numbers(t
     whole = train(tmp_path / "whole", *extra)
     assert whole.returncode == 0, whole.stderr[-3000:]
     for stage in ("1", "2"):
-        result = torchrun("-m", "colam.cli", "train", *[i for s in SETTINGS + extra for i in ("--set", s)],
+        result = torchrun("-m", "pipelines.cli", "train", *[i for s in SETTINGS + extra for i in ("--set", s)],
                           "--out", str(tmp_path / "staged"), "--stage", stage, "--no-progress")
         assert result.returncode == 0, result.stderr[-3000:]
     a = json.loads((tmp_path / "whole" / "stage_2" / "metrics.json").read_text())

@@ -262,7 +262,7 @@ def test_dvc_push_with_wrong_keys_fails_with_dvcs_error_and_keeps_every_file(rep
 
 def test_params_yaml_runs_the_bundled_default_config():
     from colam.config import load_config
-    from colam.engine import run_identity
+    from colam.run_folder import run_identity
     from pipelines.params import load_params
 
     params = load_params(ROOT / "params.yaml").config

@@ -181,7 +181,7 @@ def test_eval_every_scores_every_kth_epoch_every_stage_end_and_the_last(tiny_con
 def test_keys_added_later_keep_an_earlier_runs_identity(tiny_config):
     """A run saved before train.eval_every and COLAM's recipe keys existed is the same run at their
     earlier values (what it did), and another run at any other value."""
-    from colam.engine import run_identity
+    from colam.run_folder import run_identity
 
     config = tiny_config("method.colam.guard=none").to_dict()  # what every run did before the guard existed
     earlier = json.loads(json.dumps(config))

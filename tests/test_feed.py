@@ -168,7 +168,7 @@ def test_build_raw_data_gives_cifar_tensors_with_the_datasets_pixels(tmp_path, m
 
 
 def test_layout_and_compile_are_how_a_run_executes_precision_and_data_path_are_what_it_computes():
-    from colam.engine import run_identity
+    from colam.run_folder import run_identity
 
     plain = run_identity(load_config(None, TINY).to_dict())
     assert run_identity(load_config(None, TINY + ["train.compile=true", "train.channels_last=true"]).to_dict()) == plain
@@ -178,7 +178,7 @@ def test_layout_and_compile_are_how_a_run_executes_precision_and_data_path_are_w
 
 def test_a_run_saved_before_the_speed_keys_existed_is_the_same_run(tmp_path):
     """Configs written by earlier releases lack precision, data_on_device and estimation."""
-    from colam.engine import run_identity
+    from colam.run_folder import run_identity
 
     new = load_config(None, TINY).to_dict()
     old = load_config(None, TINY).to_dict()

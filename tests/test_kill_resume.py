@@ -53,7 +53,7 @@ class Attempt:
 
     def __init__(self, out: Path, *extra: str, wrapper: list[str] | None = None):
         sets = [a for item in SETTINGS for a in ("--set", item)]
-        command = [sys.executable, *(wrapper or ["-m", "colam.cli"]), "train", *sets, "--out", str(out),
+        command = [sys.executable, *(wrapper or ["-m", "pipelines.cli"]), "train", *sets, "--out", str(out),
                    "--no-progress", *extra]
         self.started = time.monotonic()
         self.process = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
@@ -236,7 +236,7 @@ def test_a_stage_killed_mid_stage_resumes_from_its_last_epoch(reference, tmp_pat
 
 def test_a_stage_killed_as_it_is_marked_complete_trains_nothing_again(reference, tmp_path):
     """Killed after a stage's files and its last state were written, as its .provenance.json is
-    marked complete: the next start trains no epoch again, it only tells the run log the end."""
+    marked complete: the next start trains no epoch again (a run log catches up from the folder)."""
     reference_out, _ = reference
     out = tmp_path / "staged"
     wrapper = [str(ROOT / "tests" / "kill_in_write.py"), ".provenance.json", "2"]  # the 1st write marks it begun
@@ -246,7 +246,7 @@ def test_a_stage_killed_as_it_is_marked_complete_trains_nothing_again(reference,
     assert resumed.wait() == 0, "".join(resumed.lines)
     said = "".join(resumed.lines)
     assert resumed.continued_after() == 4 and not EPOCH_LINE.search(said), said
-    assert "stage 1 was trained to its end; telling the run log" in said
+    assert "stage 1 was trained to its end; nothing to train again" in said  # the run log catches up by itself
     for stage in (2, 3):
         assert Attempt(out, "--stage", str(stage)).wait() == 0
     assert_same_run(out, reference_out, stage_folders_only=True)

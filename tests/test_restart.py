@@ -9,8 +9,9 @@ import json
 import numpy as np
 import pytest
 
-from colam import engine
-from colam.engine import PROVENANCE, fit, fit_stage
+from colam import run_folder
+from colam.engine import fit, fit_stage
+from colam.run_folder import PROVENANCE
 from colam.errors import ColamError
 from tests.conftest import TINY
 
@@ -22,8 +23,9 @@ def record(folder):
 def test_a_finished_run_records_what_it_was_trained_from(tiny_config, tmp_path):
     fit(tiny_config(), tmp_path / "run")
     found = record(tmp_path / "run")
-    assert found == {**engine.provenance(tiny_config(), None), "complete": True}
-    assert found["code"] == engine.code_digest() and len(found["run"]) == 64
+    assert found == {**run_folder.provenance(tiny_config(), None), "complete": True}
+    assert found["code"] == run_folder.code_digest() and len(found["run"]) == 64
+    assert found["run"] == run_folder.run_digest(tiny_config()) == run_folder.run_digest(tiny_config().to_dict())
 
 
 def test_the_same_run_is_left_alone_and_another_config_trained_afresh(tiny_config, tmp_path, caplog):
@@ -37,7 +39,7 @@ def test_the_same_run_is_left_alone_and_another_config_trained_afresh(tiny_confi
     caplog.clear()
     other = fit(tiny_config("seed=1"), out, restart_if_changed=True)
     assert "trained from something else (run changed); training afresh" in caplog.text
-    assert other["seed"] == 1 and record(out)["run"] == engine.provenance(tiny_config("seed=1"), None)["run"]
+    assert other["seed"] == 1 and record(out)["run"] == run_folder.provenance(tiny_config("seed=1"), None)["run"]
     # without the flag a folder of another run is refused, as before
     with pytest.raises(ColamError, match="different configuration"):
         fit(tiny_config(), out)
@@ -49,7 +51,7 @@ def test_a_run_of_other_code_or_without_a_record_is_trained_afresh(tiny_config, 
     caplog.set_level("INFO", logger="colam")
     (out / PROVENANCE).write_text(json.dumps({**record(out), "code": "0" * 64}))
     fit(tiny_config(), out, restart_if_changed=True)
-    assert "(code changed)" in caplog.text and record(out)["code"] == engine.code_digest()
+    assert "(code changed)" in caplog.text and record(out)["code"] == run_folder.code_digest()
 
     caplog.clear()
     (out / PROVENANCE).unlink()  # a folder from before provenance was recorded
@@ -92,7 +94,7 @@ def test_a_stage_folder_of_another_run_is_trained_afresh_and_the_same_stage_left
     (out / "stage_1" / "stale.npy").write_bytes(b"an earlier attempt's file")
     fit_stage(tiny_config("seed=1"), out, 1)  # another run: the folder is emptied first
     assert not (out / "stage_1" / "stale.npy").exists()
-    assert record(out / "stage_1") == {**engine.provenance(tiny_config("seed=1"), None), "complete": True}
+    assert record(out / "stage_1") == {**run_folder.provenance(tiny_config("seed=1"), None), "complete": True}
     caplog.set_level("INFO", logger="colam")
     mtime = (out / "stage_1" / "model.pt").stat().st_mtime_ns
     fit_stage(tiny_config("seed=1"), out, 1)
@@ -147,16 +149,6 @@ def test_a_folder_left_by_a_kill_in_the_first_write_or_in_a_deletion_is_trained(
     (aside / "stage_1" / "model.pt").write_bytes(b"half deleted")
     assert fit(tiny_config("seed=1"), out, restart_if_changed=True)["seed"] == 1
     assert not aside.exists() and record(out)["complete"]
-
-
-def test_a_tracking_journal_is_the_runs_own_and_does_not_stop_a_restart(tiny_config, tmp_path, caplog):
-    out = tmp_path / "run"
-    fit(tiny_config(), out)
-    (out / "mlflow-journal").mkdir()
-    (out / "mlflow-journal" / "journal.jsonl").write_text("")
-    caplog.set_level("INFO", logger="colam")
-    assert fit(tiny_config("seed=1"), out, restart_if_changed=True)["seed"] == 1
-    assert "training afresh" in caplog.text
 
 
 def test_a_stage_folder_holding_a_file_colam_did_not_write_is_refused_and_kept(tiny_config, tmp_path):

@@ -25,7 +25,7 @@ import torch
 
 from colam import steps
 from colam.config import load_config
-from colam.engine import PARTIAL, PROVENANCE
+from colam.run_folder import PARTIAL, PROVENANCE
 from colam.errors import ColamError
 from pipelines.cli import main
 from tests.conftest import TINY

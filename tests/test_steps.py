@@ -139,7 +139,15 @@ def test_colam_stages_cut_into_several_steps_give_the_numbers_of_fit(tmp_path, e
         estimate_step(config, step, 4, out, tmp_path / f"estimate_{step}", split_dir=tmp_path / "split")
         previous = {"checkpoint": out, "soft_labels": tmp_path / f"estimate_{step}"}
     assert (metrics["test_acc"], metrics["train_loss"]) == (whole["test_acc"], whole["train_loss"])
+    import json
+
     import numpy as np
+
+    from colam.run_folder import PROVENANCE, run_digest
+
+    # one digest of the run: the whole run's provenance holds it, each estimate step's record its first 16 digits
+    recorded = json.loads((tmp_path / "estimate_4" / "estimation.json").read_text())["run"]
+    assert recorded == run_digest(config)[:16] == json.loads((tmp_path / "whole" / PROVENANCE).read_text())["run"][:16]
 
     for stage, step in ((1, 2), (2, 4)):  # the soft labels of each stage end, bit for bit
         for name in ("soft_labels", "sample_soft_labels")[: 2 if "method.colam.peers=3" in extra else 1]:

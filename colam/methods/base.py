@@ -39,7 +39,7 @@ class Method:
     # or torch.compile. Methods with extra passes through the model (lookahead, partners) set False.
     data_parallel: ClassVar[bool] = True
     # Settings added after runs were first written, with the value every earlier run had: at that value
-    # they are left out of a run's identity (colam.engine.run_identity) and of its variant.
+    # they are left out of a run's identity (colam.run_folder.run_identity) and of its variant.
     later_defaults: ClassVar[dict] = {}
     # The dataclass of the method's config section, `method.<name>`: colam.config builds the `method`
     # section from the registry, so a method's file alone adds its settings.
