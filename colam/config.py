@@ -1,11 +1,9 @@
 """Typed run configuration: one YAML file (plus `--set KEY=VALUE` overrides) -> `Config`.
 
-Config is data, not a program: every section is a dataclass, every key has a type and a
-one-line reason, and `load_config` refuses unknown keys, wrong types and out-of-range values
-with a `ColamError` naming the key. The defaults are the paper's CIFAR settings (COLAM,
-Sec. 4.2): SGD, momentum 0.9, weight decay 1e-4, lr 0.1, batch 64, 160 epochs. The `method`
-section is built from the method registry: `method.<name>` is the `settings` class that the
-method's file in colam/methods/ declares.
+Every section is a dataclass, every key has a type and a one-line reason; `load_config` refuses
+unknown keys, wrong types and out-of-range values with a `ColamError` naming the key. The defaults
+are the paper's CIFAR settings (COLAM, Sec. 4.2). `method.<name>` is the `settings` class of the
+method's file in colam/methods/, so the `method` section is built from the method registry.
 """
 
 from __future__ import annotations
@@ -23,6 +21,7 @@ import yaml
 
 from colam.errors import ColamError, require
 from colam.methods import METHODS
+from colam.methods.base import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Check, one_of, run_checks
 
 
 @dataclass
@@ -89,9 +88,6 @@ class Config:
         return dataclasses.asdict(self)
 
 
-# ----------------------------------------------------------------------------- loading
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read YAML `path` (or the defaults), apply `KEY=VALUE` overrides, validate, return Config."""
     config = from_dict(read_yaml(path, overrides))
@@ -101,15 +97,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def from_dict(raw: dict) -> Config:
     """Build a Config from nested dicts, refusing unknown keys and wrong types."""
-    return _build(Config, raw, prefix="")
+    return build_section(Config, raw, prefix="")
 
 
-def build_section(cls: type, raw: Any, prefix: str) -> Any:
-    """Build dataclass `cls` from `raw` with Config's type checks; `prefix` names the keys in errors."""
-    return _build(cls, raw, prefix)
-
-
-def read_yaml(path: str | Path, overrides: list[str] | None = None) -> dict:
+def read_yaml(path: str | Path | None, overrides: list[str] | None = None) -> dict:
     """The mapping in YAML file `path` (or {}), with `KEY=VALUE` overrides applied."""
     raw = _read_yaml(Path(path)) if path is not None else {}
     for item in overrides or []:
@@ -158,7 +149,8 @@ def _set_dotted(raw: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _build(cls: type, raw: Any, prefix: str) -> Any:
+def build_section(cls: type, raw: Any, prefix: str) -> Any:
+    """Build dataclass `cls` from `raw`, refusing unknown keys and wrong types; `prefix` names the keys in errors."""
     if not isinstance(raw, dict):
         raise ColamError(f"{prefix.rstrip('.') or 'config'}: expected a section (mapping), got {raw!r}")
     hints = typing.get_type_hints(cls)
@@ -174,7 +166,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 
 def _convert(hint: Any, value: Any, key: str) -> Any:
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, key + ".")
+        return build_section(hint, value, key + ".")
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(hint)
@@ -202,58 +194,44 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
 
 
 def _scalar(hint: type, value: Any, key: str) -> Any:
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is float:
+    if hint is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
         # PyYAML follows YAML 1.1, which reads 1e-3 (no dot) as a string: accept what float() parses.
-        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
-            try:
-                number = float(value)
-            except (ValueError, OverflowError):
-                raise ColamError(f"{key}: expected float, got {value!r}") from None
-            if not math.isfinite(number):
-                raise ColamError(f"{key}: must be a finite number, got {value!r}")
-            return number
-    elif hint is str:
-        if isinstance(value, str):
-            return value
+        try:
+            number = float(value)
+        except (ValueError, OverflowError):
+            raise ColamError(f"{key}: expected float, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ColamError(f"{key}: must be a finite number, got {value!r}")
+        return number
+    if isinstance(value, hint) and (hint is bool or not isinstance(value, bool)):  # a bool is no number here
+        return value
     raise ColamError(f"{key}: expected {hint.__name__}, got {value!r}")
 
 
-# ----------------------------------------------------------------------------- validation
+FRACTION: Check = (lambda v: 0.0 <= v < 1.0, "must be in [0, 1)")
+AUTO_OR_BOOL: Check = (lambda v: isinstance(v, bool) or v == "auto", "must be true, false or auto")
+DATA_CHECKS: dict[str, Check] = {
+    "train_subset": (lambda v: v is None or v >= 1, "must be >= 1"), "val_fraction": FRACTION, "label_noise": FRACTION,
+    # colam.data.NOISE_TYPES (not imported: it imports this module)
+    "noise_type": (lambda v: v in ("symmetric", "asymmetric"), "must be symmetric or asymmetric"),
+    "num_workers": NON_NEGATIVE}
+TRAIN_CHECKS: dict[str, Check] = {
+    "epochs": AT_LEAST_1, "batch_size": AT_LEAST_1, "eval_batch_size": AT_LEAST_1, "eval_every": AT_LEAST_1,
+    "lr": POSITIVE, "momentum": FRACTION, "weight_decay": NON_NEGATIVE,
+    "lr_schedule": one_of(("multistep", "cosine", "constant")),
+    "gamma": (lambda v: 0.0 < v <= 1.0, "must be in (0, 1]"),
+    "device": (lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None, "must be auto, cpu, cuda or cuda:N"),
+    "precision": (lambda v: v in ("auto", "fp32", "bf16"), "must be auto, fp32 or bf16"),
+    "channels_last": AUTO_OR_BOOL, "data_on_device": AUTO_OR_BOOL}
 
 
 def validate(config: Config) -> None:
     """Range checks that need no data or model; the rest is checked when those are built."""
-    d, t, m = config.data, config.train, config.method
     require(0 <= config.seed < 2**32, "seed", config.seed, "must be in [0, 2**32)")
-    require(m.name in METHODS, "method.name", m.name, f"unknown method; choose one of: {', '.join(METHODS)}")
-    require(d.train_subset is None or d.train_subset >= 1, "data.train_subset", d.train_subset, "must be >= 1")
-    require(0.0 <= d.val_fraction < 1.0, "data.val_fraction", d.val_fraction, "must be in [0, 1)")
-    require(0.0 <= d.label_noise < 1.0, "data.label_noise", d.label_noise, "must be in [0, 1)")
-    require(d.noise_type in ("symmetric", "asymmetric"), "data.noise_type", d.noise_type,
-            "must be symmetric or asymmetric")  # colam.data.NOISE_TYPES (not imported: it imports this module)
-    require(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
-    require(t.epochs >= 1, "train.epochs", t.epochs, "must be >= 1")
-    require(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
-    require(t.eval_batch_size >= 1, "train.eval_batch_size", t.eval_batch_size, "must be >= 1")
-    require(t.eval_every >= 1, "train.eval_every", t.eval_every, "must be >= 1")
-    require(t.lr > 0, "train.lr", t.lr, "must be > 0")
-    require(0.0 <= t.momentum < 1.0, "train.momentum", t.momentum, "must be in [0, 1)")
-    require(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
-    require(t.lr_schedule in ("multistep", "cosine", "constant"), "train.lr_schedule", t.lr_schedule,
-             "must be one of multistep, cosine, constant")
-    for i, fraction in enumerate(t.milestones):
+    name = config.method.name
+    require(name in METHODS, "method.name", name, f"unknown method; choose one of: {', '.join(METHODS)}")
+    run_checks(config.data, DATA_CHECKS, "data.")
+    run_checks(config.train, TRAIN_CHECKS, "train.")
+    for i, fraction in enumerate(config.train.milestones):
         require(0.0 < fraction < 1.0, f"train.milestones[{i}]", fraction, "must be a fraction of the epochs in (0, 1)")
-    require(0.0 < t.gamma <= 1.0, "train.gamma", t.gamma, "must be in (0, 1]")
-    require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device) is not None, "train.device", t.device,
-            "must be auto, cpu, cuda or cuda:N")
-    require(t.precision in ("auto", "fp32", "bf16"), "train.precision", t.precision, "must be auto, fp32 or bf16")
-    for key in ("channels_last", "data_on_device"):
-        value = getattr(t, key)
-        require(isinstance(value, bool) or value == "auto", f"train.{key}", value, "must be true, false or auto")
-    METHODS[m.name].validate(config)
+    METHODS[name].validate(config)

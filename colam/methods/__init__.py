@@ -1,9 +1,5 @@
-"""The method registry: every training method, one file each, listed by name.
-
-Every module of this package is imported and each `Method` subclass with a `name` is registered,
-so a method is added by adding its file. Tests and the CLI iterate over `METHODS`: a method added
-here is tested and listed automatically.
-"""
+"""The method registry: every `Method` subclass with a `name` in this package's modules, one file
+each, so a method is added by adding its file; tests and the CLI iterate over `METHODS`."""
 
 import importlib
 import pkgutil

@@ -7,15 +7,36 @@ their learned state in `state_dict` so an interrupted run resumes exactly.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from colam.errors import require
+
 if TYPE_CHECKING:
     from colam.config import Config
+
+# Range checks of a setting for `Method.checks`: (test of the value, what a bad value must be).
+Check = tuple[Callable[[object], bool], str]
+POSITIVE: Check = (lambda v: v > 0, "must be > 0")
+NON_NEGATIVE: Check = (lambda v: v >= 0, "must be >= 0")
+AT_LEAST_1: Check = (lambda v: v >= 1, "must be >= 1")
+UNIT: Check = (lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]")
+
+
+def one_of(options: tuple[str, ...]) -> Check:
+    return (lambda v: v in options, f"must be one of {', '.join(options)}")
+
+
+def run_checks(section, checks: dict[str, Check], prefix: str) -> None:
+    """Raise ColamError naming `prefix + key` for the first setting of `section` that fails its check."""
+    for key, (ok, what) in checks.items():
+        value = getattr(section, key)
+        require(ok(value), prefix + key, value, what)
 
 
 def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
@@ -49,15 +70,27 @@ class Method:
     headline: ClassVar[tuple[str, ...]] = ()
     # Settings the runs table shows as parameters, under the paper's short names (Sec. 3: T, m, t).
     short_names: ClassVar[dict[str, str]] = {"temperature": "T"}
+    # Range checks of the settings, by key (`validate` names `method.<name>.<key>` in the error).
+    checks: ClassVar[dict[str, Check]] = {}
+    # Attributes holding tensors or networks (None until built) that `to` moves to the training device.
+    on_device: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: Config, num_classes: int, train_targets: torch.Tensor):
         self.config = config
         self.num_classes = num_classes
         self.train_targets = train_targets
+        self.section = getattr(config.method, self.name)
+        self.device = torch.device("cpu")
+
+    @classmethod
+    def settings_of(cls, config: Config):
+        """This method's section of `config`, `config.method.<name>`."""
+        return getattr(config.method, cls.name)
 
     @classmethod
     def validate(cls, config: Config) -> None:
-        """Check this method's config section; raise ColamError naming the key."""
+        """Check this method's config section (`checks`); raise ColamError naming the key."""
+        run_checks(cls.settings_of(config), cls.checks, f"method.{cls.name}.")
 
     @classmethod
     def check_data(cls, config: Config, class_counts: list[int]) -> None:
@@ -70,8 +103,11 @@ class Method:
 
     @classmethod
     def hyperparameters(cls, config: Config) -> dict:
-        """The method's own settings, for logs and run comparison."""
-        return {}
+        """The method's own settings, for logs and run comparison; a `later_defaults` key only where
+        it differs from what every earlier run did, so that earlier runs keep their variant."""
+        later = cls.later_defaults
+        return {key: value for key, value in dataclasses.asdict(cls.settings_of(config)).items()
+                if key not in later or value != later[key]}
 
     @classmethod
     def needs_every_sample(cls, config: Config) -> bool:
@@ -82,13 +118,13 @@ class Method:
     @classmethod
     def headline_values(cls, config: Config) -> dict:
         """The headline settings of this method's section by name, e.g. {"temperature": 4.0}."""
-        section = getattr(config.method, cls.name)
+        section = cls.settings_of(config)
         return {key: getattr(section, key) for key in cls.headline}
 
     @classmethod
     def short_settings(cls, config: Config) -> dict[str, str]:
         """The settings in `short_names` that this method's section has, as text under their short names."""
-        section = getattr(config.method, cls.name)
+        section = cls.settings_of(config)
         return {short: str(getattr(section, key)) for key, short in cls.short_names.items() if hasattr(section, key)}
 
     @classmethod
@@ -106,6 +142,10 @@ class Method:
         samples than the batch (CS-KD's same-class partners) keeps what it needs here."""
 
     def to(self, device: torch.device) -> Method:
+        self.device = torch.device(device)
+        for name in self.on_device:
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).to(self.device))
         return self
 
     def forward_loss(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor,

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from colam.errors import ColamError, require
-from colam.methods.base import Method, soft_cross_entropy
+from colam.methods.base import AT_LEAST_1, POSITIVE, Method, one_of, soft_cross_entropy
 from colam.seeding import derive_seed
 from colam.soft_labels import (AGGREGATIONS, ESTIMATIONS, GUARDS, PEER_LABELS, OutputSums, class_peer_soft_labels,
                                guard_labels, peer_soft_labels)
@@ -38,29 +38,11 @@ class Colam(Method):
     """COLAM: co-learning of the network and soft labels by alternating minimisation
     (Li, Xiong, An, Xu, Dou 2022, Neural Processing Letters; Algorithm 1, Eq. 4-6).
 
-    Training is split into m stages of t epochs (m * t = the usual epoch budget, so COLAM costs
-    what vanilla training costs plus one forward pass over the training set per stage).
-    Stage 1 trains on the hard labels; at the end of every stage the soft labels are re-estimated
-    from the current model (`colam.soft_labels`), and stages 2..m minimise Eq. 4,
-    H(y_soft, softmax(f(x) / T)).
-
-    The soft labels come from the stage-end model's outputs in a forward pass over the training
-    set (`estimation: pass`, Algorithm 1), or, with `estimation: online`, from the logits that
-    training computes anyway in the stage's last epoch (augmented inputs, train-mode BatchNorm,
-    the model moving during that epoch), which costs no extra pass.
-
-    Choices the paper leaves open, each a setting (README, "Recipe"):
-    - `stage1_loss`: stage 1 trains on plain cross-entropy (`ce`, hard-label SGD as Fig. 1a reads
-      it) or on H(y, softmax(z / T)) as Algorithm 1's line 5 writes it (`tempered`). The two are
-      not the same training with another learning rate: the loss sees the logits divided by T, so
-      the gradients and the learned logits differ, and so do the first soft labels, softmax(mean
-      z / T) (README: 0.66 against 0.57 of a class's mass on itself at T = 2 on the digits).
-    - `peers: k` with `peer_labels`: every sample its own label from k random same-class peers
-      (`sample`), or one label per class from k random peers (`class`).
-    - `guard`: a stage-end row whose own class is not its largest entry is counted in the stage's
-      metrics; after stage 1 nothing else ties training to the hard labels, so such a row is a
-      fixed point that every later stage re-learns and re-estimates. `keep` or `anchor` repairs
-      those rows only (`colam.soft_labels.guard_labels`); `none` is Algorithm 1 as written.
+    m stages of t epochs (m * t = the usual budget): stage 1 trains on the hard labels; every stage
+    end re-estimates the soft labels from the model (`colam.soft_labels`), in a forward pass over the
+    training set (`estimation: pass`) or from the last epoch's training logits (`online`, no extra
+    pass); stages 2..m minimise Eq. 4, H(y_soft, softmax(f(x) / T)). The choices the paper leaves
+    open are settings (`stage1_loss`, `peers`/`peer_labels`, `guard`), explained in docs/methods.md.
     """
 
     name = "colam"
@@ -71,38 +53,28 @@ class Colam(Method):
     summary = "m stages; stage 1 hard labels, then class soft labels re-estimated at each stage end"
     uses_soft_labels = True
     later_defaults = EARLIER
+    on_device = ("soft_labels",)
+    checks = {"stages": AT_LEAST_1, "epochs_per_stage": AT_LEAST_1, "temperature": POSITIVE,
+              "peers": (lambda peers: peers == "all" or (isinstance(peers, int) and peers >= 1),
+                        "must be 'all' or an integer >= 1"),
+              "aggregation": one_of(AGGREGATIONS), "estimation": one_of(ESTIMATIONS),
+              "stage1_loss": one_of(STAGE1_LOSSES), "peer_labels": one_of(PEER_LABELS), "guard": one_of(GUARDS)}
 
     def __init__(self, config, num_classes, train_targets):
         super().__init__(config, num_classes, train_targets)
-        self.section = config.method.colam
         self.soft_labels: torch.Tensor | None = None  # C x C, row = class
         self.sample_soft_labels: torch.Tensor | None = None  # N x C with k random peers, kept on the host
-        self.device = torch.device("cpu")
         self.sums: OutputSums | None = None  # the outputs gathered for the next stage end
         self.accumulating = False  # online: this is a stage's last epoch, whose training logits are summed
         self.report: dict = {}  # what the last stage end found in its labels (stage_report)
 
     @classmethod
     def validate(cls, config):
+        super().validate(config)
         section, epochs = config.method.colam, config.train.epochs
-        require(section.stages >= 1, "method.colam.stages", section.stages, "must be >= 1")
-        require(section.epochs_per_stage >= 1, "method.colam.epochs_per_stage", section.epochs_per_stage, "must be >= 1")
         require(section.stages * section.epochs_per_stage == epochs, "method.colam.stages",
                 section.stages, f"times method.colam.epochs_per_stage ({section.epochs_per_stage}) must equal "
                                 f"train.epochs ({epochs})")
-        require(section.temperature > 0, "method.colam.temperature", section.temperature, "must be > 0")
-        peers = section.peers
-        require(peers == "all" or (isinstance(peers, int) and peers >= 1), "method.colam.peers", peers,
-                "must be 'all' or an integer >= 1")
-        require(section.aggregation in AGGREGATIONS, "method.colam.aggregation", section.aggregation,
-                f"must be one of {', '.join(AGGREGATIONS)}")
-        require(section.estimation in ESTIMATIONS, "method.colam.estimation", section.estimation,
-                f"must be one of {', '.join(ESTIMATIONS)}")
-        require(section.stage1_loss in STAGE1_LOSSES, "method.colam.stage1_loss", section.stage1_loss,
-                f"must be one of {', '.join(STAGE1_LOSSES)}")
-        require(section.peer_labels in PEER_LABELS, "method.colam.peer_labels", section.peer_labels,
-                f"must be one of {', '.join(PEER_LABELS)}")
-        require(section.guard in GUARDS, "method.colam.guard", section.guard, f"must be one of {', '.join(GUARDS)}")
 
     @classmethod
     def check_data(cls, config, class_counts):
@@ -114,22 +86,8 @@ class Colam(Method):
     def stage_epochs(cls, config):
         return [config.method.colam.epochs_per_stage] * config.method.colam.stages
 
-    @classmethod
-    def hyperparameters(cls, config):
-        section = config.method.colam
-        settings = {"stages": section.stages, "epochs_per_stage": section.epochs_per_stage,
-                    "temperature": section.temperature, "peers": section.peers, "aggregation": section.aggregation}
-        # keys added later appear where they differ from what every earlier run did, so that earlier
-        # runs keep their variant (MLflow, compare)
-        for key, earlier in EARLIER.items():
-            if getattr(section, key) != earlier:
-                settings[key] = getattr(section, key)
-        return settings
-
     def to(self, device):
-        self.device = torch.device(device)
-        if self.soft_labels is not None:
-            self.soft_labels = self.soft_labels.to(self.device)
+        super().to(device)
         if self.sums is not None:
             self.sums = self._new_sums(self.sums.state_dict())
         return self
@@ -184,22 +142,20 @@ class Colam(Method):
                              f"({section.estimation} estimation)")
         sums, self.sums, self.accumulating = self.sums, None, False
         sums.reduce()  # a distributed run: every rank now holds the sums of the whole training set
-        generator = torch.Generator().manual_seed(derive_seed(self.config.seed, stage))
-        classes = torch.arange(self.num_classes)
         if section.peers == "all":
             labels = sums.class_labels(section.temperature)
-        elif section.peer_labels == "class":
-            labels = class_peer_soft_labels(sums.sample_outputs(), self.train_targets.to(sums.outputs.device),
-                                            self.num_classes, section.peers, section.temperature,
-                                            section.aggregation, generator)
-        else:  # per-sample labels train; the class labels from every peer are kept beside them
-            samples = peer_soft_labels(sums.sample_outputs(), self.train_targets.to(sums.outputs.device),
-                                       self.num_classes, section.peers, section.temperature, section.aggregation,
-                                       generator)
-            samples, collapsed = guard_labels(samples.cpu(), self.train_targets, self.sample_soft_labels, section.guard)
+        else:
+            draw = class_peer_soft_labels if section.peer_labels == "class" else peer_soft_labels
+            generator = torch.Generator().manual_seed(derive_seed(self.config.seed, stage))
+            labels = draw(sums.sample_outputs(), self.train_targets.to(sums.outputs.device), self.num_classes,
+                          section.peers, section.temperature, section.aggregation, generator)
+        if section.peers != "all" and section.peer_labels == "sample":
+            # per-sample labels train; the class labels from every peer are kept beside them
+            samples, collapsed = guard_labels(labels.cpu(), self.train_targets, self.sample_soft_labels, section.guard)
             self.sample_soft_labels, self.report = samples, self._report(collapsed, self.train_targets)
             self.soft_labels = sums.class_labels(section.temperature).to(self.device)
             return {"soft_labels": self.soft_labels, "sample_soft_labels": samples}
+        classes = torch.arange(self.num_classes)
         labels, collapsed = guard_labels(labels.to(self.device), classes, self.soft_labels, section.guard)
         self.soft_labels, self.report = labels, self._report(collapsed, classes)
         return {"soft_labels": labels}

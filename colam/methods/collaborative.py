@@ -1,36 +1,17 @@
 """Collaborative learning: several classifier heads of one network trained together, one deployed.
 
 Song & Chai, "Collaborative Learning for Deep Neural Networks", NeurIPS 2018 (arXiv:1805.11761).
+The trunk is shared by all heads and the rest duplicated along a binary tree (hierarchical sharing,
+log2(H) split points, Sec. 3): copy 0 of every segment is the plain network of `build_model`, the
+other copies the same layers of networks built from derived seeds (independent initialisations).
+At every split point the children's gradient is scaled by 1/k (`scale_grad`, backpropagation
+rescaling), so a shared layer receives the mean of the heads' gradients, not their sum.
 
-The network's trunk is shared by all heads (intermediate-level representation sharing, Sec. 3);
-the rest is duplicated along a binary tree, hierarchical sharing with log2(H) split points:
-after the trunk the remaining layers split into 2 copies, the next split point splits each of
-those into 2, and so on, so that the deepest segment (the last stage and the classifier) exists
-once per head. Copy 0 of every segment is the plain network built by `build_model`, with its own
-initialisation; the other copies are the same layers of networks built from derived seeds
-(independent initialisations, as separately built heads would be).
-
-Backpropagation rescaling (Sec. 3): at every split point the gradient flowing back from the k
-children is multiplied by 1/k (`scale_grad`), so a layer shared by n heads receives the mean of
-the heads' gradients, not their sum, whatever the number of heads.
-
-The objective sums the heads' losses (Eq. 1 per head, summed over the H heads):
-
-    L_h = beta * CE(z_h, y) + (1 - beta) * T^2 * KL(q_h || softmax(z_h / T)),
-    q_h = softmax(mean_{j != h} z_j / T)                                        (Eq. 2)
-
-the consensus soft label q_h of the OTHER heads (their averaged logits, softened by T) is a
-constant target: no gradient flows through it. KL differs from the paper's soft cross-entropy
-H(q_h, softmax(z_h / T)) by the entropy of q_h, a constant: the gradients are the same, and the
-reported loss is 0 where the heads agree. T^2 keeps the soft term's gradient scale independent
-of T (Hinton et al. 2015). With the rescaling, each head's own layers receive the gradient of
-its own L_h at full scale and the shared layers the mean over the heads.
-
-At inference one head is kept (head 0): `forward(x)` runs the plain network itself, and
-`export` returns that network (same class, parameters and cost as `build_model`'s).
-
-The network is split without model-specific code (colam.models.split): the automatic choice
-takes the starts of the last log2(H) resolution stages; `method.collaborative.split` names them.
+The objective sums over the heads (Eq. 1-2) L_h = beta * CE(z_h, y) + (1 - beta) * T^2 *
+KL(q_h || softmax(z_h / T)), q_h = softmax(mean_{j != h} z_j / T) the other heads' consensus, a
+constant target. KL differs from the paper's soft cross-entropy by the entropy of q_h, a constant:
+same gradients, and the loss is 0 where the heads agree. Head 0 (the plain network) is deployed.
+The network is split without model-specific code (colam.models.split).
 """
 
 from __future__ import annotations
@@ -44,16 +25,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from colam.errors import require
-from colam.methods.base import Method
+from colam.methods.base import POSITIVE, UNIT, Method
 from colam.models import MODELS, build_model
 from colam.models.split import Splitter
 from colam.seeding import derive_seed
 
 # Offset of the seed streams that initialise the extra copies (copy of head h: SEED_STREAM + h).
 SEED_STREAM = 5_170_001
-
-
-# ----------------------------------------------------------------------------- loss
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -100,9 +78,6 @@ def collaborative_loss(logits: list[torch.Tensor], targets: torch.Tensor, temper
             soft = F.kl_div(log_p, log_q, reduction="batchmean", log_target=True) * temperature**2
             total = total + (1.0 - beta) * soft
     return total
-
-
-# ----------------------------------------------------------------------------- the multi-head network
 
 
 class CollaborativeNet(nn.Module):
@@ -181,9 +156,6 @@ def build_collaborative(model: nn.Module, config, num_classes: int) -> Collabora
                             [plan.describe(p) for p in positions])
 
 
-# ----------------------------------------------------------------------------- the method
-
-
 @dataclass
 class CollaborativeSettings:
     heads: int = 4  # classifier heads, a power of 2: log2(heads) binary splits (hierarchical ILR sharing)
@@ -194,14 +166,8 @@ class CollaborativeSettings:
 
 
 class Collaborative(Method):
-    """Collaborative learning (Song & Chai 2018, "Collaborative Learning for Deep Neural Networks",
-    NeurIPS; Sec. 3, Eq. 1-2): H heads on a binary tree of shared layers with backpropagation
-    rescaling; each head fits the hard labels (weight beta) and the other heads' consensus
-    softmax(mean_{j != h} z_j / T) (weight 1 - beta, T^2 * KL, no gradient through the target);
-    the objective sums the heads' losses. One head is deployed (`export`): the plain network.
-
-    See the module docstring for how the network is split (`method.collaborative.split`).
-    """
+    """Collaborative learning (Song & Chai 2018, NeurIPS; Sec. 3, Eq. 1-2): H heads on a binary tree of
+    shared layers fit the hard labels and each other's consensus; see the module docstring."""
 
     name = "collaborative"
     settings = CollaborativeSettings
@@ -209,15 +175,15 @@ class Collaborative(Method):
     paper = "Song & Chai 2018, NeurIPS, arXiv:1805.11761"
     summary = "heads on a shared trunk (binary tree, backprop rescaling) fit labels and each other's consensus"
     data_parallel = False  # trains through forward_all, which a DDP wrapper would bypass
+    checks = {"heads": (lambda heads: heads >= 2 and heads & (heads - 1) == 0,
+                        "must be a power of 2 >= 2 (binary-tree splits)"),
+              "temperature": POSITIVE, "beta": UNIT}
 
     @classmethod
     def validate(cls, config):
+        super().validate(config)
         section = config.method.collaborative
         heads = section.heads
-        require(heads >= 2 and heads & (heads - 1) == 0, "method.collaborative.heads", heads,
-                "must be a power of 2 >= 2 (binary-tree splits)")
-        require(section.temperature > 0, "method.collaborative.temperature", section.temperature, "must be > 0")
-        require(0.0 <= section.beta <= 1.0, "method.collaborative.beta", section.beta, "must be in [0, 1]")
         levels = int(math.log2(heads))
         require(not section.split or len(section.split) == levels, "method.collaborative.split", section.split,
                 f"must name {levels} module(s) for {heads} heads (one per split), or be empty (automatic)")
@@ -226,9 +192,7 @@ class Collaborative(Method):
 
     @classmethod
     def hyperparameters(cls, config):
-        section = config.method.collaborative
-        return {"heads": section.heads, "temperature": section.temperature, "beta": section.beta,
-                "split": list(section.split) or "auto"}
+        return {**super().hyperparameters(config), "split": list(config.method.collaborative.split) or "auto"}
 
     @classmethod
     def wrap_model(cls, model, config, num_classes):
@@ -238,12 +202,8 @@ class Collaborative(Method):
         if not isinstance(model, CollaborativeNet):
             raise TypeError(f"collaborative learning trains the network of Collaborative.wrap_model, "
                             f"got {type(model).__name__}")
-        section = self.config.method.collaborative
         logits = model.forward_all(images)
-        return collaborative_loss(logits, targets, section.temperature, section.beta), logits[0]
-
-    def loss(self, logits, targets, indices, stage):
-        raise NotImplementedError("collaborative learning needs every head's logits: use forward_loss")
+        return collaborative_loss(logits, targets, self.section.temperature, self.section.beta), logits[0]
 
     def export(self, model):
         """Head 0 alone: the plain network (same class and parameters as `build_model` gives)."""

@@ -3,8 +3,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from colam.errors import require
-from colam.methods.base import Method
+from colam.methods.base import NON_NEGATIVE, Method
 
 
 @dataclass
@@ -21,16 +20,9 @@ class ConfidencePenalty(Method):
     settings = CPSettings
     paper = "Pereyra et al. 2017, arXiv:1701.06548"
     summary = "cross-entropy minus beta times the output entropy"
-
-    @classmethod
-    def validate(cls, config):
-        require(config.method.cp.beta >= 0, "method.cp.beta", config.method.cp.beta, "must be >= 0")
-
-    @classmethod
-    def hyperparameters(cls, config):
-        return {"beta": config.method.cp.beta}
+    checks = {"beta": NON_NEGATIVE}
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor, stage: int) -> torch.Tensor:
         log_probs = F.log_softmax(logits, dim=1)
         entropy = -(log_probs.exp() * log_probs).sum(dim=1).mean()
-        return F.nll_loss(log_probs, targets) - self.config.method.cp.beta * entropy
+        return F.nll_loss(log_probs, targets) - self.section.beta * entropy

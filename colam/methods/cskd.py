@@ -3,8 +3,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from colam.errors import require
-from colam.methods.base import Method
+from colam.methods.base import NON_NEGATIVE, POSITIVE, Method
 
 
 @dataclass
@@ -15,28 +14,13 @@ class CSKDSettings:
 
 class ClassWiseSelfKD(Method):
     """CS-KD: class-wise self-knowledge distillation (Yun, Park, Lee, Shin 2020, "Regularizing Class-wise
-    Predictions via Self-knowledge Distillation", CVPR; Eq. 1-2 of Sec. 3.1).
+    Predictions via Self-knowledge Distillation", CVPR; Eq. 1-2 of Sec. 3.1): `cskd_loss` towards a
+    same-class partner x' (the partner detached: the paper's fixed copy of the parameters).
 
-        L = CE(f(x), y) + lam * T^2 * KL( softmax(f(x') / T) || softmax(f(x) / T) )
-
-    where x' is another training sample of the same (training) label y, and the partner's softened
-    prediction is a constant target (the paper's fixed copy of the parameters: no gradient flows
-    through softmax(f(x') / T)). The KL is summed over classes and averaged over the batch, the T^2
-    keeps its gradient scale independent of T, as in the authors' code (alinlab/cs-kd, `KDLoss`).
-
-    Partners are drawn per batch by `same_class_partners`, uniformly among the *other* samples of
-    the class (the authors' sampler may draw the sample itself; a class with a single training sample
-    is paired with itself, i.e. a second augmented view of the same image). The draw uses torch's
-    global generator, which the engine reseeds at every epoch, so a resumed run repeats it exactly.
-    The partners' images are read augmented from the training set (`data.train[j]`) and x and x' go
-    through the network in ONE forward pass over the concatenated batch; with BatchNorm the batch
-    statistics are therefore those of x and x' together (the authors' code runs two passes, the
-    partner's under no_grad).
-
-    Cost: every step forwards and backpropagates twice the batch (x and its partners; the partners
-    get no loss gradient of their own, but their activations take part in the backward pass through
-    the BatchNorm statistics), and loads B extra training images in the main process: about 2x the
-    compute of hard-label training per epoch.
+    Partners are drawn uniformly among the *other* samples of the class (the authors' sampler may
+    draw the sample itself) from torch's global generator, which the engine reseeds every epoch, so a
+    resumed run repeats the draw. x and x' go through ONE forward pass, so BatchNorm's batch
+    statistics are those of both (the authors' code runs two): about 2x hard-label training's compute.
     """
 
     name = "cskd"
@@ -45,22 +29,12 @@ class ClassWiseSelfKD(Method):
     paper = "Yun et al. 2020, CVPR, arXiv:2003.13964"
     summary = "cross-entropy plus lam*T^2*KL towards a same-class partner's softened prediction"
     data_parallel = False  # a second pass (the partner) per batch: no DDP / torch.compile
+    checks = {"temperature": POSITIVE, "lam": NON_NEGATIVE}
 
     def __init__(self, config, num_classes, train_targets):
         super().__init__(config, num_classes, train_targets)
-        self.section = config.method.cskd
         self.groups = class_groups(train_targets, num_classes)
         self.train_data = None
-
-    @classmethod
-    def validate(cls, config):
-        section = config.method.cskd
-        require(section.temperature > 0, "method.cskd.temperature", section.temperature, "must be > 0")
-        require(section.lam >= 0, "method.cskd.lam", section.lam, "must be >= 0")
-
-    @classmethod
-    def hyperparameters(cls, config):
-        return {"temperature": config.method.cskd.temperature, "lam": config.method.cskd.lam}
 
     def attach_data(self, data):
         self.train_data = data.train
@@ -74,14 +48,11 @@ class ClassWiseSelfKD(Method):
         logits, partner_logits = both[: len(images)], both[len(images):]
         return cskd_loss(logits, partner_logits, targets, self.section.temperature, self.section.lam), logits
 
-    def loss(self, logits, targets, indices, stage):
-        """The hard-label part alone: the partner term needs `forward_loss`."""
-        return F.cross_entropy(logits, targets)
-
 
 def cskd_loss(logits: torch.Tensor, partner_logits: torch.Tensor, targets: torch.Tensor, temperature: float,
               lam: float) -> torch.Tensor:
-    """CE(logits, y) + lam * T^2 * mean_i KL(softmax(partner_i / T) || softmax(logits_i / T)), partner detached."""
+    """CE(logits, y) + lam * T^2 * mean_i KL(softmax(partner_i / T) || softmax(logits_i / T)), partner detached
+    (T^2 keeps the gradient scale independent of T, as in the authors' alinlab/cs-kd `KDLoss`)."""
     ce = F.cross_entropy(logits, targets)
     if lam == 0:
         return ce

@@ -3,8 +3,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from colam.errors import require
-from colam.methods.base import Method
+from colam.methods.base import UNIT, Method
 
 
 @dataclass
@@ -25,18 +24,10 @@ class DisturbLabel(Method):
     settings = DisturbLabelSettings
     paper = "Xie et al. 2016, CVPR, arXiv:1605.00055"
     summary = "hard labels, each redrawn uniformly with probability alpha per iteration"
-
-    @classmethod
-    def validate(cls, config):
-        alpha = config.method.disturblabel.alpha
-        require(0.0 <= alpha <= 1.0, "method.disturblabel.alpha", alpha, "must be in [0, 1]")
-
-    @classmethod
-    def hyperparameters(cls, config):
-        return {"alpha": config.method.disturblabel.alpha}
+    checks = {"alpha": UNIT}
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor, stage: int) -> torch.Tensor:
-        return F.cross_entropy(logits, disturb(targets, self.num_classes, self.config.method.disturblabel.alpha))
+        return F.cross_entropy(logits, disturb(targets, self.num_classes, self.section.alpha))
 
 
 def disturb(targets: torch.Tensor, num_classes: int, alpha: float) -> torch.Tensor:

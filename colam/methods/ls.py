@@ -3,7 +3,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from colam.errors import require
 from colam.methods.base import Method, soft_cross_entropy
 
 
@@ -14,30 +13,18 @@ class LSSettings:
 
 
 class LabelSmoothing(Method):
-    """Label smoothing (Szegedy et al. 2016, "Rethinking the Inception Architecture"; Eq. 1 of COLAM).
-
-    Convention "C": y_soft = (1 - eps) y + eps / C, identical to torch's
-    `cross_entropy(label_smoothing=eps)`. Convention "C-1": the true class keeps exactly 1 - eps and
-    each wrong class gets eps / (C - 1), as in several re-implementations.
-    """
+    """Label smoothing (Szegedy et al. 2016, "Rethinking the Inception Architecture"; Eq. 1 of COLAM);
+    convention "C-1" (1 - eps exactly on the true class) is that of several re-implementations."""
 
     name = "ls"
     settings = LSSettings
     paper = "Szegedy et al. 2016, arXiv:1512.00567"
     summary = "cross-entropy on labels smoothed towards uniform (eps)"
-
-    @classmethod
-    def validate(cls, config):
-        section = config.method.ls
-        require(0.0 <= section.eps < 1.0, "method.ls.eps", section.eps, "must be in [0, 1)")
-        require(section.convention in ("C", "C-1"), "method.ls.convention", section.convention, "must be C or C-1")
-
-    @classmethod
-    def hyperparameters(cls, config):
-        return {"eps": config.method.ls.eps, "convention": config.method.ls.convention}
+    checks = {"eps": (lambda eps: 0.0 <= eps < 1.0, "must be in [0, 1)"),
+              "convention": (lambda c: c in ("C", "C-1"), "must be C or C-1")}
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor, stage: int) -> torch.Tensor:
-        section = self.config.method.ls
+        section = self.section
         if section.convention == "C":
             return F.cross_entropy(logits, targets, label_smoothing=section.eps)
         return soft_cross_entropy(logits, smoothed_targets(targets, self.num_classes, section.eps))

@@ -9,7 +9,7 @@ from torch import nn
 from torch.func import functional_call
 
 from colam.errors import require
-from colam.methods.base import Method, soft_cross_entropy
+from colam.methods.base import AT_LEAST_1, Method, one_of, soft_cross_entropy
 
 LABELS = ("class", "instance")
 # beta when method.meta.meta_lr is null. An instance row's meta-gradient is about 1/|B_t| of a class
@@ -17,11 +17,6 @@ LABELS = ("class", "instance")
 # epochs instead of every step, so instance labels need a far larger step (see the class docstring).
 DEFAULT_META_LR = {"class": 0.1, "instance": 100.0}
 DENSE_ARTIFACT_ENTRIES = 10_000_000  # learned_sample_labels.npy is written up to this many entries (40 MB)
-
-
-def smoothed_one_hot(targets: torch.Tensor, num_classes: int, eps: float) -> torch.Tensor:
-    """(1 - eps) one-hot + eps / C, one row per target."""
-    return F.one_hot(targets, num_classes).float() * (1.0 - eps) + eps / num_classes
 
 
 def project_to_simplex(rows: torch.Tensor) -> torch.Tensor:
@@ -141,72 +136,26 @@ class MetaSettings:
 class MetaLabels(Method):
     """Soft labels learned as parameters by a meta-gradient (Vyas, Saxena, Voice 2020, arXiv:2009.09496).
 
-    The labels are learnable: one C x C matrix (class-wise, row c is the soft label of every sample
-    whose given label is c) or one row per training sample (instance-wise, N x C). Every step, on a
-    batch B split into a training part B_t and a held-out part B_m:
+    Class-wise (C x C) or instance-wise (N x C) label rows; every step, on a batch split into B_t and
+    a held-out B_m (the last `round(held_out * |B|)` samples; a batch too small to split takes (3) only):
 
         (1) theta'  = theta - alpha * grad_theta (1/|B_t|) sum_{i in B_t} H(y_hat_i, f(x_i; theta))
         (2) y_hat  <- Proj_simplex( y_hat - beta * grad_{y_hat} (1/|B_m|) sum_{i in B_m} H(y_i, f(x_i; theta')) )
         (3) theta  <- the optimizer's step on (1/|B|) sum_{i in B} H(y_hat_i, f(x_i; theta)), with the updated y_hat
 
-    H(p, q) is the cross-entropy -sum_j p_j log softmax_j(q); y_i in (2) is the given hard label (the
-    possibly noisy one: training never sees clean labels). (2) differentiates through the one-step
-    lookahead (1), a second-order derivative, as in learning to reweight (Ren et al. 2018): the
-    labels move so that a model trained one step on them does better on held-out data.
+    y_i is the given (possibly noisy) hard label; nothing outside the training set is used (the
+    validation split holds clean labels). The offline copies of the paper hold its abstract only, so
+    these are our choices: alpha (`lookahead_lr`) the epoch's train.lr, a plain SGD step; probability
+    rows under projected gradient descent (Duchi et al. 2008), which can start one-hot and still move
+    mass to a class outside a row's support; beta (`meta_lr`) 0.1 class-wise, 100 instance-wise (on
+    digits with 40% noise, 100 corrects 13% of the noisy labels and keeps 91% of the clean ones; 30
+    changes no argmax, 300 keeps 42%; class-wise 0.1, 1, 10 gave test 0.891, 0.910, 0.569).
 
-    What comes from the paper and what is this implementation's choice. The copies of the paper
-    available offline (the arXiv abstract page, Apple's publication page) hold its abstract only, so
-    the method section's equation and section numbers could not be checked. The abstract fixes that
-    the labels are parameters optimised along with the model by meta-learning; steps (1)-(3),
-    class-wise and instance-wise labels, the lookahead on the soft labels and the held-out loss on
-    hard labels follow the project's description of the method. Every choice below that neither
-    fixes is marked (ours); those with a config key can be set to the paper's value where it differs:
-
-    - Held-out batch (ours, `held_out`, default 0.5): the last `round(held_out * |B|)` samples of each
-      shuffled training batch are B_m, the rest B_t. Nothing outside the training set is used: the
-      validation split (`data.val_fraction`) stays for model selection, and it holds clean labels,
-      which a noisy-label experiment must not train on. Step (3) trains on the whole batch, B_m
-      included, so the model sees every sample once per epoch as a baseline does. A batch too small
-      to split (the last one of an epoch) takes step (3) alone.
-    - Lookahead step size alpha (`lookahead_lr`): the epoch's scheduled `train.lr` (null, default),
-      a plain SGD step (ours: without momentum or weight decay, which do not depend on the labels).
-    - Parametrisation (ours): the labels are probability rows; (2) is projected gradient descent,
-      Proj_simplex being the Euclidean projection onto the probability simplex (Duchi et al. 2008).
-      For a small step it is y_hat - beta * (g - mean_j g): the meta-gradient's component along the
-      simplex. Unlike logits under a softmax, probabilities can start exactly one-hot and a class
-      outside a row's support still receives a gradient, so a flipped label can be corrected.
-    - Initialisation (`init_smoothing`, default 0: one-hot): (1 - eps) one-hot + eps / C.
-    - Frequency (ours): one label step per training step, every epoch, from the first.
-    - Step size beta (`meta_lr`; null picks 0.1 class-wise, 100 instance-wise; ours). Instance rows
-      get ~1/|B_t| of a class row's gradient and one update every ~2 epochs. Measured on digits with
-      40% symmetric noise (small_cnn width 16, 30 epochs, batch 64, one seed): instance beta 0.1 and
-      30 change no row's argmax, 100 corrects 13% of the noisy labels and keeps 91% of the clean ones
-      (test 0.928 against hl's 0.891), 300 corrects 30% but keeps only 42%. Class rows are updated
-      every step, so their beta depends on the steps per run: 0.1, 1, 10 gave test 0.891, 0.910,
-      0.569 over those 450 steps; a CIFAR run takes 125k.
-
-    Instance-wise rows live on the host as their top-k entries (`TopKLabelStore`): float32 values
-    and int16 class indices (int32 when C > 32768), renormalised over the kept entries, i.e.
-    N * k * 6 bytes; ImageNet-1k (N = 1,281,167, C = 1000, k = 10) takes 76.9 MB (102.5 MB with int32
-    indices) against 5.12 GB for a dense float32 N x C (`benchmarks/meta_label_memory.py` measures
-    it). A step gathers its batch's rows to the device, updates them and writes back their top k.
-
-    BatchNorm: the lookahead forwards run with the model's parameters and buffers passed to
-    `torch.func.functional_call`, the buffers as copies. The lookahead thus normalises with batch
-    statistics exactly as the real training forward does (eval mode would change the function being
-    differentiated), while its running-mean/variance updates land on the copies and are dropped:
-    the running statistics see each batch once, in step (3), as in every other method. The model's
-    parameters are never edited in place and never receive .grad from the meta step. Cost: two
-    half-batch forwards and a second-order backward per step on top of the normal one, about 3x an
-    hl step (CPU, small_cnn and resnet56 at batch 64).
-
-    Artifacts at the stage end: `learned_labels.npy`, C x C (class-wise: the matrix; instance-wise:
-    the mean learned row of each given class), and for instance-wise labels `learned_sample_labels.npy`
-    (N x C) when it has at most 10M entries (40 MB); an ImageNet store stays in state.pt only. They
-    are not named soft_labels*.npy on purpose: `uses_soft_labels` also tells the pipeline steps
-    (colam.steps) that a step trains on the previous step's estimate, which this method does not
-    (its labels travel in its state), so claiming it would make a multi-step pipeline refuse it.
-    `stage_report` counts the noisy training labels whose learned label's argmax is the clean label.
+    Instance rows live on the host as their top k entries (`TopKLabelStore`, 76.9 MB for ImageNet-1k
+    at k = 10 against 5.12 GB dense). The lookahead uses `torch.func.functional_call` on copies of the
+    buffers: batch statistics as in training, running statistics untouched; about 3x an hl step. The
+    stage end writes `learned_labels.npy`, not soft_labels*.npy: `uses_soft_labels` would make the
+    pipeline steps (colam.steps) feed it the previous step's estimate.
     """
 
     name = "meta"
@@ -215,44 +164,39 @@ class MetaLabels(Method):
     summary = "soft labels (class C x C or instance top-k rows) learned by a one-step lookahead meta-gradient"
     uses_soft_labels = False  # it writes learned_labels.npy, but trains on no earlier step's estimate
     data_parallel = False  # a lookahead pass through the model per batch: no DDP / torch.compile
+    on_device = ("class_labels",)
+    checks = {"labels": one_of(LABELS),
+              "meta_lr": (lambda lr: lr is None or lr > 0,
+                          "must be > 0, or null for the default of method.meta.labels"),
+              "top_k": AT_LEAST_1,
+              "held_out": (lambda held: 0.0 < held < 1.0, "must be in (0, 1)"),
+              "init_smoothing": (lambda eps: 0.0 <= eps < 1.0, "must be in [0, 1)"),
+              "lookahead_lr": (lambda lr: lr is None or lr > 0, "must be > 0, or null for the epoch's train.lr")}
 
     def __init__(self, config, num_classes, train_targets):
         super().__init__(config, num_classes, train_targets)
-        self.section = config.method.meta
-        self.device = torch.device("cpu")
         self.epochs_done = 0  # picks the lookahead's lr from the schedule; part of the state for resuming
         eps = self.section.init_smoothing
         self.class_labels: torch.Tensor | None = None  # C x C, on the device
         self.store: TopKLabelStore | None = None  # N x C as top-k, on the host
         if self.section.labels == "class":
-            self.class_labels = smoothed_one_hot(torch.arange(num_classes), num_classes, eps)
+            self.class_labels = torch.eye(num_classes) * (1.0 - eps) + eps / num_classes  # smoothed one-hot rows
         else:
             self.store = TopKLabelStore.from_targets(train_targets, num_classes, min(self.section.top_k, num_classes),
                                                      eps)
 
     @classmethod
     def validate(cls, config):
+        super().validate(config)
         section, batch_size = config.method.meta, config.train.batch_size
-        require(section.labels in LABELS, "method.meta.labels", section.labels, f"must be one of {', '.join(LABELS)}")
-        require(section.meta_lr is None or section.meta_lr > 0, "method.meta.meta_lr", section.meta_lr,
-                "must be > 0, or null for the default of method.meta.labels")
-        require(section.top_k >= 1, "method.meta.top_k", section.top_k, "must be >= 1")
-        require(0.0 < section.held_out < 1.0, "method.meta.held_out", section.held_out, "must be in (0, 1)")
         held = cls.split_sizes(section.held_out, batch_size)[1]
         require(0 < held < batch_size, "method.meta.held_out", section.held_out,
                 f"must leave at least one training and one held-out sample in a batch of train.batch_size="
                 f"{batch_size} (it holds out {held})")
-        require(0.0 <= section.init_smoothing < 1.0, "method.meta.init_smoothing", section.init_smoothing,
-                "must be in [0, 1)")
-        require(section.lookahead_lr is None or section.lookahead_lr > 0, "method.meta.lookahead_lr",
-                section.lookahead_lr, "must be > 0, or null for the epoch's train.lr")
 
     @classmethod
     def hyperparameters(cls, config):
-        section = config.method.meta
-        return {"labels": section.labels, "meta_lr": cls.meta_lr(config), "top_k": section.top_k,
-                "held_out": section.held_out, "init_smoothing": section.init_smoothing,
-                "lookahead_lr": section.lookahead_lr}
+        return {**super().hyperparameters(config), "meta_lr": cls.meta_lr(config)}
 
     @staticmethod
     def meta_lr(config) -> float:
@@ -264,12 +208,6 @@ class MetaLabels(Method):
         """(training part, held-out part) of a batch of `batch` samples."""
         held = round(held_out * batch)
         return batch - held, held
-
-    def to(self, device):
-        self.device = torch.device(device)
-        if self.class_labels is not None:
-            self.class_labels = self.class_labels.to(self.device)
-        return self
 
     def lookahead_lr(self) -> float:
         if self.section.lookahead_lr is not None:

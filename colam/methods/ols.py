@@ -4,8 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from colam import distributed
-from colam.errors import require
-from colam.methods.base import Method, soft_cross_entropy
+from colam.methods.base import UNIT, Method, soft_cross_entropy
 
 
 @dataclass
@@ -17,55 +16,28 @@ class OLSSettings:
 class OnlineLabelSmoothing(Method):
     """Online label smoothing, OLS (Zhang, Jiang, Hou, Wei, Han, Li, Cheng 2021, "Delving Deep into Label
     Smoothing", IEEE Transactions on Image Processing 30, arXiv:2011.12562; the OLS update of the soft
-    label matrix and its loss alpha * L_hard + (1 - alpha) * L_soft).
+    label matrix and its loss alpha * CE(f(x), y) + (1 - alpha) * H(S[y], softmax(f(x)))).
 
-    A C x C matrix S holds one soft label per class (row y). During epoch t every correctly
-    classified training sample (argmax f(x) = y, on the labels training sees) adds its predicted
-    distribution softmax(f(x)) (detached) to row y of an accumulator, and row y counts it; at the
-    end of the epoch row y of S becomes the normalised mean of what it accumulated, and S supervises
-    epoch t + 1:
-
-        L = alpha * CE(f(x), y) + (1 - alpha) * H(S[y], softmax(f(x)))
-
-    S starts at zero, as in the public implementations (the authors' zhangchbin/OnlineLabelSmoothing,
-    cifar/scripts/train_cifar_all_methods.py; and Kurumi233/OnlineLabelSmoothing, models/OLS.py): the
-    first epoch trains on alpha * CE alone. A row whose class had no correctly classified sample in an
-    epoch keeps its previous value here; the two implementations differ on that row, zhangchbin's sets
-    it to the uniform 1/C and Kurumi233's to zero. A class never predicted correctly keeps the zero row
-    and so the hard-label term only. The accumulation is a vectorised index_add_ (Kurumi233's
-    `grad[labels] += p` drops repeated labels of a batch; zhangchbin's loops over the samples). S, the accumulator and
-    the counts are the method's state, so a resumed run repeats the uninterrupted one.
-
-    Cost: that of hard-label training plus a C x C update per batch.
+    Row y of the C x C matrix S is the normalised mean of softmax(f(x)) over last epoch's correctly
+    classified samples of label y. S starts at zero, as in the public implementations (zhangchbin's and
+    Kurumi233's OnlineLabelSmoothing). A row with no correct sample in an epoch keeps its value here
+    (zhangchbin's sets 1/C, Kurumi233's zero); the accumulation is a vectorised index_add_ (Kurumi233's
+    `grad[labels] += p` drops a batch's repeated labels). S, the sums and counts are the state.
     """
 
     name = "ols"
     settings = OLSSettings
     paper = "Zhang et al. 2021, IEEE TIP, arXiv:2011.12562"
     summary = "alpha*CE plus (1-alpha)*CE towards per-class soft labels averaged from last epoch's correct predictions"
+    checks = {"alpha": UNIT}
+    on_device = ("soft_labels", "sums", "counts")
 
     def __init__(self, config, num_classes, train_targets):
         super().__init__(config, num_classes, train_targets)
-        self.alpha = config.method.ols.alpha
-        self.device = torch.device("cpu")
+        self.alpha = self.section.alpha
         self.soft_labels = torch.zeros(num_classes, num_classes)  # S: row = class
         self.sums = torch.zeros(num_classes, num_classes)  # this epoch's accumulated probabilities
         self.counts = torch.zeros(num_classes)  # this epoch's correctly classified samples per class
-
-    @classmethod
-    def validate(cls, config):
-        alpha = config.method.ols.alpha
-        require(0.0 <= alpha <= 1.0, "method.ols.alpha", alpha, "must be in [0, 1]")
-
-    @classmethod
-    def hyperparameters(cls, config):
-        return {"alpha": config.method.ols.alpha}
-
-    def to(self, device):
-        self.device = torch.device(device)
-        self.soft_labels, self.sums, self.counts = (t.to(self.device) for t in (self.soft_labels, self.sums,
-                                                                                  self.counts))
-        return self
 
     def loss(self, logits, targets, indices, stage):
         self.accumulate(logits, targets)
@@ -94,9 +66,7 @@ class OnlineLabelSmoothing(Method):
         return {"soft_labels": self.soft_labels, "sums": self.sums, "counts": self.counts}
 
     def load_state_dict(self, state):
-        self.soft_labels = state["soft_labels"].clone()
-        self.sums = state["sums"].clone()
-        self.counts = state["counts"].clone()
+        self.soft_labels, self.sums, self.counts = (state[key].clone() for key in ("soft_labels", "sums", "counts"))
         self.to(self.device)
 
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from colam.errors import require
-from colam.methods.base import Method, soft_cross_entropy
+from colam.methods.base import AT_LEAST_1, Method, soft_cross_entropy
 from colam.models import build_model
 from colam.seeding import derive_seed
 
@@ -26,27 +26,13 @@ class LabelRefinery(Method):
     """Label Refinery (Bagherinezhad, Horton, Rastegari, Farhadi 2018, "Label Refinery: Improving
     ImageNet Classification through Label Progression", arXiv:1805.02641; Sec. 3).
 
-    Generation 1 trains on the hard labels (cross-entropy). Each later generation g starts a fresh
-    network and trains it on the labels of the refiner R, the network of generation g - 1, frozen:
-
-        L = H(softmax(R(x)), softmax(f(x))) = KL(softmax(R(x)) || softmax(f(x))) + const
-
-    with R evaluated on the same augmented batch x as the student (the paper's on-the-fly labels of
-    each crop), in eval mode (BatchNorm running statistics), without gradient.
-
-    At the start of generation g (`stage_start`, also in a process that starts there from the
-    saved stage g - 1) the trained model's weights are copied into the refiner, the live model is
-    re-initialised and the optimizer's state (momentum) is cleared. The new weights are those of a
-    fresh build of the same model (`colam.models.build_model` + `wrap_model`, so the model's own
-    initialisation scheme, BatchNorm statistics included) under the seed
-    derive_seed(seed, REINIT_STREAM + g): deterministic, and on CPU so the same on every device. The
-    refiner's weights are the method's state, so a run resumed mid-generation uses the same refiner.
-
-    Cost: in the paper every generation is a full training run (2 generations: 2x the baseline's
-    epochs; set train.epochs = generations x a baseline's epochs for that), plus a refiner forward
-    pass (no backward) per batch from generation 2 on, and a second copy of the weights in memory.
-    Every generation trains a fresh model from scratch, so the learning-rate schedule restarts with
-    each generation and runs over its epochs (`restarts_schedule`, colam.engine.learning_rate).
+    Generation 1 trains on the hard labels. Each later generation g trains a fresh network on
+    H(softmax(R(x)), softmax(f(x))), R the frozen network of generation g - 1 run in eval mode on the
+    same augmented batch (the paper's on-the-fly labels of each crop). At its start (`stage_start`,
+    also in a process resuming there) R takes the trained weights, the model is re-initialised as a
+    fresh build of the same model seeded derive_seed(seed, REINIT_STREAM + g) on CPU (the same on
+    every device), the optimizer's momentum is cleared and the lr schedule restarts. R's weights are
+    the state, so a run resumed mid-generation uses the same refiner.
     """
 
     name = "refinery"
@@ -55,6 +41,8 @@ class LabelRefinery(Method):
     paper = "Bagherinezhad et al. 2018, arXiv:1805.02641"
     summary = "generations of fresh models, each trained on the previous one's predictions of the same crops"
     data_parallel = False  # re-initialises the model at each generation: not under DDP / torch.compile
+    checks = {"generations": AT_LEAST_1}
+    on_device = ("refiner",)
 
     def __init__(self, config, num_classes, train_targets):
         super().__init__(config, num_classes, train_targets)
@@ -64,8 +52,8 @@ class LabelRefinery(Method):
 
     @classmethod
     def validate(cls, config):
+        super().validate(config)
         section, epochs = config.method.refinery, config.train.epochs
-        require(section.generations >= 1, "method.refinery.generations", section.generations, "must be >= 1")
         if section.epochs_per_generation is None:
             require(epochs % section.generations == 0, "method.refinery.generations", section.generations,
                     f"must divide train.epochs ({epochs}) when method.refinery.epochs_per_generation is null")
@@ -84,20 +72,14 @@ class LabelRefinery(Method):
 
     @classmethod
     def hyperparameters(cls, config):
-        section = config.method.refinery
-        return {"generations": section.generations, "epochs_per_generation": cls.stage_epochs(config)[0]}
+        return {**super().hyperparameters(config), "epochs_per_generation": cls.stage_epochs(config)[0]}
 
     def attach(self, model):
-        if self.config.method.refinery.generations > 1:
+        if self.section.generations > 1:
             self.refiner = copy.deepcopy(model).eval().requires_grad_(False)
 
     def attach_data(self, data):
         self.in_channels = data.in_channels
-
-    def to(self, device):
-        if self.refiner is not None:
-            self.refiner.to(device)
-        return self
 
     def stage_start(self, stage, model, optimizer):
         if stage == 1:
@@ -137,12 +119,6 @@ class LabelRefinery(Method):
             self.refiner.to(images.device)
         self.refiner.eval()
         return F.softmax(self.refiner(images).float(), dim=1)
-
-    def loss(self, logits, targets, indices, stage):
-        """Generation 1's loss; later generations need the images (`forward_loss`)."""
-        if stage != 1:
-            raise RuntimeError("refinery: generations after the first need forward_loss (the refiner sees the images)")
-        return F.cross_entropy(logits, targets)
 
     def state_dict(self):
         if self.refiner_generation is None:

@@ -11,10 +11,9 @@ classifier. Published: 0.8M parameters (exactly 0.769M for 10 classes).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from colam.models.registry import Classifier, check_dropout, check_int_option, kaiming_init, register_model
+from colam.models.registry import Classifier, check_dropout, check_int_option, kaiming_init, pooled, register_model
 
 PAPER = 'Huang et al. 2017, "Densely Connected Convolutional Networks" (CVPR), arXiv:1608.06993'
 
@@ -55,7 +54,7 @@ class DenseNetBC(Classifier):
         kaiming_init(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1)
+        return pooled(self.features(x))
 
 
 @register_model("densenet_bc_100", input_size=32, paper=PAPER,

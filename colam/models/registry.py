@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from colam.errors import ColamError
@@ -25,32 +26,22 @@ class ModelSpec:
 
     @property
     def options(self) -> dict[str, Any]:
-        """The builder's options and their defaults."""
-        return _builder_options(self.builder)
+        """The builder's options and their defaults: its arguments but num_classes and in_channels."""
+        params = inspect.signature(self.builder).parameters.values()
+        return {p.name: p.default for p in params if p.name not in ("num_classes", "in_channels")}
 
 
 MODELS: dict[str, ModelSpec] = {}
 
-# Arguments every builder takes; everything else in its signature is an option.
-_FIXED_ARGS = ("num_classes", "in_channels")
 
-
-def register_model(
-    name: str,
-    *,
-    input_size: int,
-    paper: str,
-    published_params: dict[int, float],
-    published_precision: float,
-) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+def register_model(name: str, *, input_size: int, paper: str, published_params: dict[int, float],
+                   published_precision: float) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Decorator registering ``builder(num_classes, in_channels, **options)`` as ``name``."""
 
     def decorator(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in MODELS:
             raise ValueError(f"model {name!r} is registered twice")
-        MODELS[name] = ModelSpec(
-            name, builder, input_size, paper, dict(published_params), published_precision
-        )
+        MODELS[name] = ModelSpec(name, builder, input_size, paper, dict(published_params), published_precision)
         return builder
 
     return decorator
@@ -64,15 +55,14 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, **options: An
     """Build registered model ``name``; raises ColamError naming the offending input."""
     if name not in MODELS:
         raise ColamError(f"model.name: unknown model {name!r}; choose one of: {', '.join(list_models())}")
-    spec = MODELS[name]
-    accepted = _builder_options(spec.builder)
+    accepted = MODELS[name].options
     for key in options:
         if key not in accepted:
             listed = ", ".join(accepted) or "none"
             raise ColamError(f"model.options.{key}: not an option of model {name!r} (accepted: {listed})")
     _require_int("model.num_classes", num_classes, minimum=1)
     _require_int("model.in_channels", in_channels, minimum=1)
-    return spec.builder(num_classes=num_classes, in_channels=in_channels, **options)
+    return MODELS[name].builder(num_classes=num_classes, in_channels=in_channels, **options)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -86,9 +76,7 @@ def model_size(name: str, num_classes: int, in_channels: int = 3, **options: Any
         return count_parameters(build_model(name, num_classes, in_channels, **options))
 
 
-# ---------------------------------------------------------------------------------------
 # Helpers shared by the family modules.
-
 
 class Classifier(nn.Module):
     """Base class fixing the contract ``forward(x) == fc(forward_features(x))``."""
@@ -100,6 +88,23 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.forward_features(x))
+
+
+def pooled(features: torch.Tensor) -> torch.Tensor:
+    """Global average pooling, flattened: the penultimate features of a convolutional network."""
+    return torch.flatten(F.adaptive_avg_pool2d(features, 1), 1)
+
+
+def stages(block: Callable[[int, int, int], nn.Module], in_planes: int, widths: list[int],
+           counts: list[int]) -> tuple[nn.Sequential, int]:
+    """Stages of `counts[i]` blocks ``block(in_planes, widths[i], stride)``, every stage but the first
+    starting with stride 2; returns them in one Sequential and their output channels."""
+    layers = []
+    for i, (planes, n) in enumerate(zip(widths, counts)):
+        for j in range(n):
+            layers.append(block(in_planes, planes, 2 if i > 0 and j == 0 else 1))
+            in_planes = planes
+    return nn.Sequential(*layers), in_planes
 
 
 def kaiming_init(model: nn.Module) -> None:
@@ -116,26 +121,17 @@ def kaiming_init(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def option_error(key: str, message: str) -> ColamError:
-    return ColamError(f"model.options.{key}: {message}")
-
-
 def check_int_option(key: str, value: Any, minimum: int = 1) -> int:
     _require_int(f"model.options.{key}", value, minimum)
     return value
 
 
-def check_dropout(value: Any, key: str = "dropout") -> float:
+def check_dropout(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise option_error(key, f"must be a probability in [0, 1), got {value!r}")
+        raise ColamError(f"model.options.dropout: must be a probability in [0, 1), got {value!r}")
     return float(value)
 
 
 def _require_int(key: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ColamError(f"{key}: must be an integer >= {minimum}, got {value!r}")
-
-
-def _builder_options(builder: Callable[..., nn.Module]) -> dict[str, Any]:
-    params = inspect.signature(builder).parameters.values()
-    return {p.name: p.default for p in params if p.name not in _FIXED_ARGS}

@@ -10,11 +10,13 @@ CIFAR code. Published: 34.4M parameters (Table 7).
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from colam.models.registry import Classifier, kaiming_init, register_model
+from colam.models.registry import Classifier, kaiming_init, pooled, register_model, stages
 
 PAPER = 'Xie et al. 2017, "Aggregated Residual Transformations for Deep Neural Networks" (CVPR), arXiv:1611.05431'
 
@@ -25,8 +27,9 @@ def _conv_bn(in_planes: int, out_planes: int, kernel: int, stride: int = 1, grou
 
 
 class ResNeXtBlock(nn.Module):
-    def __init__(self, in_planes: int, width: int, out_planes: int, stride: int, cardinality: int) -> None:
+    def __init__(self, in_planes: int, out_planes: int, stride: int, cardinality: int, base_width: int) -> None:
         super().__init__()
+        width = cardinality * base_width * out_planes // 256  # 8 x 64d in the first stage, doubling per stage
         self.reduce = _conv_bn(in_planes, width, 1)
         self.grouped = _conv_bn(width, width, 3, stride, groups=cardinality)
         self.expand = _conv_bn(width, out_planes, 1)
@@ -44,22 +47,15 @@ class ResNeXtBlock(nn.Module):
 class ResNeXt(Classifier):
     def __init__(self, depth: int, cardinality: int, base_width: int, num_classes: int, in_channels: int = 3) -> None:
         super().__init__()
-        n = (depth - 2) // 9  # three stages of n three-layer blocks, plus stem and classifier
         self.stem = _conv_bn(in_channels, 64, 3)
-        layers, in_planes = [], 64
-        for i in range(3):
-            width = cardinality * base_width * 2**i
-            out_planes = 256 * 2**i
-            for j in range(n):
-                layers.append(ResNeXtBlock(in_planes, width, out_planes, 2 if i > 0 and j == 0 else 1, cardinality))
-                in_planes = out_planes
-        self.layers = nn.Sequential(*layers)
-        self.fc = nn.Linear(in_planes, num_classes)
+        block = partial(ResNeXtBlock, cardinality=cardinality, base_width=base_width)
+        # three stages of (depth - 2) / 9 three-layer blocks, plus stem and classifier
+        self.layers, planes = stages(block, 64, [256, 512, 1024], [(depth - 2) // 9] * 3)
+        self.fc = nn.Linear(planes, num_classes)
         kaiming_init(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.layers(F.relu(self.stem(x)))
-        return torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
+        return pooled(self.layers(F.relu(self.stem(x))))
 
 
 @register_model("resnext29_8x64d", input_size=32, paper=PAPER,

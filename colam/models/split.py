@@ -1,12 +1,8 @@
 """Splitting a network into consecutive segments without model-specific code (torch.fx).
 
-The network's forward is traced; split points are placed between top-level blocks (modules that
-are not containers) where exactly one tensor flows from the layers before to the layers after, and
-the automatic choice takes the starts of the last resolution stages (the block that first produces
-a smaller feature map), filling in with earlier block starts for networks with fewer stages.
-`Splitter.segments` copies the segments between split points out of a network as modules of its
-own layers (or of another network built alike). Networks that cannot be traced or split are
-refused naming `model.name`.
+Split points fall between top-level blocks (modules that are not containers) where exactly one
+tensor flows across; the automatic choice takes the starts of the last resolution stages, then
+earlier block starts. Networks that cannot be traced or split are refused naming `model.name`.
 """
 
 from __future__ import annotations
@@ -24,16 +20,8 @@ from colam.errors import ColamError
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
-def _module_path(node: fx.Node, units: set[str]) -> str | None:
-    """The outermost non-container module whose forward produced `node` (None: the root's own code)."""
-    for entry in (node.meta.get("nn_module_stack") or {}).values():
-        path = entry[0] if isinstance(entry, tuple) else entry
-        if path in units:
-            return path
-    return None
-
-
 def _stack_paths(node: fx.Node) -> list[str]:
+    """The paths of the modules whose forward produced `node`, outermost first."""
     return [entry[0] if isinstance(entry, tuple) else entry for entry in (node.meta.get("nn_module_stack") or {}).values()]
 
 
@@ -44,10 +32,6 @@ def _units(module: nn.Module, prefix: str = "") -> set[str]:
         path = f"{prefix}{name}"
         found |= _units(child, path + ".") if isinstance(child, _CONTAINERS) else {path}
     return found
-
-
-def _modes(model: nn.Module) -> dict[nn.Module, bool]:
-    return {m: m.training for m in model.modules()}
 
 
 def _restore(modes: dict[nn.Module, bool]) -> None:
@@ -61,7 +45,7 @@ class Splitter:
 
     def __init__(self, model: nn.Module, name: str, input_size: int) -> None:
         self.model, self.name = model, name
-        modes = _modes(model)
+        modes = {m: m.training for m in model.modules()}
         try:
             traced = {}
             for training in (True, False):
@@ -78,8 +62,9 @@ class Splitter:
         self.nodes = [n for n in self.graph_module.graph.nodes if n.op != "output"]
         self.output = next(n for n in self.graph_module.graph.nodes if n.op == "output")
         self.position = {n: i for i, n in enumerate(self.nodes)}
-        self.units = _units(model)
-        self.owner = [_module_path(n, self.units) for n in self.nodes]
+        units = _units(model)
+        # the outermost block whose forward produced each node (None: the root's own code)
+        self.owner = [next((p for p in _stack_paths(n) if p in units), None) for n in self.nodes]
         self.first: dict[str, int] = {}
         self.last: dict[str, int] = {}
         for i, unit in enumerate(self.owner):
@@ -137,14 +122,12 @@ class Splitter:
         return [n for i, n in enumerate(self.nodes[:p]) if n.op != "get_attr" and self.last_use[i] >= p]
 
     def has_weights(self, nodes, matrices_only: bool = False) -> bool:
+        named = dict(self.model.named_parameters())
         for n in nodes:
             if n.op == "call_module":
                 params = self.model.get_submodule(n.target).parameters()
-            elif n.op == "get_attr":
-                attr = self.model.get_parameter(n.target) if n.target in dict(self.model.named_parameters()) else None
-                params = [attr] if attr is not None else []
             else:
-                continue
+                params = [named[n.target]] if n.op == "get_attr" and n.target in named else []
             if any(q.ndim >= 2 or not matrices_only for q in params):
                 return True
         return False
