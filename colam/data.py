@@ -1,13 +1,5 @@
-"""From a raw data set to what training needs: the training subset, a validation split, label
-noise, and datasets that also return each sample's index (per-sample soft labels need it).
-
-Label noise (`data.label_noise`, `data.noise_type`) flips exactly round(rate * N) labels of the
-training split, each to another class: `symmetric` to a uniformly drawn other class, `asymmetric`
-from class c to c + 1 mod C (pair flip). Validation and test labels are never touched.
-
-Subset, split and noise depend only on `data.split_seed`, never on the training seed, so runs
-over several seeds see the same data and the same noisy labels.
-"""
+"""From a raw data set to what training needs: training subset, validation split and label noise, drawn from
+`data.split_seed` alone (docs/datasets.md), and datasets that return each sample's index (per-sample labels)."""
 
 from __future__ import annotations
 
@@ -82,21 +74,15 @@ def build_data(cfg: DataConfig, split_dir: str | Path | None = None) -> Training
     """The training data of `cfg`; with `split_dir`, the split saved there by `save_split`."""
     raw = _raw_data(cfg)
     split = draw_split(cfg, raw) if split_dir is None else load_split(split_dir, cfg, raw)
-    test_labels = np.asarray(raw.test_targets, dtype=np.int64)
-    val_index = split.val_index
-    labels = np.asarray(raw.train_targets, dtype=np.int64)
+    test_labels, labels = (np.asarray(t, dtype=np.int64) for t in (raw.test_targets, raw.train_targets))
     return TrainingData(
         train=Indexed(raw.train, split.train_index, split.train_targets),
         train_eval=Indexed(raw.train_eval, split.train_index, split.train_targets),
-        val=Indexed(raw.train_eval, val_index, labels[val_index]) if len(val_index) else None,
+        val=Indexed(raw.train_eval, split.val_index, labels[split.val_index]) if len(split.val_index) else None,
         test=Indexed(raw.test, np.arange(len(test_labels)), test_labels),
         train_targets=torch.from_numpy(split.train_targets),
         clean_train_targets=torch.from_numpy(split.clean_train_targets),
-        classes=list(raw.classes),
-        in_channels=raw.in_channels,
-        image_size=raw.image_size,
-        tensors=raw.tensors,
-    )
+        classes=list(raw.classes), in_channels=raw.in_channels, image_size=raw.image_size, tensors=raw.tensors)
 
 
 def _raw_data(cfg: DataConfig) -> RawData:
@@ -146,16 +132,10 @@ def _require_every_class(labels: np.ndarray, num_classes: int, key: str, value: 
 
 
 def save_split(cfg: DataConfig, out_dir: str | Path) -> dict:
-    """Draw the split of `cfg` and write it to `out_dir` (split.npz + split.json); returns the summary.
-
-    The split is what `data.*` decides: which samples train and validate, and the (noisy) labels
-    training sees. The images stay in the raw data set; `build_data(cfg, out_dir)` reads them back
-    and checks that the raw data still holds the recorded labels.
-    """
+    """Draw the split of `cfg` and write it to `out_dir` (split.npz + split.json); returns the summary."""
     raw = _raw_data(cfg)
     split = draw_split(cfg, raw)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out_dir)  # atomic_write_bytes creates it
     # np.savez stamps the current time into the archive: build it with a fixed stamp instead, so
     # preparing the same split twice writes the same bytes and DVC sees nothing new downstream.
     buffer = io.BytesIO()
@@ -166,14 +146,11 @@ def save_split(cfg: DataConfig, out_dir: str | Path) -> dict:
             archive.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), member.getvalue())
     cio.atomic_write_bytes(out_dir / "split.npz", buffer.getvalue())
     counts = np.bincount(split.train_targets, minlength=len(raw.classes)).tolist()
-    summary = {
-        "data": {k: getattr(cfg, k) for k in SPLIT_KEYS},
-        "classes": list(raw.classes),
-        "raw_train_samples": len(raw.train_targets), "raw_test_samples": len(raw.test_targets),
-        "train_samples": len(split.train_index), "val_samples": len(split.val_index),
-        "test_samples": len(raw.test_targets), "train_samples_per_class": counts,
-        "noisy_labels": int((split.train_targets != split.clean_train_targets).sum()),
-    }
+    summary = {"data": {k: getattr(cfg, k) for k in SPLIT_KEYS}, "classes": list(raw.classes),
+               "raw_train_samples": len(raw.train_targets), "raw_test_samples": len(raw.test_targets),
+               "train_samples": len(split.train_index), "val_samples": len(split.val_index),
+               "test_samples": len(raw.test_targets), "train_samples_per_class": counts,
+               "noisy_labels": int((split.train_targets != split.clean_train_targets).sum())}
     cio.write_json(out_dir / "split.json", summary)
     return summary
 
@@ -185,8 +162,7 @@ def load_split(split_dir: str | Path, cfg: DataConfig, raw: RawData) -> Split:
         summary = json.loads((split_dir / "split.json").read_text())
         with np.load(split_dir / "split.npz", allow_pickle=False) as arrays:
             split = Split(**{k: arrays[k] for k in Split.__dataclass_fields__})
-        saved_data = summary["data"]
-        saved = {key: saved_data[key] if key in saved_data else _SPLIT_KEY_DEFAULTS[key] for key in SPLIT_KEYS}
+        saved = {key: {**_SPLIT_KEY_DEFAULTS, **summary["data"]}[key] for key in SPLIT_KEYS}
     except FileNotFoundError as exc:
         raise ColamError(f"--split: '{split_dir}' holds no prepared split ({Path(exc.filename).name} is missing); "
                          f"run `colam prepare` first") from None
@@ -228,11 +204,7 @@ def stratified_sample(labels: np.ndarray, size: int, rng: np.random.Generator) -
 
 
 def symmetric_noise(labels: np.ndarray, num_classes: int, rate: float, rng: np.random.Generator) -> np.ndarray:
-    """Flip round(rate * N) labels, chosen at random, to a different class chosen uniformly.
-
-    The symmetric (uniform) noise of e.g. Patrini et al. 2017 and Han et al. 2018, with the
-    flipped labels always wrong (probability 0 of "flipping" to the clean class).
-    """
+    """Flip round(rate * N) random labels, each to a uniformly drawn other class (Patrini 2017, Han 2018)."""
     noisy = labels.copy()
     flipped = rng.choice(len(labels), round(rate * len(labels)), replace=False)
     shift = rng.integers(1, num_classes, size=len(flipped))  # never 0: the label always changes
@@ -241,22 +213,15 @@ def symmetric_noise(labels: np.ndarray, num_classes: int, rate: float, rng: np.r
 
 
 def asymmetric_noise(labels: np.ndarray, num_classes: int, rate: float, rng: np.random.Generator) -> np.ndarray:
-    """Pair flip: round(rate * N) labels, a `rate` share of every class, go from class c to c + 1 mod C.
-
-    The class-dependent "pair flipping" noise of Han et al. 2018 (Co-teaching, NeurIPS, Sec. 4:
-    transition matrix with 1 - rate on the diagonal and rate on (c, c + 1 mod C)); Patrini et al.
-    2017 (CVPR) flip each CIFAR-100 class to the next one circularly within its super-class.
-    The flipped samples are drawn per class (largest remainders, `stratified_sample`), so each
-    class loses as close to `rate` of its samples as integers allow and the total is exact.
-    """
+    """Pair flip (Han et al. 2018, Co-teaching, Sec. 4): round(rate * N) labels go from class c to c + 1 mod C,
+    drawn per class (`stratified_sample`) so each class loses as close to `rate` of its samples as integers allow."""
     noisy = labels.copy()
     flipped = stratified_sample(labels, round(rate * len(labels)), rng)
     noisy[flipped] = (labels[flipped] + 1) % num_classes
     return noisy
 
 
-# data.noise_type -> the function drawing it; every one flips exactly round(rate * N) labels, each
-# to another class, from the generator it is given (draw_split's, seeded by data.split_seed).
+# data.noise_type -> the function drawing it: exactly round(rate * N) labels, each to another class.
 NOISE = {"symmetric": symmetric_noise, "asymmetric": asymmetric_noise}
 NOISE_TYPES = tuple(NOISE)
 
@@ -265,6 +230,5 @@ def loader(dataset: Dataset, batch_size: int, *, shuffle: bool, num_workers: int
            pin_memory: bool = False) -> DataLoader:
     """A DataLoader whose order and worker seeds follow `seed` (so an epoch can be replayed)."""
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-                      generator=generator, pin_memory=pin_memory, drop_last=False,
-                      persistent_workers=False)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, generator=generator,
+                      pin_memory=pin_memory)

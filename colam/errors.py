@@ -1,17 +1,10 @@
-"""The one exception type the library raises for bad input.
-
-The CLI turns it into a single line on stderr and exit status 2, so every message
-must name the offending input (key, file or value) and say what is wrong with it.
-"""
+"""The one exception type the library raises for bad input: the CLI prints it as one line on stderr with exit
+status 2, so every message names the offending input (key, file or value) and says what is wrong with it."""
 
 
 class ColamError(ValueError):
-    """Bad input: configuration, data or artifact. The message is shown to the user as is.
-
-    Raised in a DataLoader worker (a corrupt image), it reaches the main process rebuilt by torch
-    (`torch._utils.ExceptionWrapper.reraise`) from "Caught ColamError in DataLoader worker process
-    N.\nOriginal Traceback ...": such a message is cut back to the worker's own one line.
-    """
+    """Bad input (configuration, data or artifact), shown to the user as is. Raised in a DataLoader worker, torch
+    rebuilds it as "Caught ColamError in DataLoader worker ...\nOriginal Traceback ...": cut back to its line."""
 
     def __init__(self, *args: object) -> None:
         if len(args) == 1 and isinstance(args[0], str):
@@ -26,10 +19,7 @@ def _unwrap(message: str) -> str:
     """The original message of a ColamError re-raised from another process or thread by torch."""
     if not message.startswith(f"Caught {ColamError.__name__} ") or "\nOriginal Traceback" not in message:
         return message
-    for line in reversed(message.splitlines()):
-        if line.startswith(_RAISED):
-            return line[len(_RAISED):]
-    return message
+    return next((line[len(_RAISED):] for line in reversed(message.splitlines()) if line.startswith(_RAISED)), message)
 
 
 def require(ok: bool, key: str, value: object, what: str) -> None:

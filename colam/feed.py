@@ -1,20 +1,6 @@
-"""Where the trainer's batches come from.
-
-Two paths give batches of (images, labels, positions in the split):
-
-- `LoaderFeed`: a DataLoader over the data set, any size (ImageNet): transforms per sample in
-  `data.num_workers` processes, pinned memory and non-blocking copies when training on a GPU.
-- `ResidentFeed` (`train.data_on_device`): the whole split held as one tensor on the device,
-  batches cut and augmented there (random crop from the zero-padded image, horizontal flip,
-  normalisation), with no DataLoader and no host-to-device copy per step. For data sets with a
-  tensor form (`colam.datasets.ImageTensors`: CIFAR, digits); CIFAR-100's training set is
-  150 MB of uint8.
-
-Both follow the run's seed: an epoch's order comes from (seed, epoch) and so does its
-augmentation, so the same config gives the same numbers again on the same path. The two paths
-draw their random numbers differently, so they give different (equally valid) runs. Under
-torchrun both deal every global batch out over the ranks (`colam.distributed.ShardedBatches`).
-"""
+"""The trainer's batches of (images, labels, positions), from a DataLoader (`LoaderFeed`) or cut from the split held
+on the device (`ResidentFeed`, `train.data_on_device`), in an order and augmentation drawn from (seed, epoch): each
+path draws in its own way, so the two give different (equally valid) runs."""
 
 from __future__ import annotations
 
@@ -37,8 +23,7 @@ def epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
 
 
 def global_seed(seed: int, epoch: int, world: World) -> int:
-    """The seed of torch's global generator in an epoch (loader-path augmentation, dropout, method
-    draws): rank 0 has the single-process stream, every other rank one of its own."""
+    """torch's global seed in an epoch (loader augmentation, dropout): rank 0's is the single-process stream."""
     return epoch_seed(seed, epoch, stream=2 * world.rank)
 
 
@@ -58,33 +43,28 @@ class LoaderFeed:
         self.data, self.config, self.world = data, config, world
         self.pin = device.type == "cuda"
 
-    def train(self, epoch: int):
-        t, workers = self.config.train, self.config.data.num_workers
-        seed = epoch_seed(self.config.seed, epoch, stream=1)
-        if not self.world.distributed:
-            return loader(self.data.train, t.batch_size, shuffle=True, num_workers=workers, seed=seed,
+    def _load(self, dataset, batch_size: int, seed: int | None, sharded: bool) -> DataLoader:
+        """`dataset` shuffled from `seed` (None: in order); `sharded`: this rank's share of every global batch."""
+        workers = self.config.data.num_workers
+        if not sharded:
+            return loader(dataset, batch_size, shuffle=seed is not None, num_workers=workers, seed=seed,
                           pin_memory=self.pin)
-        return DataLoader(self.data.train, batch_sampler=ShardedBatches(len(self.data.train), t.batch_size, seed,
-                                                                        self.world),
-                          num_workers=workers, pin_memory=self.pin)
+        sampler = ShardedBatches(len(dataset), batch_size, seed or 0, self.world, shuffle=seed is not None)
+        return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=self.pin)
+
+    def train(self, epoch: int):
+        seed = epoch_seed(self.config.seed, epoch, stream=1)
+        return self._load(self.data.train, self.config.train.batch_size, seed, self.world.distributed)
 
     def evaluation(self, name: str):
         """The val or test split in order (None when there is no such split)."""
         split = getattr(self.data, name)
-        if split is None:
-            return None
-        return loader(split, self.config.train.eval_batch_size, shuffle=False,
-                      num_workers=self.config.data.num_workers, pin_memory=self.pin)
+        return None if split is None else self._load(split, self.config.train.eval_batch_size, None, False)
 
     def estimation(self):
         """The training set without augmentation; under torchrun, this rank's share of it."""
-        size = self.config.train.eval_batch_size
-        if not self.world.distributed:
-            return loader(self.data.train_eval, size, shuffle=False, num_workers=self.config.data.num_workers,
-                          pin_memory=self.pin)
-        sampler = ShardedBatches(len(self.data.train_eval), size * self.world.size, 0, self.world, shuffle=False)
-        return DataLoader(self.data.train_eval, batch_sampler=sampler, num_workers=self.config.data.num_workers,
-                          pin_memory=self.pin)
+        size = self.config.train.eval_batch_size * self.world.size
+        return self._load(self.data.train_eval, size, None, self.world.distributed)
 
 
 class ResidentFeed:
@@ -92,32 +72,23 @@ class ResidentFeed:
         tensors = data.tensors
         self.config, self.world, self.device = config, world, device
         self.pad, self.flip = tensors.pad, tensors.flip
-        self.scale = 1 / 255 if tensors.train.dtype == torch.uint8 else None
-        self.mean = torch.tensor(tensors.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-        self.std = torch.tensor(tensors.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.bytes = tensors.train.dtype == torch.uint8
+        self.mean, self.std = (torch.tensor(v, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+                               for v in (tensors.mean, tensors.std))
 
-        def hold(images: torch.Tensor, index, targets) -> tuple[torch.Tensor, torch.Tensor]:
-            chosen = images[torch.as_tensor(index, dtype=torch.long)] if index is not None else images
-            return chosen.to(device).contiguous(), torch.as_tensor(targets, dtype=torch.long).to(device)
+        def hold(images: torch.Tensor, split) -> tuple[torch.Tensor, torch.Tensor]:
+            chosen = images[torch.as_tensor(split.indices, dtype=torch.long)]
+            return chosen.to(device).contiguous(), torch.as_tensor(split.targets, dtype=torch.long).to(device)
 
-        self.splits = {"train": hold(tensors.train, data.train.indices, data.train.targets),
-                       "test": hold(tensors.test, data.test.indices, data.test.targets)}
-        if data.val is not None:
-            self.splits["val"] = hold(tensors.train, data.val.indices, data.val.targets)
-
-    def _inputs(self, images: torch.Tensor) -> torch.Tensor:
-        """Images as the model's input: to float in [0, 1], then normalised (ToTensor + Normalize)."""
-        x = images.float()
-        if self.scale is not None:
-            x = x.div(255)
-        return x.sub(self.mean).div(self.std)
+        views = {"train": (tensors.train, data.train), "val": (tensors.train, data.val),
+                 "test": (tensors.test, data.test)}
+        self.splits = {name: hold(*view) for name, view in views.items() if view[1] is not None}
 
     def augment(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """A random crop of each image's size out of the image zero-padded by `pad` on every side,
         mirrored left-right with probability 1/2 (`flip`): one gather for the whole batch."""
         n, channels, height, width = images.shape
-        if self.pad:
-            images = F.pad(images, (self.pad,) * 4)
+        images = F.pad(images, (self.pad,) * 4)
         offsets = torch.randint(0, 2 * self.pad + 1, (2, n), generator=generator, device=images.device)
         rows = offsets[0, :, None] + torch.arange(height, device=images.device)
         cols = offsets[1, :, None] + torch.arange(width, device=images.device)
@@ -128,40 +99,31 @@ class ResidentFeed:
         channel = torch.arange(channels, device=images.device)[None, :, None, None]
         return images[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
 
-    def _batches(self, split: str, sampler: ShardedBatches, generator: torch.Generator | None) -> Iterator:
+    def _batches(self, split: str, batch_size: int, world: World, seed: int | None = None,
+                 generator: torch.Generator | None = None) -> Iterator:
+        """`split` in batches shuffled from `seed` (None: in order), augmented from `generator` (None: not)."""
         images, targets = self.splits[split]
-        parts = sampler.index_batches()
+        parts = ShardedBatches(len(targets), batch_size, seed or 0, world, shuffle=seed is not None).index_batches()
         if not parts:
             return
         order = torch.cat(parts).to(self.device, non_blocking=True)
         for index in order.split([len(p) for p in parts]):
-            chosen = images[index]
-            if generator is not None:
-                chosen = self.augment(chosen, generator)
-            yield self._inputs(chosen), targets[index], index
+            chosen = images[index] if generator is None else self.augment(images[index], generator)
+            x = chosen.float().div(255) if self.bytes else chosen.float()  # ToTensor + Normalize
+            yield x.sub(self.mean).div(self.std), targets[index], index
 
     def train(self, epoch: int):
-        seed, t = self.config.seed, self.config.train
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(epoch_seed(seed, epoch, stream=2 * self.world.rank + 3))
-        sampler = ShardedBatches(len(self.splits["train"][1]), t.batch_size, epoch_seed(seed, epoch, stream=1),
-                                 self.world)
-        return self._batches("train", sampler, generator)
+        seed = self.config.seed
+        generator = torch.Generator(device=self.device).manual_seed(epoch_seed(seed, epoch, 2 * self.world.rank + 3))
+        return self._batches("train", self.config.train.batch_size, self.world, epoch_seed(seed, epoch, stream=1),
+                             generator)
 
     def evaluation(self, name: str):
-        if name not in self.splits:
-            return None
-        size = len(self.splits[name][1])
-        return self._batches(name, ShardedBatches(size, self.config.train.eval_batch_size, 0, World(), shuffle=False),
-                             None)
+        return self._batches(name, self.config.train.eval_batch_size, World()) if name in self.splits else None
 
     def estimation(self):
-        size = len(self.splits["train"][1])
-        sampler = ShardedBatches(size, self.config.train.eval_batch_size * self.world.size, 0, self.world,
-                                 shuffle=False)
-        return self._batches("train", sampler, None)
+        return self._batches("train", self.config.train.eval_batch_size * self.world.size, self.world)
 
 
 def make_feed(data: TrainingData, config: Config, device: torch.device, world: World) -> LoaderFeed | ResidentFeed:
-    cls = ResidentFeed if wants_resident(config, data, device) else LoaderFeed
-    return cls(data, config, device, world)
+    return (ResidentFeed if wants_resident(config, data, device) else LoaderFeed)(data, config, device, world)

@@ -1,20 +1,5 @@
-"""The MNIST family from its IDX files: MNIST, Fashion-MNIST and Kuzushiji-MNIST (KMNIST).
-
-torchvision's own classes download them (`data.download: true`), name their classes and lay them
-out as `root/<Class>/raw/<file>`. A `data.root` may also hold the four original files from another
-source, gzipped or not, flat in the folder: Debian's `dataset-fashion-mnist` installs
-`/usr/share/datasets/fashion-mnist/*.gz`, recompressed, so their gzip md5 is not torchvision's.
-Every file is checked before it is used:
-
-- a `.gz` whose md5 is in torchvision's list is the original download;
-- otherwise the uncompressed bytes must have the md5 and size of the original release's file
-  (`CONTENT`, this module's own list; the bytes inside the original `.gz`);
-- anything else is refused in one line naming the file. KMNIST's uncompressed digests are not
-  in the list, so KMNIST is accepted as its original `.gz` files only.
-
-`copy_idx_files` writes the checked, uncompressed files in torchvision's layout: the DVC-versioned
-copy of a data set (`colam data get`, data/raw/NAME), the same bytes from whichever source.
-"""
+"""MNIST, Fashion-MNIST and KMNIST from their IDX files, in torchvision's layout or flat, gzipped or not, each checked
+first (docs/datasets.md): a .gz with torchvision's md5, or content with the release's md5 and size (`CONTENT`)."""
 
 from __future__ import annotations
 
@@ -29,6 +14,7 @@ import numpy as np
 import torch
 from torchvision import datasets as tvd
 
+from colam import io as cio
 from colam.errors import ColamError
 
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -71,76 +57,49 @@ IDX_SETS = {
 }
 
 
-@dataclass
-class IdxArrays:
-    train_images: torch.Tensor  # N x 1 x 28 x 28 uint8
-    train_labels: np.ndarray  # int64
-    test_images: torch.Tensor
-    test_labels: np.ndarray
-    classes: list[str]
-
-
-def read_idx_set(name: str, root: Path, download: bool) -> IdxArrays:
-    """The checked arrays of data set `name` under `root` (downloaded there first when `download`)."""
-    spec = IDX_SETS[name]
-    if download:
-        _download(spec, root)
-    content = {file: checked_content(spec, root, file) for file in FILES}
-    return IdxArrays(_images(content["train-images-idx3-ubyte"], FILES[0]),
-                     _labels(content["train-labels-idx1-ubyte"], FILES[1]),
-                     _images(content["t10k-images-idx3-ubyte"], FILES[2]),
-                     _labels(content["t10k-labels-idx1-ubyte"], FILES[3]),
-                     list(spec.cls.classes))
+def read_idx_set(name: str, root: Path, download: bool) -> list:
+    """The train images, train labels, test images and test labels (uint8 N x 1 x 28 x 28, int64) of `name`."""
+    checked = _checked_files(name, root, download)
+    return [_idx_array(content, file) for file, (content, _) in checked.items()]
 
 
 def copy_idx_files(name: str, source: Path, out: Path, download: bool = False) -> list[Path]:
-    """Write data set `name`'s checked files from `source` into `out` in torchvision's layout
-    (out/<Class>/raw/<file>), uncompressed where their content digest is known (the same bytes from
-    any source), else as the original .gz; with `download`, torchvision downloads them into `out`
-    first. Returns the files of the copy."""
-    from colam import io as cio
-
-    spec = IDX_SETS[name]
-    if download:
-        _download(spec, out)
-        source = out
-    folder = out / spec.cls.__name__ / "raw"
-    checked = {file: checked_file(spec, source, file) for file in FILES}  # all checked before any write
-    kept = []
-    for file, found in checked.items():
-        target = folder / (file if found.original_gz is None else f"{file}.gz")
-        data = found.content if found.original_gz is None else found.original_gz
+    """Write `name`'s checked files from `source` (with `download`, torchvision's download into `out`) into `out`
+    in torchvision's layout, uncompressed where their content digest is known, else as the original .gz."""
+    checked = _checked_files(name, out if download else source, download)  # all checked before any write
+    folder, kept = out / IDX_SETS[name].cls.__name__ / "raw", []
+    for file, (content, original_gz) in checked.items():
+        target = folder / (file if original_gz is None else f"{file}.gz")
+        data = content if original_gz is None else original_gz
         if not (target.is_file() and target.read_bytes() == data):
             cio.atomic_write_bytes(target, data)
         kept.append(target)
-    for file in FILES:  # the other form of a kept file (what a download extracted or archived beside it)
-        for path in (folder / file, folder / f"{file}.gz"):
-            if path.is_file() and path not in kept:
-                path.unlink()
+    for path in (folder / f"{file}{suffix}" for file in FILES for suffix in ("", ".gz")):
+        if path.is_file() and path not in kept:  # the other form of a kept file (what a download left beside it)
+            path.unlink()
     return kept
 
 
-@dataclass
-class CheckedFile:
-    path: Path
-    content: bytes  # uncompressed
-    original_gz: bytes | None  # the .gz itself when it is torchvision's original (KMNIST: how it is checked)
+def _checked_files(name: str, root: Path, download: bool) -> dict[str, tuple[bytes, bytes | None]]:
+    """`checked_file` of every file of `name` under `root`, downloaded there first when `download`."""
+    spec = IDX_SETS[name]
+    if download:
+        _download(spec, root)
+    return {file: checked_file(spec, root, file) for file in FILES}
 
 
-def checked_content(spec: IdxSet, root: Path, file: str) -> bytes:
-    """The uncompressed bytes of `file` under `root`, after the integrity check (module docstring)."""
-    return checked_file(spec, root, file).content
-
-
-def checked_file(spec: IdxSet, root: Path, file: str) -> CheckedFile:
-    original_md5 = dict(spec.cls.resources)[f"{file}.gz"]
-    for folder in (root / spec.cls.__name__ / "raw", root):  # an original .gz is proof enough
-        archive = folder / f"{file}.gz"
-        if archive.is_file():
-            raw = _read(archive)
-            if hashlib.md5(raw).hexdigest() == original_md5:
-                return CheckedFile(archive, _gunzip(raw, archive), raw)
-    path = find_file(spec, root, file)
+def checked_file(spec: IdxSet, root: Path, file: str) -> tuple[bytes, bytes | None]:
+    """The uncompressed bytes of `file` (in root/<Class>/raw or `root`, .gz or not) after the integrity check, and
+    the .gz itself when it is torchvision's original (how KMNIST is checked)."""
+    folders = (root / spec.cls.__name__ / "raw", root)
+    for archive in (folder / f"{file}.gz" for folder in folders):  # an original .gz is proof enough
+        raw = _read(archive) if archive.is_file() else None
+        if raw is not None and hashlib.md5(raw).hexdigest() == dict(spec.cls.resources)[f"{file}.gz"]:
+            return _gunzip(raw, archive), raw
+    path = next((p for folder in folders for p in (folder / file, folder / f"{file}.gz") if p.is_file()), None)
+    if path is None:
+        raise ColamError(f"data.root: no {spec.name} data set found under '{root}' ({file}[.gz] is in neither "
+                         f"'{root}' nor '{folders[0]}'; set data.download: true to download it, or check the path)")
     content = _gunzip(_read(path), path) if path.suffix == ".gz" else _read(path)
     expected = CONTENT[spec.name].get(file)
     if expected is None:
@@ -151,18 +110,7 @@ def checked_file(spec: IdxSet, root: Path, file: str) -> CheckedFile:
     if (digest, len(content)) != expected:
         raise ColamError(f"data.root: '{path}' is not {spec.name}'s original {file} (content md5 {digest}, "
                          f"{len(content):,} bytes; expected {expected[0]}, {expected[1]:,} bytes)")
-    return CheckedFile(path, content, None)
-
-
-def find_file(spec: IdxSet, root: Path, file: str) -> Path:
-    """`file` in torchvision's layout (root/<Class>/raw) or flat in `root`, uncompressed or .gz."""
-    for folder in (root / spec.cls.__name__ / "raw", root):
-        for candidate in (folder / file, folder / f"{file}.gz"):
-            if candidate.is_file():
-                return candidate
-    raise ColamError(f"data.root: no {spec.name} data set found under '{root}' ({file}[.gz] is in neither "
-                     f"'{root}' nor '{root / spec.cls.__name__ / 'raw'}'; set data.download: true to download it, "
-                     f"or check the path)")
+    return content, None
 
 
 def _download(spec: IdxSet, root: Path) -> None:
@@ -188,23 +136,14 @@ def _gunzip(data: bytes, path: Path) -> bytes:
         raise ColamError(f"data.root: '{path}' is not a readable gzip file ({err})") from None
 
 
-def _images(content: bytes, file: str) -> torch.Tensor:
-    count, rows, cols = _header(content, file, magic=0x803, dims=3)
-    pixels = np.frombuffer(content, dtype=np.uint8, offset=16)
-    return torch.from_numpy(pixels.reshape(count, 1, rows, cols).copy())
-
-
-def _labels(content: bytes, file: str) -> np.ndarray:
-    (count,) = _header(content, file, magic=0x801, dims=1)
-    return np.frombuffer(content, dtype=np.uint8, offset=8).astype(np.int64)
-
-
-def _header(content: bytes, file: str, magic: int, dims: int) -> tuple[int, ...]:
-    """The sizes in an IDX header (big-endian int32s after the magic number), checked against the
-    length: the integrity check already vouches for known files; this keeps the reader honest."""
+def _idx_array(content: bytes, file: str) -> torch.Tensor | np.ndarray:
+    """Images (N x 1 x H x W uint8 tensor) or labels (int64) of an IDX file, its header checked against the length:
+    the integrity check vouches for known files; this keeps the reader honest."""
+    dims = 3 if "idx3" in file else 1
     head = 4 + 4 * dims
     found = struct.unpack(">I", content[:4])[0] if len(content) >= 4 else None
     sizes = struct.unpack(f">{dims}I", content[4:head]) if len(content) >= head else ()
-    if found != magic or len(content) != head + int(np.prod(sizes)):
+    if found != 0x800 | dims or len(content) != head + int(np.prod(sizes)):
         raise ColamError(f"data.root: {file} is not an IDX file of unsigned bytes with {dims} dimension(s)")
-    return sizes
+    values = np.frombuffer(content, dtype=np.uint8, offset=head)
+    return torch.from_numpy(values.reshape(sizes[0], 1, *sizes[1:]).copy()) if dims == 3 else values.astype(np.int64)

@@ -1,15 +1,7 @@
-"""COLAM's soft-label learning step (Li et al. 2022, Sec. 3.3, Algorithm 1 lines 9-14).
-
-For each training sample the soft label minimises sum_{peers} 1/2 ||y - f(x_peer)||^2 (Eq. 6),
-whose minimiser is the mean of the peers' outputs; it is then normalised with softmax(mean / T).
-With all same-class samples as peers every sample of a class shares one label, so the labels
-form a C x C matrix (row c = label of class c). With k random peers each sample gets its own
-label (an N x C matrix), the "number of random peer samples" of Sec. 5.3.
-
-Tensor functions, and `OutputSums`, which gathers what they need batch by batch: from the
-stage-end forward pass (estimation "pass", Algorithm 1) or from the training logits of the
-stage's last epoch (estimation "online", no extra pass), summed over the ranks of a torchrun job.
-"""
+"""COLAM's soft-label step (Li et al. 2022, Sec. 3.3, Algorithm 1 lines 9-14): a sample's soft label minimises
+sum_{peers} 1/2 ||y - f(x_peer)||^2 (Eq. 6), so it is softmax(mean of the peers' outputs / T). All same-class
+samples as peers give a C x C matrix; k random peers give each sample its own label (N x C, Sec. 5.3).
+`OutputSums` gathers the outputs batch by batch, summed over the ranks of a torchrun job."""
 
 from __future__ import annotations
 
@@ -28,10 +20,7 @@ GUARDS = ("none", "keep", "anchor")
 
 
 def class_sums(outputs: torch.Tensor, targets: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-class sum of `outputs` (N x C) and sample counts, vectorised with index_add_.
-
-    Sums and counts (not means) so partial results from batches or ranks can be added up.
-    """
+    """Per-class sum of `outputs` (N x C) and sample counts: sums, not means, so partial results add up."""
     outputs = outputs.to(torch.float64)  # sums over 10^6 samples lose digits in float32
     sums = torch.zeros(num_classes, outputs.shape[1], dtype=torch.float64, device=outputs.device)
     sums.index_add_(0, targets, outputs)
@@ -46,11 +35,8 @@ def _prepare(outputs: torch.Tensor, aggregation: str) -> torch.Tensor:
 
 
 def normalise(mean_outputs: torch.Tensor, temperature: float, aggregation: str = "logits") -> torch.Tensor:
-    """softmax(mean / T), the last line of Algorithm 1.
-
-    For averaged probabilities the same tempering is applied to their log: softmax(log(p) / T),
-    which equals softmax(z / T) when p = softmax(z) comes from a single sample.
-    """
+    """softmax(mean / T), the last line of Algorithm 1; averaged probabilities are tempered through their log,
+    softmax(log(p) / T), which equals softmax(z / T) when p = softmax(z) comes from a single sample."""
     if temperature <= 0:
         raise ColamError(f"method.colam.temperature: must be > 0, got {temperature!r}")
     scores = mean_outputs.clamp_min(1e-12).log() if aggregation == "probs" else mean_outputs
@@ -75,22 +61,15 @@ def soft_labels_from_sums(sums: torch.Tensor, counts: torch.Tensor, temperature:
 def peer_soft_labels(outputs: torch.Tensor, targets: torch.Tensor, num_classes: int, peers: int,
                      temperature: float, aggregation: str = "logits", generator: torch.Generator | None = None,
                      chunk: int = 1024) -> torch.Tensor:
-    """An N x C matrix: sample i's label averages the outputs of `peers` random same-class samples.
-
-    Peers are drawn without replacement from the sample's class (the sample itself included, as
-    in the paper's peer set). Drawing the indices of the k largest of n_c uniform keys gives a
-    uniform k-subset; rows are processed in chunks to bound memory at chunk x n_c.
-    """
+    """An N x C matrix: sample i's label averages `peers` same-class samples drawn without replacement (itself
+    included), the k largest of n_c uniform keys, in chunks of rows to bound memory at chunk x n_c."""
     prepared = _prepare(outputs, aggregation).to(torch.float32)
     result = torch.empty(outputs.shape, dtype=torch.float32, device=outputs.device)
     for c in range(num_classes):
         members = (targets == c).nonzero().flatten()
         if len(members) == 0:
             continue  # no sample of this class needs a label
-        if len(members) < peers:
-            raise ColamError(f"method.colam.peers: {peers} peers requested but class {c} has only "
-                             f"{len(members)} training samples")
-        members_cpu = members.cpu()  # the generator draws on the host
+        members_cpu = _peer_pool(members, c, peers).cpu()  # the generator draws on the host
         for start in range(0, len(members), chunk):
             rows = members[start:start + chunk]
             keys = torch.rand(len(rows), len(members), generator=generator, device="cpu")
@@ -102,36 +81,37 @@ def peer_soft_labels(outputs: torch.Tensor, targets: torch.Tensor, num_classes: 
 def class_peer_soft_labels(outputs: torch.Tensor, targets: torch.Tensor, num_classes: int, peers: int,
                            temperature: float, aggregation: str = "logits",
                            generator: torch.Generator | None = None) -> torch.Tensor:
-    """The C x C matrix from `peers` random samples of each class: row c = softmax(mean of the outputs
-    of k samples drawn without replacement from class c / T), the peer set of Sec. 3.3 read as one
-    draw per class rather than one per sample (`peer_soft_labels`)."""
+    """The C x C matrix from `peers` samples of each class drawn without replacement: the peer set of Sec. 3.3
+    read as one draw per class rather than one per sample (`peer_soft_labels`)."""
     prepared = _prepare(outputs, aggregation).to(torch.float32)
     rows = []
     for c in range(num_classes):
-        members = (targets == c).nonzero().flatten().cpu()
-        if len(members) < peers:
-            raise ColamError(f"method.colam.peers: {peers} peers requested but class {c} has only "
-                             f"{len(members)} training samples")
+        members = _peer_pool((targets == c).nonzero().flatten().cpu(), c, peers)
         chosen = members[torch.randperm(len(members), generator=generator)[:peers]].to(outputs.device)
         rows.append(prepared[chosen].mean(dim=0))
     return normalise(torch.stack(rows), temperature, aggregation)
 
 
+def _peer_pool(members: torch.Tensor, c: int, peers: int) -> torch.Tensor:
+    """The samples of class `c`, refused when fewer than `peers`."""
+    if len(members) < peers:
+        raise ColamError(f"method.colam.peers: {peers} peers requested but class {c} has only "
+                         f"{len(members)} training samples")
+    return members
+
+
 def collapsed_rows(labels: torch.Tensor, row_classes: torch.Tensor) -> torch.Tensor:
-    """Which rows no longer favour their own class: the entry of the row's class (`row_classes`, the
-    class of each row: 0..C-1 for a C x C matrix, the sample labels for N x C) is below the row's
-    largest. A stage-end snapshot with such rows teaches the next stage the wrong class."""
+    """Which rows no longer favour their own class (`row_classes`: 0..C-1 for a C x C matrix, the sample labels
+    for N x C): a stage-end snapshot with such rows teaches the next stage the wrong class."""
     own = labels.gather(1, row_classes.view(-1, 1).to(labels.device)).squeeze(1)
     return own < labels.max(dim=1).values
 
 
 def guard_labels(labels: torch.Tensor, row_classes: torch.Tensor, previous: torch.Tensor | None,
                  guard: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The labels with every collapsed row (`collapsed_rows`) replaced as `guard` says, and the mask of
-    those rows: none keeps them (Algorithm 1 as written); keep takes the row of `previous`, the labels
-    the stage trained on (None: the hard labels, after stage 1); anchor averages the row with the
-    hard label, so the own class holds at least half the mass and the rest keeps its proportions.
-    Rows that favour their own class are never changed: with none collapsed this is the identity."""
+    """The labels with every collapsed row replaced as `guard` says, and the mask of those rows: none keeps them
+    (Algorithm 1); keep takes the row of `previous`, the labels the stage trained on (None: the hard labels);
+    anchor averages the row with the hard label, so the own class keeps at least half the mass."""
     if guard not in GUARDS:
         raise ColamError(f"method.colam.guard: must be one of {', '.join(GUARDS)}, got {guard!r}")
     collapsed = collapsed_rows(labels, row_classes)
@@ -178,13 +158,8 @@ def load_npy(file: str | Path, key: str) -> np.ndarray:
 
 
 class OutputSums:
-    """Class-wise sums and counts of a model's outputs, added batch by batch with `index_add_` and
-    `bincount` (never a loop over samples); with `num_samples`, also every sample's outputs by
-    index, which the per-sample labels of a peer count need.
-
-    Fed the whole training set once, it gives exactly `class_soft_labels` / `peer_soft_labels` of
-    the outputs in one piece. `reduce` sums the partial results of the ranks of a distributed run.
-    """
+    """Class-wise sums and counts of a model's outputs, added batch by batch; with `num_samples`, also every
+    sample's outputs by index (per-sample peer labels need them). `reduce` sums the ranks' partial results."""
 
     def __init__(self, num_classes: int, aggregation: str, num_samples: int | None = None,
                  device: torch.device | str = "cpu"):
@@ -192,11 +167,10 @@ class OutputSums:
         self.num_classes, self.aggregation, self.num_samples = num_classes, aggregation, num_samples
         self.sums = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device)
         self.counts = torch.zeros(num_classes, dtype=torch.float64, device=device)
-        self.outputs = self.seen = None
         self.reduced = False  # summed over the ranks already (a second reduce would double it)
-        if num_samples is not None:
-            self.outputs = torch.zeros(num_samples, num_classes, dtype=torch.float32, device=device)
-            self.seen = torch.zeros(num_samples, dtype=torch.float32, device=device)
+        self.outputs, self.seen = (None, None) if num_samples is None else (
+            torch.zeros(num_samples, num_classes, dtype=torch.float32, device=device),
+            torch.zeros(num_samples, dtype=torch.float32, device=device))
 
     @torch.no_grad()
     def add(self, outputs: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor | None = None) -> None:
@@ -213,10 +187,8 @@ class OutputSums:
 
     def reduce(self) -> None:
         """Sum the ranks' partial results, once (a no-op in a single process): each sample is seen by one rank."""
-        if self.reduced:
-            return
         for tensor in (self.sums, self.counts, self.outputs, self.seen):
-            if tensor is not None:
+            if tensor is not None and not self.reduced:
                 distributed.all_reduce_sum(tensor)
         self.reduced = True
 
@@ -239,6 +211,5 @@ class OutputSums:
     def load_state_dict(self, state: dict) -> None:
         device = self.sums.device
         self.sums, self.counts = state["sums"].to(device), state["counts"].to(device)
-        self.outputs = state["outputs"].to(device) if state.get("outputs") is not None else None
-        self.seen = state["seen"].to(device) if state.get("seen") is not None else None
+        self.outputs, self.seen = (None if state.get(k) is None else state[k].to(device) for k in ("outputs", "seen"))
         self.reduced = bool(state.get("reduced", False))
