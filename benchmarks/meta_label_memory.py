@@ -1,11 +1,8 @@
 """Host memory of the `meta` method's instance-wise labels at ImageNet scale.
 
-Allocates the top-k label store (`colam.methods.meta.TopKLabelStore`) for N = 1,281,167
-training images, C = 1000 classes and k = method.meta.top_k (default 10), prints its measured
-bytes (tensor nbytes) against a dense N x C float32 matrix (computed, not allocated), and times
-one batch's gather -> scatter round trip on the host.
-
-    .venv/bin/python benchmarks/meta_label_memory.py [--top-k 10] [--batch 256]
+Allocates the top-k label store (`colam.methods.meta.TopKLabelStore`) for N = 1,281,167 images,
+C = 1000 classes and k = method.meta.top_k, prints its bytes against a dense N x C float32 matrix
+(computed, not allocated), and times one batch's gather -> scatter round trip on the host.
 """
 
 from __future__ import annotations
@@ -19,8 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from colam.methods.meta import MetaSettings  # noqa: E402
-from colam.methods.meta import TopKLabelStore  # noqa: E402
+from colam.methods.meta import MetaSettings, TopKLabelStore  # noqa: E402
 
 IMAGENET_TRAIN, IMAGENET_CLASSES = 1_281_167, 1000
 
@@ -47,8 +43,7 @@ def main() -> int:
     print(f"dense N x C float32: {dense:,} bytes ({dense / 1e9:.2f} GB); the store is {dense / store.nbytes:.0f}x smaller")
 
     rows = torch.randperm(n, generator=torch.Generator().manual_seed(1))[: args.batch]
-    began = time.perf_counter()
-    repeats = 20
+    began, repeats = time.perf_counter(), 20
     for _ in range(repeats):
         store.scatter(rows, store.gather(rows))
     print(f"gather + scatter of a batch of {args.batch} rows: {(time.perf_counter() - began) / repeats * 1e3:.2f} ms")

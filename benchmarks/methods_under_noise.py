@@ -1,17 +1,11 @@
 """Every method on the bundled default, clean and under 40% symmetric label noise, over 3 seeds.
 
-    .venv/bin/python benchmarks/methods_under_noise.py [--params params.yaml] [--seeds 0 1 2] [--noise 0.4]
-        [--jobs 2] [--out runs/methods] [--only METHOD ...] [--clean-only] [--docs]
-
-Each run is `colam.engine.fit` of params.yaml's run config with one method (the method's own
-settings from params.yaml/defaults, plus the overrides in VARIANTS), at data.label_noise 0 and
---noise (symmetric, training labels only, drawn from data.split_seed). `kd` distils from the final
-soft labels of the COLAM run of the same seed and noise (the meta-learning paper's downstream use
-of learned labels), so it runs after them. Runs go --jobs at a time, one thread each.
-
-Prints a markdown table (test accuracy mean ± sample std over the seeds, clean and noisy; the
-training wall time of the clean runs relative to hl's, from each run's own wall_time_s) and writes
-it with every run's metrics to --out (table.md, results.json).
+Each run is `colam train` of params.yaml's run config with one method (its settings plus VARIANTS'
+overrides) at data.label_noise 0 and --noise (symmetric, training labels only), one thread, --jobs
+at a time. `kd` distils from the final soft labels of the COLAM run of the same seed and noise (the
+meta-learning paper's downstream use of learned labels), so it runs after them. Prints a markdown
+table (test accuracy mean ± std, clean and noisy; the clean runs' wall_time_s relative to hl's) and
+writes it with every run's metrics to --out (table.md, results.json).
 """
 
 from __future__ import annotations
@@ -21,20 +15,19 @@ import json
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import yaml
+
 import docs_tables
+from harness import mean_std, publish, stage_files, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # (slug, label, method, overrides): a method's defaults unless a setting is needed for this protocol.
 VARIANTS = [
-    ("hl", "hl", "hl", []),
-    ("ls", "ls", "ls", []),
-    ("colam", "colam", "colam", []),
-    ("cskd", "cskd", "cskd", []),
-    ("ols", "ols", "ols", []),
+    *[(method, method, method, []) for method in ("hl", "ls", "colam", "cskd", "ols")],
     ("refinery", "refinery (2 generations, 2x epochs)", "refinery", ["refinery"]),
     ("collaborative", "collaborative (4 heads)", "collaborative", []),
     ("meta-class", "meta (class-wise)", "meta", ["method.meta.labels=class"]),
@@ -44,16 +37,8 @@ VARIANTS = [
 
 
 def run_one(job: dict) -> dict:
-    import torch
-
-    sys.path.insert(0, str(ROOT))
-    torch.set_num_threads(1)
-    from colam.config import load_config
-    from colam.engine import fit
-
-    config = load_config(job["params"], job["overrides"])
     began = time.perf_counter()
-    metrics = fit(config, job["out"], progress=False)
+    metrics = train(job["params"], job["out"], job["overrides"])
     return {**job, "metrics": metrics, "process_seconds": time.perf_counter() - began}
 
 
@@ -65,7 +50,7 @@ def overrides_for(method: str, extra: list[str], base_epochs: int, noise: float,
                          f"method.refinery.epochs_per_generation={base_epochs}"]
         elif item == "kd":
             teacher = out / f"colam-noise{noise}-seed{seed}"
-            stages = sorted(teacher.glob("stage_*/soft_labels.json"), key=lambda p: int(p.parent.name.split("_")[1]))
+            stages = stage_files(teacher, "soft_labels.json")
             if not stages:
                 raise SystemExit(f"kd distils from the colam run {teacher}, which is not there: run colam too")
             # The labels were tempered with COLAM's T: the student's logits are softened with the same T.
@@ -94,46 +79,29 @@ def main() -> int:
     sys.path.insert(0, str(ROOT))
     from pipelines.params import load_params
 
-    params = load_params(args.params)
+    config = load_params(args.params).config
     run_config = args.out / "config.yaml"
     args.out.mkdir(parents=True, exist_ok=True)
-    import yaml
-
-    run_config.write_text(yaml.safe_dump(params.config.to_dict(), sort_keys=False))
-    base_epochs = params.config.train.epochs
+    run_config.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     variants = [v for v in VARIANTS if not args.only or v[0] in args.only or v[2] in args.only]
-    phases = [[v for v in variants if v[2] != "kd"], [v for v in variants if v[2] == "kd"]]
     results = []
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        for phase in phases:
-            jobs = []
-            for slug, label, method, extra in phase:
-                for noise in (0.0,) if args.clean_only else (0.0, args.noise):
-                    for seed in args.seeds:
-                        out = args.out / f"{slug}-noise{noise}-seed{seed}"
-                        jobs.append({"label": label, "method": method, "noise": noise, "seed": seed,
-                                     "params": str(run_config), "out": str(out),
-                                     "overrides": overrides_for(method, extra, base_epochs, noise, seed, args.out)})
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for phase in ([v for v in variants if v[2] != "kd"], [v for v in variants if v[2] == "kd"]):
+            jobs = [{"label": label, "method": method, "noise": noise, "seed": seed, "params": str(run_config),
+                     "out": str(args.out / f"{slug}-noise{noise}-seed{seed}"),
+                     "overrides": overrides_for(method, extra, config.train.epochs, noise, seed, args.out)}
+                    for slug, label, method, extra in phase
+                    for noise in ((0.0,) if args.clean_only else (0.0, args.noise)) for seed in args.seeds]
             for result in pool.map(run_one, jobs):
                 print(f"{result['label']:<38} noise {result['noise']:.1f} seed {result['seed']}: "
                       f"test {result['metrics']['test_acc']:.4f}  {result['metrics']['wall_time_s']:.1f}s", flush=True)
                 results.append(result)
     (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
-    table = format_table(results, args.noise)
-    print(table)
-    (args.out / "table.md").write_text(table + "\n")
-    if args.docs:
-        docs_tables.write_table("methods-under-noise", table)
+    publish(format_table(results, args.noise), args.out / "table.md", "methods-under-noise" if args.docs else None)
     return 0
 
 
 def format_table(results: list[dict], noise: float) -> str:
-    def cell(values: list[float]) -> str:
-        if not values:
-            return "–"
-        spread = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{100 * statistics.mean(values):.2f} ± {100 * spread:.2f}"
-
     labels = list(dict.fromkeys(r["label"] for r in results))
     hl_times = [r["metrics"]["wall_time_s"] for r in results if r["label"] == "hl" and r["noise"] == 0]
     hl_time = statistics.mean(hl_times) if hl_times else None
@@ -144,7 +112,8 @@ def format_table(results: list[dict], noise: float) -> str:
         clean = [r["metrics"]["test_acc"] for r in mine if r["noise"] == 0]
         noisy = [r["metrics"]["test_acc"] for r in mine if r["noise"] != 0]  # none with --clean-only
         seconds = statistics.mean(r["metrics"]["wall_time_s"] for r in mine if r["noise"] == 0)
-        lines.append(f"| {label} | {cell(clean)} | {cell(noisy)} | {f'{seconds / hl_time:.2f}' if hl_time else '–'} |")
+        ratio = f"{seconds / hl_time:.2f}" if hl_time else "–"
+        lines.append(f"| {label} | {mean_std(clean)} | {mean_std(noisy)} | {ratio} |")
     seeds = sorted({r["seed"] for r in results})
     lines.append(f"\nmean ± sample std over seeds {seeds}; wall time = the runs' own training time (wall_time_s)")
     return "\n".join(lines)
