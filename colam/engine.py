@@ -1,19 +1,15 @@
-"""The staged trainer: `fit(config, out_dir)` trains one run and writes its artifacts into a run
-folder (the layout, resume and integrity rules are `colam.run_folder`'s); `fit_stage` trains one
-stage of it, and the pipeline steps (`colam.steps`) a part of it. All three train with
-`train_epochs`, told where the epochs go by a `colam.run_folder.Epochs`.
+"""The staged trainer: `fit` trains a run, `fit_stage` one stage of it, the pipeline steps
+(`colam.steps`) a part of it; all through `train_into`, told where the epochs go by a
+`colam.run_folder.Epochs` (the folder's layout, resume and integrity rules are there).
 
-Every epoch starts by seeding torch's generator and the loader's from (seed, epoch), so an
-interrupted run resumed from its checkpoint repeats the uninterrupted run's numbers on CPU.
-
-Speed (train.*): batches come from a DataLoader or, for data that fits, straight from the device
-(`colam.feed`); bf16 autocast, channels_last and torch.compile are options whose `auto` defaults
-follow the device. Under `torchrun` the model is wrapped in DistributedDataParallel and rank 0
-alone evaluates and writes (`colam.distributed`).
+Every epoch seeds torch's generator and the loader's from (seed, epoch), so a resumed run repeats
+the uninterrupted run's numbers on CPU. Under `torchrun` the model is wrapped in
+DistributedDataParallel and rank 0 alone evaluates and writes (`colam.distributed`).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -37,18 +33,14 @@ from colam.errors import ColamError
 from colam.feed import LoaderFeed, ResidentFeed, global_seed, make_feed, wants_resident
 from colam.methods import METHODS, Method
 from colam.models import build_model
-from colam.run_folder import (Epochs, OneStage, WholeRun, check_resumable, make_dir, provenance,
-                              stage_ends, write_stage)
+from colam.run_folder import Epochs, OneStage, WholeRun, check_resumable, stage_ends, write_stage
 from colam.soft_labels import check_soft_labels
 
 log = logging.getLogger("colam")
 
 
 class RunLog:
-    """Hooks the trainer calls as a run progresses; the default does nothing.
-
-    Tracking back ends (MLflow, ...) subclass this outside the library, which never imports them.
-    """
+    """Hooks the trainer calls as a run progresses (no-ops); tracking subclasses it outside the library."""
 
     def start(self, config: Config, info: dict) -> None: ...
     def stage_start(self, stage: int) -> None: ...
@@ -68,14 +60,11 @@ class Prepared:
     world: World = distributed.SINGLE
     precision: torch.dtype | None = None  # the autocast dtype (bf16), None for fp32
     channels_last: bool = False
-    _feed: LoaderFeed | ResidentFeed | None = None
 
-    @property
+    @functools.cached_property
     def feed(self) -> LoaderFeed | ResidentFeed:
         """Where the batches come from, built when first needed (it may copy the data to the device)."""
-        if self._feed is None:
-            self._feed = make_feed(self.data, self.config, self.device, self.world)
-        return self._feed
+        return make_feed(self.data, self.config, self.device, self.world)
 
     @property
     def speed(self) -> dict:
@@ -98,10 +87,7 @@ def resolve_device(name: str) -> torch.device:
 
 def prepare(config: Config, split_dir: str | Path | None = None) -> Prepared:
     """Validate everything that can be checked before training: config, data, model, method.
-
-    `split_dir` is a split written by `colam prepare` (`colam.data.save_split`); without it the
-    split is drawn from `data.*` (the same one, since it depends on `data.split_seed` alone).
-    """
+    `split_dir`: a split of `colam prepare`, else drawn from `data.*` (the same: it depends on `data.split_seed`)."""
     validate(config)
     world, device_name = distributed.init(config.train.device)
     device = resolve_device(device_name)
@@ -119,21 +105,18 @@ def prepare(config: Config, split_dir: str | Path | None = None) -> Prepared:
     _check_shards(config, len(data.train), world)
     torch.manual_seed(config.seed)  # the model's initial weights
     model = build_model(config.model.name, data.num_classes, in_channels=data.in_channels, **config.model.options)
-    model = METHODS[config.method.name].wrap_model(model, config, data.num_classes)
-    method = METHODS[config.method.name](config, data.num_classes, data.train_targets)
+    model = method_cls.wrap_model(model, config, data.num_classes)
+    method = method_cls(config, data.num_classes, data.train_targets)
     method.attach(model)
     method.clean_train_targets = data.clean_train_targets  # for stage_report only, never for training
     method.attach_data(data)
-    t = config.train
-    native_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    t, native_bf16 = config.train, device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
     if t.precision == "bf16" and device.type == "cuda" and not native_bf16:
         raise ColamError(f"train.precision: bf16 needs a GPU with native bfloat16 (compute capability 8.0 or "
                          f"newer), {torch.cuda.get_device_name(device)} emulates it slowly; use fp32 or auto")
     precision = torch.bfloat16 if t.precision == "bf16" or (t.precision == "auto" and native_bf16) else None
     channels_last = device.type == "cuda" if t.channels_last == "auto" else t.channels_last
-    model = model.to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     wants_resident(config, data, device)  # refuses data_on_device: true for data without a tensor form, now
     return Prepared(config, data, model, method.to(device), method_cls.stage_epochs(config), device, world,
                     precision, channels_last)
@@ -167,13 +150,9 @@ def check_names(config: Config) -> None:
 
 def learning_rate(config: Config, epoch: int) -> float:
     """The lr of `epoch` (0-based): a pure function of the epoch, so resuming needs no scheduler state.
-
-    A method that trains a fresh model in each stage (label refinery's generations) restarts the
-    schedule at every stage: the schedule then runs over the stage's epochs.
-    """
-    t = config.train
+    A method that trains a fresh model in each stage (label refinery) restarts it at every stage."""
+    t, method = config.train, METHODS[config.method.name]
     epochs = t.epochs
-    method = METHODS[config.method.name]
     if method.restarts_schedule:
         for length in method.stage_epochs(config):
             if epoch < length:
@@ -224,10 +203,9 @@ def train_one_epoch(model: nn.Module, batches, method: Method, optimizer: torch.
                                                                              dtype=torch.float64)])
     loss_sum, correct, seen = distributed.all_reduce_sum(totals).tolist()
     if not math.isfinite(loss_sum):
-        finite = torch.isfinite(torch.stack(losses).float()).tolist() if losses else []
-        step = finite.index(False) if False in finite else None  # None: another rank's loss diverged
-        raise NonFiniteLoss("another process" if step is None else step + 1,
-                            "on another rank" if step is None else f"{losses[step].item()}")
+        bad = [step for step, loss in enumerate(losses) if not torch.isfinite(loss)]  # none: another rank's diverged
+        raise NonFiniteLoss(bad[0] + 1, losses[bad[0]].item()) if bad else NonFiniteLoss("another process",
+                                                                                         "on another rank")
     return loss_sum / seen, correct / seen
 
 
@@ -240,24 +218,23 @@ class NonFiniteLoss(Exception):
 
 
 @torch.no_grad()
-def predict(model: nn.Module, batches, device: torch.device) -> torch.Tensor:
-    """Logits for every sample, in data order (eval mode: BatchNorm uses its running statistics)."""
+def predict(model: nn.Module, batches, device: torch.device, precision: torch.dtype | None = None,
+            channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (on the device) and targets of every sample, in data order (eval mode: BatchNorm uses
+    its running statistics)."""
     model.eval()
-    return torch.cat([model(images.to(device, non_blocking=True)).float() for images, *_ in batches])
+    logits, targets = [], []
+    for images, labels, *_ in batches:
+        with autocast(device, precision):
+            logits.append(model(to_device(images, device, channels_last)).float())
+        targets.append(labels)
+    return torch.cat(logits), torch.cat(targets)
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, batches, device: torch.device, precision: torch.dtype | None = None,
              channels_last: bool = False) -> float:
-    model.eval()
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    seen = 0
-    for images, targets, _ in batches:
-        with autocast(device, precision):
-            logits = model(to_device(images, device, channels_last))
-        correct += (logits.argmax(dim=1) == targets.to(device, non_blocking=True)).sum()
-        seen += len(targets)
-    return correct.item() / seen
+    logits, targets = predict(model, batches, device, precision, channels_last)
+    return (logits.argmax(dim=1).cpu() == targets).sum().item() / len(targets)
 
 
 def _quiet(run_log: RunLog | None, progress: bool | None) -> tuple[RunLog, bool]:
@@ -268,73 +245,44 @@ def fit(config: Config, out_dir: str | Path, *, run_log: RunLog | None = None, p
         split_dir: str | Path | None = None, restart_if_changed: bool = False,
         inputs: dict[str, str | Path] | None = None) -> dict:
     """Train one run into `out_dir`, resuming from its checkpoint when it holds the same run.
-
-    `restart_if_changed` is for runners that keep earlier outputs themselves and run a command
-    again when its inputs change (DVC, with `persist: true`): a folder trained with another
-    configuration, another version of the colam code or other inputs is deleted and the run
-    trained afresh; the same run is resumed, or left alone when it is complete. `inputs` names
-    files the run reads beyond the split (fixed soft labels): their contents are part of what
-    the run was trained from.
-    """
-    run_log, progress = _quiet(run_log, progress)
-    run = WholeRun(out_dir, config)
-    origin = provenance(config, split_dir, files=inputs)
+    `restart_if_changed` (DVC with `persist: true`): a folder trained from another config, colam code or
+    `inputs` (files read beyond the split: fixed soft labels) is deleted and trained afresh."""
+    run = WholeRun(out_dir, config, split_dir, inputs)
     prepared = None
-    if restart_if_changed and run.changed(origin):
+    if restart_if_changed and run.changed():
         prepared = prepare(config, split_dir)  # bad input is refused before the folder is deleted
         if prepared.world.main:
             run.delete()
         distributed.barrier()  # under torchrun: no rank reads the folder while rank 0 deletes it
-    # Another run in out_dir, or this run already finished: known before any data is read.
-    state = run.resume_state(config)
-    metrics = run.finished(state)
-    if metrics is not None:
-        log.info("%s already holds a completed run; nothing to do", run.root)
-        return metrics
-    prepared = prepared or prepare(config, split_dir)  # raises before anything is written
-    if state is not None:
-        check_state(prepared, state, run.root)
-    run.begin(config, origin, prepared.world.main)
-    metrics = train_epochs(prepared, state, run, run_log, progress)
-    if prepared.world.main:
-        run.complete(origin)
-    return metrics
+    return train_into(run, config, split_dir, run_log, progress, prepared)
 
 
 def fit_stage(config: Config, out_dir: str | Path, stage: int, *, run_log: RunLog | None = None,
               progress: bool | None = None, split_dir: str | Path | None = None) -> dict:
-    """Train stage `stage` (1-based) alone: read `out_dir/stage_{stage-1}`, write `out_dir/stage_{stage}`.
-
-    Running every stage in turn gives the numbers of `fit` (each epoch reseeds from (seed, epoch)),
-    which lets a pipeline make each stage a step with its own inputs and outputs. Returns the
-    stage's metrics; the run's final metrics go to `run_log.finish` after the last stage.
-    """
-    run_log, progress = _quiet(run_log, progress)
+    """Train stage `stage` (1-based) alone: read `out_dir/stage_{stage-1}`, write `out_dir/stage_{stage}`;
+    every stage in turn gives `fit`'s numbers. Returns the stage's metrics (the run's go to `run_log.finish`)."""
     validate(config)
-    part = OneStage(out_dir, stage, config)
-    state = part.open(config)
-    origin = provenance(config, split_dir, previous=part.previous)
-    done, partial = part.resume(origin, config)  # killed mid-stage: continue after its last epoch
-    if done is not None:
-        return done
-    prepared = prepare(config, split_dir)  # raises before anything is deleted or written
-    if partial is not None or state is not None:
-        check_state(prepared, partial or state, part.folder if partial is not None else part.previous)
-    make_dir(part.root)
-    if prepared.world.main:
-        part.begin(origin, resumed=partial is not None)
-    train_epochs(prepared, partial or state, part, run_log, progress)
-    if prepared.world.main:
-        part.complete(origin)
-    distributed.barrier()
+    part = OneStage(out_dir, stage, config, split_dir)
+    train_into(part, config, split_dir, run_log, progress)
     return json.loads((part.folder / "metrics.json").read_text())
 
 
-def check_state(p: Prepared, state: dict, where: Path) -> None:
-    """Refuse a saved state this run cannot continue from before anything is written: one trained on
-    another kind of device path, or whose weights do not fit the model (another model or class count)."""
-    check_resumable(where, state, _execution(p), p.world.size)
-    cio.load_weights(p.model, state["model"], "--out checkpoint", state.get("model_file", where))
+def train_into(where: Epochs, config: Config, split_dir: str | Path | None, run_log: RunLog | None,
+               progress: bool | None, prepared: Prepared | None = None) -> dict:
+    """Train the epochs of `where`, continuing from the state its folder holds; returns the metrics
+    when they were trained already, else `train_epochs`'."""
+    done, state = where.resume(config)  # another run there, or this one finished: known before data is read
+    if done is not None:
+        return done
+    prepared = prepared or prepare(config, split_dir)  # raises before anything is deleted or written
+    if state is not None:
+        check_resumable(state, _execution(prepared), prepared.world.size, prepared.model)
+    where.begin(prepared, state)
+    metrics = train_epochs(prepared, state, where, *_quiet(run_log, progress))
+    if prepared.world.main:
+        where.complete()  # after the run log heard the end
+    distributed.barrier()
+    return metrics
 
 
 def _execution(p: Prepared) -> dict:
@@ -352,7 +300,7 @@ def train_epochs(p: Prepared, state: dict | None, where: Epochs, run_log: RunLog
     optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     history, start, elapsed = [], 0, 0.0
     if state is not None:
-        model.load_state_dict(state["model"])  # checked by check_state before anything was written
+        model.load_state_dict(state["model"])  # checked by check_resumable before anything was written
         optimizer.load_state_dict(state["optimizer"])
         method.load_state_dict(state["method"])
         history, start, elapsed = state["history"], state["epoch"], state["elapsed"]
@@ -372,18 +320,14 @@ def train_epochs(p: Prepared, state: dict | None, where: Epochs, run_log: RunLog
             method.stage_start(stage, model, optimizer)
         began = time.perf_counter()
         row = _train_epoch(p, net, optimizer, epoch, stage, where, progress and main)
-        stage_end = epoch + 1 in ends
-        files = _stage_files(p, where, stage, row, stage_end)
-        row["seconds"] = time.perf_counter() - began
+        ending = _end_epoch(p, where, optimizer, history, row, began, elapsed)
         elapsed += row["seconds"]
-        history.append(row)
-        ending = _keep(p, where, optimizer, history, elapsed, stage_end, files)
         # after the state is saved: an epoch in the log is an epoch a restart continues after
         log.info("%s  loss %.4f  train %.4f%s  (%.1fs)", _describe(config, stage, epoch), row["train_loss"],
                  row["train_acc"], "".join(f"  {k[:-4]} {row[k]:.4f}" for k in ("val_acc", "test_acc") if k in row),
                  row["seconds"])
         run_log.epoch_end(stage, row)  # after the state is saved: a resumed run never reports an epoch twice
-        if stage_end:
+        if epoch + 1 in ends:
             run_log.stage_end(stage, where.stage_dir(stage), ending)
     distributed.barrier()  # every file rank 0 writes exists before any rank returns
     if where.until < t.epochs or not main:
@@ -395,8 +339,7 @@ def train_epochs(p: Prepared, state: dict | None, where: Epochs, run_log: RunLog
 
 
 def _network(p: Prepared) -> nn.Module:
-    """What training calls (DistributedDataParallel under torchrun, compiled on request); the model
-    itself is evaluated and saved."""
+    """What training calls (DDP under torchrun, compiled on request); the model itself is evaluated and saved."""
     net = p.model
     if p.world.distributed:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[p.device.index] if p.device.type == "cuda" else None)
@@ -436,35 +379,30 @@ def _train_epoch(p: Prepared, net: nn.Module, optimizer: torch.optim.Optimizer, 
     return row
 
 
-def _stage_files(p: Prepared, where: Epochs, stage: int, row: dict, stage_end: bool) -> dict:
-    """The weights of a folder the epoch ends (a stage end, or the last epoch of a call that ends
-    mid-stage), and at a stage end what the method learned; returns the folder's metrics so far
-    (None where no folder is written)."""
-    folder = where.stage_dir(stage)
-    kept = p.world.main and (stage_end or row["epoch"] == where.until)
+def _end_epoch(p: Prepared, where: Epochs, optimizer, history: list[dict], row: dict, began: float,
+               elapsed: float) -> dict:
+    """Save what the epoch leaves (rank 0): the folder it ends (a stage end, or the last epoch of a
+    call that ends mid-stage) with what the method learned at a stage end, the deployable network
+    after the run's last epoch, the state after the epoch; returns the stage's metrics for the run log."""
+    stage, epoch, main = row["stage"], row["epoch"], p.world.main
+    stage_end, folder = epoch in stage_ends(p.config), where.stage_dir(stage)
+    kept = main and (stage_end or epoch == where.until)
     if kept:
         cio.save_torch(folder / "model.pt", p.model.state_dict())
-    seconds = estimate_artifacts(p, stage, folder, row["epoch"])[0] if stage_end and where.estimate else None
-    return {"estimation_seconds": seconds} if kept else None
-
-
-def _keep(p: Prepared, where: Epochs, optimizer, history: list[dict], elapsed: float, stage_end: bool,
-          files: dict | None) -> dict:
-    """Save what the epoch leaves (rank 0): the deployable network after the run's last epoch, the
-    stage folder, the state after the epoch; returns the stage's metrics for the run log."""
-    row, config, method = history[-1], p.config, p.method
-    stage, main = row["stage"], p.world.main
-    resume = {"epoch": row["epoch"], "optimizer": optimizer.state_dict(), "method": method.state_dict(),
-              "history": history, "elapsed": elapsed, "config": config.to_dict(), "execution": _execution(p),
-              "world_size": p.world.size}
-    if row["epoch"] == config.train.epochs and main:
-        exported = method.export(p.model)
+    seconds = estimate_artifacts(p, stage, folder, epoch)[0] if stage_end and where.estimate else None
+    row["seconds"] = time.perf_counter() - began
+    history.append(row)
+    resume = {"epoch": epoch, "optimizer": optimizer.state_dict(), "method": p.method.state_dict(),
+              "history": history, "elapsed": elapsed + row["seconds"], "config": p.config.to_dict(),
+              "execution": _execution(p), "world_size": p.world.size}
+    if epoch == p.config.train.epochs and main:
+        exported = p.method.export(p.model)
         if exported is not p.model:  # the deployable network, e.g. one head of a multi-head model
-            cio.save_torch(where.stage_dir(stage) / "export.pt", exported.state_dict())
-    report = method.stage_report(stage) if stage_end and main else {}
-    ending = {**row, "estimation_seconds": (files or {}).get("estimation_seconds"), **report}
-    if files is not None:
-        write_stage(where.stage_dir(stage), resume, {**ending, **where.info})
+            cio.save_torch(folder / "export.pt", exported.state_dict())
+    report = p.method.stage_report(stage) if stage_end and main else {}
+    ending = {**row, "estimation_seconds": seconds if kept else None, **report}
+    if kept:
+        write_stage(folder, resume, {**ending, **where.info})
     if main:
         where.save(history, {**resume, "model": p.model.state_dict()})
     return ending
@@ -490,7 +428,6 @@ def estimate_artifacts(p: Prepared, stage: int, stage_dir: Path, epoch: int) -> 
     return time.perf_counter() - began, sorted(artifacts)
 
 
-
 @torch.no_grad()
 def stream_outputs(p: Prepared) -> None:
     """The stage-end pass: the model's outputs on the training set (no augmentation, eval mode),
@@ -502,13 +439,9 @@ def stream_outputs(p: Prepared) -> None:
         p.method.observe(outputs.float(), targets.to(p.device, non_blocking=True), indices.to(p.device))
 
 
-
 def run_metrics(config: Config, history: list[dict], elapsed: float) -> dict:
     last = history[-1]
-    metrics = {"test_acc": last["test_acc"], "train_acc": last["train_acc"], "train_loss": last["train_loss"]}
-    if "val_acc" in last:
-        metrics["val_acc"] = last["val_acc"]
-    metrics.update({"method": config.method.name, "method_params": METHODS[config.method.name].hyperparameters(config),
-                    "model": config.model.name, "data": config.data.name, "seed": config.seed,
-                    "epochs": config.train.epochs, "wall_time_s": round(elapsed, 3)})
-    return metrics
+    return {**{k: last[k] for k in ("test_acc", "train_acc", "train_loss", "val_acc") if k in last},
+            "method": config.method.name, "method_params": METHODS[config.method.name].hyperparameters(config),
+            "model": config.model.name, "data": config.data.name, "seed": config.seed,
+            "epochs": config.train.epochs, "wall_time_s": round(elapsed, 3)}

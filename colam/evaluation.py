@@ -1,15 +1,5 @@
-"""Evaluate a trained stage: accuracy, negative log-likelihood and calibration on the test split.
-
-`evaluate_run(config, stage_dir, out_dir)` loads `stage_dir/model.pt`, scores the validation and
-test splits and writes:
-
-    out_dir/metrics.json      test/val accuracy, NLL, ECE, per-class test accuracy, and the run's settings
-    out_dir/history.csv       the per-epoch curves of the run up to this stage
-    out_dir/predictions.csv   one row per test sample: actual and predicted class name (confusion matrix)
-
-Soft-label methods are judged on calibration as much as on accuracy (label smoothing and COLAM
-both soften the outputs), so NLL and the expected calibration error are reported next to it.
-"""
+"""Evaluate a trained stage: accuracy, negative log-likelihood and calibration on the test split
+(soft-label methods soften the outputs, so they are judged on calibration as much as on accuracy)."""
 
 from __future__ import annotations
 
@@ -50,6 +40,9 @@ def score(logits: torch.Tensor, targets: torch.Tensor) -> dict:
 
 def evaluate_run(config: Config, stage_dir: str | Path, out_dir: str | Path,
                  split_dir: str | Path | None = None) -> dict:
+    """Score `stage_dir/model.pt` on the val and test splits into out_dir: metrics.json (accuracy, NLL,
+    ECE, per-class test accuracy, the run's settings), history.csv (the curves up to this stage) and
+    predictions.csv (a test sample's actual and predicted class a row, for the confusion matrix)."""
     stage_dir, out_dir = Path(stage_dir), Path(out_dir)
     if distributed.env_world().distributed:
         raise ColamError("WORLD_SIZE: evaluating a stage runs in one process; start `colam evaluate` without torchrun")
@@ -58,19 +51,14 @@ def evaluate_run(config: Config, stage_dir: str | Path, out_dir: str | Path,
     cio.load_weights(p.model, state["model"], "--stage-dir model", state["model_file"])
     metrics = run_metrics(config, state["history"], state["elapsed"])
     metrics["evaluated_epoch"] = state["epoch"]
-    splits = {"test": p.data.test, "val": p.data.val}
-    test_logits = None
-    for name, dataset in splits.items():
-        if dataset is None:
-            continue
-        batches = loader(dataset, config.train.eval_batch_size, shuffle=False, num_workers=config.data.num_workers)
-        logits = predict(p.model, batches, p.device).cpu()
-        targets = torch.as_tensor(dataset.targets)
-        metrics.update({f"{name}_{k}": v for k, v in score(logits, targets).items()})
-        if name == "test":
-            test_logits = logits
-    test_targets = torch.as_tensor(p.data.test.targets)
-    predicted = test_logits.argmax(dim=1)
+    predicted = {}
+    for name, dataset in {"test": p.data.test, "val": p.data.val}.items():
+        if dataset is not None:
+            batches = loader(dataset, config.train.eval_batch_size, shuffle=False, num_workers=config.data.num_workers)
+            logits = predict(p.model, batches, p.device)[0].cpu()
+            metrics.update({f"{name}_{k}": v for k, v in score(logits, torch.as_tensor(dataset.targets)).items()})
+            predicted[name] = logits.argmax(dim=1)
+    test_targets, predicted = torch.as_tensor(p.data.test.targets), predicted["test"]
     metrics["test_per_class_acc"] = {
         name: (predicted[test_targets == c] == c).float().mean().item() if (test_targets == c).any() else None
         for c, name in enumerate(p.data.classes)}

@@ -42,17 +42,11 @@ def is_temporary(path: Path) -> bool:
     return path.name.startswith(".") and path.name.endswith(".tmp")
 
 
-def remove_stale_temporaries(folder: str | os.PathLike) -> list[str]:
-    """Delete the temporary files of writes that a killed process never renamed into place
-    (`.NAME.XXXXXXXX.tmp`, see atomic_write_bytes) in `folder` and its stage folders; returns
-    their names. Call it only where no other process is writing."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    found = [p for pattern in (".*.tmp", "stage_*/.*.tmp") for p in folder.glob(pattern) if p.is_file()]
-    for path in found:
+def remove_stale_temporaries(folder: Path) -> None:
+    """Delete the temporary files of writes that a killed process never renamed into place in
+    `folder` and its stage folders. Call it only where no other process is writing."""
+    for path in [p for pattern in (".*.tmp", "stage_*/.*.tmp") for p in folder.glob(pattern) if p.is_file()]:
         path.unlink(missing_ok=True)
-    return sorted(str(p.relative_to(folder)) for p in found)
 
 
 def fsync_dir(folder: Path) -> None:
@@ -67,13 +61,8 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _current_umask()
+_UMASK = os.umask(0)  # read the process's umask: os.umask only reads it by setting it
+os.umask(_UMASK)
 
 
 def write_json(path: str | os.PathLike, payload: Any) -> None:
@@ -113,15 +102,11 @@ def load_weights(model: torch.nn.Module, state: Any, what: str, path: str | os.P
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ColamError(f"{what}: '{path}' is not a model state_dict")
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k} is {tuple(state[k].shape)} there, {tuple(v.shape)} here" for k, v in expected.items()
-              if k in state and state[k].shape != v.shape]
-    problems = ([f"{len(missing)} missing key(s) ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})"]
-                if missing else [])
-    problems += ([f"{len(unexpected)} unexpected key(s) ({', '.join(unexpected[:3])}"
-                  f"{', ...' if len(unexpected) > 3 else ''})"] if unexpected else [])
-    problems += shapes[:2]
+    problems = [f"{len(keys)} {kind} key(s) ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+                for kind, keys in (("missing", [k for k in expected if k not in state]),
+                                   ("unexpected", [k for k in state if k not in expected])) if keys]
+    problems += [f"{k} is {tuple(state[k].shape)} there, {tuple(v.shape)} here" for k, v in expected.items()
+                 if k in state and state[k].shape != v.shape][:2]
     if problems:
         raise ColamError(f"{what}: '{path}' holds the weights of another model or class count ({'; '.join(problems)})")
     model.load_state_dict(state)
@@ -129,8 +114,5 @@ def load_weights(model: torch.nn.Module, state: Any, what: str, path: str | os.P
 
 def sha256_file(path: str | os.PathLike) -> str:
     """The sha256 of a file's bytes, read in blocks (checkpoints can be large)."""
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()

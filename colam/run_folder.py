@@ -7,9 +7,8 @@
     .partial.pt       stage_K/ of a stage trained alone: its state after each epoch while it trains
     estimation.json   an estimate step's folder (colam.steps): what it estimated, with digests
 
-Where the epochs of one training call go is an `Epochs`: a `WholeRun` (`fit`), `OneStage` trained
-alone (`fit_stage`, the DVC chain) or a `PipelineStep` (the Kubeflow steps). `run_digest(config)`
-is the run's one digest: the same run on any machine, device or data path.
+An `Epochs` is where one training call's epochs go: a `WholeRun` (`fit`), `OneStage` (`fit_stage`,
+the DVC chain) or `PipelineStep` (Kubeflow). `run_digest(config)` is the run's one digest.
 """
 
 from __future__ import annotations
@@ -33,6 +32,7 @@ from colam import io as cio
 from colam.config import Config
 from colam.errors import ColamError
 from colam.methods import METHODS
+from colam.soft_labels import check_soft_labels
 
 log = logging.getLogger("colam")
 
@@ -69,14 +69,13 @@ def run_identity(settings: dict) -> dict:
     settings of methods other than the one trained."""
     identity = {section: ({k: v for k, v in value.items() if k not in EXECUTION_KEYS.get(section, ())}
                           if isinstance(value, dict) else value) for section, value in settings.items()}
-    method = identity.get("method")
+    method, later = identity.get("method"), dict(LATER_KEYS)
     if isinstance(method, dict) and method.get("name") in method:
-        identity["method"] = {"name": method["name"], method["name"]: method[method["name"]]}
-    identity = copy.deepcopy(identity)
-    later = dict(LATER_KEYS)
-    if isinstance(method, dict) and method.get("name") in METHODS:  # the method's own later keys
         name = method["name"]
-        later.update({("method", name, key): value for key, value in METHODS[name].later_defaults.items()})
+        identity["method"] = {"name": name, name: method[name]}
+        if name in METHODS:  # the method's own later keys
+            later.update({("method", name, key): value for key, value in METHODS[name].later_defaults.items()})
+    identity = copy.deepcopy(identity)
     for (*path, key), default in later.items():
         node = identity
         for part in path:
@@ -95,9 +94,9 @@ def run_digest(config: Config | dict) -> str:
 
 def refuse_other_run(folder: Path, saved: object, config: Config, what: str = "run") -> None:
     """Refuse a run or stage whose saved configuration is another run's than `config`."""
-    if not isinstance(saved, dict) or run_identity(saved) != run_identity(config.to_dict()):
-        difference = (_first_difference(run_identity(saved), run_identity(config.to_dict()))
-                      if isinstance(saved, dict) else "unreadable")
+    ours = run_identity(config.to_dict())
+    if not isinstance(saved, dict) or run_identity(saved) != ours:
+        difference = _first_difference(run_identity(saved), ours) if isinstance(saved, dict) else "unreadable"
         raise ColamError(f"--out: '{folder}' holds a {what} with a different configuration ({difference}); "
                          f"use another --out or delete it")
 
@@ -126,9 +125,8 @@ def code_digest() -> str:
 
 def provenance(config: Config, split_dir: str | Path | None, previous: Path | None = None,
                files: dict[str, str | Path] | None = None) -> dict:
-    """What a run or stage is trained from: its configuration, the colam code, the split files, the
-    stage it starts from and other input `files` (digests). Two folders with the same provenance
-    hold the same numbers."""
+    """What a run or stage is trained from (the same provenance: the same numbers): its configuration,
+    the colam code, and digests of the split files, the stage it starts from and other input `files`."""
     inputs = {}
     if files:
         inputs["files"] = {name: cio.sha256_file(path) for name, path in sorted(files.items())}
@@ -145,16 +143,6 @@ def _read_json(path: Path) -> object:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-
-
-def _read_provenance(folder: Path) -> dict | None:
-    found = _read_json(folder / PROVENANCE)
-    return found if isinstance(found, dict) else None
-
-
-def _write_provenance(folder: Path, origin: dict, complete: bool) -> None:
-    cio.write_json(folder / PROVENANCE, {**origin, "complete": complete})
-
 
 
 def check_out_dir(out_dir: Path) -> None:
@@ -184,31 +172,35 @@ def write_stage(folder: Path, resume: dict, metrics: dict) -> None:
     cio.write_json(folder / "metrics.json", metrics)
 
 
-def _load_checkpoint(path: Path, config: Config | None, what: str, refusal: str, keys=CHECKPOINT_KEYS) -> dict:
+def _load_checkpoint(path: Path, config: Config, what: str, refusal: str, keys=CHECKPOINT_KEYS) -> dict:
     """A saved training state of this run (checkpoint.pt, .partial.pt, a stage's state.pt) holding
     `keys`; `refusal`: the error for a file that is none."""
     state = cio.load_torch(path, what)
     if not isinstance(state, dict) or not keys <= state.keys():
         raise ColamError(refusal)
-    if config is not None:
-        refuse_other_run(path.parent, state["config"], config, "run" if path.name == "checkpoint.pt" else "stage")
+    refuse_other_run(path.parent, state["config"], config, "run" if path.name == "checkpoint.pt" else "stage")
     state["model_file"] = path  # where the weights came from, for error messages
     return state
 
 
-def load_stage_state(stage_dir: str | Path, config: Config | None = None) -> dict:
-    """The training state saved at the end of a stage (model.pt + state.pt), checked against `config`."""
+def load_stage_state(stage_dir: str | Path, config: Config, epoch: int | None = None,
+                     key: str = "", then: str = "") -> dict:
+    """The training state saved at the end of a stage (model.pt + state.pt), checked against `config`;
+    given `epoch`, refused with "KEY: 'DIR' ends at epoch E, THEN epoch N" unless it ends there."""
     path = Path(stage_dir) / "state.pt"
     state = _load_checkpoint(path, config, "stage state", f"stage state: '{path}' is not a colam stage state",
                              CHECKPOINT_KEYS - {"model"})
-    state["model"] = cio.load_torch(path.parent / "model.pt", "stage model")
     state["model_file"] = path.parent / "model.pt"
+    state["model"] = cio.load_torch(state["model_file"], "stage model")
+    if epoch is not None and state["epoch"] != epoch:
+        raise ColamError(f"{key}: '{stage_dir}' ends at epoch {state['epoch']}, {then} epoch {epoch}")
     return state
 
 
-def check_resumable(where: Path, state: dict, execution: dict, world_size: int) -> None:
-    """Refuse a saved state trained on another kind of device path (what `auto` chose there)."""
-    saved = state.get("execution")  # absent from checkpoints written before it was recorded
+def check_resumable(state: dict, execution: dict, world_size: int, model: torch.nn.Module) -> None:
+    """Refuse a saved state this run cannot continue from, before anything is written: one trained on
+    another kind of device path (what `auto` chose there), or whose weights do not fit the model."""
+    where, saved = state["model_file"].parent, state.get("execution")  # absent from checkpoints before it was
     if saved is not None and saved != execution:
         def describe(e):
             return f"{e['precision']} on the {'device-resident' if e['data_on_device'] else 'DataLoader'} data path"
@@ -218,13 +210,12 @@ def check_resumable(where: Path, state: dict, execution: dict, world_size: int) 
     if state.get("world_size", world_size) != world_size:
         log.warning("%s was trained by %d process(es), it continues with %d: the global batch is the same, the "
                     "per-process batches and BatchNorm statistics are not", where, state["world_size"], world_size)
+    cio.load_weights(model, state["model"], "--out checkpoint", state["model_file"])
 
 
 def _check_stage_folder(folder: Path) -> None:
     """Refuse a stage folder holding anything colam does not write there: it is never deleted."""
-    if not folder.is_dir():
-        return
-    for path in folder.iterdir():
+    for path in folder.iterdir() if folder.is_dir() else ():
         ours = path.is_file() and (path.suffix in (".pt", ".npy") or path.name in STAGE_FILES
                                    or cio.is_temporary(path))
         if not ours:
@@ -233,36 +224,53 @@ def _check_stage_folder(folder: Path) -> None:
                              f"deleted: move it or choose another --out")
 
 
-
 class Epochs:
-    """Where the epochs of one training call, up to epoch `until`, go: the folder of each stage end
-    (and of `until` when it ends mid-stage), the state kept after each epoch (`save`, on rank 0),
-    the state a diverged epoch names (`last_good`), the files of the run's end (`finish`)."""
+    """Where the epochs of one training call, up to epoch `until`, go (the folder of each stage end and
+    of `until`); a call `resume`s, `begin`s, trains, and `complete`s after the run log heard the end."""
 
     root: Path
     until: int
+    folder: Path  # where .provenance.json records `origin`, what the epochs are trained from
+    origin: dict | None = None
     estimate = True  # learn at a stage end (soft labels); a pipeline step leaves it to its estimate step
     info: dict = {}  # added to the metrics.json of the folders written
 
     def stage_dir(self, stage: int) -> Path:
         return self.root / f"stage_{stage}"
 
+    # (metrics, None) when the folder holds these epochs trained, else (None, the state to continue)
+    def resume(self, config: Config) -> tuple[dict | None, dict | None]: ...
+    def begin(self, prepared, state: dict | None) -> None: ...
     def save(self, history: list[dict], state: dict) -> None: ...
     def last_good(self, stage: int) -> Path: ...
     def finish(self, metrics: dict) -> None: ...
+
+    def recorded(self) -> dict | None:
+        found = _read_json(self.folder / PROVENANCE)
+        return found if isinstance(found, dict) else None
+
+    def record(self, complete: bool) -> None:
+        if self.origin is not None:
+            cio.write_json(self.folder / PROVENANCE, {**self.origin, "complete": complete})
+
+    def complete(self) -> None:
+        self.record(complete=True)
 
 
 class WholeRun(Epochs):
     """A whole run (`fit`): checkpoint.pt and history.csv after every epoch, metrics.json at the end,
     .provenance.json says what it was trained from and whether the run log heard its end."""
 
-    def __init__(self, root: str | Path, config: Config):
-        self.root, self.until = Path(root), config.train.epochs
+    def __init__(self, root: str | Path, config: Config, split_dir: str | Path | None = None,
+                 inputs: dict[str, str | Path] | None = None):
+        self.root = self.folder = Path(root)
+        self.until = config.train.epochs
         check_out_dir(self.root)
         # where the folder is renamed to be deleted (ignored by DVC as a temporary, .*.tmp)
         self.aside = self.root.resolve().parent / f".{self.root.resolve().name}.deleting.tmp"
         if self.aside.is_dir():  # a deletion a kill cut off (`delete`)
             shutil.rmtree(self.aside, ignore_errors=True)
+        self.origin = provenance(config, split_dir, files=inputs)
 
     def save(self, history: list[dict], state: dict) -> None:
         write_history(self.root / "history.csv", history)
@@ -274,11 +282,11 @@ class WholeRun(Epochs):
     def finish(self, metrics: dict) -> None:
         cio.write_json(self.root / "metrics.json", metrics)
 
-    def changed(self, origin: dict) -> bool:
+    def changed(self) -> bool:
         """Whether the folder holds a run trained from something other than `origin` (another config,
         colam code or input), to be trained afresh; refuses a folder holding files colam did not write."""
         entries = [p for p in self.root.iterdir() if not cio.is_temporary(p)] if self.root.is_dir() else []
-        found = _read_provenance(self.root)
+        found, origin = self.recorded(), self.origin
         if not entries or (found is not None and {k: v for k, v in found.items() if k != "complete"} == origin):
             return False
         foreign = [p.name for p in entries if not (p.name in RUN_FILES or (p.is_dir() and p.name.startswith("stage_")))]
@@ -301,45 +309,39 @@ class WholeRun(Epochs):
         cio.fsync_dir(self.aside.parent)
         shutil.rmtree(self.aside)
 
-    def resume_state(self, config: Config) -> dict | None:
-        """The checkpoint of an earlier run of the same config in the folder, or None to start afresh."""
+    def resume(self, config: Config) -> tuple[dict | None, dict | None]:
+        """The checkpoint of an earlier run of the same config in the folder, or its metrics when it
+        is finished and reported (folders from before provenance was written count as reported)."""
         cio.remove_stale_temporaries(self.root)  # a write cut off by a kill leaves its temporary file
-        path = self.root / "checkpoint.pt"
+        path, state = self.root / "checkpoint.pt", None
         if path.exists():
-            return _load_checkpoint(path, config, "--out checkpoint", f"--out: '{path}' is not a colam training "
-                                    f"checkpoint; use another --out or delete it")
-        if (self.root / "config.yaml").exists():  # a run that never finished its first epoch, or lost its checkpoint
+            state = _load_checkpoint(path, config, "--out checkpoint", f"--out: '{path}' is not a colam training "
+                                     f"checkpoint; use another --out or delete it")
+        elif (self.root / "config.yaml").exists():  # a run that never finished its first epoch, or lost its checkpoint
             try:
                 saved = yaml.safe_load((self.root / "config.yaml").read_text())
             except (OSError, UnicodeDecodeError, yaml.YAMLError):
                 saved = None
             refuse_other_run(self.root, saved, config)
-        return None
+        found, metrics = self.recorded(), _read_json(self.root / "metrics.json")
+        if (state is not None and state["epoch"] == self.until and (found is None or found.get("complete", True))
+                and isinstance(metrics, dict)):
+            log.info("%s already holds a completed run; nothing to do", self.root)
+            return metrics, None
+        return None, state
 
-    def finished(self, state: dict | None) -> dict | None:
-        """The metrics of the run when the folder holds it finished and reported (folders from before
-        provenance was written count as reported), else None."""
-        if state is None or state["epoch"] != self.until:
-            return None
-        found = _read_provenance(self.root)
-        metrics = _read_json(self.root / "metrics.json")
-        return metrics if (found is None or found.get("complete", True)) and isinstance(metrics, dict) else None
-
-    def begin(self, config: Config, origin: dict, main: bool) -> None:
+    def begin(self, prepared, state: dict | None) -> None:
         make_dir(self.root)
-        if main:
-            cio.write_text(self.root / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
-            _write_provenance(self.root, origin, complete=False)
-
-    def complete(self, origin: dict) -> None:
-        _write_provenance(self.root, origin, complete=True)  # after the run log heard the end
+        if prepared.world.main:
+            cio.write_text(self.root / "config.yaml", yaml.safe_dump(prepared.config.to_dict(), sort_keys=False))
+            self.record(complete=False)
 
 
 class OneStage(Epochs):
     """Stage `stage` of a stage-by-stage run (`fit_stage`): stage_K/ holds the stage's files, its
     .provenance.json, and .partial.pt after every epoch so that a killed stage loses at most one."""
 
-    def __init__(self, root: str | Path, stage: int, config: Config):
+    def __init__(self, root: str | Path, stage: int, config: Config, split_dir: str | Path | None = None):
         ends = stage_ends(config)
         if not 1 <= stage <= len(ends):
             raise ColamError(f"--stage: {stage} is not a stage of this run ({config.method.name} trains "
@@ -347,76 +349,103 @@ class OneStage(Epochs):
         self.root, self.stage, self.until = Path(root), stage, ends[stage - 1]
         self.start, self.folder = ends[stage - 2] if stage > 1 else 0, self.stage_dir(stage)
         self.previous = self.stage_dir(stage - 1) if stage > 1 else None
+        self.partial, self.resumed = self.folder / PARTIAL, False
         check_out_dir(self.root)
         if (self.root / "checkpoint.pt").exists():
             raise ColamError(f"--out: '{self.root}' holds a whole run (checkpoint.pt); train --stage writes a folder "
                              f"of stages, choose another --out")
+        self.origin = provenance(config, split_dir, previous=self.previous)
 
-    def open(self, config: Config) -> dict | None:
-        """The state this stage starts from (the stage before's, None for stage 1), refusing a folder
-        it cannot train into."""
+    def resume(self, config: Config) -> tuple[dict | None, dict | None]:
+        """The stage's metrics when the folder holds it finished; else the state after its last epoch
+        when a kill cut it off, else the stage before's (None for stage 1)."""
         state = None
         if self.previous is not None:
             if not (self.previous / "state.pt").exists():
                 raise ColamError(f"--stage: stage {self.stage} starts from '{self.previous}', which holds no "
                                  f"finished stage; train --stage {self.stage - 1} first")
-            state = load_stage_state(self.previous, config)
-            if state["epoch"] != self.start:
-                raise ColamError(f"--stage: '{self.previous}' ends at epoch {state['epoch']}, stage {self.stage} "
-                                 f"starts after epoch {self.start}")
+            state = load_stage_state(self.previous, config, self.start, "--stage", f"stage {self.stage} starts after")
         check_out_dir(self.folder)
-        return state
-
-    def resume(self, origin: dict, config: Config) -> tuple[dict | None, dict | None]:
-        """(metrics, None) when the folder holds this stage finished; (None, the state after its last
-        epoch) when a kill cut it off; (None, None) to train it afresh."""
-        found = _read_provenance(self.folder)
-        if found == {**origin, "complete": True} and (self.folder / "metrics.json").exists():
-            (self.folder / PARTIAL).unlink(missing_ok=True)
+        found = self.recorded()
+        if found == {**self.origin, "complete": True} and (self.folder / "metrics.json").exists():
+            self.partial.unlink(missing_ok=True)
             log.info("%s already holds stage %d of this run; nothing to do", self.folder, self.stage)
             return json.loads((self.folder / "metrics.json").read_text()), None
-        if found == {**origin, "complete": False} and (self.folder / PARTIAL).exists():
-            partial = self.folder / PARTIAL
-            return None, _load_checkpoint(partial, config, "stage checkpoint", f"stage checkpoint: '{partial}' is not "
-                                          f"a colam training checkpoint; delete it")
+        if found == {**self.origin, "complete": False} and self.partial.exists():
+            self.resumed = True  # killed mid-stage: continue after its last epoch
+            return None, _load_checkpoint(self.partial, config, "stage checkpoint", f"stage checkpoint: "
+                                          f"'{self.partial}' is not a colam training checkpoint; delete it")
         _check_stage_folder(self.folder)
-        return None, None
+        return None, state
 
-    def begin(self, origin: dict, resumed: bool) -> None:
-        """Rank 0, before training: a stage not resumed starts from an empty folder, so that no file of
-        an earlier attempt (a soft-label file another setting wrote) stays beside the new ones."""
-        if not resumed and self.folder.is_dir():
+    def begin(self, prepared, state: dict | None) -> None:
+        """Rank 0: a stage not resumed starts from an empty folder, so that no file of an earlier
+        attempt (a soft-label file another setting wrote) stays beside the new ones."""
+        make_dir(self.root)
+        if not prepared.world.main:
+            return
+        if not self.resumed and self.folder.is_dir():
             _check_stage_folder(self.folder)
             for path in self.folder.iterdir():
                 path.unlink()
         cio.remove_stale_temporaries(self.folder)
-        _write_provenance(self.folder, origin, complete=False)
+        self.record(complete=False)
 
     def save(self, history: list[dict], state: dict) -> None:  # at the stage's end too: its files are whole then
-        cio.save_torch(self.folder / PARTIAL, state)
+        cio.save_torch(self.partial, state)
 
     def last_good(self, stage: int) -> Path:
-        partial = self.folder / PARTIAL
-        return partial if partial.exists() else self.stage_dir(stage - 1)
+        return self.partial if self.partial.exists() else self.stage_dir(stage - 1)
 
-    def complete(self, origin: dict) -> None:
-        _write_provenance(self.folder, origin, complete=True)  # after the run log heard the end
-        (self.folder / PARTIAL).unlink(missing_ok=True)
+    def complete(self) -> None:
+        self.record(complete=True)
+        self.partial.unlink(missing_ok=True)
 
 
 class PipelineStep(Epochs):
-    """A pipeline step (colam.steps.train_step): `out` alone holds the files of the step's last epoch."""
+    """Step `step` of a pipeline (colam.steps.train_step): `out` alone holds the files of the step's
+    last epoch; it starts from the previous step's `checkpoint` and the soft labels estimated after it."""
 
     estimate = False
 
-    def __init__(self, out: Path, until: int, checkpoint: Path | None, info: dict):
-        self.root, self.until, self.checkpoint, self.info = out, until, checkpoint, info
+    def __init__(self, out: str | Path, step: int, steps: int, ends: list[int], checkpoint: str | Path | None,
+                 soft_labels: str | Path | None):
+        self.root, self.step, self.until = Path(out), step, ends[step - 1]
+        self.start = ends[step - 2] if step > 1 else 0
+        self.checkpoint, self.soft_labels, self.learned = checkpoint, soft_labels, {}
+        self.info = {"step": step, "steps": steps, "soft_labels_sha256": None}
 
     def stage_dir(self, stage: int) -> Path:
         return self.root
 
     def last_good(self, stage: int) -> Path:
-        return self.checkpoint or self.root / f"stage_{stage - 1}"
+        return Path(self.checkpoint) if self.checkpoint is not None else self.root / f"stage_{stage - 1}"
+
+    def resume(self, config: Config) -> tuple[dict | None, dict | None]:
+        if self.step == 1:
+            return None, None
+        if self.checkpoint is None:
+            raise ColamError(f"checkpoint: step {self.step} starts from the checkpoint of step {self.step - 1}; "
+                             f"none was given")
+        state = load_stage_state(self.checkpoint, config, self.start, "checkpoint", f"step {self.step} starts after")
+        after_stage = self.start in stage_ends(config)
+        needed = METHODS[config.method.name].uses_soft_labels and after_stage
+        self.learned, self.info["soft_labels_sha256"] = read_estimation(self.soft_labels, self.start, config,
+                                                                        self.step, needed)
+        state["method"] = {**state["method"], **self.learned}
+        if after_stage:  # estimated: the previous stage's online sums are spent
+            state["method"].pop("online_sums", None)
+        return None, state
+
+    def begin(self, prepared, state: dict | None) -> None:
+        """Refuse soft labels of other data: C x C for the class labels, N x C for per-sample labels."""
+        rows = {"soft_labels": prepared.data.num_classes, "sample_soft_labels": len(prepared.data.train)}
+        for name, tensor in self.learned.items():
+            where = f"soft_labels: '{Path(self.soft_labels) / name}.npy'"
+            check_soft_labels(tensor, prepared.data.num_classes, where)
+            if name in rows and len(tensor) != rows[name]:
+                raise ColamError(f"{where} has {len(tensor)} rows, this run needs {rows[name]}")
+        make_dir(self.root)
 
 
 def write_estimation(out: Path, config: Config, fields: dict, artifacts: list[str], main: bool) -> dict:
@@ -444,10 +473,10 @@ def read_estimation(folder: str | Path | None, epoch: int, config: Config, step:
     summary = _read_json(folder / ESTIMATION)
     if summary is None:
         raise ColamError(f"soft_labels: '{folder}' holds no {ESTIMATION}; it is not an estimate step's output")
-    if not isinstance(summary, dict) or summary.get("epoch") != epoch:
-        found = summary.get("epoch") if isinstance(summary, dict) else None
-        raise ColamError(f"soft_labels: '{folder}' was estimated at epoch {found}, step {step} starts after "
-                         f"epoch {epoch}")
+    summary = summary if isinstance(summary, dict) else {}
+    if summary.get("epoch") != epoch:
+        raise ColamError(f"soft_labels: '{folder}' was estimated at epoch {summary.get('epoch')}, step {step} "
+                         f"starts after epoch {epoch}")
     if summary.get("run") != run_digest(config)[:16]:
         raise ColamError(f"soft_labels: '{folder}' was estimated for a run with another configuration")
     if needed and "soft_labels" not in summary.get("artifacts", []):

@@ -1,9 +1,5 @@
-"""Finished run folders as inputs: their configuration, stages, curves and final network.
-
-A run folder is what `fit` writes (config.yaml, history.csv, stage_K/) or what a stage-by-stage
-chain writes (`colam train --stage K`, the DVC pipeline: stage_K/ only, each with its state.pt).
-Distillation reads a teacher from one, the analyses (colam.analysis) read several.
-"""
+"""Finished run folders as inputs (a distillation teacher, the analyses): their configuration,
+stages, curves and final network, whether `fit` wrote them or a stage-by-stage chain (stage_K/ only)."""
 
 from __future__ import annotations
 
@@ -37,11 +33,6 @@ class RunFolder:
         exported = self.last_stage / "export.pt"
         return exported if exported.is_file() else self.last_stage / "model.pt"
 
-    @property
-    def wrapped(self) -> bool:
-        """Whether network_file holds the method's wrapped model (wrap_model) rather than the plain network."""
-        return self.network_file.name == "model.pt"
-
 
 def open_run(text: str | Path, key: str, finished: bool = True) -> RunFolder:
     """The run in folder `text`, finished unless `finished` is False (then only its stages so far
@@ -63,7 +54,8 @@ def open_run(text: str | Path, key: str, finished: bool = True) -> RunFolder:
 def _run_config(path: Path, key: str) -> Config:
     """config.yaml of a whole run, else the configuration recorded in its newest stage state."""
     config_path = path / "config.yaml"
-    states = sorted(path.glob("stage_*/state.pt"), key=lambda p: _stage_number(p.parent))
+    states = sorted(path.glob("stage_*/state.pt"),  # in the order of K, the newest last
+                    key=lambda p: int(p.parent.name[6:]) if p.parent.name[6:].isdigit() else -1)
     if config_path.is_file():
         try:
             raw = yaml.safe_load(config_path.read_text(encoding="utf-8"))
@@ -85,11 +77,6 @@ def _run_config(path: Path, key: str) -> Config:
     except ColamError as exc:
         raise ColamError(f"{key}: '{source}' is not a usable run configuration ({exc})") from None
     return config
-
-
-def _stage_number(folder: Path) -> int:
-    suffix = folder.name.removeprefix("stage_")
-    return int(suffix) if suffix.isdigit() else -1
 
 
 def history(run: RunFolder, key: str = "--run") -> list[dict]:
@@ -127,7 +114,7 @@ def final_network(run: RunFolder, num_classes: int, in_channels: int, key: str) 
             model = build_model(config.model.name, num_classes, in_channels=in_channels, **config.model.options)
         except ColamError as exc:
             raise ColamError(f"{key}: the run's model cannot be built ({exc})") from None
-        if run.wrapped:
+        if file.name == "model.pt":  # the method's wrapped model (wrap_model), not the plain network
             model = METHODS[config.method.name].wrap_model(model, config, num_classes)
     try:
         model.load_state_dict(state)

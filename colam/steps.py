@@ -8,14 +8,9 @@
         estimate_step(config, k, m, checkpoint_k, soft_labels_k)  # soft_labels.npy/.json, estimation.json
     colam.evaluation.evaluate_run(config, checkpoint_m, report, split)
 
-Each function reads only the folders it is given and writes only its output folder, so a runner
-may run every step on another machine. The numbers are those of one `colam train` process: every
-epoch reseeds from (seed, epoch), a checkpoint carries the optimizer and method state, and the
-soft labels a step trains on are the estimate step's file, bit for bit.
-
-For COLAM the m steps are its m stages (train, then estimate the soft labels, Algorithm 1). A
-one-stage method (hl, ls, ...) is cut into m equal segments of its epochs with nothing to
-estimate, so one compiled pipeline trains every method on the same budget of m * t epochs.
+Each step reads only the folders it is given and writes only its output folder, with the numbers of
+one `colam train` process. COLAM's m steps are its m stages; a one-stage method is cut into m equal
+segments with nothing to estimate, so one pipeline trains every method on m * t epochs.
 """
 
 from __future__ import annotations
@@ -32,12 +27,10 @@ from colam import io as cio
 from colam.config import Config, from_dict, validate
 from colam.data import save_split
 from colam.datasets import DATASETS
-from colam.engine import RunLog, check_names, check_state, estimate_artifacts, prepare, train_epochs
+from colam.engine import RunLog, check_names, estimate_artifacts, prepare, train_into
 from colam.errors import ColamError, require
 from colam.methods import METHODS, headline_section
-from colam.run_folder import (PipelineStep, check_out_dir, load_stage_state, make_dir, read_estimation, stage_ends,
-                              write_estimation)
-from colam.soft_labels import check_soft_labels
+from colam.run_folder import PipelineStep, check_out_dir, load_stage_state, make_dir, stage_ends, write_estimation
 
 RAW_DATA = "raw"  # the folder of a prepared split that holds a data set downloaded by prepare_step
 
@@ -45,19 +38,18 @@ RAW_DATA = "raw"  # the folder of a prepared split that holds a data set downloa
 def step_config(base: dict | str, *, steps: int, method: str | None = None, model: str | None = None,
                 dataset: str | None = None, epochs_per_step: int | None = None, temperature: float | None = None,
                 seed: int | None = None) -> Config:
-    """The config of an m-step run: `base` (a config as a mapping, or its YAML/JSON text) with the
-    headline settings a pipeline exposes laid over it. The epoch budget is m * t for every method;
-    COLAM's stages are the steps."""
+    """The config of an m-step run: `base` (a mapping, or its YAML/JSON text) with the headline
+    settings a pipeline exposes laid over it; the epoch budget is m * t for every method."""
     raw = _parse(base) if isinstance(base, str) else copy.deepcopy(base)
     if not isinstance(raw, dict):
         raise ColamError(f"config: expected a mapping, got {type(base).__name__}")
-    sections = {name: raw.setdefault(name, {}) for name in ("data", "model", "train", "method")}
-    for name, section in sections.items():
-        if not isinstance(section, dict):
-            raise ColamError(f"{name}: expected a mapping, got {section!r}")
-    if not isinstance(sections["method"].setdefault("colam", {}), dict):
-        raise ColamError(f"method.colam: expected a mapping, got {sections['method']['colam']!r}")
-    colam = sections["method"]["colam"]
+    sections = {}
+    for name in ("data", "model", "train", "method", "method.colam"):
+        parent, _, key = name.rpartition(".")
+        sections[name] = (sections[parent] if parent else raw).setdefault(key, {})
+        if not isinstance(sections[name], dict):
+            raise ColamError(f"{name}: expected a mapping, got {sections[name]!r}")
+    colam = sections["method.colam"]
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ColamError(f"steps: must be an integer >= 1, got {steps!r}")
     colam["stages"] = steps
@@ -87,11 +79,8 @@ def step_ends(config: Config, steps: int) -> list[int]:
     stage_epochs = METHODS[config.method.name].stage_epochs(config)
     per_stage, rest = divmod(steps, len(stage_epochs))
     if rest == 0 and all(epochs % per_stage == 0 for epochs in stage_epochs):
-        ends, start = [], 0
-        for epochs in stage_epochs:
-            ends += [start + epochs * k // per_stage for k in range(1, per_stage + 1)]
-            start += epochs
-        return ends
+        return [end - epochs + epochs * k // per_stage for epochs, end in zip(stage_epochs, stage_ends(config))
+                for k in range(1, per_stage + 1)]
     described = f"{len(stage_epochs)} stage(s) of {'/'.join(map(str, sorted(set(stage_epochs))))} epochs"
     key = "train.epochs" if len(stage_epochs) == 1 else f"method.{config.method.name}"
     raise ColamError(f"{key}: {config.method.name} trains {described}, which do not split into {steps} equal "
@@ -129,9 +118,8 @@ def _parse(text: str) -> dict:
 def with_split(config: Config, split_dir: str | Path) -> Config:
     """`config` reading its images where prepare_step left them: `split_dir/raw` when it exists."""
     raw = Path(split_dir) / RAW_DATA
-    if not raw.is_dir():
-        return config
-    return dataclasses.replace(config, data=dataclasses.replace(config.data, root=str(raw), download=False))
+    data = dataclasses.replace(config.data, root=str(raw), download=False)
+    return dataclasses.replace(config, data=data) if raw.is_dir() else config
 
 
 def _open_step(config: Config, step: int, steps: int, out: str | Path) -> list[int]:
@@ -143,41 +131,14 @@ def _open_step(config: Config, step: int, steps: int, out: str | Path) -> list[i
     return ends
 
 
-def _step_checkpoint(config: Config, step: int, checkpoint: str | Path, epoch: int, relation: str) -> dict:
-    """The state in a train step's output folder, which must end at `epoch`."""
-    state = load_stage_state(checkpoint, config)
-    if state["epoch"] != epoch:
-        raise ColamError(f"checkpoint: '{checkpoint}' ends at epoch {state['epoch']}, step {step} {relation} "
-                         f"epoch {epoch}")
-    return state
-
-
 def train_step(config: Config, step: int, steps: int, out: str | Path, *, checkpoint: str | Path | None = None,
                soft_labels: str | Path | None = None, split_dir: str | Path | None = None,
                run_log: RunLog | None = None, progress: bool = False) -> dict:
     """Train step `step` (1-based) of `steps` into `out`, from the previous step's checkpoint folder
     and soft-label folder; returns the metrics at the step's end (also out/metrics.json)."""
     ends = _open_step(config, step, steps, out)
-    out, start = Path(out), ends[step - 2] if step > 1 else 0
-    state, learned, info = None, {}, {"step": step, "steps": steps, "soft_labels_sha256": None}
-    if step > 1:
-        if checkpoint is None:
-            raise ColamError(f"checkpoint: step {step} starts from the checkpoint of step {step - 1}; none was given")
-        state = _step_checkpoint(config, step, checkpoint, start, "starts after")
-        after_stage = start in stage_ends(config)
-        learned, info["soft_labels_sha256"] = read_estimation(
-            soft_labels, start, config, step, METHODS[config.method.name].uses_soft_labels and after_stage)
-        state["method"] = {**state["method"], **learned}
-        if after_stage:  # estimated: the previous stage's online sums are spent
-            state["method"].pop("online_sums", None)
-    prepared = prepare(config, split_dir)
-    if state is not None:
-        check_state(prepared, state, Path(checkpoint))
-        _check_estimate_shapes(learned, prepared, soft_labels)
-    make_dir(out)
-    where = PipelineStep(out, ends[step - 1], Path(checkpoint) if checkpoint is not None else None, info)
-    train_epochs(prepared, state, where, run_log or RunLog(), progress)
-    return json.loads((out / "metrics.json").read_text())
+    train_into(PipelineStep(out, step, steps, ends, checkpoint, soft_labels), config, split_dir, run_log, progress)
+    return json.loads((Path(out) / "metrics.json").read_text())
 
 
 def estimate_step(config: Config, step: int, steps: int, checkpoint: str | Path, out: str | Path, *,
@@ -186,7 +147,7 @@ def estimate_step(config: Config, step: int, steps: int, checkpoint: str | Path,
     from a forward pass over the training set), written to `out`; returns out/estimation.json."""
     ends = _open_step(config, step, steps, out)
     out, epoch = Path(out), ends[step - 1]
-    state = _step_checkpoint(config, step, checkpoint, epoch, "ends at")
+    state = load_stage_state(checkpoint, config, epoch, "checkpoint", f"step {step} ends at")
     seconds, stage, artifacts = 0.0, None, []
     make_dir(out)
     if epoch in stage_ends(config):  # a one-stage method learns nothing at a segment's end
@@ -198,13 +159,3 @@ def estimate_step(config: Config, step: int, steps: int, checkpoint: str | Path,
         distributed.barrier()  # under torchrun: rank 0 has written the files the digests are taken of
     return write_estimation(out, config, {"step": step, "stage": stage, "epoch": epoch, "seconds": round(seconds, 3)},
                             artifacts, distributed.current().main)
-
-
-def _check_estimate_shapes(learned: dict, prepared, folder) -> None:
-    """Soft labels of this data: C x C for the class labels, N x C for per-sample labels."""
-    rows = {"soft_labels": prepared.data.num_classes, "sample_soft_labels": len(prepared.data.train)}
-    for name, tensor in learned.items():
-        check_soft_labels(tensor, prepared.data.num_classes, f"soft_labels: '{Path(folder) / name}.npy'")
-        if name in rows and len(tensor) != rows[name]:
-            raise ColamError(f"soft_labels: '{Path(folder) / name}.npy' has {len(tensor)} rows, this run needs "
-                             f"{rows[name]}")
