@@ -30,9 +30,11 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import yaml
+from filelock import FileLock
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException, RestException
@@ -88,35 +90,18 @@ def sqlite_path(uri: str) -> Path | None:
 
 @contextlib.contextmanager
 def sqlite_open_lock(uri: str):
-    """An exclusive lock on `DB.lock` next to a sqlite store while it is opened; nothing for other stores."""
+    """An exclusive lock on `DB.lock` next to a sqlite store while it is opened; nothing for other
+    stores, or where the folder cannot be written to (opening the store then says why)."""
     path = sqlite_path(uri)
-    if path is None:
-        yield
-        return
-    with file_lock(path.with_name(path.name + ".lock")):
-        yield
-
-
-@contextlib.contextmanager
-def file_lock(path: Path):
-    """An exclusive flock on `path` (created if missing) while the block runs; nothing where flock
-    does not exist (Windows) or the folder cannot be written to (then what follows says why)."""
+    lock = FileLock(path.with_name(path.name + ".lock")) if path is not None else None
     try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o666)
+        lock and lock.acquire()
     except OSError:
-        yield
-        return
+        lock = None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+        lock and lock.release()
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:
@@ -225,8 +210,8 @@ def run_parent(client: MlflowClient, experiment: str, config: Config, out_dir: s
     """The newest parent run of the run trained into `out_dir` (by `colam train --track`) with `config`."""
     found = _newest_parent(client, experiment, parent_key(config, str(Path(out_dir).resolve())))
     if found is None:
-        uri = re.sub(r"://[^/@]*@", "://***@", client.tracking_uri)  # a database URI may carry a password
-        raise ColamError(f"--run: no MLflow run of '{out_dir}' in experiment '{experiment}' at {uri}; "
+        raise ColamError(f"--run: no MLflow run of '{out_dir}' in experiment '{experiment}' at "
+                         f"{display_uri(client.tracking_uri)}; "
                          f"train it with --track first, or analyse without --track")
     return found
 
@@ -282,10 +267,8 @@ def tracking_client() -> MlflowClient | None:
 def step_run_log(client: MlflowClient | None, experiment: str, out_dir: str | Path, run_key: str,
                  run_name: str | None = None):
     """The run log of a pipeline's training step: every step of one pipeline run shares `run_key`."""
-    from contextlib import nullcontext
-
     if client is None:
-        return nullcontext(None)
+        return contextlib.nullcontext(None)
     return MlflowRunLog(client, experiment, out_dir, run_name=run_name or None, run_key=checked_key(run_key) or None)
 
 
@@ -326,24 +309,14 @@ def retry_seconds() -> float:
     return value
 
 
-@contextlib.contextmanager
 def bounded_http(timeout: float | None = None):
     """For the calls inside: no retries of MLflow's own (ours retry; its default retries a refused
     connection for minutes), a request timeout, and at most 3 attempts of boto3 (a direct s3:// store)."""
-    settings = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
-                "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout) if timeout is not None else
-                os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT") or str(HTTP_TIMEOUT_S),
-                "AWS_MAX_ATTEMPTS": os.environ.get("AWS_MAX_ATTEMPTS") or "3"}
-    saved = {key: os.environ.get(key) for key in settings}
-    os.environ.update(settings)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    return mock.patch.dict(os.environ, {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout) if timeout is not None else
+        os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT") or str(HTTP_TIMEOUT_S),
+        "AWS_MAX_ATTEMPTS": os.environ.get("AWS_MAX_ATTEMPTS") or "3"})
 
 
 def _chain(exc: BaseException):
