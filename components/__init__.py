@@ -1,21 +1,12 @@
-"""Kubeflow Pipelines v2 components: thin typed wrappers over the library, one per file.
-
-    prepare               pipeline parameters -> the run's config; the split (Dataset)
-    train_stage           split, previous checkpoint and soft labels -> checkpoint (Model), Metrics
-    estimate_soft_labels  checkpoint -> the C x C soft labels (Dataset)
-    evaluate              checkpoint -> Metrics, a confusion matrix, the report (predictions.csv, ...)
-
-Each module holds a plain function (tested directly with fake artifacts); `build(image)` turns
-them into components that run in the project's image (docker/), which already holds kfp and the
-project, so nothing is installed when a step starts. The image is the one setting COLAM_IMAGE:
-training and estimation run in its `-cuda` variant, preparation and evaluation in `-cpu`.
-Every step logs to MLflow when MLFLOW_TRACKING_URI is set in its environment.
-"""
+"""Kubeflow Pipelines v2 components: thin typed wrappers over colam.steps, one plain function per file
+(tested directly with fake artifacts). `build(image)` makes them components of the project's image
+(docker/), which holds kfp and the project, so a step installs nothing: training and estimation run
+in its `-cuda` variant, preparation and evaluation in `-cpu`."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from types import SimpleNamespace
 
 DEFAULT_IMAGE = "ghcr.io/colam-project/colam:0.1.0"
 
@@ -25,15 +16,8 @@ def image(variant: str, base: str | None = None) -> str:
     return f"{base or os.environ.get('COLAM_IMAGE') or DEFAULT_IMAGE}-{variant}"
 
 
-@dataclass(frozen=True)
-class Components:
-    prepare: object
-    train_stage: object
-    estimate_soft_labels: object
-    evaluate: object
-
-
-def build(base_image: str | None = None) -> Components:
+def build(base_image: str | None = None) -> SimpleNamespace:
+    """The four components, each an attribute named as its function."""
     from kfp import dsl
 
     from components.estimate_soft_labels import estimate_soft_labels
@@ -41,8 +25,7 @@ def build(base_image: str | None = None) -> Components:
     from components.prepare import prepare
     from components.train_stage import train_stage
 
-    def make(function, variant):
-        return dsl.component(function, base_image=image(variant, base_image), install_kfp_package=False)
-
-    return Components(prepare=make(prepare, "cpu"), train_stage=make(train_stage, "cuda"),
-                      estimate_soft_labels=make(estimate_soft_labels, "cuda"), evaluate=make(evaluate, "cpu"))
+    variants = {prepare: "cpu", train_stage: "cuda", estimate_soft_labels: "cuda", evaluate: "cpu"}
+    return SimpleNamespace(**{function.__name__: dsl.component(function, base_image=image(variant, base_image),
+                                                               install_kfp_package=False)
+                              for function, variant in variants.items()})

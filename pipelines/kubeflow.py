@@ -1,23 +1,6 @@
-"""The Kubeflow pipeline: prepare -> (train stage -> estimate soft labels) x m -> evaluate.
-
-    colam kfp compile [--params params.yaml] [--stages M] [--image REPO:TAG] [--out colam-pipeline.yaml]
-    colam kfp submit --host URL --experiment NAME [--package colam-pipeline.yaml] [--param KEY=VALUE ...]
-    colam kfp local [--params params.yaml] [--stages M] [--param KEY=VALUE ...] [--root DIR]
-                    [--runner subprocess|docker] [--image REPO:TAG] [--network NAME]
-
-m is fixed when the pipeline is compiled (Kubeflow unrolls nothing at run time: the loop runs
-here, one train and one estimate task per stage, each stage consuming the previous one's
-checkpoint and soft labels). The method, model, data set, t, T, seed and the whole run config
-are run parameters, with params.yaml's values as their defaults; T is that of the method trained
-(colam, kd, cskd, ...: its `temperature`), ignored by a method without one.
-
-On the cluster the train and estimate tasks ask for a GPU and land on GPU nodes; every task
-reads the S3 keys from the Secret `colam-credentials` and the MLflow/S3 endpoints from the
-ConfigMap `colam-endpoints` (both made by k8s/), so every step is tracked in MLflow. `local`
-runs the same pipeline without a cluster, where the Kubernetes settings do not apply: with kfp's
-SubprocessRunner in this environment, or with its DockerRunner, every step a container of the
-image the package names, given the Secret's and the ConfigMap's keys from this environment.
-"""
+"""The Kubeflow pipeline, prepare -> (train stage -> estimate soft labels) x m -> evaluate, and
+`colam kfp compile|submit|local` (docs/kubeflow.md). m is fixed when compiling (Kubeflow unrolls
+nothing at run time); the method, model, data set, t, T, seed and run config are run parameters."""
 
 # No `from __future__ import annotations` here: kfp reads the pipeline function's annotations as types.
 import argparse
@@ -53,18 +36,36 @@ class Cluster:
     accelerator: str = "nvidia.com/gpu"
     gpus: int = 1
     gpu_node_label: "tuple[str, str] | None" = ("nvidia.com/gpu.present", "true")
-    gpu_toleration: "str | None" = "nvidia.com/gpu"  # tolerate the usual taint of GPU node pools
-    cpu: str = "4"
-    memory: str = "16G"
     retries: int = 2  # a preempted or failed training step restarts its stage from the previous checkpoint
-    secret: "str | None" = SECRET
-    endpoints: "str | None" = ENDPOINTS
+
+
+def _with_endpoints(task):
+    """The task reads the S3 keys from the Secret and the MLflow/S3 endpoints from the ConfigMap (k8s/)."""
+    from kfp import kubernetes
+
+    kubernetes.use_secret_as_env(task, secret_name=SECRET, secret_key_to_env={key: key for key in SECRET_KEYS})
+    kubernetes.use_config_map_as_env(task, config_map_name=ENDPOINTS,
+                                     config_map_key_to_env={key: key for key in ENDPOINT_KEYS})
+    return task
+
+
+def _on_gpu(task, cluster: Cluster):
+    from kfp import kubernetes
+
+    task.set_cpu_request("4").set_memory_request("16G")
+    if cluster.gpus > 0:
+        task.set_accelerator_type(cluster.accelerator).set_accelerator_limit(cluster.gpus)
+        if cluster.gpu_node_label:
+            kubernetes.add_node_selector(task, *cluster.gpu_node_label)
+        # Tolerate the usual taint of GPU node pools.
+        kubernetes.add_toleration(task, key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")
+    return _with_endpoints(task)
 
 
 def build_pipeline(stages: int, defaults: dict, experiment: str, image: str | None = None,
                    cluster: Cluster = Cluster()):
     """The pipeline function for `stages` stages; `defaults` (a run config) gives the parameters' defaults."""
-    from kfp import dsl, kubernetes
+    from kfp import dsl
     from kfp.dsl import Dataset, Metrics, Model
 
     import components
@@ -72,59 +73,35 @@ def build_pipeline(stages: int, defaults: dict, experiment: str, image: str | No
 
     if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
         raise ColamError(f"--stages: must be an integer >= 1, got {stages!r}")
-    config = step_config(defaults, steps=stages)  # the defaults must make a valid run of this many stages
-    defaults = json.dumps(config.to_dict())
+    default = headline(step_config(defaults, steps=stages))  # the defaults must make a valid run of this many stages
     parts = components.build(image)
-
-    def environment(task):
-        if cluster.secret:
-            kubernetes.use_secret_as_env(task, secret_name=cluster.secret,
-                                         secret_key_to_env={key: key for key in SECRET_KEYS})
-        if cluster.endpoints:
-            kubernetes.use_config_map_as_env(task, config_map_name=cluster.endpoints,
-                                             config_map_key_to_env={key: key for key in ENDPOINT_KEYS})
-        return task
-
-    def on_gpu(task):
-        task.set_cpu_request(cluster.cpu).set_memory_request(cluster.memory)
-        if cluster.gpus > 0:
-            task.set_accelerator_type(cluster.accelerator).set_accelerator_limit(cluster.gpus)
-            if cluster.gpu_node_label:
-                kubernetes.add_node_selector(task, *cluster.gpu_node_label)
-            if cluster.gpu_toleration:
-                kubernetes.add_toleration(task, key=cluster.gpu_toleration, operator="Exists", effect="NoSchedule")
-        return environment(task)
-
     Outputs = NamedTuple("Outputs", [("model", Model), ("soft_labels", Dataset), ("metrics", Metrics)])
 
     @dsl.pipeline(name=f"colam-{stages}-stages",
                   description=f"COLAM (and baselines) in {stages} stages: prepare, then train and estimate soft "
                               f"labels {stages} times, then evaluate; every step tracked in MLflow")
-    def colam_pipeline(method: str = config.method.name, model: str = config.model.name,
-                       dataset: str = config.data.name, epochs_per_stage: int = config.train.epochs // stages,
-                       temperature: float = default_temperature(config), seed: int = config.seed,
-                       config: str = defaults, mlflow_experiment: str = experiment) -> Outputs:
-        prepared = environment(parts.prepare(
+    def colam_pipeline(method: str = default["method"], model: str = default["model"],
+                       dataset: str = default["dataset"], epochs_per_stage: int = default["epochs_per_stage"],
+                       temperature: float = default["temperature"], seed: int = default["seed"],
+                       config: str = default["config"], mlflow_experiment: str = experiment) -> Outputs:
+        prepared = _with_endpoints(parts.prepare(
             config=config, stages=stages, method=method, model=model, dataset=dataset,
             epochs_per_stage=epochs_per_stage, temperature=temperature, seed=seed))
         prepared.set_display_name("prepare data")
-        run_config, split = prepared.outputs["Output"], prepared.outputs["split"]
+        step = {"config": prepared.outputs["Output"], "split": prepared.outputs["split"],
+                "experiment": mlflow_experiment, "run_key": dsl.PIPELINE_JOB_ID_PLACEHOLDER}
         previous: dict = {}
         for stage in range(1, stages + 1):
-            train = on_gpu(parts.train_stage(
-                config=run_config, stage=stage, stages=stages, split=split, experiment=mlflow_experiment,
-                run_key=dsl.PIPELINE_JOB_ID_PLACEHOLDER, run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, **previous))
+            train = _on_gpu(parts.train_stage(stage=stage, stages=stages, run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+                                              **step, **previous), cluster)
             train.set_display_name(f"train stage {stage}")
             train.set_retry(num_retries=cluster.retries, backoff_duration="60s", backoff_factor=2.0)
-            estimate = on_gpu(parts.estimate_soft_labels(
-                config=run_config, stage=stage, stages=stages, split=split, checkpoint=train.outputs["checkpoint"],
-                experiment=mlflow_experiment, run_key=dsl.PIPELINE_JOB_ID_PLACEHOLDER))
+            estimate = _on_gpu(parts.estimate_soft_labels(stage=stage, stages=stages,
+                                                          checkpoint=train.outputs["checkpoint"], **step), cluster)
             estimate.set_display_name(f"estimate soft labels {stage}")
             previous = {"previous_checkpoint": train.outputs["checkpoint"],
                         "soft_labels": estimate.outputs["soft_labels"]}
-        evaluation = environment(parts.evaluate(
-            config=run_config, split=split, checkpoint=previous["previous_checkpoint"], experiment=mlflow_experiment,
-            run_key=dsl.PIPELINE_JOB_ID_PLACEHOLDER))
+        evaluation = _with_endpoints(parts.evaluate(checkpoint=previous["previous_checkpoint"], **step))
         evaluation.set_display_name("evaluate")
         return Outputs(model=previous["previous_checkpoint"], soft_labels=previous["soft_labels"],
                        metrics=evaluation.outputs["metrics"])
@@ -195,6 +172,8 @@ def _pipeline_from(args, cluster: Cluster = Cluster(), image: str | None = None)
 def _compile(args) -> int:
     from kfp import compiler
 
+    import components
+
     label = None if args.gpu_node_label.lower() == "none" else tuple(args.gpu_node_label.split("=", 1))
     if label is not None and len(label) != 2:
         raise ColamError(f"--gpu-node-label: expected KEY=VALUE or none, got {args.gpu_node_label!r}")
@@ -204,11 +183,15 @@ def _compile(args) -> int:
     pipeline, stages = _pipeline_from(args, cluster, args.image)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     compiler.Compiler().compile(pipeline, args.out)
-    import components
-
     print(f"{args.out}: {stages} stages, images {components.image('cuda', args.image)} (GPU steps) and "
           f"{components.image('cpu', args.image)}")
     return 0
+
+
+def _first_line(exc: Exception, limit: int = 300) -> str:
+    """An exception as one line for an error message: its first line, else its type's name."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
 
 
 def read_package(path: str | Path) -> dict:
@@ -218,7 +201,7 @@ def read_package(path: str | Path) -> dict:
     except FileNotFoundError:
         raise ColamError(f"--package: '{path}' does not exist; write it with `colam kfp compile`") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise ColamError(f"--package: '{path}' is not a readable YAML file ({str(exc).splitlines()[0]})") from None
+        raise ColamError(f"--package: '{path}' is not a readable YAML file ({_first_line(exc)})") from None
     spec = documents[0] if documents else None
     if not isinstance(spec, dict) or "pipelineInfo" not in spec or "root" not in spec:
         raise ColamError(f"--package: '{path}' is not a compiled Kubeflow pipeline")
@@ -229,6 +212,7 @@ def package_arguments(spec: dict, pairs: list[str], config_file: str | None = No
     """The run arguments `pairs` (NAME=VALUE) checked against the package, and the run config they
     make validated here, so a bad value fails now with one line instead of in a pod."""
     from colam.steps import step_config
+    from pipelines.params import load_params
 
     try:
         declared = spec["root"]["inputDefinitions"]["parameters"]
@@ -245,8 +229,8 @@ def package_arguments(spec: dict, pairs: list[str], config_file: str | None = No
         if not sep or name not in declared:
             raise ColamError(f"--param: {pair!r} is not NAME=VALUE with NAME one of {', '.join(sorted(declared))}")
         arguments[name] = text if declared[name]["parameterType"] == "STRING" else yaml.safe_load(text)
-    if config_file is not None:
-        arguments = {**headline_arguments(config_file), **arguments}
+    if config_file is not None:  # the headline parameters override `config`: both come from the file
+        arguments = {**headline(load_params(config_file).config), **arguments}
     values = {name: arguments.get(name, declared[name].get("defaultValue")) for name in declared}
     if not str(values.get("mlflow_experiment", "x")).strip():
         raise ColamError("--param: mlflow_experiment must name an MLflow experiment, got ''")
@@ -262,38 +246,43 @@ def package_arguments(spec: dict, pairs: list[str], config_file: str | None = No
 HEADLINE = ("method", "model", "dataset", "epochs_per_stage", "temperature", "seed", "config")
 
 
-def headline_arguments(config_file: str) -> dict:
-    """The run parameters a params.yaml/config sets: its run config and the headline values in it
-    (the headline parameters override `config`, so they must come from the same file)."""
-    from pipelines.params import load_params
-
-    config = load_params(config_file).config
-    return {"config": json.dumps(config.to_dict()), "method": config.method.name, "model": config.model.name,
-            "dataset": config.data.name, "epochs_per_stage": config.method.colam.epochs_per_stage,
-            "temperature": default_temperature(config), "seed": config.seed}
-
-
-def default_temperature(config) -> float:
-    """The `temperature` parameter's default: the T of the config's method, else of the first
-    registered method that has one (COLAM's). The parameter sets the T of whichever method a run
-    trains, when that method has one (colam.steps.step_config)."""
+def headline(config) -> dict:
+    """The pipeline parameters a run config gives: the config and its headline values. T is that of its
+    method, else of the first registered method with one (COLAM's); step_config gives the `temperature`
+    parameter to whichever method a run trains, when that method has a T."""
     from colam.methods import METHODS
 
-    method = next(m for m in (METHODS[config.method.name], *METHODS.values()) if "temperature" in m.headline)
-    return method.headline_values(config)["temperature"]
+    with_t = next(m for m in (METHODS[config.method.name], *METHODS.values()) if "temperature" in m.headline)
+    return {"config": json.dumps(config.to_dict()), "method": config.method.name, "model": config.model.name,
+            "dataset": config.data.name, "epochs_per_stage": config.method.colam.epochs_per_stage,
+            "temperature": with_t.headline_values(config)["temperature"], "seed": config.seed}
 
 
 def _submit(args) -> int:
+    import logging
+    import warnings
+
+    import kfp
+
     spec = read_package(args.package)
     arguments = package_arguments(spec, args.params, args.config)
     token = os.environ.get("KFP_TOKEN")
     if not args.namespace:  # as kfp: a multi-user endpoint may refuse the health check, not the run
         _check_endpoint(args.host, token)
-    try:
-        result = _create_run(args, arguments, token)
-    except Exception as exc:  # auth, an API error: one line naming the endpoint
-        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise ColamError(f"--host: Kubeflow Pipelines at '{args.host}' did not accept the run ({reason})") from None
+    # kfp prints links on stdout and warns about API versions: keep stdout for our JSON line.
+    with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        logging.getLogger("urllib3").setLevel(logging.ERROR)
+        try:
+            # Without --namespace, leave kfp the namespace of the user's kfp context (its default: kubeflow).
+            client = kfp.Client(host=args.host, existing_token=token,
+                                **({"namespace": args.namespace} if args.namespace else {}))
+            result = client.create_run_from_pipeline_package(
+                args.package, arguments=arguments, run_name=args.run_name, experiment_name=args.experiment,
+                namespace=args.namespace, service_account=args.service_account, enable_caching=not args.no_cache)
+        except Exception as exc:  # auth, an API error: one line naming the endpoint
+            raise ColamError(f"--host: Kubeflow Pipelines at '{args.host}' did not accept the run "
+                             f"({_first_line(exc)})") from None
     print(json.dumps({"run_id": result.run_id, "run": f"{args.host.rstrip('/')}/#/runs/details/{result.run_id}",
                       "experiment": args.experiment, "arguments": arguments}))
     return 0
@@ -308,7 +297,7 @@ def _check_endpoint(host: str, token: str | None) -> None:
         answer = requests.get(f"{host.rstrip('/')}/apis/v2beta1/healthz", headers=headers, timeout=10,
                               allow_redirects=False)
     except requests.RequestException as exc:
-        reason = type(exc).__name__ if isinstance(exc, requests.ConnectionError) else str(exc).splitlines()[0]
+        reason = type(exc).__name__ if isinstance(exc, requests.ConnectionError) else _first_line(exc)
         raise ColamError(f"--host: cannot reach Kubeflow Pipelines at '{host}' ({reason})") from None
     if answer.is_redirect:
         raise ColamError(f"--host: '{host}' redirects the Kubeflow Pipelines health check to "
@@ -319,25 +308,8 @@ def _check_endpoint(host: str, token: str | None) -> None:
                          f"check (/apis/v2beta1/healthz); is it the pipelines API (and is KFP_TOKEN valid)?")
 
 
-def _create_run(args, arguments: dict, token: str | None):
-    import logging
-    import warnings
-
-    import kfp
-
-    # kfp prints links on stdout and warns about API versions: keep stdout for our JSON line.
-    with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        logging.getLogger("urllib3").setLevel(logging.ERROR)
-        # Without --namespace, leave kfp the namespace of the user's kfp context (its default: kubeflow).
-        namespace = {"namespace": args.namespace} if args.namespace else {}
-        client = kfp.Client(host=args.host, existing_token=token, **namespace)
-        return client.create_run_from_pipeline_package(
-            args.package, arguments=arguments, run_name=args.run_name, experiment_name=args.experiment,
-            namespace=args.namespace, service_account=args.service_account, enable_caching=not args.no_cache)
-
-
 def _local(args) -> int:
+    from google.protobuf import json_format
     from kfp import local
 
     if args.runner not in RUNNERS:
@@ -345,22 +317,16 @@ def _local(args) -> int:
     if args.network is not None and args.runner != "docker":
         raise ColamError("--network: only with --runner docker (steps that are processes use this machine's network)")
     pipeline, stages = _pipeline_from(args, image=args.image)
-    spec = _spec_of(pipeline)
+    spec = json_format.MessageToDict(pipeline.pipeline_spec)  # what kfp would write to a package
     arguments = package_arguments(spec, args.pipeline_params)
     root = Path(args.root).resolve()
-    docker = _docker_runner(spec, args) if args.runner == "docker" else None
-    root.mkdir(parents=True, exist_ok=True)
-    if docker is not None:
-        _let_image_user_write(root, docker.user)
-    local.init(runner=docker.kfp if docker else local.SubprocessRunner(use_venv=False), pipeline_root=str(root),
-               raise_on_error=False)
-    began = time.perf_counter()
-    try:
+    with _docker_runner(spec, args, root) if args.runner == "docker" else contextlib.nullcontext() as docker:
+        root.mkdir(parents=True, exist_ok=True)
+        local.init(runner=docker or local.SubprocessRunner(use_venv=False), pipeline_root=str(root),
+                   raise_on_error=False)
+        began = time.perf_counter()
         with contextlib.redirect_stdout(sys.stderr):  # kfp's log and the containers' output; stdout is our line
             task = pipeline(**arguments)
-    finally:
-        if docker is not None:
-            docker.remove_left_containers()
     seconds = time.perf_counter() - began
     print(json.dumps({"stages": stages, "runner": args.runner, "seconds": round(seconds, 1),
                       **_local_results(task, seconds)}), file=sys.stdout)
@@ -381,41 +347,44 @@ def _local_results(task, seconds: float) -> dict:
     return {"outputs": {name: artifact.path for name, artifact in task.outputs.items()}, "metrics": metrics}
 
 
-@dataclass(frozen=True)
-class DockerSteps:
-    kfp: object  # kfp.local.DockerRunner
-    user: str  # the images' USER, e.g. 1000:1000
-    client: object  # docker.DockerClient
-    label: str  # on every step container of this run
-
-    def remove_left_containers(self) -> None:
-        """Step containers still there after the run (interrupted, or failed to start): removed."""
-        for container in self.client.containers.list(all=True, filters={"label": self.label}):
-            with contextlib.suppress(Exception):
-                container.remove(force=True)
-
-
-def _docker_runner(spec: dict, args) -> DockerSteps:
-    """kfp's DockerRunner, once the engine answers and holds every image the package names; the steps
-    get this environment's CONTAINER_ENV keys, and nothing of this machine they could not reach."""
+@contextlib.contextmanager
+def _docker_runner(spec: dict, args, root: Path):
+    """kfp's DockerRunner once the engine holds every image the package names and `root` is the images'
+    user's; steps get CONTAINER_ENV, and their containers still there after the run are removed."""
     import uuid
 
+    import docker
     from kfp import local
 
     _check_reachable_endpoints(args.network)
-    client = _docker_client()
+    try:  # an engine at $DOCKER_HOST (or the default socket) that answers a ping
+        client = docker.from_env(timeout=10)
+        client.ping()
+    except docker.errors.DockerException as exc:
+        raise ColamError(f"--runner docker: no container engine answers at "
+                         f"{os.environ.get('DOCKER_HOST') or 'unix:///var/run/docker.sock'} ({_first_line(exc, 200)}); "
+                         f"start one, e.g. `bash .ci/container-engine.sh`") from None
     images = sorted({executor["container"]["image"] for executor in spec["deploymentSpec"]["executors"].values()})
     users = {_local_image(client, name, args.image).attrs["Config"].get("User") or "0" for name in images}
     if args.network is not None:
-        _local_network(client, args.network)
+        try:
+            client.networks.get(args.network)
+        except docker.errors.NotFound:
+            raise ColamError(f"--network: {args.network!r} is not a network of the local container engine") from None
     if len(users) != 1:
         raise ColamError(f"--image: the images run as different users ({', '.join(sorted(users))}); the steps share "
                          f"the pipeline root")
+    root.mkdir(parents=True, exist_ok=True)
+    _let_image_user_write(root, users.pop())
     environment = {key: os.environ[key] for key in CONTAINER_ENV if key in os.environ}
-    network = {"network": args.network} if args.network else {}
-    label = f"colam.kfp-local={uuid.uuid4().hex}"
-    runner = local.DockerRunner(environment=environment, labels=dict([label.split("=")]), **network)
-    return DockerSteps(kfp=runner, user=users.pop(), client=client, label=label)
+    label = uuid.uuid4().hex  # on every step container of this run
+    try:
+        yield local.DockerRunner(environment=environment, labels={"colam.kfp-local": label},
+                                 **({"network": args.network} if args.network else {}))
+    finally:
+        for container in client.containers.list(all=True, filters={"label": f"colam.kfp-local={label}"}):
+            with contextlib.suppress(Exception):
+                container.remove(force=True)
 
 
 def _check_reachable_endpoints(network: str | None) -> None:
@@ -433,23 +402,6 @@ def _check_reachable_endpoints(network: str | None) -> None:
                              f"(a name on --network) or use --network host")
 
 
-def _docker_client():
-    """A client of the engine at $DOCKER_HOST (or the default socket) that has answered a ping."""
-    try:
-        import docker
-    except ImportError:
-        raise ColamError("--runner docker: needs the Python package 'docker' (pip install docker)") from None
-    where = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
-    try:
-        client = docker.from_env(timeout=10)
-        client.ping()
-    except docker.errors.DockerException as exc:
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise ColamError(f"--runner docker: no container engine answers at {where} ({reason}); start one, e.g. "
-                         f"`bash .ci/container-engine.sh`") from None
-    return client
-
-
 def _local_image(client, name: str, base: str | None):
     """The image `name` as the engine holds it under that very tag, kfp's test before it would pull:
     never pulled here (a step must run what was built)."""
@@ -461,18 +413,8 @@ def _local_image(client, name: str, base: str | None):
         if reference in image.tags + image.attrs.get("RepoDigests", []):
             return image
     source = "--image" if base else ("COLAM_IMAGE" if os.environ.get("COLAM_IMAGE") else "--image (default)")
-    variant = name.rsplit("-", 1)[-1]
     raise ColamError(f"{source}: {name!r} is not an image of the local container engine; build it: docker build "
-                     f"-f docker/{variant}.Dockerfile -t {name} .")
-
-
-def _local_network(client, name: str) -> None:
-    import docker
-
-    try:
-        client.networks.get(name)
-    except docker.errors.NotFound:
-        raise ColamError(f"--network: {name!r} is not a network of the local container engine") from None
+                     f"-f docker/{name.rsplit('-', 1)[-1]}.Dockerfile -t {name} .")
 
 
 def _let_image_user_write(root: Path, user: str) -> None:
@@ -491,10 +433,3 @@ def _let_image_user_write(root: Path, user: str) -> None:
             root.chmod(0o1777)
     except OSError as exc:
         raise ColamError(f"--root: cannot let the images' user {uid} write {str(root)!r} ({exc.strerror})") from None
-
-
-def _spec_of(pipeline) -> dict:
-    """The pipeline spec kfp would write to a package, without writing one."""
-    from google.protobuf import json_format
-
-    return json_format.MessageToDict(pipeline.pipeline_spec)

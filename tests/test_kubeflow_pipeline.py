@@ -164,12 +164,12 @@ def test_temperature_parameter_reaches_every_method_that_has_one(package, tmp_pa
     params = yaml.safe_load(PARAMS.read_text())
     params["method"].update(name="cskd", cskd={"temperature": 3.0})
     (tmp_path / "cskd.yaml").write_text(yaml.safe_dump(params))
-    assert kubeflow.headline_arguments(str(tmp_path / "cskd.yaml"))["temperature"] == 3.0
-    assert kubeflow.default_temperature(load_params(tmp_path / "cskd.yaml").config) == 3.0
+    assert kubeflow.package_arguments(spec, [], str(tmp_path / "cskd.yaml"))["temperature"] == 3.0
+    assert kubeflow.headline(load_params(tmp_path / "cskd.yaml").config)["temperature"] == 3.0
     params["method"]["name"] = "hl"  # no T of its own: the parameter's default is COLAM's
     (tmp_path / "hl.yaml").write_text(yaml.safe_dump(params))
-    assert kubeflow.headline_arguments(str(tmp_path / "hl.yaml"))["temperature"] == colam_t
-    assert kubeflow.default_temperature(load_params(tmp_path / "hl.yaml").config) == colam_t
+    assert kubeflow.package_arguments(spec, [], str(tmp_path / "hl.yaml"))["temperature"] == colam_t
+    assert kubeflow.headline(load_params(tmp_path / "hl.yaml").config)["temperature"] == colam_t
 
 
 def test_package_asks_for_gpus_only_for_training_and_estimation(package):
