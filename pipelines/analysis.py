@@ -1,18 +1,9 @@
-"""`colam analyze`: the COLAM paper's analyses (Sec. 5) of finished runs, as figures, tables and
-MLflow artifacts.
+"""`colam analyze`: the COLAM paper's analyses (Sec. 5) of finished runs: curves, expected-accuracy,
+geometry, soft-labels, grid-cell (trains one cell of the grid) and grid (reads it back from MLflow).
 
-    colam analyze curves            --run DIR --baselines hl=DIR --out DIR
-    colam analyze expected-accuracy --run DIR --baselines hl=DIR --runs-out DIR --out DIR [--split DIR]
-    colam analyze geometry          --run DIR --baselines hl=DIR ls=DIR --out DIR [--split DIR]
-    colam analyze soft-labels       --run DIR --out DIR
-    colam analyze grid-cell         --epochs-per-stage N --peers P --out DIR [--split DIR]   (trains one cell)
-    colam analyze grid              --run DIR --out DIR                                     (reads MLflow)
-
-`--run` is the COLAM run analysed; every command takes `--config params.yaml` for its `analysis`
-and `tracking` sections. Each writes its PNG figures, `table.md` and `results.json` into --out and,
-with --track (default: when MLFLOW_TRACKING_URI is set), logs them to the MLflow parent run of
---run under `analysis/NAME`, with its headline numbers as metrics. `dvc repro` runs them all
-(dvc.yaml, the analyze_* stages).
+Each writes its PNG figures, `table.md` and `results.json` into --out and, with --track (default:
+when MLFLOW_TRACKING_URI is set), logs them to the MLflow parent run of --run under `analysis/NAME`,
+with its headline numbers as metrics. `dvc repro` runs them all (the analyze_* stages of dvc.yaml).
 """
 
 from __future__ import annotations
@@ -23,64 +14,52 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from colam import io as cio
 from colam.errors import ColamError
 from pipelines.arguments import config_options, params, run_log, tracking, tracking_options, training_options
+from pipelines import figures
+from pipelines.compare import format_table, markdown_table, temperature_figure
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     commands = parser.add_subparsers(dest="analysis", required=True)
 
-    def command(name: str, help_text: str, run: bool = True, out_help: str = "folder for figures, table.md, results.json",
-                out_required: bool = True):
+    def command(name: str, help_text: str, func, baselines: str = "", split: bool = False, run: bool = True,
+                out_help: str = "folder for figures, table.md, results.json", out_required: bool = True):
         sub = commands.add_parser(name, help=help_text)
         config_options(sub, help="params.yaml: its analysis and tracking sections (default: the defaults)")
         if run:
             sub.add_argument("--run", required=True, help="the COLAM run folder analysed (and logged to)")
         sub.add_argument("--out", required=out_required, type=Path, help=out_help)
         tracking_options(sub, "MLflow experiment (default: tracking.experiment of --config)")
+        if baselines:
+            sub.add_argument("--baselines", nargs="+", default=[], metavar="NAME=DIR",
+                             help=f"finished runs to compare with, e.g. {baselines}")
+        if split:
+            sub.add_argument("--split", help="the split the runs were trained on (default: draw it from data.*)")
+        sub.set_defaults(func=func)
         return sub
 
-    def baselines(sub, names: str):
-        sub.add_argument("--baselines", nargs="+", default=[], metavar="NAME=DIR",
-                         help=f"finished runs to compare with, e.g. {names}")
-
-    def data(sub):
-        sub.add_argument("--split", help="the split the runs were trained on (default: draw it from data.*)")
-
-    sub = command("curves", "train/test accuracy per epoch against baselines, stage ends marked (Fig. 1a)")
-    baselines(sub, "hl=runs/compare/hl-seed0")
-    sub.set_defaults(func=curves)
-
+    command("curves", "train/test accuracy per epoch against baselines, stage ends marked (Fig. 1a)", curves,
+            baselines="hl=runs/compare/hl-seed0")
     sub = command("expected-accuracy", "train a fresh model on each stage's soft labels; its test accuracy (Fig. 1b)",
+                  expected_accuracy, baselines="hl=runs/compare/hl-seed0 (drawn as reference lines)", split=True,
                   out_help="folder for figures, table.md, results.json (required without --stage)", out_required=False)
-    baselines(sub, "hl=runs/compare/hl-seed0 (drawn as reference lines)")
-    data(sub)
     sub.add_argument("--runs-out", required=True, type=Path, help="folder for the fixed-label training runs (resumable)")
     sub.add_argument("--stage", type=int, help="only train the run of this stage's soft labels (a DVC stage per K); "
                                                "no figures")
     training_options(sub)
-    sub.set_defaults(func=expected_accuracy)
-
-    sub = command("geometry", "penultimate features and templates of three classes (Fig. 2, Table 5, Fig. 3)")
-    baselines(sub, "hl=runs/compare/hl-seed0 ls=runs/compare/ls-seed0")
-    data(sub)
-    sub.set_defaults(func=geometry)
-
-    sub = command("soft-labels", "heatmap of each stage's soft labels and each class's nearest classes")
-    sub.set_defaults(func=soft_labels)
-
-    sub = command("grid-cell", "train COLAM at one (epochs per stage, peers) cell of the grid (tracked)",
-                  run=False, out_help="output folder of the run")
-    data(sub)
+    command("geometry", "penultimate features and templates of three classes (Fig. 2, Table 5, Fig. 3)", geometry,
+            baselines="hl=runs/compare/hl-seed0 ls=runs/compare/ls-seed0", split=True)
+    command("soft-labels", "heatmap of each stage's soft labels and each class's nearest classes", soft_labels)
+    sub = command("grid-cell", "train COLAM at one (epochs per stage, peers) cell of the grid (tracked)", grid_cell,
+                  split=True, run=False, out_help="output folder of the run")
     sub.add_argument("--epochs-per-stage", type=int, required=True, help="the update interval t; stages = epochs / t")
     sub.add_argument("--peers", required=True, help="random peer samples per soft label, or all")
     training_options(sub)
-    sub.set_defaults(func=grid_cell)
-
-    sub = command("grid", "test accuracy over the (epochs per stage x peers) grid and over T, from MLflow (Fig. 4)")
-    sub.set_defaults(func=grid)
+    command("grid", "test accuracy over the (epochs per stage x peers) grid and over T, from MLflow (Fig. 4)", grid)
 
 
 # ----------------------------------------------------------------------------- the analyses
@@ -89,81 +68,66 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def curves(args) -> int:
     from colam.methods import METHODS
     from colam.runs import history, open_run
-    from pipelines import figures
 
     run = open_run(args.run, "--run")
-    runs = {**_baselines(args), _label(run.config): run}
+    main = _label(run.config)
+    runs = {**_baselines(args), main: run}
     start(args, run)
     rows = {name: history(r, "--run" if r is run else f"--baselines {name}") for name, r in runs.items()}
     stage_ends = np.cumsum(METHODS[run.config.method.name].stage_epochs(run.config)).tolist()
-    main = _label(run.config)
-    at_ends = []
-    for stage, end in enumerate(stage_ends, start=1):
-        entry = {"stage": stage, "epoch": end}
-        for name, history_rows in rows.items():
-            row = next((r for r in history_rows if r["epoch"] == end), None)
-            entry[name] = None if row is None else {"train_acc": row["train_acc"], "test_acc": row.get("test_acc")}
-        at_ends.append(entry)
+    by_epoch = {name: {r["epoch"]: r for r in reversed(history_rows)} for name, history_rows in rows.items()}
+    at_ends = [{"stage": stage, "epoch": end,
+                **{name: None if end not in found else {"train_acc": found[end]["train_acc"],
+                                                        "test_acc": found[end].get("test_acc")}
+                   for name, found in by_epoch.items()}} for stage, end in enumerate(stage_ends, start=1)]
     figure = figures.learning_curves(rows, stage_ends, f"Learning curves: {' vs '.join(rows)} "
                                                       f"({run.config.model.name} on {run.config.data.name})")
-    lines = [f"Accuracy at {main}'s stage ends (%)", "",
-             "| stage | epoch | " + " | ".join(f"{n} train | {n} test" for n in rows) + " |",
-             "|---:|---:|" + "---:|---:|" * len(rows)]
-    for entry in at_ends:
-        cells = [_cell(entry[n], "train_acc") + " | " + _cell(entry[n], "test_acc") for n in rows]
-        lines.append(f"| {entry['stage']} | {entry['epoch']} | " + " | ".join(cells) + " |")
-    results = {"runs": {name: {"path": str(r.path), "epoch": [x["epoch"] for x in rows[name]],
-                               "train_acc": [x["train_acc"] for x in rows[name]],
-                               "test_acc": [x.get("test_acc") for x in rows[name]]} for name, r in runs.items()},
-               "stage_ends": stage_ends, "at_stage_ends": at_ends}
-    return _finish(args, run, "curves", {"learning_curves": figure}, "\n".join(lines), results, {})
+    cells = [[e["stage"], e["epoch"], *(_percent((e[n] or {}).get(k)) for n in rows for k in ("train_acc", "test_acc"))]
+             for e in at_ends]
+    table = markdown_table(["stage", "epoch", *(f"{n} {s}" for n in rows for s in ("train", "test"))], cells,
+                           "r" * (2 + 2 * len(rows)))
+    results = {"runs": {name: {"path": str(r.path), **{key: [x.get(key) for x in rows[name]]
+                                                      for key in ("epoch", "train_acc", "test_acc")}}
+                        for name, r in runs.items()}, "stage_ends": stage_ends, "at_stage_ends": at_ends}
+    return _finish(args, run, "curves", {"learning_curves": figure},
+                   [f"Accuracy at {main}'s stage ends (%)", "", *table], results, {})
 
 
 def expected_accuracy(args) -> int:
     from colam.analysis.expected import expected_accuracy as measure
     from colam.runs import history, open_run
-    from pipelines import figures
 
-    if args.stage is not None:  # one fixed-label run, for a pipeline step of its own
-        run = open_run(args.run, "--run", finished=False)
-        (row,) = measure(run, args.runs_out, split_dir=args.split, progress=args.progress, stages=[args.stage],
-                         restart_if_changed=args.restart_if_changed)
-        print(json.dumps(row))
-        return 0
-    if args.out is None:
+    one = args.stage is not None  # one fixed-label run, for a pipeline step of its own: no figures
+    if not one and args.out is None:
         raise ColamError("--out: required (the folder for the figures and tables), unless --stage trains one run")
-    run = open_run(args.run, "--run")
-    baselines = _baselines(args)
-    start(args, run)
+    run = open_run(args.run, "--run", finished=not one)
+    if not one:
+        baselines = _baselines(args)
+        start(args, run)
     rows = measure(run, args.runs_out, split_dir=args.split, progress=args.progress,
-                   restart_if_changed=args.restart_if_changed)
+                   stages=[args.stage] if one else None, restart_if_changed=args.restart_if_changed)
+    if one:
+        print(json.dumps(rows[0]))
+        return 0
     references = {f"{_label(run.config)} final test accuracy": history(run)[-1]["test_acc"]}
     for name, baseline in baselines.items():
         references[f"{name} final test accuracy"] = history(baseline, f"--baselines {name}")[-1]["test_acc"]
     figure = figures.expected_accuracy(rows, references, f"Expected accuracy of the soft labels of each stage "
                                                         f"({run.config.model.name} on {run.config.data.name})")
-    lines = ["Expected accuracy: a fresh model trained on each stage's soft labels, fixed (%)", "",
-             "| soft labels of stage | expected test acc | expected val acc | run's test acc at that stage end |",
-             "|---:|---:|---:|---:|"]
-    for r in rows:
-        val = "–" if r["expected_val_acc"] is None else f"{100 * r['expected_val_acc']:.2f}"
-        lines.append(f"| {r['stage']} | {100 * r['expected_test_acc']:.2f} | {val} | "
-                     f"{100 * r['run_test_acc_at_stage_end']:.2f} |")
-    lines += ["", *(f"- {name}: {100 * value:.2f}" for name, value in references.items())]
+    keys = ("expected_test_acc", "expected_val_acc", "run_test_acc_at_stage_end")
+    table = markdown_table(["soft labels of stage", "expected test acc", "expected val acc",
+                            "run's test acc at that stage end"],
+                           [[r["stage"], *(_percent(r[k]) for k in keys)] for r in rows], "rrrr")
+    lines = ["Expected accuracy: a fresh model trained on each stage's soft labels, fixed (%)", "", *table, "",
+             *(f"- {name}: {100 * value:.2f}" for name, value in references.items())]
     metrics = {"expected_test_acc": [(r["stage"], r["expected_test_acc"]) for r in rows]}
-    return _finish(args, run, "expected_accuracy", {"expected_accuracy": figure}, "\n".join(lines),
+    return _finish(args, run, "expected_accuracy", {"expected_accuracy": figure}, lines,
                    {"stages": rows, "references": references}, metrics)
 
 
 def geometry(args) -> int:
-    import torch
-
-    from colam.analysis import geometry as geo
-    from colam.analysis.expected import labelled_stages, read_soft_labels
-    from colam.analysis.structure import default_classes, resolve_classes
-    from colam.data import build_data, loader
+    from colam.data import build_data
     from colam.runs import final_network, open_run
-    from pipelines import figures
 
     analysis = params(args).analysis
     run = open_run(args.run, "--run")
@@ -171,47 +135,24 @@ def geometry(args) -> int:
     _same_data(runs, run)
     start(args, run)
     data = build_data(run.config.data, args.split)
-    if analysis.classes:
-        classes = resolve_classes(analysis.classes, data.classes)
-        chosen_by = "analysis.classes"
-    else:
-        stage, labels_file = labelled_stages(run)[-1]
-        classes = default_classes(read_soft_labels(labels_file))
-        chosen_by = f"the two most similar classes under the soft labels of stage {stage}, and the least similar to both"
+    classes, chosen_by = _choose_classes(run, data.classes, analysis.classes)
     names = [data.classes[k] for k in classes]
-    splits = {"train": _class_subset(data.train_eval, data.clean_train_targets, classes, analysis.samples_per_class,
-                                     "train"),
-              "test": _class_subset(data.test, torch.as_tensor(data.test.targets), classes, analysis.samples_per_class,
-                                    "test")}
+    per_class = analysis.samples_per_class
+    splits = {"train": _class_subset(data.train_eval, data.clean_train_targets, classes, per_class, "train"),
+              "test": _class_subset(data.test, data.test.targets, classes, per_class, "test")}
     results = {"classes": names, "class_indices": classes, "chosen_by": chosen_by,
                "samples": {s: len(subset) for s, subset in splits.items()}, "runs": {}}
-    panels, bars = {}, {split: {} for split in splits}
+    panels = {}
     for name, r in runs.items():
         model = final_network(r, data.num_classes, data.in_channels, "--run" if r is run else "--baselines")
-        w = geo.templates(model)[classes]
-        distances = geo.template_distances(w)
-        plane = geo.template_plane(w)
-        entry = {"path": str(r.path), "template_distances": _pairs(distances, names),
-                 "template_distance_average": float(distances[np.triu_indices(3, k=1)].mean()), "splits": {}}
-        panels[name] = {}
-        for split, subset in splits.items():
-            feats = geo.features(model, loader(subset, r.config.train.eval_batch_size, shuffle=False, num_workers=0))
-            position = {k: i for i, k in enumerate(classes)}
-            adt = geo.average_distances(w, feats, classes)
-            adc = geo.average_distances(geo.centroids(feats, classes), feats, classes)
-            entry["splits"][split] = {"adt": adt.tolist(), "adc": adc.tolist()}
-            bars[split][name] = {"template": adt.tolist(), "centroid": adc.tolist()}
-            panels[name][split] = {"points": plane.project(feats.values).tolist(),
-                                   "labels": [position[int(k)] for k in feats.labels],
-                                   "templates": plane.project(w).tolist()}
-        entry["projection"] = {"origin": plane.origin.tolist(), "basis": plane.basis.T.tolist(),
-                               "templates": plane.project(w).tolist()}
-        results["runs"][name] = entry
+        results["runs"][name], panels[name] = _measure(model, r, classes, names, splits)
     title = f"{', '.join(names)}: penultimate features and class templates ({run.config.data.name})"
     figs = {"projection": figures.projections(panels, names, f"{title}, projected on the templates' plane")}
     for split in splits:
+        bars = {n: {"template": e["splits"][split]["adt"], "centroid": e["splits"][split]["adc"]}
+                for n, e in results["runs"].items()}
         figs[f"distances_{split}"] = figures.average_distances(
-            bars[split], names, f"Average distance from each template / centroid to each class's {split} samples")
+            bars, names, f"Average distance from each template / centroid to each class's {split} samples")
     metrics = {f"geometry_template_distance_avg_{_metric_name(n)}": [(0, e["template_distance_average"])]
                for n, e in results["runs"].items()}
     return _finish(args, run, "geometry", figs, _geometry_table(results, names), results, metrics)
@@ -219,9 +160,8 @@ def geometry(args) -> int:
 
 def soft_labels(args) -> int:
     from colam.analysis.expected import class_names, labelled_stages, labels_temperature, read_soft_labels
-    from colam.analysis.structure import nearest_classes, similarity
+    from colam.analysis.structure import most_similar_pair, nearest_classes
     from colam.runs import open_run
-    from pipelines import figures
 
     count = params(args).analysis.nearest
     run = open_run(args.run, "--run")
@@ -235,29 +175,26 @@ def soft_labels(args) -> int:
     temperature = labels_temperature(last_file)
     results = {"class_names": names, "temperature": temperature, "stages": {}}
     for k, matrix in matrices.items():
-        sym = similarity(matrix)
-        a, b = np.unravel_index(int(np.argmax(np.triu(sym, 1))), sym.shape)
+        a, b, mass = most_similar_pair(matrix)
         results["stages"][str(k)] = {
             "soft_labels": matrix.tolist(), "own_mass_mean": float(np.diag(matrix).mean()),
-            "most_similar_pair": [names[a], names[b]], "most_similar_pair_mass": float(sym[a, b]),
+            "most_similar_pair": [names[a], names[b]], "most_similar_pair_mass": mass,
             "nearest": {names[c]: [{"class": names[j], "mass": m} for j, m in near]
                         for c, near in enumerate(nearest_classes(matrix, count))}}
-    final = results["stages"][str(last)]
+    final, shown = results["stages"][str(last)], min(count, len(names) - 1)
+    table = markdown_table(["class", "own mass", *(f"nearest {i + 1}" for i in range(shown))],
+                           [[name, f"{matrices[last][c, c]:.3f}", *(f"{n['class']} ({n['mass']:.3f})"
+                                                                   for n in final["nearest"][name])]
+                            for c, name in enumerate(names)], "lr" + "l" * shown)
     lines = [f"Each class's nearest classes under the soft labels of stage {last} (T = {temperature:g}): "
-             f"the mass its soft label puts on them", "",
-             "| class | own mass | " + " | ".join(f"nearest {i + 1}" for i in range(min(count, len(names) - 1))) + " |",
-             "|---|---:|" + "---|" * min(count, len(names) - 1)]
-    for c, name in enumerate(names):
-        near = final["nearest"][name]
-        lines.append(f"| {name} | {matrices[last][c, c]:.3f} | "
-                     + " | ".join(f"{n['class']} ({n['mass']:.3f})" for n in near) + " |")
-    lines += ["", "Most similar pair by stage (mean of the two off-diagonal masses):", ""]
+             f"the mass its soft label puts on them", "", *table,
+             "", "Most similar pair by stage (mean of the two off-diagonal masses):", ""]
     lines += [f"- stage {k}: {e['most_similar_pair'][0]} and {e['most_similar_pair'][1]} "
               f"({e['most_similar_pair_mass']:.3f}); mean own mass {e['own_mass_mean']:.3f}"
               for k, e in results["stages"].items()]
     figure = figures.soft_labels_by_stage(matrices, names, temperature)
     metrics = {"soft_labels_own_mass_mean": [(k, float(np.diag(m).mean())) for k, m in matrices.items()]}
-    return _finish(args, run, "soft_labels", {"soft_labels_by_stage": figure}, "\n".join(lines), results, metrics)
+    return _finish(args, run, "soft_labels", {"soft_labels_by_stage": figure}, lines, results, metrics)
 
 
 def grid_cell(args) -> int:
@@ -274,8 +211,6 @@ def grid_cell(args) -> int:
 
 def grid(args) -> int:
     from colam.runs import open_run
-    from pipelines import figures
-    from pipelines.compare import temperature_figure
     from pipelines.grid import collect_grid
     from pipelines.tracking import connect
 
@@ -284,32 +219,25 @@ def grid(args) -> int:
     start(args, run)
     client = args.tracker[0] if args.tracker is not None else connect()  # the store start() reached, if any
     found = collect_grid(client, args.experiment or given.tracking.experiment, given)
-    section = given.config.method.colam
+    section, seed = given.config.method.colam, given.config.seed
     heat = figures.grid_heatmap(found.values, found.counts, found.epochs_per_stage, found.peers,
-                                f"COLAM test accuracy (%) by update interval and peers\n"
-                                f"(T = {section.temperature:g}, seed {given.config.seed}, {section.stages * section.epochs_per_stage} "
-                                f"epochs in all)")
+                                f"COLAM test accuracy (%) by update interval and peers\n(T = {section.temperature:g}, "
+                                f"seed {seed}, {section.stages * section.epochs_per_stage} epochs in all)")
     curve = temperature_figure(found.temperature, title=f"Test accuracy vs temperature T\n(COLAM at t = "
                                                         f"{section.epochs_per_stage} epochs per stage, peers = "
                                                         f"{section.peers}; mean ± std over seeds)")
+    values = [[float(v) if np.isfinite(v) else None for v in row] for row in found.values]
+    cells = [[t, *(_percent(v, "not run") for v in row)] for t, row in zip(found.epochs_per_stage, values)]
+    table = markdown_table(["epochs per stage", *found.peers], cells, "r" * (1 + len(found.peers)))
     lines = [f"COLAM test accuracy (%) by update interval (rows, epochs per stage) and peer samples (columns); "
-             f"T = {section.temperature:g}, seed {given.config.seed}", "",
-             "| epochs per stage | " + " | ".join(str(p) for p in found.peers) + " |",
-             "|---:|" + "---:|" * len(found.peers)]
-    for i, interval in enumerate(found.epochs_per_stage):
-        cells = ["not run" if not np.isfinite(v) else f"{100 * v:.2f}" for v in found.values[i]]
-        lines.append(f"| {interval} | " + " | ".join(cells) + " |")
-    from pipelines.compare import format_table
-
-    lines += ["", "Test accuracy against temperature (COLAM at the run's interval and peers; baselines as lines):",
-              "", format_table(found.temperature)]
-    results = {"epochs_per_stage": found.epochs_per_stage, "peers": found.peers,
-               "test_acc": [[None if not np.isfinite(v) else float(v) for v in row] for row in found.values],
-               "runs": found.counts.tolist(), "temperature": json.loads(json.dumps(
-                   [{"variant": r.variant, "temperature": r.temperature, "test_acc_mean": r.test_acc.mean,
-                     "test_acc_std": r.test_acc.std, "n": r.n} for r in found.temperature.rows]))}
-    return _finish(args, run, "grid", {"grid_heatmap": heat, "accuracy_vs_temperature": curve}, "\n".join(lines),
-                   results, {})
+             f"T = {section.temperature:g}, seed {seed}", "", *table, "",
+             "Test accuracy against temperature (COLAM at the run's interval and peers; baselines as lines):",
+             "", format_table(found.temperature)]
+    results = {"epochs_per_stage": found.epochs_per_stage, "peers": found.peers, "test_acc": values,
+               "runs": found.counts.tolist(),
+               "temperature": [{"variant": r.variant, "temperature": r.temperature, "test_acc_mean": r.test_acc.mean,
+                                "test_acc_std": r.test_acc.std, "n": r.n} for r in found.temperature.rows]}
+    return _finish(args, run, "grid", {"grid_heatmap": heat, "accuracy_vs_temperature": curve}, lines, results, {})
 
 
 # ----------------------------------------------------------------------------- shared
@@ -329,6 +257,10 @@ def _metric_name(label: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in label.lower()).strip("_")
 
 
+def _percent(value: float | None, missing: str = "–") -> str:
+    return missing if value is None else f"{100 * value:.2f}"
+
+
 def _baselines(args) -> dict:
     from colam.runs import open_run
 
@@ -346,19 +278,28 @@ def _baselines(args) -> dict:
 def _same_data(runs: dict, run) -> None:
     from colam.data import SPLIT_KEYS
 
-    mine = {k: getattr(run.config.data, k) for k in SPLIT_KEYS}
     for name, other in runs.items():
-        theirs = {k: getattr(other.config.data, k) for k in SPLIT_KEYS}
-        if theirs != mine:
-            key = next(k for k in SPLIT_KEYS if theirs[k] != mine[k])
-            raise ColamError(f"--baselines {name}: '{other.path}' was trained on other data (data.{key}: "
-                             f"{theirs[key]!r} there, {mine[key]!r} in --run)")
+        for key in SPLIT_KEYS:
+            mine, theirs = getattr(run.config.data, key), getattr(other.config.data, key)
+            if theirs != mine:
+                raise ColamError(f"--baselines {name}: '{other.path}' was trained on other data (data.{key}: "
+                                 f"{theirs!r} there, {mine!r} in --run)")
+
+
+def _choose_classes(run, class_names: list[str], chosen: list) -> tuple[list[int], str]:
+    """analysis.classes, or by default the paper's choice made from the run's last soft labels."""
+    from colam.analysis.expected import labelled_stages, read_soft_labels
+    from colam.analysis.structure import default_classes, resolve_classes
+
+    if chosen:
+        return resolve_classes(chosen, class_names), "analysis.classes"
+    stage, labels_file = labelled_stages(run)[-1]
+    return (default_classes(read_soft_labels(labels_file)),
+            f"the two most similar classes under the soft labels of stage {stage}, and the least similar to both")
 
 
 def _class_subset(dataset, labels, classes: list[int], per_class: int, split: str):
     """The first `per_class` samples of each of `classes` (by the data set's own labels), in data order."""
-    import torch
-
     from colam.data import Indexed
 
     labels = torch.as_tensor(labels)
@@ -369,51 +310,71 @@ def _class_subset(dataset, labels, classes: list[int], per_class: int, split: st
     return Indexed(dataset.base, dataset.indices[keep], labels.numpy()[keep])
 
 
-def _pairs(distances, names: list[str]) -> dict[str, float]:
-    return {f"{names[i]} – {names[j]}": float(distances[i, j]) for i in range(3) for j in range(i + 1, 3)}
+def _measure(model, run, classes: list[int], names: list[str], splits: dict) -> tuple[dict, dict]:
+    """One network's template distances, ADT and ADC per split (for results.json), and its projection panels."""
+    from colam.analysis import geometry as geo
+    from colam.data import loader
+
+    w = geo.templates(model)[classes]
+    distances, plane = geo.template_distances(w), geo.template_plane(w)
+    entry = {"path": str(run.path),
+             "template_distances": {f"{names[i]} – {names[j]}": float(distances[i, j])
+                                    for i in range(3) for j in range(i + 1, 3)},
+             "template_distance_average": float(distances[np.triu_indices(3, k=1)].mean()), "splits": {}}
+    position = {k: i for i, k in enumerate(classes)}
+    panels = {}
+    for split, subset in splits.items():
+        feats = geo.features(model, loader(subset, run.config.train.eval_batch_size, shuffle=False, num_workers=0))
+        adt = geo.average_distances(w, feats, classes)
+        adc = geo.average_distances(geo.centroids(feats, classes), feats, classes)
+        entry["splits"][split] = {"adt": adt.tolist(), "adc": adc.tolist()}
+        panels[split] = {"points": plane.project(feats.values).tolist(),
+                         "labels": [position[int(k)] for k in feats.labels], "templates": plane.project(w).tolist()}
+    entry["projection"] = {"origin": plane.origin.tolist(), "basis": plane.basis.T.tolist(),
+                           "templates": plane.project(w).tolist()}
+    return entry, panels
 
 
-def _cell(entry: dict | None, key: str) -> str:
-    return "–" if entry is None or entry[key] is None else f"{100 * entry[key]:.2f}"
-
-
-def _geometry_table(results: dict, names: list[str]) -> str:
-    runs = list(results["runs"])
+def _geometry_table(results: dict, names: list[str]) -> list[str]:
+    runs = results["runs"]
+    pairs = list(next(iter(runs.values()))["template_distances"])
+    rows = [[f"({pair})", *(f"{e['template_distances'][pair]:.3f}" for e in runs.values())] for pair in pairs]
+    rows.append(["average", *(f"{e['template_distance_average']:.3f}" for e in runs.values())])
     lines = [f"Classes: {', '.join(names)} ({results['chosen_by']}); samples per split: "
              + ", ".join(f"{s} {n}" for s, n in results["samples"].items()), "",
              "Euclidean distance between the normalised templates (the paper's Table 5)", "",
-             "| distance | " + " | ".join(runs) + " |", "|---|" + "---:|" * len(runs)]
-    pairs = list(next(iter(results["runs"].values()))["template_distances"])
-    for pair in pairs:
-        lines.append(f"| ({pair}) | " + " | ".join(f"{results['runs'][r]['template_distances'][pair]:.3f}"
-                                                   for r in runs) + " |")
-    lines.append("| average | " + " | ".join(f"{results['runs'][r]['template_distance_average']:.3f}" for r in runs)
-                 + " |")
+             *markdown_table(["distance", *runs], rows, "l" + "r" * len(runs))]
     for split in results["samples"]:
         for kind, long in (("adt", "template"), ("adc", "centroid")):
+            rows = [[r, name, *(f"{v:.3f}" for v in e["splits"][split][kind][i])]
+                    for r, e in runs.items() for i, name in enumerate(names)]
             lines += ["", f"Average distance from each {long} ({kind.upper()}, rows) to each class's {split} samples "
                           f"(columns), normalised vectors", "",
-                      "| run | from | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
-            for r in runs:
-                matrix = results["runs"][r]["splits"][split][kind]
-                for i, name in enumerate(names):
-                    lines.append(f"| {r} | {name} | " + " | ".join(f"{v:.3f}" for v in matrix[i]) + " |")
-    return "\n".join(lines)
+                      *markdown_table(["run", "from", *names], rows, "ll" + "r" * len(names))]
+    return lines
 
 
-def _finish(args, run, name: str, figs: dict, table: str, results: dict, metrics: dict) -> int:
+def _finish(args, run, name: str, figs: dict, lines: list[str], results: dict, metrics: dict) -> int:
     """Write the figures, table.md and results.json into --out; log them (and `metrics`, each a list of
     (step, value)) to the MLflow parent run of --run when tracking."""
-    from pipelines import figures
 
     out = Path(args.out)
-    _make_out(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ColamError(f"--out: cannot create '{out}' ({exc.strerror})") from None
+    table = "\n".join(lines)
     paths = [figures.save_png(figure, out / f"{key}.png") for key, figure in figs.items()]
     cio.write_text(out / "table.md", table.rstrip("\n") + "\n")
     cio.write_json(out / "results.json", results)
     paths += [out / "table.md", out / "results.json"]
     if args.tracker is not None:
-        _log(args.tracker, name, paths, metrics)
+        from pipelines.tracking import log_files, log_points
+
+        client, experiment, parent = args.tracker
+        log_files(client, parent, paths, f"analysis/{name}")
+        log_points(client, parent, metrics)
+        print(f"MLflow: logged analysis/{name} to run {parent} in experiment '{experiment}'", file=sys.stderr)
     print(table)
     print(f"wrote {', '.join(str(p) for p in paths)}", file=sys.stderr)
     return 0
@@ -431,19 +392,3 @@ def start(args, run) -> None:
         client = connect()
         experiment = args.experiment or params(args).tracking.experiment
         args.tracker = (client, experiment, run_parent(client, experiment, run.config, run.path))
-
-
-def _make_out(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ColamError(f"--out: cannot create '{out}' ({exc.strerror})") from None
-
-
-def _log(tracker, name: str, paths: list[Path], metrics: dict) -> None:
-    from pipelines.tracking import log_files, log_points
-
-    client, experiment, parent = tracker
-    log_files(client, parent, paths, f"analysis/{name}")
-    log_points(client, parent, metrics)
-    print(f"MLflow: logged analysis/{name} to run {parent} in experiment '{experiment}'", file=sys.stderr)

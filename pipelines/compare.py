@@ -1,17 +1,12 @@
-"""`colam compare`: test accuracy by method and temperature over the MLflow runs of an experiment.
-
-Reads the parent runs that the MLflow adapter logs (tags `colam.role`, `colam.method`,
-`colam.variant`, `colam.temperature`, `colam.seed`, `colam.protocol`; metrics `test_acc`,
-`val_acc`; T is the run's own method's, its logged `method.<name>.temperature`), keeps one
-protocol and the latest run per (variant, temperature, seed), and writes `table.md`,
-`summary.json`, `metrics.json` (flat, for `dvc metrics`) and `accuracy_vs_temperature.png`.
+"""`colam compare`: test accuracy by method and temperature over the finished MLflow parent runs of
+an experiment: one protocol, the latest run per (variant, T, seed), where T is the run's own method's.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
 import sys
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -20,7 +15,7 @@ import numpy as np
 
 from colam import io as cio
 from colam.errors import ColamError
-from pipelines.figures import save_png
+from pipelines.figures import new_figure, save_png
 
 if TYPE_CHECKING:  # imported where used: `colam --help` and `colam train` need neither
     import mlflow
@@ -74,20 +69,18 @@ class Comparison:
 def collect(client: mlflow.MlflowClient, experiment: str, *, protocol: str | None = None,
             seeds: list[int] | None = None, methods: list[str] | None = None,
             temperatures: list[float] | None = None, variants: list[str] | None = None) -> Comparison:
-    """Aggregate the finished parent runs of `experiment` into one row per (variant, temperature).
+    """One row per (variant, temperature) of the finished parent runs of `experiment`, of one protocol
+    (by default the latest run's): runs of different data, model or training settings are never pooled."""
+    from pipelines.tracking import display_uri
 
-    Without `protocol`, takes the protocol of the most recently started matching run: runs of
-    different data, model or training settings are never pooled.
-    """
     exp = client.get_experiment_by_name(experiment)
     if exp is None or exp.lifecycle_stage != "active":
         state = "no experiment" if exp is None else "only a deleted experiment"
         raise ColamError(f"--experiment: {state} named {experiment!r} in the tracking store "
-                         f"{_redact(client.tracking_uri)!r}")
+                         f"{display_uri(client.tracking_uri)!r}")
     filters = {"protocol": protocol, "seeds": seeds, "methods": methods, "temperatures": temperatures}
     runs = [r for r in _finished_parents(client, exp.experiment_id)
-            if _selected(r, seeds, methods, temperatures)
-            and (variants is None or _key(r)[1] in variants)]
+            if _selected(r, seeds, methods, temperatures, variants)]
     if protocol is None and runs:
         protocol = max(runs, key=lambda r: r.info.start_time).data.tags.get("colam.protocol", "")
     same = [r for r in runs if r.data.tags.get("colam.protocol", "") == protocol]
@@ -106,34 +99,37 @@ def collect(client: mlflow.MlflowClient, experiment: str, *, protocol: str | Non
                          f"{_describe(filters)}{hint}")
 
     rows = [_row(key, sorted(rs, key=lambda r: _seed(r.data.tags))) for key, rs in groups.items()]
-    rows.sort(key=lambda row: (_method_rank(row.method), row.variant,
-                               -np.inf if row.temperature is None else row.temperature))
+    rows.sort(key=lambda row: (_METHOD_ORDER.get(row.method, 5 if row.method == "colam" else 4), row.method,
+                               row.variant, -np.inf if row.temperature is None else row.temperature))
     return Comparison(experiment=experiment, protocol=protocol, rows=tuple(rows), runs_used=len(latest),
                       other_protocol_runs=len(runs) - len(same), replaced_runs=len(complete) - len(latest),
                       incomplete_runs=len(same) - len(complete), filters=filters)
 
 
+def markdown_table(header: list, rows: list[list], align: str) -> list[str]:
+    """The lines of a markdown table; `align` holds an 'l' (left) or 'r' (right) per column."""
+    def line(cells: list) -> str:
+        return "| " + " | ".join(str(cell) for cell in cells) + " |"
+
+    return [line(header), "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|", *map(line, rows)]
+
+
 def format_table(comparison: Comparison) -> str:
     """A markdown table (accuracies in percent), with the notes a reader needs to trust it."""
     c = comparison
+    rows = [[row.variant.replace("|", r"\|"),  # a pipe would split the cell
+             "–" if row.temperature is None else f"{row.temperature:g}", _pm(row.test_acc),
+             f"{row.n}*" if row.n == 1 else row.n, "–" if row.val_acc is None else _pm(row.val_acc)]
+            for row in c.rows]
+    notes = [f"- {note}" for count, note in (
+        (any(row.n == 1 for row in c.rows), "n = 1*: a single seed, so its std of 0.00 measures no spread"),
+        (c.other_protocol_runs, f"{c.other_protocol_runs} runs of other protocols left out "
+                                "(choose one with --protocol)"),
+        (c.replaced_runs, f"{c.replaced_runs} older runs replaced by later runs of the same variant, T and seed"),
+        (c.incomplete_runs, f"{c.incomplete_runs} finished runs without test_acc left out")) if count]
     lines = [f"Experiment {c.experiment!r}, protocol {c.protocol}: {c.runs_used} runs", "",
-             "| method | T | test acc % (mean ± std) | n | val acc % (mean ± std) |",
-             "|---|---:|---:|---:|---:|"]
-    for row in c.rows:
-        t = "–" if row.temperature is None else f"{row.temperature:g}"
-        n = f"{row.n}*" if row.n == 1 else str(row.n)
-        val = "–" if row.val_acc is None else _pm(row.val_acc)
-        variant = row.variant.replace("|", r"\|")  # a pipe would split the cell
-        lines.append(f"| {variant} | {t} | {_pm(row.test_acc)} | {n} | {val} |")
-    notes = []
-    if any(row.n == 1 for row in c.rows):
-        notes.append("- n = 1*: a single seed, so its std of 0.00 measures no spread")
-    if c.other_protocol_runs:
-        notes.append(f"- {c.other_protocol_runs} runs of other protocols left out (choose one with --protocol)")
-    if c.replaced_runs:
-        notes.append(f"- {c.replaced_runs} older runs replaced by later runs of the same variant, T and seed")
-    if c.incomplete_runs:
-        notes.append(f"- {c.incomplete_runs} finished runs without test_acc left out")
+             *markdown_table(["method", "T", "test acc % (mean ± std)", "n", "val acc % (mean ± std)"], rows,
+                             "lrrrr")]
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
@@ -158,13 +154,11 @@ def write(comparison: Comparison, out_dir: Path) -> dict[str, Path]:
 
 def metrics(comparison: Comparison) -> dict:
     """Flat numbers per row, keyed by method (and T): what `dvc metrics show/diff` tabulates."""
-    variants_per_method = {}
-    for row in comparison.rows:
-        variants_per_method.setdefault(row.method, set()).add(row.variant)
+    variants = Counter(method for method, _ in {(row.method, row.variant) for row in comparison.rows})
     flat = {}
     for row in comparison.rows:
         # the short method name unless the method appears with several settings
-        name = row.method if len(variants_per_method[row.method]) == 1 else row.variant
+        name = row.method if variants[row.method] == 1 else row.variant
         key = name if row.temperature is None else f"{name} T={row.temperature:g}"
         flat[key] = {"test_acc_mean": round(row.test_acc.mean, 6), "test_acc_std": round(row.test_acc.std, 6),
                      "n": row.n}
@@ -192,20 +186,16 @@ def run(args: argparse.Namespace, client: mlflow.MlflowClient) -> int:
 
 
 def _finished_parents(client: mlflow.MlflowClient, experiment_id: str) -> list:
-    runs, token = [], None
-    while True:
-        page = client.search_runs([experiment_id], filter_string=_PARENTS, max_results=_PAGE_SIZE, page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
+    from mlflow.utils import get_results_from_paginated_fn
+
+    return get_results_from_paginated_fn(lambda size, token: client.search_runs(
+        [experiment_id], filter_string=_PARENTS, max_results=size, page_token=token), _PAGE_SIZE)
 
 
-def _selected(run, seeds, methods, temperatures) -> bool:
-    tags, t = run.data.tags, _temperature(run)
-    return ((seeds is None or _seed(tags) in seeds)
-            and (methods is None or tags.get("colam.method") in methods)
-            and (temperatures is None or t is None or t in temperatures))
+def _selected(run, seeds, methods, temperatures, variants) -> bool:
+    tags, (method, variant, t) = run.data.tags, _key(run)
+    return ((seeds is None or _seed(tags) in seeds) and (methods is None or method in methods)
+            and (temperatures is None or t is None or t in temperatures) and (variants is None or variant in variants))
 
 
 def _key(run) -> tuple[str, str, float | None]:
@@ -214,9 +204,8 @@ def _key(run) -> tuple[str, str, float | None]:
 
 
 def _temperature(run) -> float | None:
-    """The T of the run's own method (a headline setting, `Method.headline`): its logged config's
-    `method.<name>.temperature`, else the `colam.temperature` tag (a kd run tracked before issue 17
-    was tagged with COLAM's T); None for a method without one."""
+    """The T of the run's own method: its logged `method.<name>.temperature`, else the `colam.temperature`
+    tag (runs tracked before issue 17); None for a method without one."""
     tags, params = run.data.tags, run.data.params
     key = f"method.{tags.get('colam.method')}.temperature"
     if key in params:
@@ -246,10 +235,6 @@ def _row(key: tuple[str, str, float | None], runs: list) -> Row:
                seeds=tuple(_seed(r.data.tags) for r in runs), run_ids=tuple(r.info.run_id for r in runs))
 
 
-def _method_rank(method: str) -> tuple[int, str]:
-    return _METHOD_ORDER.get(method, 5 if method == "colam" else 4), method
-
-
 def _pm(s: Stats) -> str:
     return f"{100 * s.mean:.2f} ± {100 * s.std:.2f}"
 
@@ -260,16 +245,8 @@ def _describe(filters: dict[str, object]) -> str:
     return ", ".join(given) if given else "(no filters)"
 
 
-def _redact(uri: str) -> str:
-    # a database URI may carry a password; error messages end up in logs
-    return re.sub(r"://[^/@]*@", "://***@", uri)
-
-
 def temperature_figure(c: Comparison, title: str | None = None) -> Figure:
-    # A bare Figure renders through Agg without pyplot: no display, no global backend switch.
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    fig = new_figure(7, 4.5)
     ax = fig.add_subplot()
     with_t = [row for row in c.rows if row.temperature is not None]
     handles = []  # in table order; matplotlib would list the horizontal lines before the curves
@@ -289,9 +266,8 @@ def temperature_figure(c: Comparison, title: str | None = None) -> Figure:
         ax.set_xscale("log", base=2)
         ts = sorted({r.temperature for r in with_t})
         ax.set_xticks(ts, [f"{t:g}" for t in ts])
-    ax.set_xlabel("temperature T (log scale)" if with_t else "temperature T")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title or f"Test accuracy vs temperature: {c.experiment} (protocol {c.protocol})")
+    ax.set(xlabel="temperature T (log scale)" if with_t else "temperature T", ylabel="test accuracy (%)",
+           title=title or f"Test accuracy vs temperature: {c.experiment} (protocol {c.protocol})")
     ax.grid(True, alpha=0.3)
     # below the axes: long COLAM variant labels would hide the curves
     long_labels = max((len(h.get_label()) for h in handles), default=0) > 40

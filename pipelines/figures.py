@@ -7,6 +7,7 @@ Each has a title, labelled axes and a legend wherever it shows more than one ser
 from __future__ import annotations
 
 import io
+import itertools
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,7 +20,6 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 PERCENT = 100.0
-STAR = dict(marker="*", s=260, edgecolors="black", linewidths=0.8, zorder=5)
 
 
 def new_figure(width: float, height: float) -> Figure:
@@ -44,20 +44,15 @@ def draw_soft_labels(axes: Axes, soft_labels: np.ndarray, class_names: list[str]
         axes.set_xticks(range(count), class_names, rotation=90)
         axes.set_yticks(range(count), class_names)
     if annotate if annotate is not None else count <= 12:
-        for row in range(count):
-            for col in range(count):
-                value = soft_labels[row, col]
-                axes.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=6,
-                          color="black" if value > 0.6 * soft_labels.max() else "white")
-    axes.set_xlabel("class the label puts mass on")
-    axes.set_ylabel("true class")
-    axes.set_title(title)
+        for (row, col), value in np.ndenumerate(soft_labels):
+            axes.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=6,
+                      color="black" if value > 0.6 * soft_labels.max() else "white")
+    axes.set(xlabel="class the label puts mass on", ylabel="true class", title=title)
     return image
 
 
 def soft_label_heatmap(soft_labels: np.ndarray, class_names: list[str], title: str) -> Figure:
-    count = len(soft_labels)
-    size = min(4 + 0.4 * count, 16)
+    size = min(4 + 0.4 * len(soft_labels), 16)
     figure = new_figure(size, size * 0.85)
     axes = figure.add_subplot()
     image = draw_soft_labels(axes, soft_labels, class_names, title)
@@ -70,14 +65,13 @@ def soft_labels_by_stage(matrices: dict[int, np.ndarray], class_names: list[str]
     stages = sorted(matrices)
     columns = min(len(stages), 4)
     rows = -(-len(stages) // columns)
-    count = len(class_names)
-    panel = min(3 + 0.3 * count, 8)
+    panel = min(3 + 0.3 * len(class_names), 8)
     figure = new_figure(panel * columns + 1, panel * rows + 0.6)
     top = max(float(m.max()) for m in matrices.values())
-    image = None
     for i, stage in enumerate(stages):
         axes = figure.add_subplot(rows, columns, i + 1)
-        image = draw_soft_labels(axes, matrices[stage], class_names, f"after stage {stage}", annotate=count <= 10)
+        image = draw_soft_labels(axes, matrices[stage], class_names, f"after stage {stage}",
+                                 annotate=len(class_names) <= 10)
         image.set_clim(0.0, top)
     figure.colorbar(image, ax=figure.axes, shrink=0.8, label="probability")
     figure.suptitle(f"Soft labels estimated at each stage end (T = {temperature:g}); row = true class")
@@ -97,9 +91,7 @@ def learning_curves(curves: dict[str, list[dict]], stage_ends: list[int], title:
     for k, end in enumerate(stage_ends[:-1]):
         axes.axvline(end + 0.5, color="grey", linestyle="--", linewidth=0.8,
                      label="stage boundary" if k == 0 else None)
-    axes.set_xlabel("epoch")
-    axes.set_ylabel("accuracy (%)")
-    axes.set_title(title)
+    axes.set(xlabel="epoch", ylabel="accuracy (%)", title=title)
     axes.grid(True, alpha=0.3)
     axes.legend(loc="lower right", fontsize="small")
     return figure
@@ -117,40 +109,33 @@ def expected_accuracy(rows: list[dict], references: dict[str, float], title: str
     for i, (name, value) in enumerate(references.items()):
         axes.axhline(PERCENT * value, color=f"C{i + 2}", linestyle="--", label=name)
     axes.set_xticks(stages)
-    axes.set_xlabel("soft labels saved after stage")
-    axes.set_ylabel("test accuracy (%)")
-    axes.set_title(title)
+    axes.set(xlabel="soft labels saved after stage", ylabel="test accuracy (%)", title=title)
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize="small")
     return figure
 
 
 def projections(panels: dict[str, dict[str, dict]], class_names: list[str], title: str) -> Figure:
-    """Features and templates on the templates' plane (paper Fig. 2): a row per split, a column per run.
-
-    panels[run][split] = {"points": N x 2, "labels": N class positions 0..2, "templates": 3 x 2}.
-    """
+    """Features and templates on the templates' plane (paper Fig. 2): a row per split, a column per run;
+    panels[run][split] = {"points": N x 2, "labels": N class positions 0..2, "templates": 3 x 2}."""
     runs = list(panels)
     splits = list(next(iter(panels.values())))
     figure = new_figure(4.2 * len(runs), 4.0 * len(splits) + 0.4)
-    for col, run in enumerate(runs):
-        for row, split in enumerate(splits):
-            axes = figure.add_subplot(len(splits), len(runs), row * len(runs) + col + 1)
-            panel = panels[run][split]
-            points, labels = np.asarray(panel["points"]), np.asarray(panel["labels"])
-            for k, name in enumerate(class_names):
-                mine = points[labels == k]
-                axes.scatter(mine[:, 0], mine[:, 1], s=10, alpha=0.6, color=f"C{k}", label=name)
-            tips = np.asarray(panel["templates"])
-            axes.scatter(tips[:, 0], tips[:, 1], color="red", label="templates", **STAR)
-            for k, name in enumerate(class_names):
-                axes.annotate(name, tips[k], textcoords="offset points", xytext=(6, 6), fontsize=8, color="red")
-            axes.set_title(f"{run}, {split} set")
-            axes.set_xlabel("plane coordinate 1")
-            axes.set_ylabel("plane coordinate 2")
-            axes.grid(True, alpha=0.3)
-            if row == 0 and col == 0:
-                axes.legend(fontsize="small", loc="best")
+    grid = figure.subplots(len(splits), len(runs), squeeze=False)
+    for (row, split), (col, run) in itertools.product(enumerate(splits), enumerate(runs)):
+        axes, panel = grid[row, col], panels[run][split]
+        points, labels = np.asarray(panel["points"]), np.asarray(panel["labels"])
+        for k, name in enumerate(class_names):
+            mine = points[labels == k]
+            axes.scatter(mine[:, 0], mine[:, 1], s=10, alpha=0.6, color=f"C{k}", label=name)
+        tips = np.asarray(panel["templates"])
+        axes.scatter(tips[:, 0], tips[:, 1], color="red", label="templates", marker="*", s=260, edgecolors="black",
+                     linewidths=0.8, zorder=5)
+        for k, name in enumerate(class_names):
+            axes.annotate(name, tips[k], textcoords="offset points", xytext=(6, 6), fontsize=8, color="red")
+        axes.set(xlabel="plane coordinate 1", ylabel="plane coordinate 2", title=f"{run}, {split} set")
+        axes.grid(True, alpha=0.3)
+    grid[0, 0].legend(fontsize="small", loc="best")
     figure.suptitle(title)
     return figure
 
@@ -158,27 +143,23 @@ def projections(panels: dict[str, dict[str, dict]], class_names: list[str], titl
 def average_distances(tables: dict[str, dict[str, list[list[float]]]], class_names: list[str], title: str) -> Figure:
     """Grouped bars (paper Fig. 3): tables[run]["template"|"centroid"][i][j] = mean distance from
     class i's template or centroid to class j's samples; a row per kind, a column per run."""
-    runs = list(tables)
-    kinds = ("template", "centroid")
+    runs, kinds = list(tables), ("template", "centroid")
     figure = new_figure(4.2 * len(runs), 7.5)
-    width = 0.8 / len(class_names)
+    grid = figure.subplots(len(kinds), len(runs), squeeze=False)
+    width, positions = 0.8 / len(class_names), np.arange(len(class_names))
     top = {k: max(max(max(row) for row in tables[r][k]) for r in runs) for k in kinds}  # one scale per row
-    for col, run in enumerate(runs):
-        for row, kind in enumerate(kinds):
-            axes = figure.add_subplot(len(kinds), len(runs), row * len(runs) + col + 1)
-            values = np.asarray(tables[run][kind])
-            positions = np.arange(len(class_names))
-            for j, name in enumerate(class_names):
-                axes.bar(positions + (j - (len(class_names) - 1) / 2) * width, values[:, j], width,
-                         color=f"C{j}", label=f"samples of {name}")
-            axes.set_xticks(positions, [f"{kind} {name}" for name in class_names], fontsize=8)
-            axes.set_xlabel(f"distance from the {kind} of each class, to each class's samples (bars)")
-            axes.set_ylim(0, top[kind] * 1.1)
-            axes.set_ylabel("mean distance (normalised vectors)")
-            axes.set_title(f"{run}: from each {kind} ({'ADT' if kind == 'template' else 'ADC'})")
-            axes.grid(True, axis="y", alpha=0.3)
-            if col == 0 and row == 0:
-                axes.legend(fontsize="small")
+    for (row, kind), (col, run) in itertools.product(enumerate(kinds), enumerate(runs)):
+        axes, values = grid[row, col], np.asarray(tables[run][kind])
+        for j, name in enumerate(class_names):
+            axes.bar(positions + (j - (len(class_names) - 1) / 2) * width, values[:, j], width,
+                     color=f"C{j}", label=f"samples of {name}")
+        axes.set_xticks(positions, [f"{kind} {name}" for name in class_names], fontsize=8)
+        axes.set_ylim(0, top[kind] * 1.1)
+        axes.set(xlabel=f"distance from the {kind} of each class, to each class's samples (bars)",
+                 ylabel="mean distance (normalised vectors)",
+                 title=f"{run}: from each {kind} ({'ADT' if kind == 'template' else 'ADC'})")
+        axes.grid(True, axis="y", alpha=0.3)
+    grid[0, 0].legend(fontsize="small")
     figure.suptitle(title)
     return figure
 
@@ -189,22 +170,17 @@ def grid_heatmap(values: np.ndarray, counts: np.ndarray, rows: list, columns: li
     axes = figure.add_subplot()
     shown = PERCENT * values
     finite = shown[np.isfinite(shown)]
-    image = axes.imshow(np.ma.masked_invalid(shown), cmap="viridis", aspect="auto",
-                        vmin=float(finite.min()) if finite.size else 0.0,
-                        vmax=float(finite.max()) if finite.size else 100.0)
-    for i in range(len(rows)):
-        for j in range(len(columns)):
-            if np.isfinite(shown[i, j]):
-                middle = (float(finite.min()) + float(finite.max())) / 2
-                text = f"{shown[i, j]:.1f}" + (f"\n(n={counts[i, j]})" if counts[i, j] > 1 else "")
-                axes.text(j, i, text, ha="center", va="center", fontsize=8,
-                          color="black" if shown[i, j] > middle else "white")
-            else:
-                axes.text(j, i, "not run", ha="center", va="center", fontsize=7, color="grey")
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 100.0)
+    image = axes.imshow(np.ma.masked_invalid(shown), cmap="viridis", aspect="auto", vmin=low, vmax=high)
+    for (i, j), value in np.ndenumerate(shown):
+        if np.isfinite(value):
+            text = f"{value:.1f}" + (f"\n(n={counts[i, j]})" if counts[i, j] > 1 else "")
+            axes.text(j, i, text, ha="center", va="center", fontsize=8,
+                      color="black" if value > (low + high) / 2 else "white")
+        else:
+            axes.text(j, i, "not run", ha="center", va="center", fontsize=7, color="grey")
     axes.set_xticks(range(len(columns)), [str(c) for c in columns])
     axes.set_yticks(range(len(rows)), [str(r) for r in rows])
-    axes.set_xlabel("number of peer samples per soft label")
-    axes.set_ylabel("update interval (epochs per stage)")
-    axes.set_title(title)
+    axes.set(xlabel="number of peer samples per soft label", ylabel="update interval (epochs per stage)", title=title)
     figure.colorbar(image, ax=axes, label="test accuracy (%)")
     return figure

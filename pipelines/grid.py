@@ -1,20 +1,14 @@
-"""The hyperparameter grids of the COLAM paper's Fig. 4, read back from MLflow.
-
-The DVC stages `grid_cell@{t}-{peers}` train COLAM at every (epochs per stage, peers) cell of
-`analysis.grid` with the run's temperature and seed; the comparison's `compare_colam` stages
-train it at every temperature of `compare.temperatures` and seed of `compare.seeds`. Both are
-tracked, and `colam analyze grid` collects them from the experiment with `pipelines.compare`
-(the same protocol, the latest run per setting and seed): a cell is matched by the COLAM variant
-its configuration gives (`pipelines.tracking.variant`), never by run names.
+"""The hyperparameter grids of the COLAM paper's Fig. 4, read back from MLflow: a grid cell is matched by
+the COLAM variant its configuration gives (`pipelines.tracking.variant`), never by run names.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from colam.config import Config, from_dict, validate
+from colam.config import Config, validate
 from colam.errors import ColamError, require
 from pipelines.compare import Comparison, collect
 from pipelines.params import Params, pipeline_variants
@@ -22,13 +16,11 @@ from pipelines.tracking import protocol_digest, variant
 
 
 def parse_peers(text: str, key: str) -> int | str:
-    if text == "all":
-        return "all"
     try:
-        peers = int(text)
+        peers = text if text == "all" else int(text)
     except ValueError:
-        raise ColamError(f"{key}: must be 'all' or an integer >= 1, got {text!r}") from None
-    require(peers >= 1, key, peers, "must be 'all' or an integer >= 1")
+        peers = 0
+    require(peers == "all" or peers >= 1, key, text, "must be 'all' or an integer >= 1")
     return peers
 
 
@@ -37,11 +29,9 @@ def cell_config(config: Config, epochs_per_stage: int, peers: int | str) -> Conf
     epochs = config.train.epochs
     require(epochs_per_stage >= 1 and epochs % epochs_per_stage == 0, "--epochs-per-stage", epochs_per_stage,
             f"must divide train.epochs ({epochs}) into whole stages")
-    settings = config.to_dict()
-    settings["method"]["name"] = "colam"
-    settings["method"]["colam"].update(epochs_per_stage=epochs_per_stage, stages=epochs // epochs_per_stage,
-                                       peers=peers)
-    cell = from_dict(settings)
+    colam = replace(config.method.colam, epochs_per_stage=epochs_per_stage, stages=epochs // epochs_per_stage,
+                    peers=peers)
+    cell = replace(config, method=replace(config.method, name="colam", colam=colam))
     validate(cell)
     return cell
 

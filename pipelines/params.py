@@ -1,19 +1,11 @@
-"""params.yaml: one colam config plus the sections only the pipeline reads.
-
-    seed, data, model, train, method   the run, exactly as `colam train --config` reads it
-    compare                            the comparison DVC runs: baselines, COLAM temperatures, seeds
-    analysis                           the paper's analyses of the runs (`colam analyze`)
-    raw_data                           where the `data` stage takes the data set's files from
-    tracking                           the MLflow experiment the runs are logged to
-
-Every section is checked with the library's rules (unknown keys and bad values are refused with
-one line naming the key), so an invalid params.yaml fails in the first stage DVC runs, before it
-trains anything.
+"""params.yaml: one colam config (seed, data, model, train, method) plus the sections only the
+pipeline reads: compare, analysis, raw_data and tracking. Every section is checked with the library's
+rules, so an invalid params.yaml fails in the first stage DVC runs, before it trains anything.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from colam.config import Config, build_section, from_dict, read_yaml, validate
@@ -72,68 +64,56 @@ class Params:
     given: tuple[str, ...] = ()  # the pipeline sections the file itself holds
 
 
-PIPELINE_SECTIONS = ("compare", "analysis", "raw_data", "tracking")
+PIPELINE_SECTIONS = {"compare": CompareParams, "analysis": AnalysisParams, "raw_data": RawDataParams,
+                     "tracking": TrackingParams}
 
 
 def load_params(path: str | Path | None, overrides: list[str] | None = None) -> Params:
     raw = read_yaml(path, overrides)
     given = tuple(name for name in PIPELINE_SECTIONS if name in raw)
-    sections = {name: raw.pop(name, {}) for name in PIPELINE_SECTIONS}
+    sections = {name: build_section(kind, raw.pop(name, {}), f"{name}.") for name, kind in PIPELINE_SECTIONS.items()}
     config = from_dict(raw)
     validate(config)
-    params = Params(config, build_section(CompareParams, sections["compare"], "compare."),
-                    build_section(TrackingParams, sections["tracking"], "tracking."),
-                    build_section(AnalysisParams, sections["analysis"], "analysis."),
-                    build_section(RawDataParams, sections["raw_data"], "raw_data."), given)
+    params = Params(config, **sections, given=given)
     _validate(params)
     return params
 
 
+def _each(key: str, values: list, ok, what: str) -> None:
+    """Every item of the list `key` passes `ok`, and none repeats (DVC names one run per value)."""
+    for i, value in enumerate(values):
+        require(ok(value), f"{key}[{i}]", value, what)
+    if len(set(values)) != len(values):
+        raise ColamError(f"{key}: {values} repeats a value (DVC names one run per value)")
+
+
 def _validate(params: Params) -> None:
-    compare, tracking = params.compare, params.tracking
-    for i, name in enumerate(compare.baselines):
-        require(name in METHODS and name != "colam", f"compare.baselines[{i}]", name,
-                f"must be a method other than colam (COLAM runs once per temperature): {', '.join(METHODS)}")
-    for i, temperature in enumerate(compare.temperatures):
-        require(temperature > 0, f"compare.temperatures[{i}]", temperature, "must be > 0")
-    for i, seed in enumerate(compare.seeds):
-        require(0 <= seed < 2**32, f"compare.seeds[{i}]", seed, "must be in [0, 2**32)")
-    for key in ("baselines", "temperatures", "seeds"):
-        values = getattr(compare, key)
-        if len(set(values)) != len(values):
-            raise ColamError(f"compare.{key}: {values} repeats a value (DVC names one run per value)")
+    compare, analysis, grid = params.compare, params.analysis, params.analysis.grid
+    _each("compare.baselines", compare.baselines, lambda name: name in METHODS and name != "colam",
+          f"must be a method other than colam (COLAM runs once per temperature): {', '.join(METHODS)}")
+    _each("compare.temperatures", compare.temperatures, lambda t: t > 0, "must be > 0")
+    _each("compare.seeds", compare.seeds, lambda seed: 0 <= seed < 2**32, "must be in [0, 2**32)")
     require(compare.seeds, "compare.seeds", compare.seeds, "must list at least one seed")
-    require(tracking.experiment.strip() != "", "tracking.experiment", tracking.experiment, "must not be empty")
-    _validate_analysis(params)
+    experiment = params.tracking.experiment
+    require(experiment.strip() != "", "tracking.experiment", experiment, "must not be empty")
+    require(analysis.samples_per_class >= 1, "analysis.samples_per_class", analysis.samples_per_class, "must be >= 1")
+    require(analysis.nearest >= 1, "analysis.nearest", analysis.nearest, "must be >= 1")
+    require(not analysis.classes or len(analysis.classes) == 3, "analysis.classes", analysis.classes,
+            "must list exactly 3 classes (names or indices), or be empty to choose them from the soft labels")
+    for key in ("epochs_per_stage", "peers"):
+        require(getattr(grid, key), f"analysis.grid.{key}", getattr(grid, key), "must list at least one value")
+    _each("analysis.grid.epochs_per_stage", grid.epochs_per_stage, lambda t: t >= 1, "must be >= 1")
+    _each("analysis.grid.peers", grid.peers, lambda p: p == "all" or (isinstance(p, int) and p >= 1),
+          "must be 'all' or an integer >= 1")
 
 
 # The analyses compare the main COLAM run with these baselines of the comparison, at the run's seed.
 ANALYSIS_BASELINES = ("hl", "ls")
 
 
-def _validate_analysis(params: Params) -> None:
-    analysis = params.analysis
-    require(analysis.samples_per_class >= 1, "analysis.samples_per_class", analysis.samples_per_class, "must be >= 1")
-    require(analysis.nearest >= 1, "analysis.nearest", analysis.nearest, "must be >= 1")
-    require(not analysis.classes or len(analysis.classes) == 3, "analysis.classes", analysis.classes,
-            "must list exactly 3 classes (names or indices), or be empty to choose them from the soft labels")
-    grid = analysis.grid
-    for i, interval in enumerate(grid.epochs_per_stage):
-        require(interval >= 1, f"analysis.grid.epochs_per_stage[{i}]", interval, "must be >= 1")
-    for i, peers in enumerate(grid.peers):
-        require(peers == "all" or (isinstance(peers, int) and peers >= 1), f"analysis.grid.peers[{i}]", peers,
-                "must be 'all' or an integer >= 1")
-    for key in ("epochs_per_stage", "peers"):
-        values = getattr(grid, key)
-        require(values, f"analysis.grid.{key}", values, "must list at least one value")
-        if len(set(values)) != len(values):
-            raise ColamError(f"analysis.grid.{key}: {values} repeats a value (DVC names one run per value)")
-
-
 def check_pipeline_analysis(params: Params) -> None:
-    """What the DVC pipeline's analysis stages need of the other sections (`colam check`, the gate,
-    when params.yaml has an analysis section): the hl and ls runs of the run's seed, and grid
-    intervals that split the epochs into whole stages."""
+    """What the DVC pipeline's analysis stages need of the other sections (`colam check`, when
+    params.yaml has an analysis section): hl and ls at the run's seed, intervals dividing the epochs."""
     config = params.config
     for name in ANALYSIS_BASELINES:
         require(name in params.compare.baselines, "compare.baselines", params.compare.baselines,
@@ -157,15 +137,10 @@ def check_pipeline_data(params: Params) -> None:
 
 def pipeline_variants(params: Params, methods: list[str]) -> list[str]:
     """The MLflow variant tags (`pipelines.tracking.variant`) of `methods` with params.yaml's settings."""
-    from colam.config import from_dict
     from pipelines.tracking import variant
 
-    found = []
-    for name in methods:
-        settings = params.config.to_dict()
-        settings["method"]["name"] = name
-        found.append(variant(from_dict(settings)))
-    return found
+    config = params.config
+    return [variant(replace(config, method=replace(config.method, name=name))) for name in methods]
 
 
 def dvc_sets(path: str | Path) -> list[str]:

@@ -1,10 +1,8 @@
-"""An HTML page template for `dvc plots show` that renders offline.
+"""`python -m pipelines.plots [PATH]`: an HTML page template for `dvc plots show` that renders offline.
 
-DVC's default page loads Vega, Vega-Lite and Vega-Embed from a CDN, so its plots stay blank on
-a machine without internet access. This template inlines the same libraries, bundled by the
-pinned `vl-convert-python` wheel; `.dvc/config` points `plots.html_template` at it.
-
-    python -m pipelines.plots [PATH]    (default .dvc/plots/offline.html; `make setup` runs it)
+DVC's default page loads Vega, Vega-Lite and Vega-Embed from a CDN, so its plots stay blank without
+internet access; this is that page with the same libraries inlined from the pinned `vl-convert-python`
+(`.dvc/config` points `plots.html_template` at it).
 """
 
 from __future__ import annotations
@@ -14,41 +12,20 @@ from pathlib import Path
 
 from colam import io as cio
 
-DEFAULT_PATH = Path(".dvc/plots/offline.html")
-
-PAGE = """<!DOCTYPE html>
-<html>
-<head>
-    {refresh_tag}
-    <meta charset="utf-8">
-    <title>DVC Plot</title>
-    <script type="text/javascript">
-%(bundle)s
-    </script>
-    <style>
-        table {
-            border-spacing: 15px;
-        }
-    </style>
-</head>
-<body>
-    {plot_divs}
-</body>
-</html>
-"""
-
 
 def offline_template() -> str:
     import vl_convert
+    from dvc_render.html import PAGE_HTML  # DVC's default page
 
     # The default bundle assigns vegaEmbed, vega and vegaLite to window, which DVC's plot divs call.
-    # The {placeholders} are DVC's; %-formatting leaves them alone.
-    return PAGE % {"bundle": vl_convert.javascript_bundle().replace("</script", "<\\/script")}
+    # The bundle takes the place of {scripts}, where DVC would put its CDN links.
+    bundle = vl_convert.javascript_bundle().replace("</script", "<\\/script")
+    page = PAGE_HTML.replace("    <title>", '    <meta charset="utf-8">\n    <title>')
+    return page.replace("{scripts}", f'<script type="text/javascript">\n{bundle}\n    </script>') + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    path = Path(argv[0]) if argv else DEFAULT_PATH
+def main() -> int:
+    path = Path(sys.argv[1] if len(sys.argv) > 1 else ".dvc/plots/offline.html")
     path.parent.mkdir(parents=True, exist_ok=True)
     cio.write_text(path, offline_template())
     print(f"wrote {path} (offline template for dvc plots show)")

@@ -1,21 +1,18 @@
-"""Expected accuracy of soft-label checkpoints (COLAM paper, Sec. 5.1, Fig. 1b).
-
-For each stage of a finished COLAM run, a fresh model is trained from scratch on that stage's
-saved soft-label matrix, fixed for the whole run (method `fixed`: COLAM's Eq. 4 with the labels
-never re-estimated); its test accuracy is the checkpoint's expected accuracy. Everything else is
-the COLAM run's own configuration: data, model, epochs, schedule and seed.
+"""Expected accuracy of soft-label checkpoints (COLAM paper, Sec. 5.1, Fig. 1b): a fresh model trained
+with the COLAM run's own settings on one stage's soft labels, fixed (method `fixed`), and its test accuracy.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from colam import io as cio
-from colam.config import Config, from_dict, validate
+from colam.config import Config, validate
 from colam.engine import fit
 from colam.errors import ColamError
 from colam.runs import RunFolder
@@ -31,21 +28,25 @@ def labelled_stages(run: RunFolder, key: str = "--run") -> list[tuple[int, Path]
     return found
 
 
+def _recorded(path: Path, key: str, what: str, kind=None):
+    """`key` of the JSON file `path` (converted by `kind`), or one line saying the file lacks `what`."""
+    try:
+        value = json.loads(path.read_text())[key]
+        return value if kind is None else kind(value)
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ColamError(f"--run: '{path}' {what}") from None
+
+
 def labels_temperature(labels_file: Path) -> float:
     """The T the labels were estimated with, from the soft_labels.json written next to them."""
-    try:
-        return float(json.loads(labels_file.with_suffix(".json").read_text())["temperature"])
-    except (OSError, ValueError, KeyError, TypeError):
-        raise ColamError(f"--run: '{labels_file.with_suffix('.json')}' does not record the temperature the soft "
-                         f"labels were estimated with") from None
+    return _recorded(labels_file.with_suffix(".json"), "temperature",
+                     "does not record the temperature the soft labels were estimated with", float)
 
 
 def fixed_label_config(run: RunFolder, labels_file: Path) -> Config:
     """The COLAM run's configuration, with the method replaced by training on `labels_file`."""
-    settings = run.config.to_dict()
-    settings["method"]["name"] = "fixed"
-    settings["method"]["fixed"] = {"labels": str(labels_file), "temperature": labels_temperature(labels_file)}
-    config = from_dict(settings)
+    fixed = type(run.config.method.fixed)(labels=str(labels_file), temperature=labels_temperature(labels_file))
+    config = replace(run.config, method=replace(run.config.method, name="fixed", fixed=fixed))
     validate(config)
     return config
 
@@ -81,12 +82,8 @@ def expected_accuracy(run: RunFolder, out_dir: str | Path, *, split_dir: str | P
 
 
 def _stage_metrics(stage_dir: Path) -> dict:
-    path = stage_dir / "metrics.json"
-    try:
-        metrics = json.loads(path.read_text())
-        return {"epoch": int(metrics["epoch"]), "test_acc": float(metrics["test_acc"])}
-    except (OSError, ValueError, KeyError, TypeError):
-        raise ColamError(f"--run: '{path}' is missing or holds no epoch and test_acc") from None
+    path, what = stage_dir / "metrics.json", "is missing or holds no epoch and test_acc"
+    return {"epoch": _recorded(path, "epoch", what, int), "test_acc": _recorded(path, "test_acc", what, float)}
 
 
 def read_soft_labels(path: Path, key: str = "--run") -> np.ndarray:
@@ -100,12 +97,10 @@ def read_soft_labels(path: Path, key: str = "--run") -> np.ndarray:
 
 def class_names(labels_file: Path, count: int) -> list[str]:
     """The class names recorded in the soft_labels.json next to `labels_file`."""
-    try:
-        names = json.loads(labels_file.with_suffix(".json").read_text())["class_names"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise ColamError(f"--run: '{labels_file.with_suffix('.json')}' does not record the class names") from None
+    path = labels_file.with_suffix(".json")
+    names = _recorded(path, "class_names", "does not record the class names")
     if not isinstance(names, list) or len(names) != count:
-        raise ColamError(f"--run: '{labels_file.with_suffix('.json')}' names {len(names) if isinstance(names, list) else 0} "
+        raise ColamError(f"--run: '{path}' names {len(names) if isinstance(names, list) else 0} "
                          f"classes, the soft labels have {count}")
     return [str(n) for n in names]
 

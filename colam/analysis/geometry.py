@@ -1,18 +1,9 @@
-"""Representation geometry of a trained network (COLAM paper, Sec. 5.2: Fig. 2, Table 5, Fig. 3).
-
-For three classes, from the penultimate-layer features x (`model.forward_features`) and the final
-layer's class templates w_k (row k of `model.fc.weight`; the logit of class k is x^T w_k + b_k):
-
-  * the 2-D projection of Mueller, Kornblith & Hinton 2019 ("When does label smoothing help?",
-    Sec. 2), which the COLAM paper follows: an orthonormal basis of the plane through the three
-    templates, onto which the features and the templates are projected;
-  * Table 5: the Euclidean distances between the normalised templates w_k / ||w_k||;
-  * Fig. 3: the average distance from each template (ADT) and from each centroid (ADC) to each
-    class's samples. As the paper says, every vector is normalised first ("we normalize all
-    vectors when we compute such distances"): samples are x / ||x||, templates w / ||w||, and a
-    class centroid is the mean of its normalised samples, normalised again.
-
-Pure tensor functions plus `features`, which runs a model; no plotting, no files.
+"""Representation geometry of a trained network (COLAM paper, Sec. 5.2: Fig. 2, Table 5, Fig. 3), from
+the penultimate features x (`model.forward_features`) and the class templates w_k (rows of `model.fc.weight`):
+the projection on the templates' plane (Mueller, Kornblith & Hinton 2019, Sec. 2), the distances between
+normalised templates (Table 5), and the average distance from each template (ADT) and centroid (ADC) to
+each class's samples (Fig. 3). Every vector is normalised first, as the paper says ("we normalize all
+vectors when we compute such distances"); a centroid is the normalised mean of normalised samples.
 """
 
 from __future__ import annotations
@@ -34,13 +25,10 @@ class Features:
 
 
 @torch.no_grad()
-def features(model: nn.Module, batches, device: torch.device | str = "cpu") -> Features:
+def features(model: nn.Module, batches) -> Features:
     """forward_features of every sample of `batches` (x, y, index), in eval mode, as float64."""
     model.eval()
-    values, labels = [], []
-    for images, targets, *_ in batches:
-        values.append(model.forward_features(images.to(device)).double().cpu())
-        labels.append(torch.as_tensor(targets))
+    values, labels = zip(*[(model.forward_features(x).double().cpu(), torch.as_tensor(y)) for x, y, *_ in batches])
     return Features(torch.cat(values), torch.cat(labels))
 
 
@@ -55,8 +43,7 @@ def templates(model: nn.Module) -> torch.Tensor:
 def normalised(vectors: torch.Tensor) -> torch.Tensor:
     """Each row divided by its Euclidean norm (a zero row stays zero), in float64."""
     vectors = vectors.double()
-    norms = vectors.norm(dim=1, keepdim=True)
-    return vectors / norms.clamp_min(torch.finfo(vectors.dtype).tiny)
+    return vectors / vectors.norm(dim=1, keepdim=True).clamp_min(torch.finfo(vectors.dtype).tiny)
 
 
 def template_distances(template_rows: torch.Tensor) -> torch.Tensor:

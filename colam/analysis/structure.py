@@ -1,8 +1,5 @@
-"""What a C x C soft-label matrix says about the classes (COLAM paper, Sec. 5.2).
-
-Row c of the matrix is the soft label of class c. Mass that row c puts on class j != c is the
-model's view of how alike c and j are: COLAM's labels put more mass on similar classes (on
-CIFAR-100, "palm tree" and "pine tree"), label smoothing's spread it evenly.
+"""What a C x C soft-label matrix says about the classes (COLAM paper, Sec. 5.2): the mass row c (the
+label of class c) puts on class j != c is the model's view of how alike c and j are.
 """
 
 from __future__ import annotations
@@ -16,15 +13,9 @@ def nearest_classes(soft_labels: np.ndarray, count: int) -> list[list[tuple[int,
     """For each class c, the `count` other classes its soft label puts most mass on, as
     (class, mass) pairs, largest first; ties go to the lower class index."""
     matrix = np.asarray(soft_labels, dtype=np.float64)
-    classes = len(matrix)
-    count = min(count, classes - 1)
-    found = []
-    for c in range(classes):
-        others = [j for j in range(classes) if j != c]
-        # a stable sort on -mass keeps the index order among equal masses
-        ranked = sorted(others, key=lambda j: -matrix[c, j])[:count]
-        found.append([(j, float(matrix[c, j])) for j in ranked])
-    return found
+    # a stable sort on -mass keeps the index order among equal masses
+    ranked = [[j for j in np.argsort(-row, kind="stable") if j != c][:count] for c, row in enumerate(matrix)]
+    return [[(int(j), float(matrix[c, j])) for j in row] for c, row in enumerate(ranked)]
 
 
 def similarity(soft_labels: np.ndarray) -> np.ndarray:
@@ -35,16 +26,22 @@ def similarity(soft_labels: np.ndarray) -> np.ndarray:
     return sym
 
 
+def most_similar_pair(soft_labels: np.ndarray) -> tuple[int, int, float]:
+    """The two classes a < b of the largest similarity, and that similarity; ties go to the lowest (a, b)."""
+    sym = similarity(soft_labels)
+    upper = np.triu_indices(len(sym), k=1)
+    best = int(np.argmax(sym[upper]))  # argmax takes the first maximum
+    return int(upper[0][best]), int(upper[1][best]), float(sym[upper][best])
+
+
 def default_classes(soft_labels: np.ndarray) -> list[int]:
     """The paper's choice of three classes, made from the soft labels: the two most similar classes
     (a, b), then the class least similar to both (smallest similarity(a, c) + similarity(b, c));
     ties go to the lower index."""
+    if len(soft_labels) < 3:
+        raise ColamError(f"--classes: the geometry needs 3 classes, the data has {len(soft_labels)}")
     sym = similarity(soft_labels)
-    if len(sym) < 3:
-        raise ColamError(f"--classes: the geometry needs 3 classes, the data has {len(sym)}")
-    upper = np.triu_indices(len(sym), k=1)
-    best = int(np.argmax(sym[upper]))  # argmax takes the first maximum: the lowest (a, b)
-    a, b = int(upper[0][best]), int(upper[1][best])
+    a, b, _ = most_similar_pair(soft_labels)
     distance_to_pair = sym[a] + sym[b]
     distance_to_pair[[a, b]] = np.inf
     c = int(np.argmin(distance_to_pair))
