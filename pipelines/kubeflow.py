@@ -382,7 +382,8 @@ def _docker_runner(spec: dict, args, root: Path):
         yield local.DockerRunner(environment=environment, labels={"colam.kfp-local": label},
                                  **({"network": args.network} if args.network else {}))
     finally:
-        for container in client.containers.list(all=True, filters={"label": f"colam.kfp-local={label}"}):
+        # sparse: listed, not inspected, so a container kfp removes meanwhile is no error
+        for container in client.containers.list(all=True, sparse=True, filters={"label": f"colam.kfp-local={label}"}):
             with contextlib.suppress(Exception):
                 container.remove(force=True)
 
