@@ -55,10 +55,10 @@ def step_config(base: dict | str, *, steps: int, method: str | None = None, mode
     colam["stages"] = steps
     # Where a step runs is the pipeline's business (its GPU requests): a step uses what it is given.
     sections["train"]["device"] = "auto"
+    headline = headline_section(sections["method"], method, "temperature")  # T: of whichever method has one
     for value, section, key in ((method, sections["method"], "name"), (model, sections["model"], "name"),
                                 (dataset, sections["data"], "name"), (seed, raw, "seed"),
-                                (temperature, headline_section(sections["method"], method, "temperature"), "temperature"),
-                                (epochs_per_step, colam, "epochs_per_stage")):
+                                (temperature, headline, "temperature"), (epochs_per_step, colam, "epochs_per_stage")):
         if value is not None:
             section[key] = value
     epochs_per_stage = colam.get("epochs_per_stage")

@@ -136,7 +136,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                          "its method, model, data set, t, T and seed the headline parameters")
     submit.add_argument("--run-name", help="the run's name (default: package name and time)")
     submit.add_argument("--namespace", help="the Kubeflow profile namespace (multi-user deployments)")
-    submit.add_argument("--service-account", help="the service account the run's pods use (k8s/: colam-pipeline-runner)")
+    submit.add_argument("--service-account",
+                        help="the service account the run's pods use (k8s/: colam-pipeline-runner)")
     submit.add_argument("--no-cache", action="store_true", help="run every step even if Kubeflow cached it")
     submit.set_defaults(func=_submit)
 
