@@ -68,11 +68,23 @@ def connect(uri: str | None = None) -> MlflowClient:
         # A fresh sqlite store is created (its migrations run) by the first process that opens it:
         # parallel runs (dvc queue start -j N) take turns there, or the migrations collide.
         with bounded_http(timeout=10) if remote else contextlib.nullcontext(), sqlite_open_lock(uri):
+            database = sqlite_path(uri)
+            if database is not None and not database.exists():
+                _create_sqlite_store(database)
             client = MlflowClient(tracking_uri=uri)
             client.search_experiments(max_results=1)
     except Exception as exc:  # connection refused, DNS, auth, a bad sqlite path: one line
         raise ColamError(f"MLFLOW_TRACKING_URI: cannot use the tracking store '{uri}' ({_reason(exc)})") from None
     return client
+
+
+def _create_sqlite_store(path: Path) -> None:
+    """A new sqlite store made whole, then renamed into place: a kill during MLflow's migrations
+    leaves only the temporary file (the next creation starts it again), never a half-made store."""
+    scratch = path.with_name(f".{path.name}.creating.tmp")
+    scratch.unlink(missing_ok=True)
+    MlflowClient(tracking_uri=f"sqlite:///{scratch.resolve()}").search_experiments(max_results=1)
+    os.replace(scratch, path)
 
 
 def sqlite_path(uri: str) -> Path | None:

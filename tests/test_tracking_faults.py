@@ -523,3 +523,14 @@ def test_parallel_runs_on_one_fresh_sqlite_store_all_succeed(tiny_yaml, tmp_path
     assert sorted(p.data.params["seed"] for p in parents) == ["0", "1", "2", "3"]
     assert {p.info.status for p in parents} == {"FINISHED"}
     assert len(stages) == 8 and {s.info.status for s in stages} == {"FINISHED"}
+
+
+def test_a_sqlite_store_a_kill_left_half_made_is_created_again_whole(tmp_path):
+    """A new store is migrated under a temporary name and renamed into place: a kill during MLflow's
+    migrations (seen in the dvc repro kill test) leaves that file, never a half-made mlflow.db."""
+    from pipelines.tracking import connect
+
+    (tmp_path / ".mlflow.db.creating.tmp").write_bytes(b"the first pages of a database, then the kill")
+    client = connect(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert [e.name for e in client.search_experiments()] == ["Default"]
+    assert not (tmp_path / ".mlflow.db.creating.tmp").exists()
