@@ -443,6 +443,7 @@ class FolderState:
     stages: dict[int, Path]
     final: dict | None = None
     parent_files: tuple[Path, ...] = ()
+    history: list[dict] | None = None  # every epoch at full precision (the last stage's state), once the run is over
 
 
 def read_folder(out_dir: Path, config: Config, stage_dirs: dict[int, Path] | None = None,
@@ -457,16 +458,17 @@ def read_folder(out_dir: Path, config: Config, stage_dirs: dict[int, Path] | Non
     count = len(METHODS[config.method.name].stage_epochs(config))
     if final is None and (out_dir / "metrics.json").is_file() and (out_dir / "checkpoint.pt").is_file():
         final = json.loads((out_dir / "metrics.json").read_text())
-    whole_run = (out_dir / "checkpoint.pt").is_file()  # its end is its metrics.json; a run trained stage by
-    if final is None and count in stages and not whole_run:  # stage (or step) ends with its last stage
-        state = _stage_state(stages[count])
-        if state["epoch"] == config.train.epochs:
-            final = run_metrics(config, state["history"], state["elapsed"])
-    files = ()
-    if final is not None and count in stages:
-        history = next(p for p in (out_dir / "history.csv", stages[count] / "history.csv") if p.exists())
-        files = tuple(p for p in (out_dir / "config.yaml", history, out_dir / "metrics.json") if p.exists())
-    return FolderState(stages=dict(sorted(stages.items())), final=final, parent_files=files)
+    stages = dict(sorted(stages.items()))
+    # A whole run ends with its metrics.json; a run trained stage by stage (or step) with its last stage.
+    whole_run = (out_dir / "checkpoint.pt").is_file()
+    last = _stage_state(stages[count]) if count in stages and (final or not whole_run) else None
+    if final is None and last is not None and not whole_run and last["epoch"] == config.train.epochs:
+        final = run_metrics(config, last["history"], last["elapsed"])
+    if final is None or last is None:
+        return FolderState(stages=stages)
+    history = next(p for p in (out_dir / "history.csv", stages[count] / "history.csv") if p.exists())
+    files = tuple(p for p in (out_dir / "config.yaml", history, out_dir / "metrics.json") if p.exists())
+    return FolderState(stages=stages, final=final, parent_files=files, history=last["history"])
 
 
 def _stage_state(folder: Path) -> dict:
@@ -629,12 +631,11 @@ def sync_stage(view: StoreView, parent_id: str, stage: int, folder: Path, config
         view.end(run_id, RunStatus.to_string(RunStatus.FINISHED))
 
 
-def sync_parent_end(view: StoreView, parent_id: str, state: FolderState, last_stage: Path) -> None:
+def sync_parent_end(view: StoreView, parent_id: str, state: FolderState) -> None:
     """The parent of a finished run: every epoch's curves, the final metrics, its files, FINISHED."""
-    history = _stage_state(last_stage)["history"]
     logged = view.last_epoch(parent_id)
     now = _now_ms()
-    curves = epoch_metrics([row for row in history if row["epoch"] > logged], now)
+    curves = epoch_metrics([row for row in state.history if row["epoch"] > logged], now)
     final = [Metric(k, float(state.final[k]), now, state.final["epochs"]) for k in FINAL if k in state.final]
     view.log(parent_id, curves + (final if logged < state.final["epochs"] else []))
     view.upload(parent_id, [(path, None, path.name) for path in state.parent_files], view.held(parent_id))
@@ -714,7 +715,8 @@ class MlflowRunLog(RunLog):
         self.stage_dirs: dict[int, Path] = {}
         self.final: dict | None = None
         self.resumed_from = 0
-        self.behind: Behind | None = None
+        self.behind: Behind | None = None  # the store did not take the last call: hooks wait for a sync point
+        self.warned = False  # one warning per run log, however often the store falls behind
 
     @property
     def run_id(self) -> str | None:
@@ -777,8 +779,8 @@ class MlflowRunLog(RunLog):
         folder = read_folder(self.out_dir, self.config, self.stage_dirs, self.final)
         for stage, stage_dir in folder.stages.items():
             sync_stage(self.view, self.parent_id, stage, stage_dir, self.config, recheck)
-        if folder.final is not None and folder.stages:
-            sync_parent_end(self.view, self.parent_id, folder, folder.stages[max(folder.stages)])
+        if folder.history is not None:
+            sync_parent_end(self.view, self.parent_id, folder)
 
     def _find_or_create_parent(self, find_finished: bool, resumed: bool) -> None:
         condition = f"tags.`colam.run_key` = '{self.view.run_key}' and tags.`colam.role` = 'parent'"
@@ -827,11 +829,11 @@ class MlflowRunLog(RunLog):
             refused = behind.args[0]
             what = (f"does not answer ({refused.reason}, {refused.tries} tries)" if refused.transient
                     else f"refused {refused.what} ({refused.reason})")
-            if self.behind is None and not getattr(self, "_warned", False):
+            if not self.warned:
                 log.warning("MLflow: the tracking store %s %s; training goes on, the run folder keeps everything; "
                             "bring the store up to it later with: %s", display_uri(self.client.tracking_uri), what,
                             self.command)
-                self._warned = True
+                self.warned = True
             self.behind = behind
 
     def _tell_not_uploaded(self) -> None:
