@@ -1,15 +1,5 @@
-"""The `colam` command.
-
-    colam train --config FILE [--set KEY=VALUE ...] --out DIR [--split DIR] [--stage K] [--track] ...
-    colam prepare --config FILE --out DIR
-    colam evaluate --config FILE --stage-dir DIR --out DIR [--split DIR]
-    colam data get --config FILE --from SOURCE --out DIR
-    colam methods | models | datasets
-    colam check --config params.yaml [--out FILE]
-    colam compare --experiment NAME [--params params.yaml] [--out DIR]
-    colam analyze curves|expected-accuracy|geometry|soft-labels|grid-cell|grid ...   (pipelines/analysis.py)
-    colam tracking sync DIR
-    colam kfp compile|submit|local ...   (pipelines/kubeflow.py)
+"""The `colam` command: one argparse parser for every subcommand (docs/cli.md lists them); `colam analyze`
+is defined in pipelines/analysis.py, `colam kfp` in pipelines/kubeflow.py.
 
 `--config` may be a pipeline params.yaml: its compare, analysis, raw_data and tracking sections are
 checked and set aside, the rest is the run's config. Training is tracked in MLflow with `--track`,
@@ -27,6 +17,7 @@ import json
 import logging
 import sys
 
+from colam import distributed
 from colam.errors import ColamError
 from pipelines import analysis, compare, kubeflow
 from pipelines.arguments import config_options, params, run_log, tracking_options, training_options
@@ -35,12 +26,10 @@ from pipelines.arguments import config_options, params, run_log, tracking_option
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from colam.distributed import env_world
-
         # under torchrun, rank 0 tells the story; the other ranks speak only to warn
-        logging.basicConfig(level=logging.INFO if env_world().main else logging.WARNING, format="%(message)s",
-                            stream=sys.stderr)
-        return args.func(args)
+        logging.basicConfig(level=logging.INFO if distributed.env_world().main else logging.WARNING,
+                            format="%(message)s", stream=sys.stderr)
+        return args.func(args) or 0  # a command returns None when it succeeds
     except ColamError as exc:
         _say(f"colam: error: {exc}")
         return 2
@@ -48,8 +37,6 @@ def main(argv: list[str] | None = None) -> int:
         _say("colam: interrupted; run the same command again to resume from the last completed epoch")
         return 130
     finally:
-        from colam import distributed
-
         distributed.shutdown()
 
 
@@ -65,11 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                                "classification, tracked, compared and analysed")
     commands = parser.add_subparsers(dest="command", required=True)
     _run_commands(commands)
-    commands.add_parser("methods", help="list the training methods").set_defaults(func=_methods)
+    commands.add_parser("methods", help="list the training methods").set_defaults(func=_registry)
     models = commands.add_parser("models", help="list the models with parameter counts")
     models.add_argument("--classes", type=int, nargs="+", default=[10, 100], help="class counts to count for")
     models.set_defaults(func=_models)
-    commands.add_parser("datasets", help="list the data sets").set_defaults(func=_datasets)
+    commands.add_parser("datasets", help="list the data sets").set_defaults(func=_registry)
     _pipeline_commands(commands)
     return parser
 
@@ -111,7 +98,8 @@ def _run_commands(commands) -> None:
 
 def _pipeline_commands(commands) -> None:
     """check, compare, analyze, tracking sync and kfp: the pipeline around the runs."""
-    check = commands.add_parser("check", help="validate a params.yaml/config without training (exit 2 naming a bad key)")
+    check = commands.add_parser("check", help="validate a params.yaml/config without training (exit 2 naming a "
+                                              "bad key)")
     config_options(check, required=True, help="params.yaml or a colam config")
     check.add_argument("--out", help="write a marker file here when the params are valid (the DVC gate)")
     check.set_defaults(func=_check)
@@ -140,8 +128,7 @@ def _pipeline_commands(commands) -> None:
 # ----------------------------------------------------------------------------- the commands
 
 
-def _train(args) -> int:
-    from colam import distributed
+def _train(args) -> None:
     from colam.engine import fit, fit_stage
 
     config = params(args).config
@@ -154,42 +141,30 @@ def _train(args) -> int:
                                 split_dir=args.split)
     if distributed.current().main:  # under torchrun, once
         print(json.dumps(metrics))
-    return 0
 
 
-def _prepare(args) -> int:
+def _prepare(args) -> None:
     from colam.data import save_split
 
     summary = save_split(params(args).config.data, args.out)
     print(json.dumps({k: summary[k] for k in ("data", "train_samples", "val_samples", "test_samples", "noisy_labels")}))
-    return 0
 
 
-def _evaluate(args) -> int:
+def _evaluate(args) -> None:
     from colam.evaluation import evaluate_run
 
     metrics = evaluate_run(params(args).config, args.stage_dir, args.out, split_dir=args.split)
     print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)}))
-    return 0
 
 
-def _data_get(args) -> int:
+def _data_get(args) -> None:
     from colam.datasets import get_data
 
     written = get_data(params(args).config.data.name, args.source, args.out)
     print(json.dumps({"out": args.out, "files": written}))
-    return 0
 
 
-def _methods(args) -> int:
-    from colam.methods import METHODS
-
-    for name, method in METHODS.items():
-        print(f"{name:<14} {method.summary}  [{method.paper}]")
-    return 0
-
-
-def _models(args) -> int:
+def _models(args) -> None:
     import torch
 
     from colam.models import MODELS, build_model, count_parameters
@@ -200,50 +175,46 @@ def _models(args) -> int:
         with torch.device("meta"):  # counting needs shapes, not memory or initialisation time
             counts = [count_parameters(build_model(name, c)) for c in args.classes]
         print(f"{name:<18}{spec.input_size:>6}" + "".join(f"{n:>14,}" for n in counts))
-    return 0
 
 
-def _datasets(args) -> int:
+def _registry(args) -> None:
+    """`colam methods` and `colam datasets`: each registered name with what it is."""
     from colam.datasets import DATASETS
+    from colam.methods import METHODS
 
-    for name, spec in DATASETS.items():
-        print(f"{name:<14} {spec.description}")
-    return 0
+    if args.command == "methods":
+        lines = [f"{name:<14} {method.summary}  [{method.paper}]" for name, method in METHODS.items()]
+    else:
+        lines = [f"{name:<14} {spec.description}" for name, spec in DATASETS.items()]
+    print("\n".join(lines))
 
 
-def _check(args) -> int:
+def _check(args) -> None:
     from colam import io as cio
     from colam.engine import check_names
-    from pipelines.params import check_pipeline_analysis, check_pipeline_data
+    from pipelines.params import check_pipeline
 
     checked = params(args)
     check_names(checked.config)
-    if "raw_data" in checked.given:
-        check_pipeline_data(checked)
-    if "analysis" in checked.given:
-        check_pipeline_analysis(checked)
+    check_pipeline(checked)
     if args.out:
         # Constant content: a valid change of params.yaml leaves this file as it was, so the stages
         # after the gate re-run only for the keys they declare themselves.
         cio.write_json(args.out, {"params": args.config, "valid": True})
     print(f"{args.config}: valid")
-    return 0
 
 
-def _tracking_sync(args) -> int:
+def _tracking_sync(args) -> None:
     from pipelines.tracking import sync
 
     print(sync(args.dir, args.experiment))
-    return 0
 
 
 def _compare(args) -> int:
-    from pipelines.tracking import connect
+    from pipelines.params import load_params, pipeline_variants
+    from pipelines.tracking import connect, protocol_digest
 
     if args.params:
-        from pipelines.params import load_params, pipeline_variants
-        from pipelines.tracking import protocol_digest
-
         given = load_params(args.params)
         args.experiment = args.experiment or given.tracking.experiment
         args.protocol = args.protocol or protocol_digest(given.config)

@@ -8,6 +8,7 @@ import argparse
 import sys
 from collections import Counter
 from dataclasses import asdict, dataclass
+from itertools import groupby
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -22,8 +23,8 @@ if TYPE_CHECKING:  # imported where used: `colam --help` and `colam train` need 
     from matplotlib.figure import Figure
 
 _PAGE_SIZE = 1000  # MLflow's maximum page; a module constant so the tests can exercise paging
-# Baselines first in the paper's order, other methods alphabetically, colam (the one under study) last.
-_METHOD_ORDER = {"hl": 0, "ls": 1, "cp": 2, "disturblabel": 3}
+# Baselines first in the paper's order, other methods (4) alphabetically, colam (the one under study) last.
+_METHOD_ORDER = {"hl": 0, "ls": 1, "cp": 2, "disturblabel": 3, "colam": 5}
 _PARENTS = "tags.`colam.role` = 'parent' and attributes.status = 'FINISHED'"
 
 
@@ -86,11 +87,10 @@ def collect(client: mlflow.MlflowClient, experiment: str, *, protocol: str | Non
     same = [r for r in runs if r.data.tags.get("colam.protocol", "") == protocol]
     complete = [r for r in same if "test_acc" in r.data.metrics]
 
-    latest: dict[tuple, object] = {}
-    for r in sorted(complete, key=lambda r: (r.info.start_time, r.info.run_id)):
-        latest[_key(r) + (_seed(r.data.tags),)] = r  # a re-run replaces the older result, not pooled with it
+    by_start = sorted(complete, key=lambda r: (r.info.start_time, r.info.run_id))
+    latest = {_key(r) + (_seed(r),): r for r in by_start}  # a re-run replaces the older result, not pooled with it
     groups: dict[tuple, list] = {}
-    for r in latest.values():
+    for r in sorted(latest.values(), key=_seed):
         groups.setdefault(_key(r), []).append(r)
     if not groups:
         others = sorted({r.data.tags.get("colam.protocol", "") for r in runs} - {protocol})
@@ -98,8 +98,8 @@ def collect(client: mlflow.MlflowClient, experiment: str, *, protocol: str | Non
         raise ColamError(f"--experiment: no finished runs with test_acc in experiment {experiment!r} match "
                          f"{_describe(filters)}{hint}")
 
-    rows = [_row(key, sorted(rs, key=lambda r: _seed(r.data.tags))) for key, rs in groups.items()]
-    rows.sort(key=lambda row: (_METHOD_ORDER.get(row.method, 5 if row.method == "colam" else 4), row.method,
+    rows = [_row(key, rs) for key, rs in groups.items()]
+    rows.sort(key=lambda row: (_METHOD_ORDER.get(row.method, 4), row.method,
                                row.variant, -np.inf if row.temperature is None else row.temperature))
     return Comparison(experiment=experiment, protocol=protocol, rows=tuple(rows), runs_used=len(latest),
                       other_protocol_runs=len(runs) - len(same), replaced_runs=len(complete) - len(latest),
@@ -135,11 +135,8 @@ def format_table(comparison: Comparison) -> str:
 
 def write(comparison: Comparison, out_dir: Path) -> dict[str, Path]:
     """Write table.md, summary.json, metrics.json and accuracy_vs_temperature.png into `out_dir`, each atomically."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    c = comparison
-    summary = {"experiment": c.experiment, "protocol": c.protocol, "filters": c.filters,
-               "runs_used": c.runs_used,
+    out_dir, c = Path(out_dir), comparison
+    summary = {"experiment": c.experiment, "protocol": c.protocol, "filters": c.filters, "runs_used": c.runs_used,
                "runs_left_out": {"other_protocol": c.other_protocol_runs, "replaced": c.replaced_runs,
                                  "incomplete": c.incomplete_runs},
                "accuracy_unit": "fraction", "rows": [asdict(row) for row in c.rows]}
@@ -193,8 +190,8 @@ def _finished_parents(client: mlflow.MlflowClient, experiment_id: str) -> list:
 
 
 def _selected(run, seeds, methods, temperatures, variants) -> bool:
-    tags, (method, variant, t) = run.data.tags, _key(run)
-    return ((seeds is None or _seed(tags) in seeds) and (methods is None or method in methods)
+    method, variant, t = _key(run)
+    return ((seeds is None or _seed(run) in seeds) and (methods is None or method in methods)
             and (temperatures is None or t is None or t in temperatures) and (variants is None or variant in variants))
 
 
@@ -206,25 +203,24 @@ def _key(run) -> tuple[str, str, float | None]:
 def _temperature(run) -> float | None:
     """The T of the run's own method: its logged `method.<name>.temperature`, else the `colam.temperature`
     tag (runs tracked before issue 17); None for a method without one."""
-    tags, params = run.data.tags, run.data.params
-    key = f"method.{tags.get('colam.method')}.temperature"
-    if key in params:
-        return _number(params, key, float, tags)
-    return None if "colam.temperature" not in tags else _number(tags, "colam.temperature", float)
+    key = f"method.{run.data.tags.get('colam.method')}.temperature"
+    if key in run.data.params:
+        return _number(run, "parameter", key, float)
+    return _number(run, "tag", "colam.temperature", float) if "colam.temperature" in run.data.tags else None
 
 
-def _seed(tags: dict[str, str]) -> int:
-    return _number(tags, "colam.seed", int)
+def _seed(run) -> int:
+    return _number(run, "tag", "colam.seed", int)
 
 
-def _number(values: dict[str, str], key: str, kind: Callable, tags: dict[str, str] | None = None):
-    tags = values if tags is None else tags
+def _number(run, what: str, key: str, kind: Callable):
+    """The run's tag or parameter `key` as a number of `kind`."""
+    values = run.data.tags if what == "tag" else run.data.params
     try:
         return kind(values[key])
     except (KeyError, ValueError):
-        what = "tag" if values is tags else "parameter"
         raise ColamError(f"--experiment: a run has {what} {key}={values.get(key)!r}, expected a number "
-                         f"(run name {tags.get('mlflow.runName')!r})") from None
+                         f"(run name {run.data.tags.get('mlflow.runName')!r})") from None
 
 
 def _row(key: tuple[str, str, float | None], runs: list) -> Row:
@@ -232,7 +228,7 @@ def _row(key: tuple[str, str, float | None], runs: list) -> Row:
     return Row(method=key[0], variant=key[1], temperature=key[2], n=len(runs),
                test_acc=Stats.of([r.data.metrics["test_acc"] for r in runs]),
                val_acc=Stats.of(vals) if vals else None,
-               seeds=tuple(_seed(r.data.tags) for r in runs), run_ids=tuple(r.info.run_id for r in runs))
+               seeds=tuple(_seed(r) for r in runs), run_ids=tuple(r.info.run_id for r in runs))
 
 
 def _pm(s: Stats) -> str:
@@ -246,13 +242,12 @@ def _describe(filters: dict[str, object]) -> str:
 
 
 def temperature_figure(c: Comparison, title: str | None = None) -> Figure:
-    fig = new_figure(7, 4.5)
-    ax = fig.add_subplot()
+    fig, ax = new_figure(7, 4.5)
     with_t = [row for row in c.rows if row.temperature is not None]
     handles = []  # in table order; matplotlib would list the horizontal lines before the curves
-    for i, (variant, flat) in enumerate(dict.fromkeys((row.variant, row.temperature is None) for row in c.rows)):
-        rs = [row for row in c.rows if row.variant == variant and (row.temperature is None) == flat]
-        color = f"C{i % 10}"
+    # the rows of a variant are consecutive, the one without T (a flat line) first
+    for i, ((variant, flat), group) in enumerate(groupby(c.rows, lambda row: (row.variant, row.temperature is None))):
+        rs, color = list(group), f"C{i % 10}"
         if flat:
             mean, std = 100 * rs[0].test_acc.mean, 100 * rs[0].test_acc.std
             handles.append(ax.axhline(mean, linestyle="--", color=color, label=f"{variant} (no T)"))

@@ -46,9 +46,6 @@ class RawDataParams:
     source: str = "bundled"  # a folder holding the original files, `download` (torchvision) or `bundled` (digits)
 
 
-RAW_DATA_FOLDER = "data/raw"  # the pipeline keeps data set NAME in data/raw/NAME (data.root)
-
-
 @dataclass
 class TrackingParams:
     experiment: str = "colam"  # MLflow experiment of the runs; the server is MLFLOW_TRACKING_URI
@@ -79,8 +76,10 @@ def load_params(path: str | Path | None, overrides: list[str] | None = None) -> 
     return params
 
 
-def _each(key: str, values: list, ok, what: str) -> None:
-    """Every item of the list `key` passes `ok`, and none repeats (DVC names one run per value)."""
+def _each(key: str, values: list, ok, what: str, required: bool = False) -> None:
+    """Every item of the list `key` passes `ok`, and none repeats (DVC names one run per value); a `required`
+    list holds at least one item."""
+    require(values or not required, key, values, "must list at least one value")
     for i, value in enumerate(values):
         require(ok(value), f"{key}[{i}]", value, what)
     if len(set(values)) != len(values):
@@ -92,47 +91,39 @@ def _validate(params: Params) -> None:
     _each("compare.baselines", compare.baselines, lambda name: name in METHODS and name != "colam",
           f"must be a method other than colam (COLAM runs once per temperature): {', '.join(METHODS)}")
     _each("compare.temperatures", compare.temperatures, lambda t: t > 0, "must be > 0")
-    _each("compare.seeds", compare.seeds, lambda seed: 0 <= seed < 2**32, "must be in [0, 2**32)")
-    require(compare.seeds, "compare.seeds", compare.seeds, "must list at least one seed")
+    _each("compare.seeds", compare.seeds, lambda seed: 0 <= seed < 2**32, "must be in [0, 2**32)", required=True)
     experiment = params.tracking.experiment
     require(experiment.strip() != "", "tracking.experiment", experiment, "must not be empty")
     require(analysis.samples_per_class >= 1, "analysis.samples_per_class", analysis.samples_per_class, "must be >= 1")
     require(analysis.nearest >= 1, "analysis.nearest", analysis.nearest, "must be >= 1")
     require(not analysis.classes or len(analysis.classes) == 3, "analysis.classes", analysis.classes,
             "must list exactly 3 classes (names or indices), or be empty to choose them from the soft labels")
-    for key in ("epochs_per_stage", "peers"):
-        require(getattr(grid, key), f"analysis.grid.{key}", getattr(grid, key), "must list at least one value")
-    _each("analysis.grid.epochs_per_stage", grid.epochs_per_stage, lambda t: t >= 1, "must be >= 1")
+    _each("analysis.grid.epochs_per_stage", grid.epochs_per_stage, lambda t: t >= 1, "must be >= 1", required=True)
     _each("analysis.grid.peers", grid.peers, lambda p: p == "all" or (isinstance(p, int) and p >= 1),
-          "must be 'all' or an integer >= 1")
+          "must be 'all' or an integer >= 1", required=True)
 
 
-# The analyses compare the main COLAM run with these baselines of the comparison, at the run's seed.
-ANALYSIS_BASELINES = ("hl", "ls")
-
-
-def check_pipeline_analysis(params: Params) -> None:
-    """What the DVC pipeline's analysis stages need of the other sections (`colam check`, when
-    params.yaml has an analysis section): hl and ls at the run's seed, intervals dividing the epochs."""
-    config = params.config
-    for name in ANALYSIS_BASELINES:
-        require(name in params.compare.baselines, "compare.baselines", params.compare.baselines,
-                f"must include {name}: the analyses compare COLAM with {' and '.join(ANALYSIS_BASELINES)}")
-    require(config.seed in params.compare.seeds, "compare.seeds", params.compare.seeds,
-            f"must include the run's seed {config.seed}: the analyses compare runs of that seed")
-    for i, interval in enumerate(params.analysis.grid.epochs_per_stage):
-        require(config.train.epochs % interval == 0, f"analysis.grid.epochs_per_stage[{i}]", interval,
-                f"must divide train.epochs ({config.train.epochs}) into whole stages")
-
-
-def check_pipeline_data(params: Params) -> None:
-    """The `data` stage writes data.name's files to data/raw/<data.name> and every stage reads them
-    there (`colam check`, the gate, when params.yaml has a raw_data section)."""
-    data, source = params.config.data, params.raw_data.source
-    expected = f"{RAW_DATA_FOLDER}/{data.name}"
-    require(data.root.rstrip("/") == expected, "data.root", data.root,
-            f"must be {expected}: the pipeline's data stage keeps {data.name}'s files there (set data.root={expected})")
-    require(source.strip() != "", "raw_data.source", source, "must be a folder, download or bundled")
+def check_pipeline(params: Params) -> None:
+    """What the DVC pipeline's stages need of the sections params.yaml holds (`colam check`, the gate): with
+    raw_data, the data stage's folder as data.root; with analysis, the analyses' baselines at the run's seed
+    and grid intervals dividing the epochs."""
+    config, compare = params.config, params.compare
+    if "raw_data" in params.given:
+        expected = f"data/raw/{config.data.name}"  # the data stage writes data.name's files there
+        require(config.data.root.rstrip("/") == expected, "data.root", config.data.root,
+                f"must be {expected}: the pipeline's data stage keeps {config.data.name}'s files there "
+                f"(set data.root={expected})")
+        require(params.raw_data.source.strip() != "", "raw_data.source", params.raw_data.source,
+                "must be a folder, download or bundled")
+    if "analysis" in params.given:
+        for name in ("hl", "ls"):  # the analyses compare the main COLAM run with these baselines
+            require(name in compare.baselines, "compare.baselines", compare.baselines,
+                    f"must include {name}: the analyses compare COLAM with hl and ls")
+        require(config.seed in compare.seeds, "compare.seeds", compare.seeds,
+                f"must include the run's seed {config.seed}: the analyses compare runs of that seed")
+        for i, interval in enumerate(params.analysis.grid.epochs_per_stage):
+            require(config.train.epochs % interval == 0, f"analysis.grid.epochs_per_stage[{i}]", interval,
+                    f"must divide train.epochs ({config.train.epochs}) into whole stages")
 
 
 def pipeline_variants(params: Params, methods: list[str]) -> list[str]:

@@ -26,7 +26,6 @@ def offline_template() -> str:
 
 def main() -> int:
     path = Path(sys.argv[1] if len(sys.argv) > 1 else ".dvc/plots/offline.html")
-    path.parent.mkdir(parents=True, exist_ok=True)
     cio.write_text(path, offline_template())
     print(f"wrote {path} (offline template for dvc plots show)")
     return 0
