@@ -74,12 +74,11 @@ def build_data(cfg: DataConfig, split_dir: str | Path | None = None) -> Training
     """The training data of `cfg`; with `split_dir`, the split saved there by `save_split`."""
     raw = _raw_data(cfg)
     split = draw_split(cfg, raw) if split_dir is None else load_split(split_dir, cfg, raw)
-    test_labels, labels = (np.asarray(t, dtype=np.int64) for t in (raw.test_targets, raw.train_targets))
+    val = Indexed(raw.train_eval, split.val_index, raw.train_targets[split.val_index]) if len(split.val_index) else None
     return TrainingData(
         train=Indexed(raw.train, split.train_index, split.train_targets),
-        train_eval=Indexed(raw.train_eval, split.train_index, split.train_targets),
-        val=Indexed(raw.train_eval, split.val_index, labels[split.val_index]) if len(split.val_index) else None,
-        test=Indexed(raw.test, np.arange(len(test_labels)), test_labels),
+        train_eval=Indexed(raw.train_eval, split.train_index, split.train_targets), val=val,
+        test=Indexed(raw.test, np.arange(len(raw.test_targets)), raw.test_targets),
         train_targets=torch.from_numpy(split.train_targets),
         clean_train_targets=torch.from_numpy(split.clean_train_targets),
         classes=list(raw.classes), in_channels=raw.in_channels, image_size=raw.image_size, tensors=raw.tensors)
@@ -96,8 +95,7 @@ def _raw_data(cfg: DataConfig) -> RawData:
 def draw_split(cfg: DataConfig, raw: RawData) -> Split:
     """Subset, validation split and label noise, drawn from `data.split_seed` alone."""
     num_classes = len(raw.classes)
-    rng = np.random.default_rng(cfg.split_seed)
-    labels = np.asarray(raw.train_targets, dtype=np.int64)
+    rng, labels = np.random.default_rng(cfg.split_seed), raw.train_targets
     kept = np.arange(len(labels))
     _require_every_class(labels, num_classes, "data.root", cfg.root, f"the training split of {cfg.name}")
     if cfg.train_subset is not None:
@@ -180,9 +178,8 @@ def load_split(split_dir: str | Path, cfg: DataConfig, raw: RawData) -> Split:
 
 def _consistent(split: Split, summary: dict, raw: RawData) -> bool:
     """Integer indices into this raw data, train and validation disjoint, labels the raw data's own."""
-    labels = np.asarray(raw.train_targets, dtype=np.int64)
-    arrays = [split.train_index, split.train_targets, split.clean_train_targets, split.val_index]
-    if any(a.ndim != 1 or a.dtype.kind not in "iu" for a in arrays):
+    labels = raw.train_targets
+    if any(a.ndim != 1 or a.dtype.kind not in "iu" for a in vars(split).values()):
         return False
     index = np.concatenate([split.train_index, split.val_index])
     return (summary.get("raw_train_samples") == len(labels) and summary.get("raw_test_samples") == len(raw.test_targets)

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -20,12 +19,14 @@ from torchvision import transforms as T
 
 from colam import io as cio
 from colam.errors import ColamError
+from colam.idx_datasets import IDX_SETS, copy_idx_files, read_idx_set
 
 
 @dataclass
 class ImageTensors:
-    """A data set held whole as tensors, with its training transform in batch form (colam.feed.ResidentFeed):
-    a random crop from the image zero-padded by `pad`, a flip with probability 1/2 when `flip`, normalisation."""
+    """A data set held whole as tensors and its training transform, per sample (`_tensor_data`) or per batch
+    (colam.feed.ResidentFeed): a random crop from the image zero-padded by `pad`, a flip with probability 1/2 when
+    `flip`, normalisation."""
 
     train: torch.Tensor  # N x C x H x W in the order of RawData.train_targets: uint8 (0..255) or float in [0, 1]
     test: torch.Tensor
@@ -87,12 +88,16 @@ def _targets(labels: Sequence[int]) -> np.ndarray:
     return np.asarray(labels, dtype=np.int64)
 
 
-def _tensor_data(x: ImageTensors, train_labels: np.ndarray, test_labels: np.ndarray, classes: list[str],
-                 augment: Callable, evaluate: Callable) -> RawData:
-    """RawData of grayscale images held whole (digits, the MNIST family)."""
+def _tensor_data(x: ImageTensors, train_labels: np.ndarray, test_labels: np.ndarray, classes: list[str]) -> RawData:
+    """RawData of images held whole (digits, CIFAR, the MNIST family), their transforms the tensor form's: a
+    uint8 image becomes [0, 1] as ToTensor makes it, after the crop and flip, so the zero padding is black."""
+    to_float, normalize = T.ConvertImageDtype(torch.float32), T.Normalize(x.mean, x.std)
+    flips = [T.RandomHorizontalFlip()] if x.flip else []
+    augment = T.Compose([T.RandomCrop(x.train.shape[-1], padding=x.pad), *flips, to_float, normalize])
+    evaluate = T.Compose([to_float, normalize])
     train, train_eval = (TensorImageDataset(x.train, train_labels, t) for t in (augment, evaluate))
     return RawData(train, train_eval, TensorImageDataset(x.test, test_labels, evaluate), train_labels, test_labels,
-                   classes, in_channels=1, image_size=x.train.shape[-1], tensors=x)
+                   classes, in_channels=x.train.shape[1], image_size=x.train.shape[-1], tensors=x)
 
 
 def _build_digits(root: Path, download: bool) -> RawData:
@@ -108,38 +113,24 @@ def _build_digits(root: Path, download: bool) -> RawData:
     train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
     train, test = images[train_idx], images[test_idx]
     mean, std = train.mean().item(), train.std().item()
-    normalize = T.Normalize([mean], [std])
     # Shift by up to 1 pixel before normalising, so the padding is 0 = background. No flips: digits are not symmetric.
-    augment = T.Compose([T.RandomCrop(8, padding=1, fill=0), normalize])
     return _tensor_data(ImageTensors(train, test, (mean,), (std,), pad=1, flip=False), labels[train_idx],
-                        labels[test_idx], [str(c) for c in bunch.target_names], augment, normalize)
+                        labels[test_idx], [str(c) for c in bunch.target_names])
 
 
 def _build_cifar(name: str, cls: type, root: Path, download: bool) -> RawData:
-    normalize = T.Normalize(*CIFAR_STATS[name])
-    train_t = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), normalize])
-    eval_t = T.Compose([T.ToTensor(), normalize])
-    train = cls(root, train=True, transform=train_t, download=download)
-    test = cls(root, train=False, transform=eval_t, download=False)
-    raw = _from_labelled(train, cls(root, train=True, transform=eval_t, download=False), test, image_size=32)
+    train, test = cls(root, train=True, download=download), cls(root, train=False, download=False)
     # torchvision holds CIFAR in memory as N x H x W x C uint8: the same pixels, channels first
     train_x, test_x = (torch.from_numpy(np.ascontiguousarray(d.data)).permute(0, 3, 1, 2) for d in (train, test))
-    raw.tensors = ImageTensors(train_x, test_x, *CIFAR_STATS[name], pad=4, flip=True)
-    return raw
+    return _tensor_data(ImageTensors(train_x, test_x, *CIFAR_STATS[name], pad=4, flip=True), _targets(train.targets),
+                        _targets(test.targets), list(train.classes))
 
 
 def _build_idx(name: str, root: Path, download: bool) -> RawData:
-    """The MNIST family (colam.idx_datasets), held whole as uint8: a random 28x28 crop of the image zero-padded
-    by IDX_PAD, and a left-right flip only where it keeps the class (Fashion-MNIST)."""
-    from colam.idx_datasets import IDX_SETS, read_idx_set
-
+    """The MNIST family (colam.idx_datasets), held whole as uint8, flipped only where that keeps the class."""
     spec, (train, train_labels, test, test_labels) = IDX_SETS[name], read_idx_set(name, root, download)
-    to_float, normalize = T.ConvertImageDtype(torch.float32), T.Normalize([spec.mean], [spec.std])
-    flips = [T.RandomHorizontalFlip()] if spec.flip else []
-    augment = T.Compose([T.RandomCrop(28, padding=IDX_PAD), *flips, to_float, normalize])
     tensors = ImageTensors(train, test, (spec.mean,), (spec.std,), pad=IDX_PAD, flip=spec.flip)
-    evaluate = T.Compose([to_float, normalize])
-    return _tensor_data(tensors, train_labels, test_labels, list(spec.cls.classes), augment, evaluate)
+    return _tensor_data(tensors, train_labels, test_labels, list(spec.cls.classes))
 
 
 def load_image(path: str) -> Image.Image:
@@ -168,14 +159,8 @@ def _build_imagefolder(root: Path, download: bool) -> RawData:
     train_t, eval_t = _imagenet_transforms()
     train, test = _image_folder(root / "train", train_t), _image_folder(root / "val", eval_t)
     _check_same_classes(root, {"train": train.classes, "val": test.classes})
-    return _from_labelled(train, _image_folder(root / "train", eval_t), test, image_size=224)
-
-
-def _from_labelled(train, train_eval, test, image_size: int) -> RawData:
-    """RawData from torchvision data sets that expose `.targets` and `.classes` (RGB images)."""
-    return RawData(train=train, train_eval=train_eval, test=test, train_targets=_targets(train.targets),
-                   test_targets=_targets(test.targets), classes=list(train.classes), in_channels=3,
-                   image_size=image_size)
+    return RawData(train, _image_folder(root / "train", eval_t), test, _targets(train.targets),
+                   _targets(test.targets), train.classes, in_channels=3, image_size=224)
 
 
 def _build_split(cls: type, train_splits: Sequence[str], test_split: str, root: Path, download: bool,
@@ -186,18 +171,13 @@ def _build_split(cls: type, train_splits: Sequence[str], test_split: str, root: 
     def make(split: str, transform: Callable):
         return cls(root, split=split, transform=transform, download=download, **kwargs)
 
-    train_parts = [make(s, train_t) for s in train_splits]
-    train_eval_parts = [make(s, eval_t) for s in train_splits]
-    test = make(test_split, eval_t)
-    # torchvision keeps these labels in the private `_labels` list: read it, not the images.
+    train_parts, test = [make(s, train_t) for s in train_splits], make(test_split, eval_t)
     parts = {**dict(zip(train_splits, train_parts)), test_split: test}
-    n_classes = 1 + max(max(p._labels, default=-1) for p in parts.values())
-    names = {split: list(getattr(p, "classes", None) or [f"class_{i:03d}" for i in range(n_classes)])
-             for split, p in parts.items()}
-    _check_same_classes(root, names)
-    return RawData(train=ConcatDataset(train_parts), train_eval=ConcatDataset(train_eval_parts), test=test,
-                   train_targets=_targets([y for p in train_parts for y in p._labels]),
-                   test_targets=_targets(test._labels), classes=names[test_split], in_channels=3, image_size=224)
+    _check_same_classes(root, {split: part.classes for split, part in parts.items()})
+    # torchvision keeps these labels in the private `_labels` list: read it, not the images.
+    return RawData(ConcatDataset(train_parts), ConcatDataset([make(s, eval_t) for s in train_splits]), test,
+                   _targets([y for p in train_parts for y in p._labels]), _targets(test._labels), list(test.classes),
+                   in_channels=3, image_size=224)
 
 
 def _check_same_classes(root: Path, classes_by_split: dict[str, list[str]]) -> None:
@@ -243,20 +223,14 @@ def dataset_spec(name: str) -> DatasetSpec:
 
 
 def build_raw_data(name: str, root: str | os.PathLike, *, download: bool = False) -> RawData:
-    """Build the named data set from files under `root` (downloading them if `download`)."""
+    """Build the named data set from files under `root` (downloading them if `download`); torchvision's
+    missing-file and download errors become one-line ColamErrors."""
     spec, root = dataset_spec(name), Path(root).expanduser()
     # With download, torchvision creates the root itself.
     if spec.needs_files and not download and not root.exists():
         raise ColamError(f"data.root: '{root}' does not exist")
-    with _torchvision_errors(name, root, download):
-        return spec.builder(root, download)
-
-
-@contextmanager
-def _torchvision_errors(name: str, root: Path, download: bool) -> Iterator[None]:
-    """Turn torchvision's missing-file and download errors into one-line ColamErrors."""
     try:
-        yield
+        return spec.builder(root, download)
     # "Dataset not found or corrupted. You can use download=True ...", or an annotation file missing in a folder
     except (RuntimeError, FileNotFoundError) as err:
         if isinstance(err, RuntimeError) and "not found" not in str(err).lower():
@@ -286,22 +260,19 @@ def get_data(name: str, source: str, out: str | os.PathLike) -> list[str]:
         raw = spec.builder(out, False)
         arrays = {"train_images": raw.tensors.train, "test_images": raw.tensors.test,
                   "train_targets": raw.train_targets, "test_targets": raw.test_targets}
-        digests = {key: hashlib.md5(np.ascontiguousarray(np.asarray(value)).tobytes()).hexdigest()
-                   for key, value in arrays.items()}
+        digests = {key: hashlib.md5(np.asarray(value).tobytes()).hexdigest() for key, value in arrays.items()}
         # no version: a scikit-learn release with the same digits leaves the file, and DVC, as they were
         cio.write_json(out / f"{name}.json", {"name": name, "source": "scikit-learn's load_digits", "md5": digests})
         return [f"{name}.json"]
     if source == BUNDLED:
         raise ColamError(f"--from: {name} is not bundled; give a folder holding its files or '{DOWNLOAD}'")
-    from colam.idx_datasets import IDX_SETS, copy_idx_files
-
     if name in IDX_SETS:
         if source != DOWNLOAD and not Path(source).is_dir():
             raise ColamError(f"--from: '{source}' is not a folder (nor '{DOWNLOAD}')")
         written = copy_idx_files(name, Path(source), out, download=source == DOWNLOAD)
-        return sorted(str(p.relative_to(out)) for p in written)
-    if source != DOWNLOAD:
+    elif source != DOWNLOAD:
         raise ColamError(f"--from: colam copies {name} from its download only; use --from {DOWNLOAD}")
-    with _torchvision_errors(name, out, True):
-        spec.builder(out, True)
-    return sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    else:
+        build_raw_data(name, out, download=True)
+        written = [p for p in out.rglob("*") if p.is_file()]
+    return sorted(str(p.relative_to(out)) for p in written)

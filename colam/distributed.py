@@ -4,6 +4,7 @@ Without RANK, LOCAL_RANK and WORLD_SIZE (or with WORLD_SIZE=1) all here is a no-
 from __future__ import annotations
 
 import os
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -69,13 +70,10 @@ def _env_number(key: str, kind: type, default, what: str = "an integer in the en
     text = os.environ.get(key)
     if text is None:
         return default
-    try:
-        value = kind(text)
-    except ValueError:
-        value = None
-    if value is None or not valid(value):
-        raise ColamError(f"{key}: expected {what}, got {text!r}")
-    return value
+    with suppress(ValueError):
+        if valid(value := kind(text)):
+            return value
+    raise ColamError(f"{key}: expected {what}, got {text!r}")
 
 
 def current() -> World:

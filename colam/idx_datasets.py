@@ -59,8 +59,7 @@ IDX_SETS = {
 
 def read_idx_set(name: str, root: Path, download: bool) -> list:
     """The train images, train labels, test images and test labels (uint8 N x 1 x 28 x 28, int64) of `name`."""
-    checked = _checked_files(name, root, download)
-    return [_idx_array(content, file) for file, (content, _) in checked.items()]
+    return [_idx_array(content, file) for file, (content, _) in _checked_files(name, root, download).items()]
 
 
 def copy_idx_files(name: str, source: Path, out: Path, download: bool = False) -> list[Path]:
@@ -69,8 +68,7 @@ def copy_idx_files(name: str, source: Path, out: Path, download: bool = False) -
     checked = _checked_files(name, out if download else source, download)  # all checked before any write
     folder, kept = out / IDX_SETS[name].cls.__name__ / "raw", []
     for file, (content, original_gz) in checked.items():
-        target = folder / (file if original_gz is None else f"{file}.gz")
-        data = content if original_gz is None else original_gz
+        target, data = (folder / file, content) if original_gz is None else (folder / f"{file}.gz", original_gz)
         if not (target.is_file() and target.read_bytes() == data):
             cio.atomic_write_bytes(target, data)
         kept.append(target)
@@ -81,20 +79,24 @@ def copy_idx_files(name: str, source: Path, out: Path, download: bool = False) -
 
 
 def _checked_files(name: str, root: Path, download: bool) -> dict[str, tuple[bytes, bytes | None]]:
-    """`checked_file` of every file of `name` under `root`, downloaded there first when `download`."""
+    """Every file of `name` under `root` (downloaded there first when `download`): its uncompressed bytes after the
+    integrity check, and the .gz itself when it is torchvision's original (how KMNIST is checked)."""
     spec = IDX_SETS[name]
     if download:
-        _download(spec, root)
-    return {file: checked_file(spec, root, file) for file in FILES}
+        try:  # torchvision's download: every file from its mirrors, the .gz md5 checked, then extracted
+            spec.cls(str(root), train=True, download=True)
+        except (OSError, RuntimeError) as err:  # URLError is an OSError; "File not found or corrupted" a RuntimeError
+            raise ColamError(f"data.download: could not download {name} into '{root}': {' '.join(str(err).split())}"
+                             ) from None
+    return {file: _checked_file(spec, root, file) for file in FILES}
 
 
-def checked_file(spec: IdxSet, root: Path, file: str) -> tuple[bytes, bytes | None]:
-    """The uncompressed bytes of `file` (in root/<Class>/raw or `root`, .gz or not) after the integrity check, and
-    the .gz itself when it is torchvision's original (how KMNIST is checked)."""
+def _checked_file(spec: IdxSet, root: Path, file: str) -> tuple[bytes, bytes | None]:
+    """`file` from root/<Class>/raw or `root`, .gz or not: an original .gz is proof enough, else the content's."""
     folders = (root / spec.cls.__name__ / "raw", root)
-    for archive in (folder / f"{file}.gz" for folder in folders):  # an original .gz is proof enough
-        raw = _read(archive) if archive.is_file() else None
-        if raw is not None and hashlib.md5(raw).hexdigest() == dict(spec.cls.resources)[f"{file}.gz"]:
+    original = dict(spec.cls.resources)[f"{file}.gz"]
+    for archive in (folder / f"{file}.gz" for folder in folders):
+        if archive.is_file() and hashlib.md5(raw := _read(archive)).hexdigest() == original:
             return _gunzip(raw, archive), raw
     path = next((p for folder in folders for p in (folder / file, folder / f"{file}.gz") if p.is_file()), None)
     if path is None:
@@ -111,15 +113,6 @@ def checked_file(spec: IdxSet, root: Path, file: str) -> tuple[bytes, bytes | No
         raise ColamError(f"data.root: '{path}' is not {spec.name}'s original {file} (content md5 {digest}, "
                          f"{len(content):,} bytes; expected {expected[0]}, {expected[1]:,} bytes)")
     return content, None
-
-
-def _download(spec: IdxSet, root: Path) -> None:
-    """torchvision's download: every file from its mirrors, the .gz md5 checked, then extracted."""
-    try:
-        spec.cls(str(root), train=True, download=True)
-    except (OSError, RuntimeError) as err:  # URLError is an OSError; "File not found or corrupted" a RuntimeError
-        raise ColamError(f"data.download: could not download {spec.name} into '{root}': {' '.join(str(err).split())}"
-                         ) from None
 
 
 def _read(path: Path) -> bytes:
@@ -141,9 +134,8 @@ def _idx_array(content: bytes, file: str) -> torch.Tensor | np.ndarray:
     the integrity check vouches for known files; this keeps the reader honest."""
     dims = 3 if "idx3" in file else 1
     head = 4 + 4 * dims
-    found = struct.unpack(">I", content[:4])[0] if len(content) >= 4 else None
-    sizes = struct.unpack(f">{dims}I", content[4:head]) if len(content) >= head else ()
-    if found != 0x800 | dims or len(content) != head + int(np.prod(sizes)):
+    magic, *sizes = struct.unpack_from(f">{1 + dims}I", content) if len(content) >= head else (None,)
+    if magic != 0x800 | dims or len(content) != head + int(np.prod(sizes)):
         raise ColamError(f"data.root: {file} is not an IDX file of unsigned bytes with {dims} dimension(s)")
     values = np.frombuffer(content, dtype=np.uint8, offset=head)
     return torch.from_numpy(values.reshape(sizes[0], 1, *sizes[1:]).copy()) if dims == 3 else values.astype(np.int64)
