@@ -19,6 +19,7 @@ store that still does not answer costs one warning, never the training.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -36,12 +37,12 @@ import numpy as np
 import yaml
 from filelock import FileLock
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunStatus
+from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException, RestException
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from colam import io as cio
-from colam.config import Config
+from colam.config import Config, from_dict
 from colam.engine import RunLog, run_metrics
 from colam.run_folder import HISTORY_FIELDS, run_digest, run_identity
 from colam.errors import ColamError
@@ -55,36 +56,31 @@ FINAL = ("test_acc", "val_acc", "train_acc", "train_loss", "wall_time_s")
 NOT_REPORTS = ("estimation_seconds", "step", "steps")  # numbers in a stage's metrics that are no method report
 
 
-def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
-
-
 def connect(uri: str | None = None) -> MlflowClient:
     """A client of `uri` that has answered once, so a wrong server fails before training starts."""
-    uri = uri or tracking_uri()
-    remote = uri.startswith(("http://", "https://"))
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    database = sqlite_path(uri)
     try:
         # MLflow retries a refused connection for minutes by default: one quick try tells us enough.
-        # A fresh sqlite store is created (its migrations run) by the first process that opens it:
-        # parallel runs (dvc queue start -j N) take turns there, or the migrations collide.
-        with bounded_http(timeout=10) if remote else contextlib.nullcontext(), sqlite_open_lock(uri):
-            database = sqlite_path(uri)
+        with bounded_http(timeout=10), contextlib.ExitStack() as held:
+            # A fresh sqlite store is created (its migrations run) by the first process that opens it:
+            # parallel runs (dvc queue start -j N) take turns there, or the migrations collide. No lock
+            # where the folder cannot be written to: opening the store then says why.
+            if database is not None:
+                with contextlib.suppress(OSError):
+                    held.enter_context(FileLock(database.with_name(database.name + ".lock")))
             if database is not None and not database.exists():
-                _create_sqlite_store(database)
+                # Made whole, then renamed into place: a kill during MLflow's migrations leaves only the
+                # temporary file (the next creation starts it again), never a half-made store.
+                scratch = database.with_name(f".{database.name}.creating.tmp")
+                scratch.unlink(missing_ok=True)
+                MlflowClient(tracking_uri=f"sqlite:///{scratch.resolve()}").search_experiments(max_results=1)
+                os.replace(scratch, database)
             client = MlflowClient(tracking_uri=uri)
             client.search_experiments(max_results=1)
     except Exception as exc:  # connection refused, DNS, auth, a bad sqlite path: one line
         raise ColamError(f"MLFLOW_TRACKING_URI: cannot use the tracking store '{uri}' ({_reason(exc)})") from None
     return client
-
-
-def _create_sqlite_store(path: Path) -> None:
-    """A new sqlite store made whole, then renamed into place: a kill during MLflow's migrations
-    leaves only the temporary file (the next creation starts it again), never a half-made store."""
-    scratch = path.with_name(f".{path.name}.creating.tmp")
-    scratch.unlink(missing_ok=True)
-    MlflowClient(tracking_uri=f"sqlite:///{scratch.resolve()}").search_experiments(max_results=1)
-    os.replace(scratch, path)
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -98,22 +94,6 @@ def sqlite_path(uri: str) -> Path | None:
     except Exception:  # a malformed URI: MLflow says why when it opens it
         return None
     return Path(database) if database and database != ":memory:" else None
-
-
-@contextlib.contextmanager
-def sqlite_open_lock(uri: str):
-    """An exclusive lock on `DB.lock` next to a sqlite store while it is opened; nothing for other
-    stores, or where the folder cannot be written to (opening the store then says why)."""
-    path = sqlite_path(uri)
-    lock = FileLock(path.with_name(path.name + ".lock")) if path is not None else None
-    try:
-        lock and lock.acquire()
-    except OSError:
-        lock = None
-    try:
-        yield
-    finally:
-        lock and lock.release()
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:
@@ -161,26 +141,12 @@ def flat_params(config: Config) -> dict[str, str]:
     return flat
 
 
-def summary_params(config: Config) -> dict[str, str]:
-    """The parameters the runs are compared by, under short names."""
-    summary = {"method": config.method.name, "model": config.model.name, "dataset": config.data.name,
-               "seed": str(config.seed), "git_commit": git_commit() or "unknown"}
-    return {**summary, **METHODS[config.method.name].short_settings(config)}
-
-
 def git_commit() -> str | None:
     try:
         result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return result.stdout.strip() if result.returncode == 0 else None
-
-
-def soft_label_heatmap(soft_labels: np.ndarray, class_names: list[str], title: str, path: Path) -> Path:
-    """A C×C heatmap of the soft labels as a PNG: row c is the label of class c."""
-    from pipelines import figures
-
-    return figures.save_png(figures.soft_label_heatmap(soft_labels, class_names, title), path, dpi=110)
 
 
 STAGE_FILES = ("model.pt", "export.pt", "metrics.json", "soft_labels.npy", "soft_labels.json", "sample_soft_labels.npy",
@@ -192,14 +158,16 @@ def stage_files(folder: Path, stage: int, config: Config, held: set[str] = froze
     """A stage folder's checkpoint, metrics and soft labels, with a heatmap of the soft labels drawn
     into a temporary folder while the block runs (unless `held` has it already): (path, artifact
     folder, name to report) each."""
+    from pipelines import figures
+
     files = [(folder / name, None, f"stage_{stage}/{name}") for name in STAGE_FILES if (folder / name).exists()]
     with tempfile.TemporaryDirectory() as scratch:
         if (folder / "soft_labels.npy").exists() and f"figures/soft_labels_stage_{stage}.png" not in held:
             names = json.loads((folder / "soft_labels.json").read_text())["class_names"]
             temperature = METHODS[config.method.name].headline_values(config).get("temperature")
             title = f"soft labels after stage {stage}" + (f" (T = {temperature:g})" if temperature is not None else "")
-            figure = soft_label_heatmap(np.load(folder / "soft_labels.npy"), names, title,
-                                        Path(scratch) / f"soft_labels_stage_{stage}.png")
+            heatmap = figures.soft_label_heatmap(np.load(folder / "soft_labels.npy"), names, title)
+            figure = figures.save_png(heatmap, Path(scratch) / f"soft_labels_stage_{stage}.png", dpi=110)
             files.append((figure, "figures", f"figures/{figure.name}"))
         yield files
 
@@ -209,31 +177,41 @@ def parent_key(config: Config, key: str) -> str:
     return _digest({"out_dir": key, "run": run_digest(config)})[:16]
 
 
+def parent_condition(run_key: str) -> str:
+    return f"tags.`colam.run_key` = '{run_key}' and tags.`colam.role` = 'parent'"
+
+
+def stage_condition(parent_id: str, stage: int) -> str:
+    return f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}' and tags.`colam.stage` = '{stage}'"
+
+
+def newest_run(client: MlflowClient, experiment: str, condition: str):
+    """The newest run of experiment id `experiment` that meets `condition`, or None."""
+    runs = client.search_runs([experiment], condition, order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
 def find_parent(client: MlflowClient, experiment: str, config: Config, key: str) -> str:
     """The newest parent run tagged with this run key, finished or not (pipeline steps after training)."""
-    found = _newest_parent(client, experiment, parent_key(config, checked_key(key)))
-    if found is None:
-        raise ColamError(f"MLFLOW_TRACKING_URI: no run of this pipeline run ('{key}') in experiment '{experiment}'; "
-                         f"the training step logs it first")
-    return found
+    return _newest_parent(client, experiment, parent_key(config, checked_key(key)),
+                          f"MLFLOW_TRACKING_URI: no run of this pipeline run ('{key}') in experiment '{experiment}'; "
+                          f"the training step logs it first")
 
 
 def run_parent(client: MlflowClient, experiment: str, config: Config, out_dir: str | Path) -> str:
     """The newest parent run of the run trained into `out_dir` (by `colam train --track`) with `config`."""
-    found = _newest_parent(client, experiment, parent_key(config, str(Path(out_dir).resolve())))
-    if found is None:
-        raise ColamError(f"--run: no MLflow run of '{out_dir}' in experiment '{experiment}' at "
-                         f"{display_uri(client.tracking_uri)}; "
-                         f"train it with --track first, or analyse without --track")
-    return found
+    return _newest_parent(client, experiment, parent_key(config, str(Path(out_dir).resolve())),
+                          f"--run: no MLflow run of '{out_dir}' in experiment '{experiment}' at "
+                          f"{display_uri(client.tracking_uri)}; train it with --track first, or analyse without "
+                          f"--track")
 
 
-def _newest_parent(client: MlflowClient, experiment: str, run_key: str) -> str | None:
+def _newest_parent(client: MlflowClient, experiment: str, run_key: str, missing: str) -> str:
     found = client.get_experiment_by_name(experiment)
-    runs = [] if found is None else client.search_runs(
-        [found.experiment_id], f"tags.`colam.run_key` = '{run_key}' and tags.`colam.role` = 'parent'",
-        order_by=["attributes.start_time DESC"], max_results=1)
-    return runs[0].info.run_id if runs else None
+    run = None if found is None else newest_run(client, found.experiment_id, parent_condition(run_key))
+    if run is None:
+        raise ColamError(missing)
+    return run.info.run_id
 
 
 def log_estimate(client: MlflowClient, experiment: str, config: Config, key: str, folder: Path, summary: dict) -> None:
@@ -241,24 +219,19 @@ def log_estimate(client: MlflowClient, experiment: str, config: Config, key: str
     if summary["stage"] is None:
         return
     parent = find_parent(client, experiment, config, key)
-    runs = client.search_runs(
-        [client.get_run(parent).info.experiment_id],
-        f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent}' and tags.`colam.stage` = '{summary['stage']}'",
-        order_by=["attributes.start_time DESC"], max_results=1)
-    if not runs:
+    run = newest_run(client, client.get_run(parent).info.experiment_id, stage_condition(parent, summary["stage"]))
+    if run is None:
         raise ColamError(f"MLFLOW_TRACKING_URI: run {parent} has no stage {summary['stage']} to log soft labels to")
-    run_id = runs[0].info.run_id
-    client.log_metric(run_id, "estimation_seconds", float(summary["seconds"]), step=summary["epoch"])
+    client.log_metric(run.info.run_id, "estimation_seconds", float(summary["seconds"]), step=summary["epoch"])
     with stage_files(folder, summary["stage"], config) as files:
         for path, artifact_path, _ in files:
-            client.log_artifact(run_id, str(path), artifact_path=artifact_path)
+            client.log_artifact(run.info.run_id, str(path), artifact_path=artifact_path)
 
 
 def log_evaluation(client: MlflowClient, experiment: str, config: Config, key: str, report: Path,
                    metrics: dict) -> None:
     """The evaluation's scalars (prefixed eval_) and report files on the parent run."""
-    parent = find_parent(client, experiment, config, key)
-    now = int(time.time() * 1000)
+    parent, now = find_parent(client, experiment, config, key), _now_ms()
     scalars = [Metric(f"eval_{k}", float(v), now, metrics["evaluated_epoch"]) for k, v in metrics.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool) and k.startswith(("test_", "val_"))]
     client.log_batch(parent, metrics=scalars)
@@ -269,6 +242,14 @@ def log_files(client: MlflowClient, run_id: str, paths: list[Path], artifact_pat
     for path in paths:
         if path.exists():
             client.log_artifact(run_id, str(path), artifact_path=artifact_path)
+
+
+def log_points(client: MlflowClient, run_id: str, metrics: dict[str, list]) -> None:
+    """Each metric's (step, value) points on run `run_id`, in one batch."""
+    now = _now_ms()
+    batch = [Metric(key, float(value), now, int(step)) for key, points in metrics.items() for step, value in points]
+    if batch:
+        client.log_batch(run_id, metrics=batch)
 
 
 def tracking_client() -> MlflowClient | None:
@@ -301,24 +282,18 @@ FIRST_DELAY_S = 0.25  # then 0.5, 1, 2, 4 ... while the total stays within the b
 HTTP_TIMEOUT_S = 30  # per request (connect, read) unless MLFLOW_HTTP_REQUEST_TIMEOUT says otherwise
 _TRANSIENT_CODES = {"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED",
                     "COULD_NOT_ACQUIRE_LOCK", "SERVICE_UNDER_MAINTENANCE"}
-_BOTO_TRANSPORT = {"EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError", "ConnectTimeoutError",
-                   "ConnectionError", "HTTPClientError", "ProxyConnectionError", "ResponseStreamingError"}
+_BOTO_TRANSPORT = {"ConnectionError", "HTTPClientError"}  # the bases of botocore's transport errors
 _S3_RETRYABLE = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "Throttling", "503", "500"}
 _S3_REFUSALS = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket")
 _STORE_MODULES = {"mlflow", "requests", "urllib3", "botocore", "boto3", "sqlalchemy", "sqlite3"}
 
 
 def retry_seconds() -> float:
-    raw = os.environ.get(RETRY_ENV, "").strip()
-    if not raw:
-        return DEFAULT_RETRY_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < float("inf"):
-        raise ColamError(f"{RETRY_ENV}: expected seconds >= 0, got {raw!r}")
-    return value
+    raw = os.environ.get(RETRY_ENV, "").strip() or str(DEFAULT_RETRY_S)
+    with contextlib.suppress(ValueError):
+        if 0 <= float(raw) < float("inf"):
+            return float(raw)
+    raise ColamError(f"{RETRY_ENV}: expected seconds >= 0, got {raw!r}")
 
 
 def bounded_http(timeout: float | None = None):
@@ -353,29 +328,24 @@ def transient(exc: BaseException) -> bool:
     a busy sqlite database, an S3 upload that failed on the storage side."""
     for e in _chain(exc):
         name, root, text = type(e).__name__, _root(e), str(e)
-        if isinstance(e, (ConnectionError, TimeoutError)) or "database is locked" in text:
+        if isinstance(e, (ConnectionError, TimeoutError)) or "database is locked" in text or root == "urllib3":
             return True
         if root == "requests":
             response = getattr(e, "response", None)
             return response is None or response.status_code >= 500  # HTTPError of a 4xx: a refusal
-        if root == "urllib3":
-            return True
         if name == "ClientError" and root == "botocore":
             metadata, error = e.response.get("ResponseMetadata", {}), e.response.get("Error", {})
             return metadata.get("HTTPStatusCode", 0) >= 500 or error.get("Code") in _S3_RETRYABLE
-        if root == "botocore" and name in _BOTO_TRANSPORT:
+        if root == "botocore" and _BOTO_TRANSPORT & {base.__name__ for base in type(e).__mro__}:
             return True
         if name == "S3UploadFailedError":
             return not any(code in text for code in _S3_REFUSALS)
         if isinstance(e, RestException):
             return e.error_code in _TRANSIENT_CODES or e.get_http_status_code() >= 500
-        if isinstance(e, MlflowException):
-            if e.error_code in _TRANSIENT_CODES:
-                return True
-            lowered = text.lower()
-            if "api request to" in lowered and ("failed with exception" in lowered or "timeout" in lowered
-                                                or re.search(r"error code 5\d\d", lowered)):
-                return True
+        if isinstance(e, MlflowException) and (e.error_code in _TRANSIENT_CODES or "api request to" in text.lower()
+                                               and re.search(r"failed with exception|timeout|error code 5\d\d",
+                                                             text, re.IGNORECASE)):
+            return True
     return False
 
 
@@ -384,18 +354,15 @@ def _reason(exc: BaseException) -> str:
     said = [e for e in _chain(exc) if str(e).strip()]
     if not said:
         return type(exc).__name__
-    inner = said[-1]
-    line = str(inner).strip().splitlines()[0]
-    return f"{type(inner).__name__}: {line}"[:240]
+    return f"{type(said[-1]).__name__}: {str(said[-1]).strip().splitlines()[0]}"[:240]
 
 
 class Refused(Exception):
     """A call the store did not take: `transient` after the retries, or refused outright."""
 
     def __init__(self, what: str, error: BaseException, tries: int, transient: bool):
-        super().__init__(f"{what}: {_reason(error)}")
-        self.what, self.error, self.tries, self.transient = what, error, tries, transient
-        self.reason = _reason(error)
+        self.what, self.tries, self.transient, self.reason = what, tries, transient, _reason(error)
+        super().__init__(f"{what}: {self.reason}")
 
 
 def with_retries(what: str, call, budget: float):
@@ -427,11 +394,6 @@ def display_uri(uri: str) -> str:
     return re.sub(r"(://[^/:@]*):[^/@]*@", r"\1:***@", uri)
 
 
-def sync_command(run_dir: Path, uri: str, experiment: str) -> str:
-    return (f"MLFLOW_TRACKING_URI={shlex.quote(display_uri(uri))} colam tracking sync {shlex.quote(str(run_dir))} "
-            f"--experiment {shlex.quote(experiment)}")
-
-
 # --------------------------------------------------------------- what a run folder holds
 
 
@@ -446,21 +408,20 @@ class FolderState:
     history: list[dict] | None = None  # every epoch at full precision (the last stage's state), once the run is over
 
 
-def read_folder(out_dir: Path, config: Config, stage_dirs: dict[int, Path] | None = None,
-                final: dict | None = None) -> FolderState:
+def read_folder(out_dir: Path, config: Config, stage_dirs: dict[int, Path], final: dict | None) -> FolderState:
     """The finished stages of `out_dir` (stage_K/ with its metrics.json and state.pt, plus the
     folders a run log was told of), and the final metrics once the last stage is there."""
-    stages = dict(stage_dirs or {})
+    stages = dict(stage_dirs)
     for folder in out_dir.glob("stage_*"):
         number = folder.name.removeprefix("stage_")
         if number.isdigit() and (folder / "metrics.json").is_file() and (folder / "state.pt").is_file():
             stages.setdefault(int(number), folder)
-    count = len(METHODS[config.method.name].stage_epochs(config))
-    if final is None and (out_dir / "metrics.json").is_file() and (out_dir / "checkpoint.pt").is_file():
-        final = json.loads((out_dir / "metrics.json").read_text())
     stages = dict(sorted(stages.items()))
+    count = len(METHODS[config.method.name].stage_epochs(config))
     # A whole run ends with its metrics.json; a run trained stage by stage (or step) with its last stage.
     whole_run = (out_dir / "checkpoint.pt").is_file()
+    if final is None and whole_run and (out_dir / "metrics.json").is_file():
+        final = json.loads((out_dir / "metrics.json").read_text())
     last = _stage_state(stages[count]) if count in stages and (final or not whole_run) else None
     if final is None and last is not None and not whole_run and last["epoch"] == config.train.epochs:
         final = run_metrics(config, last["history"], last["elapsed"])
@@ -478,8 +439,6 @@ def _stage_state(folder: Path) -> dict:
 
 def folder_config(out_dir: Path) -> Config:
     """The configuration a run folder was trained with: its config.yaml, else a stage's state."""
-    from colam.config import from_dict
-
     if (out_dir / "config.yaml").is_file():
         return from_dict(yaml.safe_load((out_dir / "config.yaml").read_text()))
     for folder in sorted(out_dir.glob("stage_*/state.pt")):
@@ -490,46 +449,39 @@ def folder_config(out_dir: Path) -> Config:
 # --------------------------------------------------------------- the store as a view of the folder
 
 
-class Behind(Exception):
-    """The store did not take a call: what it misses stays in the run folder for the next sync."""
-
-
 class StoreView:
     """One run's runs in the store (a parent, a nested run per stage), brought up to a run folder.
 
     Every step looks at what the store holds first and adds only what is missing, so a sync may run
-    any number of times and after a kill at any moment; each call is retried (`with_retries`)."""
+    any number of times and after a kill at any moment; each call is retried (`with_retries`), and
+    one the store did not take raises `Refused`: what it misses stays in the run folder for the next sync."""
 
-    def __init__(self, client: MlflowClient, experiment: str, run_key: str):
-        self.client, self.experiment, self.run_key = client, experiment, run_key
+    def __init__(self, client: MlflowClient, experiment: str):
+        self.client, self.experiment = client, experiment
         self.budget = retry_seconds()
-        self.experiment_id: str | None = None
         self.not_uploaded: list[str] = []  # artifacts the store refused while it otherwise answered
         self.upload_error: Refused | None = None  # why, in this pass
         self.counts = {"runs": 0, "epochs": 0, "artifacts": 0}
 
     def call(self, what: str, fn):
-        try:
-            return with_retries(what, fn, self.budget)
-        except Refused as refused:
-            raise Behind(refused) from refused
+        return with_retries(what, fn, self.budget)
 
-    def experiment_id_now(self) -> str:
-        if self.experiment_id is None:
-            self.experiment_id = self.call(f"experiment '{self.experiment}'",
-                                           lambda: experiment_id(self.client, self.experiment))
-        return self.experiment_id
+    @functools.cached_property
+    def experiment_id(self) -> str:
+        return self.call(f"experiment '{self.experiment}'", lambda: experiment_id(self.client, self.experiment))
 
     def newest(self, condition: str):
-        runs = self.call("search runs", lambda: self.client.search_runs(
-            [self.experiment_id_now()], condition, order_by=["attributes.start_time DESC"], max_results=1))
-        return runs[0] if runs else None
+        return self.call("search runs", lambda: newest_run(self.client, self.experiment_id, condition))
 
     def create(self, tags: dict, name: str) -> str:
         run = self.call(f"create run '{name}'", lambda: self.client.create_run(
-            self.experiment_id_now(), start_time=_now_ms(), tags={**tags, MLFLOW_RUN_NAME: name}, run_name=name))
+            self.experiment_id, start_time=_now_ms(), tags={**tags, MLFLOW_RUN_NAME: name}, run_name=name))
         self.counts["runs"] += 1
         return run.info.run_id
+
+    def create_stage(self, parent_id: str, stage: int) -> str:
+        return self.create({MLFLOW_PARENT_RUN_ID: parent_id, "colam.role": "stage", "colam.stage": str(stage)},
+                           f"stage {stage}")
 
     def last_epoch(self, run_id: str) -> int:
         points = self.call("metric history", lambda: self.client.get_metric_history(run_id, "lr"))
@@ -549,10 +501,10 @@ class StoreView:
         artifact storage does not (S3 down behind a proxying server)."""
         try:
             return self.call(f"list artifacts of run {run_id}", lambda: artifact_names(self.client, run_id))
-        except Behind as behind:
+        except Refused as refused:
             if not self.answers():
                 raise
-            self.upload_error = behind.args[0]
+            self.upload_error = refused
             return set()
 
     def upload(self, run_id: str, files: list[tuple[Path, str | None, str]], held: set[str]) -> None:
@@ -567,11 +519,11 @@ class StoreView:
             try:
                 self.call(f"upload {name}", lambda p=path, f=folder: self.client.log_artifact(run_id, str(p), f))
                 self.counts["artifacts"] += 1
-            except Behind as behind:
+            except Refused as refused:
                 if not self.answers():
                     raise
                 self.not_uploaded.append(name)
-                self.upload_error = behind.args[0]
+                self.upload_error = refused
 
     def answers(self) -> bool:
         """One quick request; tried twice, as a server that answered an error may have closed the
@@ -594,41 +546,25 @@ def artifact_names(client: MlflowClient, run_id: str, path: str | None = None) -
     return found
 
 
-def parent_tags(config: Config, run_key: str, out_dir: Path, run_name: str | None) -> dict:
-    method = METHODS[config.method.name]
-    tags = {"colam.role": "parent", "colam.run_key": run_key, "colam.method": config.method.name,
-            "colam.variant": variant(config), "colam.seed": str(config.seed),
-            "colam.protocol": protocol_digest(config), "colam.out_dir": str(out_dir),
-            MLFLOW_RUN_NAME: run_name or out_dir.name}
-    tags.update({f"colam.{key}": str(float(value)) for key, value in method.headline_values(config).items()})
-    commit = git_commit()
-    if commit:
-        tags[MLFLOW_GIT_COMMIT] = commit
-    return tags
-
-
-def sync_stage(view: StoreView, parent_id: str, stage: int, folder: Path, config: Config,
-               recheck: bool = True) -> None:
+def sync_stage(view: StoreView, parent_id: str, stage: int, folder: Path, config: Config, recheck: bool) -> None:
     """The nested run of a finished stage: its epochs, its scalars, its files, FINISHED. A FINISHED
     run is looked into again only when `recheck` (a sync; a training process checked it at its end)."""
-    condition = f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}' and tags.`colam.stage` = '{stage}'"
-    run = view.newest(condition)
-    if run is not None and run.info.status == RunStatus.to_string(RunStatus.FINISHED) and not recheck:
+    run = view.newest(stage_condition(parent_id, stage))
+    finished = run is not None and run.info.status == "FINISHED"
+    if finished and not recheck:
         return
-    run_id = run.info.run_id if run is not None else view.create(
-        {MLFLOW_PARENT_RUN_ID: parent_id, "colam.role": "stage", "colam.stage": str(stage)}, f"stage {stage}")
-    state = _stage_state(folder)
-    rows = [r for r in state["history"] if r["stage"] == stage and r["epoch"] > view.last_epoch(run_id)]
+    run_id = run.info.run_id if run is not None else view.create_stage(parent_id, stage)
+    logged = view.last_epoch(run_id)
+    rows = [r for r in _stage_state(folder)["history"] if r["stage"] == stage and r["epoch"] > logged]
     view.log(run_id, epoch_metrics(rows))
     view.counts["epochs"] += len(rows)
-    metrics = json.loads((folder / "metrics.json").read_text())
-    if run is None or not {f"stage_{k}" for k in ("test_acc", "train_acc")} <= run.data.metrics.keys():
-        view.log(run_id, stage_scalars(metrics))
+    if run is None or not {"stage_test_acc", "stage_train_acc"} <= run.data.metrics.keys():
+        view.log(run_id, stage_scalars(json.loads((folder / "metrics.json").read_text())))
     held = view.held(run_id)
     with stage_files(folder, stage, config, held) as files:
         view.upload(run_id, files, held)
-    if run is None or run.info.status != RunStatus.to_string(RunStatus.FINISHED):
-        view.end(run_id, RunStatus.to_string(RunStatus.FINISHED))
+    if not finished:
+        view.end(run_id, "FINISHED")
 
 
 def sync_parent_end(view: StoreView, parent_id: str, state: FolderState) -> None:
@@ -639,7 +575,7 @@ def sync_parent_end(view: StoreView, parent_id: str, state: FolderState) -> None
     final = [Metric(k, float(state.final[k]), now, state.final["epochs"]) for k in FINAL if k in state.final]
     view.log(parent_id, curves + (final if logged < state.final["epochs"] else []))
     view.upload(parent_id, [(path, None, path.name) for path in state.parent_files], view.held(parent_id))
-    view.end(parent_id, RunStatus.to_string(RunStatus.FINISHED))
+    view.end(parent_id, "FINISHED")
 
 
 def epoch_metrics(rows: list[dict], now: int | None = None) -> list[Metric]:
@@ -670,21 +606,16 @@ def sync(run_dir: str | Path, experiment: str) -> str:
     run_log.attach(config)
     try:
         run_log.catch_up(find_finished=True, recheck=True)
-    except Behind as behind:
+    except Refused as refused:
         raise ColamError(f"{run_dir}: the tracking store {display_uri(client.tracking_uri)} did not take "
-                         f"{behind.args[0].what} ({behind.args[0].reason}); run the same command again when it "
-                         f"answers") from None
-    counts = run_log.view.counts
+                         f"{refused.what} ({refused.reason}); run the same command again when it answers") from None
+    counts, view = run_log.view.counts, run_log.view
     said = (f"{counts['runs']} runs created, {counts['epochs']} epochs and {counts['artifacts']} artifacts sent"
             if any(counts.values()) else "nothing sent")
-    if run_log.view.not_uploaded:
-        raise ColamError(f"{run_dir}: {said}; not uploaded: {', '.join(run_log.view.not_uploaded)} "
-                         f"({run_log.view.upload_error.reason}); run the same command again when the store answers")
+    if view.not_uploaded:
+        raise ColamError(f"{run_dir}: {said}; not uploaded: {', '.join(view.not_uploaded)} "
+                         f"({view.upload_error.reason}); run the same command again when the store answers")
     return f"{run_dir}: the tracking store holds what the folder holds ({said}) at {display_uri(client.tracking_uri)}"
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def open_run_log(experiment: str, out_dir: str | Path, run_name: str | None = None) -> MlflowRunLog:
@@ -705,49 +636,48 @@ class MlflowRunLog(RunLog):
         """`run_key` names the run across processes whose out_dir differs (a Kubeflow run's id);
         by default the run is named by its out_dir."""
         self.client, self.experiment, self.out_dir, self.run_name = client, experiment, Path(out_dir), run_name
-        self.key = run_key
-        self.view = StoreView(client, experiment, "")
+        self.pipeline_key = run_key
+        self.run_key = ""  # the parent run's `colam.run_key` tag, once attached
+        self.view = StoreView(client, experiment)
         self.config: Config | None = None
         self.info: dict = {}
         self.parent_id: str | None = None  # the parent run while it is open
-        self._run_id: str | None = None  # the parent run, also after finish()
+        self.run_id: str | None = None  # the parent run, also after finish()
         self.stage_id: str | None = None
         self.stage_dirs: dict[int, Path] = {}
         self.final: dict | None = None
         self.resumed_from = 0
-        self.behind: Behind | None = None  # the store did not take the last call: hooks wait for a sync point
+        self.behind = False  # the store did not take the last call: hooks wait for a sync point
         self.warned = False  # one warning per run log, however often the store falls behind
 
     @property
-    def run_id(self) -> str | None:
-        return self._run_id
-
-    @property
     def command(self) -> str:
-        return sync_command(self.out_dir, self.client.tracking_uri, self.experiment)
+        """The command that brings the store up to the run folder."""
+        return (f"MLFLOW_TRACKING_URI={shlex.quote(display_uri(self.client.tracking_uri))} colam tracking sync "
+                f"{shlex.quote(str(self.out_dir))} --experiment {shlex.quote(self.experiment)}")
 
     # --------------------------------------------------------------- RunLog hooks
 
     def attach(self, config: Config) -> None:
         """The run this log reports: its configuration names its parent run (`parent_key`)."""
         self.config = config
-        self.view.run_key = parent_key(config, self.key or str(self.out_dir.resolve()))
+        self.run_key = parent_key(config, self.pipeline_key or str(self.out_dir.resolve()))
 
     def start(self, config: Config, info: dict) -> None:
         self.attach(config)
         self.resumed_from = info["resumed_from_epoch"]
         self.info = {k: str(v) for k, v in info.items() if k != "resumed_from_epoch"}
-        self._guarded(lambda: self.catch_up(find_finished=bool(self.key), resumed=self.resumed_from > 0))
-        if self.parent_id is not None and self.behind is None:
+        self._guarded(lambda: self.catch_up(find_finished=bool(self.pipeline_key), resumed=self.resumed_from > 0))
+        if self.parent_id is not None and not self.behind:
             log.info("MLflow: run %s in experiment '%s' at %s", self.parent_id, self.experiment,
                      display_uri(self.client.tracking_uri))
 
     def stage_start(self, stage: int) -> None:
-        if self.behind is None:
+        if not self.behind:
             self._guarded(lambda: self._open_stage(stage))
 
     def epoch_end(self, stage: int, row: dict) -> None:
-        if self.behind is None and self.stage_id is not None:
+        if not self.behind and self.stage_id is not None:
             self._guarded(lambda: self.view.log(self.stage_id, epoch_metrics([row])))
 
     def stage_end(self, stage: int, stage_dir: Path, metrics: dict) -> None:
@@ -763,8 +693,8 @@ class MlflowRunLog(RunLog):
     def log_files(self, paths: list[Path], artifact_path: str) -> None:
         """Files of the run (e.g. a pipeline's split.json) as artifacts of the parent run."""
         files = [(Path(p), artifact_path, Path(p).name) for p in paths if Path(p).exists()]
-        if self._run_id is not None:
-            self._guarded(lambda: self.view.upload(self._run_id, files, self.view.held(self._run_id)))
+        if self.run_id is not None:
+            self._guarded(lambda: self.view.upload(self.run_id, files, self.view.held(self.run_id)))
         self._tell_not_uploaded()
 
     # --------------------------------------------------------------- catching up with the folder
@@ -783,41 +713,51 @@ class MlflowRunLog(RunLog):
             sync_parent_end(self.view, self.parent_id, folder)
 
     def _find_or_create_parent(self, find_finished: bool, resumed: bool) -> None:
-        condition = f"tags.`colam.run_key` = '{self.view.run_key}' and tags.`colam.role` = 'parent'"
         # A pipeline run's key is unique to it: a retried last step continues its parent even after
         # that parent finished. Without a key, a finished run with this out_dir is an old one.
-        found = self.view.newest(condition if find_finished else condition + " and attributes.status != 'FINISHED'") \
-            if resumed else None
-        if found is not None:
-            self.parent_id = found.info.run_id
-            if found.info.status != RunStatus.to_string(RunStatus.RUNNING):
-                self.view.call("update run", lambda: self.client.update_run(self.parent_id, status="RUNNING"))
+        condition = parent_condition(self.run_key) + ("" if find_finished else " and attributes.status != 'FINISHED'")
+        found = self.view.newest(condition) if resumed else None
+        if found is None:
+            self.parent_id = self._create_parent()
         else:
-            tags = parent_tags(self.config, self.view.run_key, self.out_dir, self.run_name)
-            self.parent_id = self.view.create(tags, tags[MLFLOW_RUN_NAME])
-            params = {**flat_params(self.config), **summary_params(self.config), **self.info}
-            self.view.log(self.parent_id, params=[Param(k, v[:6000]) for k, v in params.items()])
-        self._run_id = self.parent_id
+            self.parent_id = found.info.run_id
+            if found.info.status != "RUNNING":
+                self.view.call("update run", lambda: self.client.update_run(self.parent_id, status="RUNNING"))
+        self.run_id = self.parent_id
+
+    def _create_parent(self) -> str:
+        """A parent run with the tags runs are found and compared by, and the configuration as params."""
+        config, method, commit = self.config, METHODS[self.config.method.name], git_commit()
+        tags = {"colam.role": "parent", "colam.run_key": self.run_key, "colam.method": config.method.name,
+                "colam.variant": variant(config), "colam.seed": str(config.seed),
+                "colam.protocol": protocol_digest(config), "colam.out_dir": str(self.out_dir),
+                **{f"colam.{key}": str(float(value)) for key, value in method.headline_values(config).items()}}
+        if commit:
+            tags[MLFLOW_GIT_COMMIT] = commit
+        parent_id = self.view.create(tags, self.run_name or self.out_dir.name)
+        params = {**flat_params(config), "method": config.method.name, "model": config.model.name,
+                  "dataset": config.data.name, "seed": str(config.seed), "git_commit": commit or "unknown",
+                  **method.short_settings(config), **self.info}
+        self.view.log(parent_id, params=[Param(k, v[:6000]) for k, v in params.items()])
+        return parent_id
 
     def _open_stage(self, stage: int) -> None:
-        run = self.view.newest(f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.parent_id}' and tags.`colam.stage` = "
-                               f"'{stage}' and attributes.status != 'FINISHED'")
+        run = self.view.newest(stage_condition(self.parent_id, stage) + " and attributes.status != 'FINISHED'")
         # An interrupted attempt that logged epochs this process trains again (a pipeline step re-runs
         # its stage from the start) is kept as it is; this attempt gets a run of its own.
         if run is not None and self.view.last_epoch(run.info.run_id) <= self.resumed_from:
             self.stage_id = run.info.run_id
         else:
-            self.stage_id = self.view.create({MLFLOW_PARENT_RUN_ID: self.parent_id, "colam.role": "stage",
-                                              "colam.stage": str(stage)}, f"stage {stage}")
+            self.stage_id = self.view.create_stage(self.parent_id, stage)
 
     def _sync_point(self) -> None:
         """At a stage end and at the finish: catch up, if the store answers again after falling behind."""
-        if self.behind is not None and not self.view.answers():
+        was_behind = self.behind
+        if was_behind and not self.view.answers():
             return
-        was_behind = self.behind is not None
-        self.behind = None
+        self.behind = False
         self._guarded(self.catch_up)
-        if was_behind and self.behind is None:
+        if was_behind and not self.behind:
             log.info("MLflow: the tracking store answers again; it holds what %s holds", self.out_dir)
         self._tell_not_uploaded()
 
@@ -825,16 +765,15 @@ class MlflowRunLog(RunLog):
         """Run `call`; a store that does not take it costs one warning, never the training."""
         try:
             call()
-        except Behind as behind:
-            refused = behind.args[0]
-            what = (f"does not answer ({refused.reason}, {refused.tries} tries)" if refused.transient
-                    else f"refused {refused.what} ({refused.reason})")
+        except Refused as refused:
+            self.behind = True
             if not self.warned:
+                what = (f"does not answer ({refused.reason}, {refused.tries} tries)" if refused.transient
+                        else f"refused {refused.what} ({refused.reason})")
                 log.warning("MLflow: the tracking store %s %s; training goes on, the run folder keeps everything; "
                             "bring the store up to it later with: %s", display_uri(self.client.tracking_uri), what,
                             self.command)
                 self.warned = True
-            self.behind = behind
 
     def _tell_not_uploaded(self) -> None:
         if self.view.not_uploaded:
@@ -849,15 +788,14 @@ class MlflowRunLog(RunLog):
 
     def __exit__(self, kind, error, traceback) -> None:
         """On an error mark the open runs; after a stage that is not the last, the parent stays RUNNING."""
-        if kind is None or self.behind is not None:
+        if kind is None or self.behind:
             return
-        status = RunStatus.to_string(RunStatus.KILLED if issubclass(kind, KeyboardInterrupt) else RunStatus.FAILED)
-        for run_id in (self.stage_id, self.parent_id):
-            if run_id is not None:
-                try:
-                    self.view.end(run_id, status)
-                except Exception as exc:  # the original error matters more than this one
-                    log.warning("MLflow: could not mark run %s %s (%s)", run_id, status, exc)
+        status = "KILLED" if issubclass(kind, KeyboardInterrupt) else "FAILED"
+        for run_id in filter(None, (self.stage_id, self.parent_id)):
+            try:
+                self.view.end(run_id, status)
+            except Exception as exc:  # the original error matters more than this one
+                log.warning("MLflow: could not mark run %s %s (%s)", run_id, status, exc)
 
 
 def _chunks(items: list, size: int):
@@ -868,9 +806,5 @@ def _digest(payload: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def log_points(client: MlflowClient, run_id: str, metrics: dict[str, list]) -> None:
-    """Each metric's (step, value) points on run `run_id`, in one batch."""
-    now = int(time.time() * 1000)
-    batch = [Metric(key, float(value), now, int(step)) for key, points in metrics.items() for step, value in points]
-    if batch:
-        client.log_batch(run_id, metrics=batch)
+def _now_ms() -> int:
+    return int(time.time() * 1000)
