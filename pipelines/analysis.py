@@ -47,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = command("expected-accuracy", "train a fresh model on each stage's soft labels; its test accuracy (Fig. 1b)",
                   expected_accuracy, baselines="hl=runs/compare/hl-seed0 (drawn as reference lines)", split=True,
                   out_help="folder for figures, table.md, results.json (required without --stage)", out_required=False)
-    sub.add_argument("--runs-out", required=True, type=Path, help="folder for the fixed-label training runs (resumable)")
+    sub.add_argument("--runs-out", required=True, type=Path,
+                     help="folder for the fixed-label training runs (resumable)")
     sub.add_argument("--stage", type=int, help="only train the run of this stage's soft labels (a DVC stage per K); "
                                                "no figures")
     training_options(sub)
@@ -317,6 +318,7 @@ def _measure(model, run, classes: list[int], names: list[str], splits: dict) -> 
 
     w = geo.templates(model)[classes]
     distances, plane = geo.template_distances(w), geo.template_plane(w)
+    templates_2d = plane.project(w).tolist()
     entry = {"path": str(run.path),
              "template_distances": {f"{names[i]} – {names[j]}": float(distances[i, j])
                                     for i in range(3) for j in range(i + 1, 3)},
@@ -329,9 +331,8 @@ def _measure(model, run, classes: list[int], names: list[str], splits: dict) -> 
         adc = geo.average_distances(geo.centroids(feats, classes), feats, classes)
         entry["splits"][split] = {"adt": adt.tolist(), "adc": adc.tolist()}
         panels[split] = {"points": plane.project(feats.values).tolist(),
-                         "labels": [position[int(k)] for k in feats.labels], "templates": plane.project(w).tolist()}
-    entry["projection"] = {"origin": plane.origin.tolist(), "basis": plane.basis.T.tolist(),
-                           "templates": plane.project(w).tolist()}
+                         "labels": [position[int(k)] for k in feats.labels], "templates": templates_2d}
+    entry["projection"] = {"origin": plane.origin.tolist(), "basis": plane.basis.T.tolist(), "templates": templates_2d}
     return entry, panels
 
 
@@ -357,7 +358,6 @@ def _geometry_table(results: dict, names: list[str]) -> list[str]:
 def _finish(args, run, name: str, figs: dict, lines: list[str], results: dict, metrics: dict) -> int:
     """Write the figures, table.md and results.json into --out; log them (and `metrics`, each a list of
     (step, value)) to the MLflow parent run of --run when tracking."""
-
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -39,27 +39,25 @@ class Cluster:
     retries: int = 2  # a preempted or failed training step restarts its stage from the previous checkpoint
 
 
-def _with_endpoints(task):
-    """The task reads the S3 keys from the Secret and the MLflow/S3 endpoints from the ConfigMap (k8s/)."""
+def _task(task, name: str, gpu_cluster: Cluster | None = None):
+    """Every task: its display name, the S3 keys from the Secret and the MLflow/S3 endpoints from the
+    ConfigMap (k8s/); training and estimation also ask `gpu_cluster` for their resources."""
     from kfp import kubernetes
 
+    task.set_display_name(name)
     kubernetes.use_secret_as_env(task, secret_name=SECRET, secret_key_to_env={key: key for key in SECRET_KEYS})
     kubernetes.use_config_map_as_env(task, config_map_name=ENDPOINTS,
                                      config_map_key_to_env={key: key for key in ENDPOINT_KEYS})
-    return task
-
-
-def _on_gpu(task, cluster: Cluster):
-    from kfp import kubernetes
-
+    if gpu_cluster is None:
+        return task
     task.set_cpu_request("4").set_memory_request("16G")
-    if cluster.gpus > 0:
-        task.set_accelerator_type(cluster.accelerator).set_accelerator_limit(cluster.gpus)
-        if cluster.gpu_node_label:
-            kubernetes.add_node_selector(task, *cluster.gpu_node_label)
+    if gpu_cluster.gpus > 0:
+        task.set_accelerator_type(gpu_cluster.accelerator).set_accelerator_limit(gpu_cluster.gpus)
+        if gpu_cluster.gpu_node_label:
+            kubernetes.add_node_selector(task, *gpu_cluster.gpu_node_label)
         # Tolerate the usual taint of GPU node pools.
         kubernetes.add_toleration(task, key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")
-    return _with_endpoints(task)
+    return task
 
 
 def build_pipeline(stages: int, defaults: dict, experiment: str, image: str | None = None,
@@ -84,25 +82,21 @@ def build_pipeline(stages: int, defaults: dict, experiment: str, image: str | No
                        dataset: str = default["dataset"], epochs_per_stage: int = default["epochs_per_stage"],
                        temperature: float = default["temperature"], seed: int = default["seed"],
                        config: str = default["config"], mlflow_experiment: str = experiment) -> Outputs:
-        prepared = _with_endpoints(parts.prepare(
-            config=config, stages=stages, method=method, model=model, dataset=dataset,
-            epochs_per_stage=epochs_per_stage, temperature=temperature, seed=seed))
-        prepared.set_display_name("prepare data")
+        prepared = _task(parts.prepare(config=config, stages=stages, method=method, model=model, dataset=dataset,
+                                       epochs_per_stage=epochs_per_stage, temperature=temperature, seed=seed),
+                         "prepare data")
         step = {"config": prepared.outputs["Output"], "split": prepared.outputs["split"],
                 "experiment": mlflow_experiment, "run_key": dsl.PIPELINE_JOB_ID_PLACEHOLDER}
         previous: dict = {}
         for stage in range(1, stages + 1):
-            train = _on_gpu(parts.train_stage(stage=stage, stages=stages, run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
-                                              **step, **previous), cluster)
-            train.set_display_name(f"train stage {stage}")
+            train = _task(parts.train_stage(stage=stage, stages=stages, run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+                                            **step, **previous), f"train stage {stage}", cluster)
             train.set_retry(num_retries=cluster.retries, backoff_duration="60s", backoff_factor=2.0)
-            estimate = _on_gpu(parts.estimate_soft_labels(stage=stage, stages=stages,
-                                                          checkpoint=train.outputs["checkpoint"], **step), cluster)
-            estimate.set_display_name(f"estimate soft labels {stage}")
-            previous = {"previous_checkpoint": train.outputs["checkpoint"],
-                        "soft_labels": estimate.outputs["soft_labels"]}
-        evaluation = _with_endpoints(parts.evaluate(checkpoint=previous["previous_checkpoint"], **step))
-        evaluation.set_display_name("evaluate")
+            checkpoint = train.outputs["checkpoint"]
+            estimate = _task(parts.estimate_soft_labels(stage=stage, stages=stages, checkpoint=checkpoint, **step),
+                             f"estimate soft labels {stage}", cluster)
+            previous = {"previous_checkpoint": checkpoint, "soft_labels": estimate.outputs["soft_labels"]}
+        evaluation = _task(parts.evaluate(checkpoint=previous["previous_checkpoint"], **step), "evaluate")
         return Outputs(model=previous["previous_checkpoint"], soft_labels=previous["soft_labels"],
                        metrics=evaluation.outputs["metrics"])
     return colam_pipeline
@@ -115,8 +109,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     commands = parser.add_subparsers(dest="kfp_command", required=True)
     compile_ = commands.add_parser("compile", help="compile the pipeline for M stages to a YAML package")
     _pipeline_arguments(compile_)
-    compile_.add_argument("--image", help="component image without its -cuda/-cpu suffix "
-                                          "(default: $COLAM_IMAGE or ghcr.io/colam-project/colam:0.1.0)")
     compile_.add_argument("--gpus", type=int, default=1, help="GPUs per training/estimation step; 0 compiles for CPU")
     compile_.add_argument("--accelerator", default=Cluster.accelerator, help="the GPU resource name")
     compile_.add_argument("--gpu-node-label", default="=".join(Cluster.gpu_node_label), metavar="KEY=VALUE",
@@ -149,8 +141,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     local_.add_argument("--runner", default="subprocess", metavar="|".join(RUNNERS),
                         help="subprocess: every step a process of this environment (default); docker: a "
                              "container of the step's image on the local engine ($DOCKER_HOST)")
-    local_.add_argument("--image", help="with --runner docker: the images without their -cuda/-cpu suffix "
-                                        "(default: $COLAM_IMAGE or ghcr.io/colam-project/colam:0.1.0)")
     local_.add_argument("--network", help="with --runner docker: the engine's network the steps join (e.g. one "
                                           "where the MLflow server answers; default: the engine's bridge)")
     local_.set_defaults(func=_local)
@@ -160,14 +150,16 @@ def _pipeline_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--params", default="params.yaml", help="params.yaml: the parameters' defaults and the "
                                                                  "MLflow experiment (tracking.experiment)")
     command.add_argument("--stages", type=int, help="m, fixed in the package (default: method.colam.stages)")
+    command.add_argument("--image", help="the step images without their -cuda/-cpu suffix; `local` runs them with "
+                                         "--runner docker (default: $COLAM_IMAGE or ghcr.io/colam-project/colam:0.1.0)")
 
 
-def _pipeline_from(args, cluster: Cluster = Cluster(), image: str | None = None):
+def _pipeline_from(args, cluster: Cluster = Cluster()):
     from pipelines.params import load_params
 
     params = load_params(args.params)
     stages = args.stages if args.stages is not None else params.config.method.colam.stages
-    return build_pipeline(stages, params.config.to_dict(), params.tracking.experiment, image, cluster), stages
+    return build_pipeline(stages, params.config.to_dict(), params.tracking.experiment, args.image, cluster), stages
 
 
 def _compile(args) -> int:
@@ -181,7 +173,7 @@ def _compile(args) -> int:
     if args.gpus < 0 or args.retries < 0:
         raise ColamError(f"--{'gpus' if args.gpus < 0 else 'retries'}: must be >= 0")
     cluster = Cluster(accelerator=args.accelerator, gpus=args.gpus, gpu_node_label=label, retries=args.retries)
-    pipeline, stages = _pipeline_from(args, cluster, args.image)
+    pipeline, stages = _pipeline_from(args, cluster)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     compiler.Compiler().compile(pipeline, args.out)
     print(f"{args.out}: {stages} stages, images {components.image('cuda', args.image)} (GPU steps) and "
@@ -317,7 +309,7 @@ def _local(args) -> int:
         raise ColamError(f"--runner: {args.runner!r} is not a runner; one of {', '.join(RUNNERS)}")
     if args.network is not None and args.runner != "docker":
         raise ColamError("--network: only with --runner docker (steps that are processes use this machine's network)")
-    pipeline, stages = _pipeline_from(args, image=args.image)
+    pipeline, stages = _pipeline_from(args)
     spec = json_format.MessageToDict(pipeline.pipeline_spec)  # what kfp would write to a package
     arguments = package_arguments(spec, args.pipeline_params)
     root = Path(args.root).resolve()
