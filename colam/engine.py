@@ -67,21 +67,23 @@ class Prepared:
         return make_feed(self.data, self.config, self.device, self.world)
 
     @property
-    def speed(self) -> dict:
-        """How this run executes, for the run log and the checkpoint."""
-        return {"world_size": self.world.size, "precision": "bf16" if self.precision else "fp32",
-                "channels_last": self.channels_last, "compile": self.config.train.compile,
+    def execution(self) -> dict:
+        """What `auto` chose on this machine, where it changes the numbers: a run continues as it began."""
+        return {"precision": "bf16" if self.precision else "fp32",
                 "data_on_device": wants_resident(self.config, self.data, self.device)}
+
+    @property
+    def speed(self) -> dict:
+        """How this run executes, for the run log."""
+        return {"world_size": self.world.size, "channels_last": self.channels_last,
+                "compile": self.config.train.compile, **self.execution}
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
-        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if (device.index or 0) >= available:
-            raise ColamError(f"train.device: {name!r} requested but {available} CUDA device(s) are available")
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    device = torch.device(("cuda" if available else "cpu") if name == "auto" else name)
+    if device.type == "cuda" and (device.index or 0) >= available:
+        raise ColamError(f"train.device: {name!r} requested but {available} CUDA device(s) are available")
     return device
 
 
@@ -94,8 +96,8 @@ def prepare(config: Config, split_dir: str | Path | None = None) -> Prepared:
     method_cls = METHODS[config.method.name]
     if not method_cls.data_parallel:
         if world.distributed:
-            raise ColamError(f"method.name: {config.method.name} cannot train under torchrun (WORLD_SIZE={world.size}); "
-                             f"run it as one process")
+            raise ColamError(f"method.name: {config.method.name} cannot train under torchrun "
+                             f"(WORLD_SIZE={world.size}); run it as one process")
         if config.train.compile:
             raise ColamError(f"train.compile: {config.method.name} does not train through a single model call that "
                              f"torch.compile could take; set it to false")
@@ -168,9 +170,8 @@ def learning_rate(config: Config, epoch: int) -> float:
 
 def to_device(images: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
     """A batch of inputs on the device (non-blocking from pinned memory), NHWC when asked."""
-    if channels_last and images.dim() == 4:
-        return images.to(device, non_blocking=True, memory_format=torch.channels_last)
-    return images.to(device, non_blocking=True)
+    layout = torch.channels_last if channels_last and images.dim() == 4 else torch.preserve_format
+    return images.to(device, non_blocking=True, memory_format=layout)
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -203,18 +204,15 @@ def train_one_epoch(model: nn.Module, batches, method: Method, optimizer: torch.
                                                                              dtype=torch.float64)])
     loss_sum, correct, seen = distributed.all_reduce_sum(totals).tolist()
     if not math.isfinite(loss_sum):
-        bad = [step for step, loss in enumerate(losses) if not torch.isfinite(loss)]  # none: another rank's diverged
-        raise NonFiniteLoss(bad[0] + 1, losses[bad[0]].item()) if bad else NonFiniteLoss("another process",
-                                                                                         "on another rank")
+        bad = next((step for step, loss in enumerate(losses, 1) if not torch.isfinite(loss)), None)
+        if bad is None:  # every step of this rank was finite: another rank's diverged
+            raise NonFiniteLoss("another process", "on another rank")
+        raise NonFiniteLoss(bad, losses[bad - 1].item())
     return loss_sum / seen, correct / seen
 
 
-class NonFiniteLoss(Exception):
-    """A training step's loss was NaN or infinite: `step` (1-based, in its epoch) and its `value`."""
-
-    def __init__(self, step, value):
-        super().__init__(f"non-finite loss {value} at step {step}")
-        self.step, self.value = step, value
+class NonFiniteLoss(FloatingPointError):
+    """A training step's loss was NaN or infinite; its args: the step (1-based, in its epoch) and the loss."""
 
 
 @torch.no_grad()
@@ -235,10 +233,6 @@ def evaluate(model: nn.Module, batches, device: torch.device, precision: torch.d
              channels_last: bool = False) -> float:
     logits, targets = predict(model, batches, device, precision, channels_last)
     return (logits.argmax(dim=1).cpu() == targets).sum().item() / len(targets)
-
-
-def _quiet(run_log: RunLog | None, progress: bool | None) -> tuple[RunLog, bool]:
-    return run_log or RunLog(), sys.stderr.isatty() if progress is None else progress
 
 
 def fit(config: Config, out_dir: str | Path, *, run_log: RunLog | None = None, progress: bool | None = None,
@@ -276,18 +270,14 @@ def train_into(where: Epochs, config: Config, split_dir: str | Path | None, run_
         return done
     prepared = prepared or prepare(config, split_dir)  # raises before anything is deleted or written
     if state is not None:
-        check_resumable(state, _execution(prepared), prepared.world.size, prepared.model)
-    where.begin(prepared, state)
-    metrics = train_epochs(prepared, state, where, *_quiet(run_log, progress))
+        check_resumable(state, prepared)
+    where.begin(prepared)
+    progress = sys.stderr.isatty() if progress is None else progress
+    metrics = train_epochs(prepared, state, where, run_log or RunLog(), progress)
     if prepared.world.main:
-        where.complete()  # after the run log heard the end
+        where.record(complete=True)  # after the run log heard the end
     distributed.barrier()
     return metrics
-
-
-def _execution(p: Prepared) -> dict:
-    """What `auto` chose on this machine, where it changes the numbers: a run continues as it began."""
-    return {"precision": p.speed["precision"], "data_on_device": p.speed["data_on_device"]}
 
 
 def train_epochs(p: Prepared, state: dict | None, where: Epochs, run_log: RunLog, progress: bool) -> dict:
@@ -298,12 +288,11 @@ def train_epochs(p: Prepared, state: dict | None, where: Epochs, run_log: RunLog
     run_log = run_log if main else RunLog()  # rank 0 evaluates, writes and reports; every rank trains
     t = config.train
     optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    history, start, elapsed = [], 0, 0.0
-    if state is not None:
-        model.load_state_dict(state["model"])  # checked by check_resumable before anything was written
+    history, start = [], 0
+    if state is not None:  # its weights are in the model already: check_resumable loaded them
         optimizer.load_state_dict(state["optimizer"])
         method.load_state_dict(state["method"])
-        history, start, elapsed = state["history"], state["epoch"], state["elapsed"]
+        history, start = state["history"], state["epoch"]
         log.info("continuing %s after epoch %d of %d", where.root, start, t.epochs)
     net = _network(p)
     run_log.start(config, {"num_classes": p.data.num_classes, "train_samples": len(p.data.train),
@@ -320,8 +309,7 @@ def train_epochs(p: Prepared, state: dict | None, where: Epochs, run_log: RunLog
             method.stage_start(stage, model, optimizer)
         began = time.perf_counter()
         row = _train_epoch(p, net, optimizer, epoch, stage, where, progress and main)
-        ending = _end_epoch(p, where, optimizer, history, row, began, elapsed)
-        elapsed += row["seconds"]
+        ending = _end_epoch(p, where, optimizer, history, row, began)
         # after the state is saved: an epoch in the log is an epoch a restart continues after
         log.info("%s  loss %.4f  train %.4f%s  (%.1fs)", _describe(config, stage, epoch), row["train_loss"],
                  row["train_acc"], "".join(f"  {k[:-4]} {row[k]:.4f}" for k in ("val_acc", "test_acc") if k in row),
@@ -332,7 +320,7 @@ def train_epochs(p: Prepared, state: dict | None, where: Epochs, run_log: RunLog
     distributed.barrier()  # every file rank 0 writes exists before any rank returns
     if where.until < t.epochs or not main:
         return {}
-    metrics = run_metrics(config, history, elapsed)
+    metrics = run_metrics(config, history, sum(row["seconds"] for row in history))
     where.finish(metrics)
     run_log.finish(metrics, where.root)
     return metrics
@@ -364,9 +352,10 @@ def _train_epoch(p: Prepared, net: nn.Module, optimizer: torch.optim.Optimizer, 
                                                 _describe(config, stage, epoch), progress, p.precision,
                                                 p.channels_last)
     except NonFiniteLoss as diverged:
+        step, value = diverged.args
         good = "none: it diverged in the first epoch" if epoch == 0 else where.last_good(stage)
-        raise ColamError(f"training diverged: non-finite loss ({diverged.value}) in stage {stage}, epoch "
-                         f"{epoch + 1}, step {diverged.step}; the last good state is {good}") from None
+        raise ColamError(f"training diverged: non-finite loss ({value}) in stage {stage}, epoch "
+                         f"{epoch + 1}, step {step}; the last good state is {good}") from None
     distributed.broadcast_buffers(p.model)  # every rank now holds rank 0's model exactly
     p.method.epoch_end(epoch + 1, stage)
     row = {"epoch": epoch + 1, "stage": stage, "lr": lr, "train_loss": train_loss, "train_acc": train_acc}
@@ -379,8 +368,7 @@ def _train_epoch(p: Prepared, net: nn.Module, optimizer: torch.optim.Optimizer, 
     return row
 
 
-def _end_epoch(p: Prepared, where: Epochs, optimizer, history: list[dict], row: dict, began: float,
-               elapsed: float) -> dict:
+def _end_epoch(p: Prepared, where: Epochs, optimizer, history: list[dict], row: dict, began: float) -> dict:
     """Save what the epoch leaves (rank 0): the folder it ends (a stage end, or the last epoch of a
     call that ends mid-stage) with what the method learned at a stage end, the deployable network
     after the run's last epoch, the state after the epoch; returns the stage's metrics for the run log."""
@@ -393,8 +381,8 @@ def _end_epoch(p: Prepared, where: Epochs, optimizer, history: list[dict], row: 
     row["seconds"] = time.perf_counter() - began
     history.append(row)
     resume = {"epoch": epoch, "optimizer": optimizer.state_dict(), "method": p.method.state_dict(),
-              "history": history, "elapsed": elapsed + row["seconds"], "config": p.config.to_dict(),
-              "execution": _execution(p), "world_size": p.world.size}
+              "history": history, "elapsed": sum(r["seconds"] for r in history), "config": p.config.to_dict(),
+              "execution": p.execution, "world_size": p.world.size}
     if epoch == p.config.train.epochs and main:
         exported = p.method.export(p.model)
         if exported is not p.model:  # the deployable network, e.g. one head of a multi-head model
@@ -404,7 +392,7 @@ def _end_epoch(p: Prepared, where: Epochs, optimizer, history: list[dict], row: 
     if kept:
         write_stage(folder, resume, {**ending, **where.info})
     if main:
-        where.save(history, {**resume, "model": p.model.state_dict()})
+        where.save({**resume, "model": p.model.state_dict()})
     return ending
 
 

@@ -62,7 +62,6 @@ def evaluate_run(config: Config, stage_dir: str | Path, out_dir: str | Path,
     metrics["test_per_class_acc"] = {
         name: (predicted[test_targets == c] == c).float().mean().item() if (test_targets == c).any() else None
         for c, name in enumerate(p.data.classes)}
-    out_dir.mkdir(parents=True, exist_ok=True)
     cio.atomic_write_bytes(out_dir / "history.csv", (stage_dir / "history.csv").read_bytes())
     buffer = io.StringIO()
     writer = csv.writer(buffer)

@@ -96,9 +96,10 @@ def load_torch(path: str | os.PathLike, what: str) -> Any:
         raise ColamError(f"{what}: '{path}' is not a readable checkpoint ({reason[:160]})") from None
 
 
-def load_weights(model: torch.nn.Module, state: Any, what: str, path: str | os.PathLike) -> None:
+def load_weights(model: torch.nn.Module, state: Any, what: str, path: str | os.PathLike,
+                 mismatch: str = "holds the weights of another model or class count") -> None:
     """Load a state_dict into `model`, or one line saying why these weights belong to another model
-    (missing or unexpected keys, a tensor of another shape: another architecture or class count)."""
+    (`mismatch`, then the missing or unexpected keys, a tensor of another shape)."""
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ColamError(f"{what}: '{path}' is not a model state_dict")
     expected = model.state_dict()
@@ -108,7 +109,7 @@ def load_weights(model: torch.nn.Module, state: Any, what: str, path: str | os.P
     problems += [f"{k} is {tuple(state[k].shape)} there, {tuple(v.shape)} here" for k, v in expected.items()
                  if k in state and state[k].shape != v.shape][:2]
     if problems:
-        raise ColamError(f"{what}: '{path}' holds the weights of another model or class count ({'; '.join(problems)})")
+        raise ColamError(f"{what}: '{path}' {mismatch} ({'; '.join(problems)})")
     model.load_state_dict(state)
 
 

@@ -93,10 +93,9 @@ def run_digest(config: Config | dict) -> str:
 
 
 def refuse_other_run(folder: Path, saved: object, config: Config, what: str = "run") -> None:
-    """Refuse a run or stage whose saved configuration is another run's than `config`."""
-    ours = run_identity(config.to_dict())
-    if not isinstance(saved, dict) or run_identity(saved) != ours:
-        difference = _first_difference(run_identity(saved), ours) if isinstance(saved, dict) else "unreadable"
+    ours, theirs = run_identity(config.to_dict()), run_identity(saved) if isinstance(saved, dict) else None
+    if theirs != ours:
+        difference = "unreadable" if theirs is None else _first_difference(theirs, ours)
         raise ColamError(f"--out: '{folder}' holds a {what} with a different configuration ({difference}); "
                          f"use another --out or delete it")
 
@@ -138,10 +137,11 @@ def provenance(config: Config, split_dir: str | Path | None, previous: Path | No
     return {"run": run_digest(config), "code": code_digest(), "inputs": inputs}
 
 
-def _read_json(path: Path) -> object:
+def _read(path: Path, parse=json.loads) -> object:
+    """The parsed file, or None when it is missing or unreadable."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        return parse(path.read_text())
+    except (OSError, ValueError, yaml.YAMLError):
         return None
 
 
@@ -197,20 +197,20 @@ def load_stage_state(stage_dir: str | Path, config: Config, epoch: int | None = 
     return state
 
 
-def check_resumable(state: dict, execution: dict, world_size: int, model: torch.nn.Module) -> None:
-    """Refuse a saved state this run cannot continue from, before anything is written: one trained on
-    another kind of device path (what `auto` chose there), or whose weights do not fit the model."""
+def check_resumable(state: dict, prepared) -> None:
+    """Refuse a saved state this run (`colam.engine.Prepared`) cannot continue from, before anything is written:
+    one trained on another kind of device path (what `auto` chose there), or whose weights do not fit the model."""
     where, saved = state["model_file"].parent, state.get("execution")  # absent from checkpoints before it was
-    if saved is not None and saved != execution:
-        def describe(e):
-            return f"{e['precision']} on the {'device-resident' if e['data_on_device'] else 'DataLoader'} data path"
-
-        raise ColamError(f"--out: '{where}' was trained in {describe(saved)}; `auto` settings would continue it in "
-                         f"{describe(execution)} on this machine; resume it on the same kind of device")
-    if state.get("world_size", world_size) != world_size:
+    if saved is not None and saved != prepared.execution:
+        there, here = (f"{e['precision']} on the {'device-resident' if e['data_on_device'] else 'DataLoader'} data "
+                       f"path" for e in (saved, prepared.execution))
+        raise ColamError(f"--out: '{where}' was trained in {there}; `auto` settings would continue it in {here} on "
+                         f"this machine; resume it on the same kind of device")
+    if state.get("world_size", prepared.world.size) != prepared.world.size:
         log.warning("%s was trained by %d process(es), it continues with %d: the global batch is the same, the "
-                    "per-process batches and BatchNorm statistics are not", where, state["world_size"], world_size)
-    cio.load_weights(model, state["model"], "--out checkpoint", state["model_file"])
+                    "per-process batches and BatchNorm statistics are not", where, state["world_size"],
+                    prepared.world.size)
+    cio.load_weights(prepared.model, state["model"], "--out checkpoint", state["model_file"])
 
 
 def _check_stage_folder(folder: Path) -> None:
@@ -226,7 +226,7 @@ def _check_stage_folder(folder: Path) -> None:
 
 class Epochs:
     """Where the epochs of one training call, up to epoch `until`, go (the folder of each stage end and
-    of `until`); a call `resume`s, `begin`s, trains, and `complete`s after the run log heard the end."""
+    of `until`); a call `resume`s, `begin`s, trains, and `record`s it complete after the run log heard the end."""
 
     root: Path
     until: int
@@ -240,21 +240,18 @@ class Epochs:
 
     # (metrics, None) when the folder holds these epochs trained, else (None, the state to continue)
     def resume(self, config: Config) -> tuple[dict | None, dict | None]: ...
-    def begin(self, prepared, state: dict | None) -> None: ...
-    def save(self, history: list[dict], state: dict) -> None: ...
+    def begin(self, prepared) -> None: ...
+    def save(self, state: dict) -> None: ...
     def last_good(self, stage: int) -> Path: ...
     def finish(self, metrics: dict) -> None: ...
 
     def recorded(self) -> dict | None:
-        found = _read_json(self.folder / PROVENANCE)
+        found = _read(self.folder / PROVENANCE)
         return found if isinstance(found, dict) else None
 
     def record(self, complete: bool) -> None:
         if self.origin is not None:
             cio.write_json(self.folder / PROVENANCE, {**self.origin, "complete": complete})
-
-    def complete(self) -> None:
-        self.record(complete=True)
 
 
 class WholeRun(Epochs):
@@ -268,12 +265,11 @@ class WholeRun(Epochs):
         check_out_dir(self.root)
         # where the folder is renamed to be deleted (ignored by DVC as a temporary, .*.tmp)
         self.aside = self.root.resolve().parent / f".{self.root.resolve().name}.deleting.tmp"
-        if self.aside.is_dir():  # a deletion a kill cut off (`delete`)
-            shutil.rmtree(self.aside, ignore_errors=True)
+        shutil.rmtree(self.aside, ignore_errors=True)  # a deletion a kill cut off (`delete`)
         self.origin = provenance(config, split_dir, files=inputs)
 
-    def save(self, history: list[dict], state: dict) -> None:
-        write_history(self.root / "history.csv", history)
+    def save(self, state: dict) -> None:
+        write_history(self.root / "history.csv", state["history"])
         cio.save_torch(self.root / "checkpoint.pt", state)
 
     def last_good(self, stage: int) -> Path:
@@ -289,14 +285,14 @@ class WholeRun(Epochs):
         found, origin = self.recorded(), self.origin
         if not entries or (found is not None and {k: v for k, v in found.items() if k != "complete"} == origin):
             return False
-        foreign = [p.name for p in entries if not (p.name in RUN_FILES or (p.is_dir() and p.name.startswith("stage_")))]
+        stages = [p for p in entries if p.is_dir() and p.name.startswith("stage_")]
+        foreign = [p.name for p in entries if p.name not in RUN_FILES and p not in stages]
         if foreign or not any(p.name in RUN_FILES for p in entries):
             raise ColamError(f"--out: '{self.root}' was trained from something else and holds files the run did "
                              f"not write ({', '.join(sorted(foreign)[:3]) or 'no run files'}); it is not deleted: move "
                              f"them or choose another --out")
-        for folder in entries:
-            if folder.is_dir() and folder.name.startswith("stage_"):
-                _check_stage_folder(folder)
+        for folder in stages:
+            _check_stage_folder(folder)
         why = ("no record of what it was trained from" if found is None else
                ", ".join(k for k in ("run", "code", "inputs") if found.get(k) != origin[k]) + " changed")
         log.info("%s holds a run trained from something else (%s); training afresh", self.root, why)
@@ -318,19 +314,15 @@ class WholeRun(Epochs):
             state = _load_checkpoint(path, config, "--out checkpoint", f"--out: '{path}' is not a colam training "
                                      f"checkpoint; use another --out or delete it")
         elif (self.root / "config.yaml").exists():  # a run that never finished its first epoch, or lost its checkpoint
-            try:
-                saved = yaml.safe_load((self.root / "config.yaml").read_text())
-            except (OSError, UnicodeDecodeError, yaml.YAMLError):
-                saved = None
-            refuse_other_run(self.root, saved, config)
-        found, metrics = self.recorded(), _read_json(self.root / "metrics.json")
+            refuse_other_run(self.root, _read(self.root / "config.yaml", yaml.safe_load), config)
+        found, metrics = self.recorded(), _read(self.root / "metrics.json")
         if (state is not None and state["epoch"] == self.until and (found is None or found.get("complete", True))
                 and isinstance(metrics, dict)):
             log.info("%s already holds a completed run; nothing to do", self.root)
             return metrics, None
         return None, state
 
-    def begin(self, prepared, state: dict | None) -> None:
+    def begin(self, prepared) -> None:
         make_dir(self.root)
         if prepared.world.main:
             cio.write_text(self.root / "config.yaml", yaml.safe_dump(prepared.config.to_dict(), sort_keys=False))
@@ -366,11 +358,11 @@ class OneStage(Epochs):
                                  f"finished stage; train --stage {self.stage - 1} first")
             state = load_stage_state(self.previous, config, self.start, "--stage", f"stage {self.stage} starts after")
         check_out_dir(self.folder)
-        found = self.recorded()
-        if found == {**self.origin, "complete": True} and (self.folder / "metrics.json").exists():
+        found, metrics = self.recorded(), _read(self.folder / "metrics.json")
+        if found == {**self.origin, "complete": True} and isinstance(metrics, dict):
             self.partial.unlink(missing_ok=True)
             log.info("%s already holds stage %d of this run; nothing to do", self.folder, self.stage)
-            return json.loads((self.folder / "metrics.json").read_text()), None
+            return metrics, None
         if found == {**self.origin, "complete": False} and self.partial.exists():
             self.resumed = True  # killed mid-stage: continue after its last epoch
             return None, _load_checkpoint(self.partial, config, "stage checkpoint", f"stage checkpoint: "
@@ -378,7 +370,7 @@ class OneStage(Epochs):
         _check_stage_folder(self.folder)
         return None, state
 
-    def begin(self, prepared, state: dict | None) -> None:
+    def begin(self, prepared) -> None:
         """Rank 0: a stage not resumed starts from an empty folder, so that no file of an earlier
         attempt (a soft-label file another setting wrote) stays beside the new ones."""
         make_dir(self.root)
@@ -391,15 +383,16 @@ class OneStage(Epochs):
         cio.remove_stale_temporaries(self.folder)
         self.record(complete=False)
 
-    def save(self, history: list[dict], state: dict) -> None:  # at the stage's end too: its files are whole then
+    def save(self, state: dict) -> None:  # at the stage's end too: its files are whole then
         cio.save_torch(self.partial, state)
 
     def last_good(self, stage: int) -> Path:
         return self.partial if self.partial.exists() else self.stage_dir(stage - 1)
 
-    def complete(self) -> None:
-        self.record(complete=True)
-        self.partial.unlink(missing_ok=True)
+    def record(self, complete: bool) -> None:
+        super().record(complete)
+        if complete:  # the stage's files are whole: the state after its last epoch is spent
+            self.partial.unlink(missing_ok=True)
 
 
 class PipelineStep(Epochs):
@@ -437,7 +430,7 @@ class PipelineStep(Epochs):
             state["method"].pop("online_sums", None)
         return None, state
 
-    def begin(self, prepared, state: dict | None) -> None:
+    def begin(self, prepared) -> None:
         """Refuse soft labels of other data: C x C for the class labels, N x C for per-sample labels."""
         rows = {"soft_labels": prepared.data.num_classes, "sample_soft_labels": len(prepared.data.train)}
         for name, tensor in self.learned.items():
@@ -470,10 +463,9 @@ def read_estimation(folder: str | Path | None, epoch: int, config: Config, step:
                              f"after step {step - 1}; none were given")
         return {}, None
     folder = Path(folder)
-    summary = _read_json(folder / ESTIMATION)
-    if summary is None:
+    summary = _read(folder / ESTIMATION)
+    if not isinstance(summary, dict):
         raise ColamError(f"soft_labels: '{folder}' holds no {ESTIMATION}; it is not an estimate step's output")
-    summary = summary if isinstance(summary, dict) else {}
     if summary.get("epoch") != epoch:
         raise ColamError(f"soft_labels: '{folder}' was estimated at epoch {summary.get('epoch')}, step {step} "
                          f"starts after epoch {epoch}")
@@ -482,14 +474,14 @@ def read_estimation(folder: str | Path | None, epoch: int, config: Config, step:
     if needed and "soft_labels" not in summary.get("artifacts", []):
         raise ColamError(f"soft_labels: '{folder}' holds no soft_labels.npy, which step {step} of "
                          f"{config.method.name} trains on")
-    learned = {}
+    learned, digests = {}, summary.get("sha256", {})
     for name in summary.get("artifacts", []):
         path = folder / f"{name}.npy"
-        if not path.is_file() or cio.sha256_file(path) != summary.get("sha256", {}).get(name):
+        if not path.is_file() or cio.sha256_file(path) != digests.get(name):
             raise ColamError(f"soft_labels: '{path}' is missing or differs from the file the estimate step wrote "
                              f"(sha256 in {ESTIMATION})")
         try:
             learned[name] = torch.from_numpy(np.load(path, allow_pickle=False))
         except (OSError, ValueError) as exc:
             raise ColamError(f"soft_labels: cannot read '{path}' ({exc})") from None
-    return learned, (cio.sha256_file(folder / "soft_labels.npy") if "soft_labels" in learned else None)
+    return learned, digests["soft_labels"] if "soft_labels" in learned else None

@@ -24,14 +24,10 @@ class RunFolder:
     stage_dirs: tuple[Path, ...]  # stage_1 .. stage_m; the last one holds a model.pt
 
     @property
-    def last_stage(self) -> Path:
-        return self.stage_dirs[-1]
-
-    @property
     def network_file(self) -> Path:
         """The deployable network's weights: export.pt when the method exported one, else model.pt."""
-        exported = self.last_stage / "export.pt"
-        return exported if exported.is_file() else self.last_stage / "model.pt"
+        exported = self.stage_dirs[-1] / "export.pt"
+        return exported if exported.is_file() else self.stage_dirs[-1] / "model.pt"
 
 
 def open_run(text: str | Path, key: str, finished: bool = True) -> RunFolder:
@@ -83,7 +79,7 @@ def history(run: RunFolder, key: str = "--run") -> list[dict]:
     """The run's per-epoch rows (history.csv of the whole run, else of its last stage), numbers as floats."""
     path = run.path / "history.csv"
     if not path.is_file():
-        path = run.last_stage / "history.csv"
+        path = run.stage_dirs[-1] / "history.csv"
     try:
         with open(path, newline="", encoding="utf-8") as handle:
             rows = list(csv.DictReader(handle))
@@ -104,10 +100,8 @@ def final_network(run: RunFolder, num_classes: int, in_channels: int, key: str) 
 
     config, file = run.config, run.network_file
     state = cio.load_torch(file, key)
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ColamError(f"{key}: '{file}' is not a model state_dict")
-    classifier = state.get("fc.weight")
-    if classifier is not None and classifier.ndim == 2 and classifier.shape[0] != num_classes:
+    classifier = state.get("fc.weight") if isinstance(state, dict) else None
+    if isinstance(classifier, torch.Tensor) and classifier.ndim == 2 and classifier.shape[0] != num_classes:
         raise ColamError(f"{key}: '{file}' classifies {classifier.shape[0]} classes, this data has {num_classes}")
     with torch.random.fork_rng(devices=[]):  # building initialises weights: leave the global generator alone
         try:
@@ -116,11 +110,7 @@ def final_network(run: RunFolder, num_classes: int, in_channels: int, key: str) 
             raise ColamError(f"{key}: the run's model cannot be built ({exc})") from None
         if file.name == "model.pt":  # the method's wrapped model (wrap_model), not the plain network
             model = METHODS[config.method.name].wrap_model(model, config, num_classes)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        reason = " ".join(str(exc).split())
-        raise ColamError(f"{key}: '{file}' does not fit a {config.model.name} {config.model.options} for "
-                         f"{num_classes} classes and {in_channels} input channel(s) ({reason[:200]})") from None
+    cio.load_weights(model, state, key, file, f"does not fit a {config.model.name} {config.model.options} for "
+                     f"{num_classes} classes and {in_channels} input channel(s)")
     model.requires_grad_(False)
     return model.eval()

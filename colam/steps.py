@@ -47,11 +47,10 @@ def step_config(base: dict | str, *, steps: int, method: str | None = None, mode
     for name in ("data", "model", "train", "method", "method.colam"):
         parent, _, key = name.rpartition(".")
         sections[name] = (sections[parent] if parent else raw).setdefault(key, {})
-        if not isinstance(sections[name], dict):
-            raise ColamError(f"{name}: expected a mapping, got {sections[name]!r}")
+        require(isinstance(sections[name], dict), name, sections[name], "expected a mapping")
+    require(isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1, "steps", steps,
+            "must be an integer >= 1")
     colam = sections["method.colam"]
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ColamError(f"steps: must be an integer >= 1, got {steps!r}")
     colam["stages"] = steps
     # Where a step runs is the pipeline's business (its GPU requests): a step uses what it is given.
     sections["train"]["device"] = "auto"
