@@ -8,6 +8,7 @@ method's file in colam/methods/, so the `method` section is built from the metho
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
@@ -21,7 +22,7 @@ import yaml
 
 from colam.errors import ColamError, require
 from colam.methods import METHODS
-from colam.methods.base import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Check, one_of, run_checks
+from colam.methods.base import AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, Check, one_of, run_checks
 
 
 @dataclass
@@ -104,8 +105,7 @@ def read_yaml(path: str | Path | None, overrides: list[str] | None = None) -> di
     """The mapping in YAML file `path` (or {}), with `KEY=VALUE` overrides applied."""
     raw = _read_yaml(Path(path)) if path is not None else {}
     for item in overrides or []:
-        key, value = _parse_override(item)
-        _set_dotted(raw, key, value)
+        _set_dotted(raw, *_parse_override(item))
     return raw
 
 
@@ -158,10 +158,7 @@ def build_section(cls: type, raw: Any, prefix: str) -> Any:
     for key in raw:
         if key not in names:
             raise ColamError(f"{prefix}{key}: unknown key (known: {', '.join(sorted(names))})")
-    values = {}
-    for name in names & raw.keys():
-        values[name] = _convert(hints[name], raw[name], f"{prefix}{name}")
-    return cls(**values)
+    return cls(**{name: _convert(hints[name], value, f"{prefix}{name}") for name, value in raw.items()})
 
 
 def _convert(hint: Any, value: Any, key: str) -> Any:
@@ -172,13 +169,9 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
         options = typing.get_args(hint)
         if value is None and type(None) in options:
             return None
-        for option in options:
-            if option is type(None):
-                continue
-            try:
+        for option in (o for o in options if o is not type(None)):
+            with contextlib.suppress(ColamError):  # the next option may take it
                 return _convert(option, value, key)
-            except ColamError:
-                continue
         names = " or ".join("null" if o is type(None) else o.__name__ for o in options)
         raise ColamError(f"{key}: expected {names}, got {value!r}")
     if origin is list:
@@ -208,7 +201,6 @@ def _scalar(hint: type, value: Any, key: str) -> Any:
     raise ColamError(f"{key}: expected {hint.__name__}, got {value!r}")
 
 
-FRACTION: Check = (lambda v: 0.0 <= v < 1.0, "must be in [0, 1)")
 AUTO_OR_BOOL: Check = (lambda v: isinstance(v, bool) or v == "auto", "must be true, false or auto")
 DATA_CHECKS: dict[str, Check] = {
     "train_subset": (lambda v: v is None or v >= 1, "must be >= 1"), "val_fraction": FRACTION, "label_noise": FRACTION,

@@ -157,6 +157,19 @@ def load_npy(file: str | Path, key: str) -> np.ndarray:
     return array
 
 
+def load_soft_labels(file: str | Path, key: str, num_classes: int | None = None) -> np.ndarray:
+    """The C x C soft-label matrix in .npy `file` (C: `num_classes`, else its row count), refused in one line
+    unless finite, non-negative with rows summing to 1; errors name the config `key` that gave the file."""
+    array = load_npy(file, key)
+    size = num_classes or (len(array) if array.ndim else 0)
+    if array.shape != (size, size):
+        need = (f"this data's {size} classes need ({size}, {size}) (row c = the soft label of class c)"
+                if num_classes else "not a C x C soft-label matrix")
+        raise ColamError(f"{key}: '{file}' has shape {array.shape}, {need}")
+    check_soft_labels(torch.from_numpy(array.astype(np.float64)), size, f"{key}: '{file}'")
+    return array
+
+
 class OutputSums:
     """Class-wise sums and counts of a model's outputs, added batch by batch; with `num_samples`, also every
     sample's outputs by index (per-sample peer labels need them). `reduce` sums the ranks' partial results."""

@@ -9,19 +9,19 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from colam import io as cio
 from colam.config import Config, validate
 from colam.engine import fit
 from colam.errors import ColamError
 from colam.runs import RunFolder
-from colam.soft_labels import check_soft_labels, load_npy
+from colam.soft_labels import load_soft_labels
 
 
 def labelled_stages(run: RunFolder, key: str = "--run") -> list[tuple[int, Path]]:
     """(stage, soft_labels.npy) of every stage of `run` that saved a C x C soft-label matrix."""
-    found = [(k, d / "soft_labels.npy") for k, d in enumerate(run.stage_dirs, start=1) if (d / "soft_labels.npy").is_file()]
+    files = [directory / "soft_labels.npy" for directory in run.stage_dirs]
+    found = [(k, file) for k, file in enumerate(files, start=1) if file.is_file()]
     if not found:
         raise ColamError(f"{key}: '{run.path}' saved no soft labels (stage_K/soft_labels.npy); the analysis needs a "
                          f"run of a method that estimates them, such as colam")
@@ -88,11 +88,7 @@ def _stage_metrics(stage_dir: Path) -> dict:
 
 def read_soft_labels(path: Path, key: str = "--run") -> np.ndarray:
     """A saved C x C soft-label matrix, refused in one line unless square, finite and row-stochastic."""
-    array = load_npy(path, key)
-    if array.ndim != 2 or array.shape[0] != array.shape[1]:
-        raise ColamError(f"{key}: '{path}' holds a {array.shape} {array.dtype} array, not a C x C soft-label matrix")
-    check_soft_labels(torch.from_numpy(array.astype(np.float64)), len(array), f"{key}: '{path}'")
-    return array
+    return load_soft_labels(path, key)
 
 
 def class_names(labels_file: Path, count: int) -> list[str]:

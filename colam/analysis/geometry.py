@@ -36,7 +36,8 @@ def templates(model: nn.Module) -> torch.Tensor:
     """The class templates, C x D: row k of the final linear layer's weight (float64)."""
     fc = getattr(model, "fc", None)
     if not isinstance(fc, nn.Linear):
-        raise ColamError(f"--run: the network {type(model).__name__} has no final nn.Linear `fc` to read templates from")
+        raise ColamError(f"--run: the network {type(model).__name__} has no final nn.Linear `fc` to read "
+                         f"templates from")
     return fc.weight.detach().double().cpu()
 
 

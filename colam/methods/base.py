@@ -26,6 +26,7 @@ POSITIVE: Check = (lambda v: v > 0, "must be > 0")
 NON_NEGATIVE: Check = (lambda v: v >= 0, "must be >= 0")
 AT_LEAST_1: Check = (lambda v: v >= 1, "must be >= 1")
 UNIT: Check = (lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]")
+FRACTION: Check = (lambda v: 0.0 <= v < 1.0, "must be in [0, 1)")
 
 
 def one_of(options: tuple[str, ...]) -> Check:
@@ -79,7 +80,7 @@ class Method:
         self.config = config
         self.num_classes = num_classes
         self.train_targets = train_targets
-        self.section = getattr(config.method, self.name)
+        self.section = self.settings_of(config)
         self.device = torch.device("cpu")
 
     @classmethod

@@ -9,10 +9,7 @@ from colam.seeding import derive_seed
 from colam.soft_labels import (AGGREGATIONS, ESTIMATIONS, GUARDS, PEER_LABELS, OutputSums, class_peer_soft_labels,
                                guard_labels, peer_soft_labels)
 
-
 STAGE1_LOSSES = ("ce", "tempered")
-# The value every run had before a key existed: a run at that value keeps its earlier identity and variant.
-EARLIER = {"estimation": "pass", "stage1_loss": "ce", "peer_labels": "sample", "guard": "none"}
 
 
 @dataclass
@@ -52,20 +49,20 @@ class Colam(Method):
     paper = "Li et al. 2022, Neural Processing Letters, doi:10.1007/s11063-022-10830-4"
     summary = "m stages; stage 1 hard labels, then class soft labels re-estimated at each stage end"
     uses_soft_labels = True
-    later_defaults = EARLIER
+    later_defaults = {"estimation": "pass", "stage1_loss": "ce", "peer_labels": "sample", "guard": "none"}
     on_device = ("soft_labels",)
     checks = {"stages": AT_LEAST_1, "epochs_per_stage": AT_LEAST_1, "temperature": POSITIVE,
               "peers": (lambda peers: peers == "all" or (isinstance(peers, int) and peers >= 1),
                         "must be 'all' or an integer >= 1"),
               "aggregation": one_of(AGGREGATIONS), "estimation": one_of(ESTIMATIONS),
               "stage1_loss": one_of(STAGE1_LOSSES), "peer_labels": one_of(PEER_LABELS), "guard": one_of(GUARDS)}
+    soft_labels: torch.Tensor | None = None  # C x C, row = class
+    sample_soft_labels: torch.Tensor | None = None  # N x C with k random peers, kept on the host
+    sums: OutputSums | None = None  # the outputs gathered for the next stage end
+    accumulating = False  # online: this is a stage's last epoch, whose training logits are summed
 
     def __init__(self, config, num_classes, train_targets):
         super().__init__(config, num_classes, train_targets)
-        self.soft_labels: torch.Tensor | None = None  # C x C, row = class
-        self.sample_soft_labels: torch.Tensor | None = None  # N x C with k random peers, kept on the host
-        self.sums: OutputSums | None = None  # the outputs gathered for the next stage end
-        self.accumulating = False  # online: this is a stage's last epoch, whose training logits are summed
         self.report: dict = {}  # what the last stage end found in its labels (stage_report)
 
     @classmethod

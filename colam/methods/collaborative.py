@@ -35,8 +35,8 @@ SEED_STREAM = 5_170_001
 
 
 class _ScaleGrad(torch.autograd.Function):
-    """Identity forward (a fresh tensor, so a child's in-place op cannot touch its siblings' input);
-    backward multiplies the gradient by `scale`."""
+    """Backpropagation rescaling (Sec. 3): identity forward (a fresh tensor, so a child's in-place op
+    cannot touch its siblings' input); backward multiplies the gradient by `scale`."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
@@ -48,9 +48,7 @@ class _ScaleGrad(torch.autograd.Function):
         return grad * ctx.scale, None
 
 
-def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """Backpropagation rescaling (Sec. 3): x forward, scale * gradient backward."""
-    return _ScaleGrad.apply(x, scale)
+scale_grad = _ScaleGrad.apply  # scale_grad(x, scale): x forward, scale * gradient backward
 
 
 def consensus_log_targets(logits: list[torch.Tensor], temperature: float) -> list[torch.Tensor]:
@@ -183,10 +181,9 @@ class Collaborative(Method):
     def validate(cls, config):
         super().validate(config)
         section = config.method.collaborative
-        heads = section.heads
-        levels = int(math.log2(heads))
+        levels = int(math.log2(section.heads))
         require(not section.split or len(section.split) == levels, "method.collaborative.split", section.split,
-                f"must name {levels} module(s) for {heads} heads (one per split), or be empty (automatic)")
+                f"must name {levels} module(s) for {section.heads} heads (one per split), or be empty (automatic)")
         require(all(isinstance(s, str) and s for s in section.split), "method.collaborative.split", section.split,
                 "must hold module names such as layers.6")
 

@@ -30,11 +30,11 @@ class ClassWiseSelfKD(Method):
     summary = "cross-entropy plus lam*T^2*KL towards a same-class partner's softened prediction"
     data_parallel = False  # a second pass (the partner) per batch: no DDP / torch.compile
     checks = {"temperature": POSITIVE, "lam": NON_NEGATIVE}
+    train_data = None  # the training set, whose images the partners are (attach_data)
 
     def __init__(self, config, num_classes, train_targets):
         super().__init__(config, num_classes, train_targets)
         self.groups = class_groups(train_targets, num_classes)
-        self.train_data = None
 
     def attach_data(self, data):
         self.train_data = data.train

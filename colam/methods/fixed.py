@@ -35,11 +35,8 @@ class FixedSoftLabels(Method):
                          "required: a C x C soft_labels.npy to train on (e.g. a COLAM run's stage_K/soft_labels.npy)"),
               "temperature": POSITIVE}
     on_device = ("soft_labels",)
-
-    def __init__(self, config, num_classes, train_targets):
-        super().__init__(config, num_classes, train_targets)
-        self.soft_labels: torch.Tensor | None = None
-        self.labels_sha256: str | None = None
+    soft_labels: torch.Tensor | None = None
+    labels_sha256: str | None = None
 
     @classmethod
     def check_data(cls, config, class_counts):

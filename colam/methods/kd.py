@@ -12,7 +12,7 @@ from torch import nn
 from colam import io as cio
 from colam.errors import ColamError
 from colam.methods.base import POSITIVE, UNIT, Method
-from colam.soft_labels import check_soft_labels, load_npy
+from colam.soft_labels import load_soft_labels
 
 if TYPE_CHECKING:  # colam.runs imports colam.config, which imports this registry
     from colam.runs import RunFolder
@@ -54,12 +54,9 @@ class Distillation(Method):
                           "required: a finished run folder or a C x C soft_labels.npy to distil from"),
               "temperature": POSITIVE, "alpha": UNIT}
     on_device = ("teacher", "teacher_labels")
-
-    def __init__(self, config, num_classes, train_targets):
-        super().__init__(config, num_classes, train_targets)
-        self.teacher: nn.Module | None = None  # a finished run's network
-        self.teacher_labels: torch.Tensor | None = None  # or a C x C soft-label matrix
-        self.teacher_sha256: str | None = None
+    teacher: nn.Module | None = None  # a finished run's network
+    teacher_labels: torch.Tensor | None = None  # or a C x C soft-label matrix
+    teacher_sha256: str | None = None
 
     @classmethod
     def check_data(cls, config, class_counts):
@@ -131,15 +128,8 @@ def locate_teacher(text: str) -> Path | RunFolder:
 
 
 def load_teacher_labels(file: Path, num_classes: int, key: str = KEY) -> torch.Tensor:
-    """The C x C matrix in `file`, refused unless it is finite, non-negative, with rows summing to 1;
-    errors name the config `key` that gave the file."""
-    array = load_npy(file, key)
-    if array.shape != (num_classes, num_classes):
-        raise ColamError(f"{key}: '{file}' has shape {array.shape}, this data's {num_classes} classes need "
-                         f"({num_classes}, {num_classes}) (row c = the soft label of class c)")
-    labels = torch.from_numpy(array.astype(np.float64))
-    check_soft_labels(labels, num_classes, f"{key}: '{file}'")
-    return labels.to(torch.float32)
+    """The C x C matrix in `file` as float32, refused (`load_soft_labels`) naming the config `key` that gave it."""
+    return torch.from_numpy(load_soft_labels(file, key, num_classes).astype(np.float32))
 
 
 def check_unchanged(key: str, text: str, saved: str | None, now: str | None) -> None:

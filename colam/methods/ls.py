@@ -3,7 +3,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from colam.methods.base import Method, soft_cross_entropy
+from colam.methods.base import FRACTION, Method, soft_cross_entropy
 
 
 @dataclass
@@ -20,7 +20,7 @@ class LabelSmoothing(Method):
     settings = LSSettings
     paper = "Szegedy et al. 2016, arXiv:1512.00567"
     summary = "cross-entropy on labels smoothed towards uniform (eps)"
-    checks = {"eps": (lambda eps: 0.0 <= eps < 1.0, "must be in [0, 1)"),
+    checks = {"eps": FRACTION,
               "convention": (lambda c: c in ("C", "C-1"), "must be C or C-1")}
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor, stage: int) -> torch.Tensor:

@@ -9,7 +9,7 @@ from torch import nn
 from torch.func import functional_call
 
 from colam.errors import require
-from colam.methods.base import AT_LEAST_1, Method, one_of, soft_cross_entropy
+from colam.methods.base import AT_LEAST_1, FRACTION, Method, one_of, soft_cross_entropy
 
 LABELS = ("class", "instance")
 # beta when method.meta.meta_lr is null. An instance row's meta-gradient is about 1/|B_t| of a class
@@ -113,13 +113,10 @@ def lookahead_meta_gradient(model: nn.Module, labels: torch.Tensor, rows: torch.
     inner = soft_cross_entropy(functional_call(model, (params, buffers), (train_images,)), labels[rows])
     grads = torch.autograd.grad(inner, [params[name] for name in trainable], create_graph=True, allow_unused=True)
     lookahead = dict(params)
-    for name, grad in zip(trainable, grads):
-        if grad is not None:
-            lookahead[name] = params[name] - lr * grad
+    lookahead.update((name, params[name] - lr * grad) for name, grad in zip(trainable, grads) if grad is not None)
     held_loss = F.cross_entropy(functional_call(model, (lookahead, buffers), (held_images,)), held_targets)
-    (meta_grad,) = torch.autograd.grad(held_loss, labels, allow_unused=True)
-    if meta_grad is None:  # the labels did not reach the held-out loss (no trainable parameter)
-        meta_grad = torch.zeros_like(labels)
+    # zero where the labels did not reach the held-out loss (no trainable parameter)
+    (meta_grad,) = torch.autograd.grad(held_loss, labels, allow_unused=True, materialize_grads=True)
     return meta_grad, held_loss.detach()
 
 
@@ -170,15 +167,15 @@ class MetaLabels(Method):
                           "must be > 0, or null for the default of method.meta.labels"),
               "top_k": AT_LEAST_1,
               "held_out": (lambda held: 0.0 < held < 1.0, "must be in (0, 1)"),
-              "init_smoothing": (lambda eps: 0.0 <= eps < 1.0, "must be in [0, 1)"),
+              "init_smoothing": FRACTION,
               "lookahead_lr": (lambda lr: lr is None or lr > 0, "must be > 0, or null for the epoch's train.lr")}
+    class_labels: torch.Tensor | None = None  # C x C, on the device
+    store: TopKLabelStore | None = None  # or N x C as top-k, on the host
 
     def __init__(self, config, num_classes, train_targets):
         super().__init__(config, num_classes, train_targets)
         self.epochs_done = 0  # picks the lookahead's lr from the schedule; part of the state for resuming
         eps = self.section.init_smoothing
-        self.class_labels: torch.Tensor | None = None  # C x C, on the device
-        self.store: TopKLabelStore | None = None  # N x C as top-k, on the host
         if self.section.labels == "class":
             self.class_labels = torch.eye(num_classes) * (1.0 - eps) + eps / num_classes  # smoothed one-hot rows
         else:

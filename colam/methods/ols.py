@@ -34,7 +34,6 @@ class OnlineLabelSmoothing(Method):
 
     def __init__(self, config, num_classes, train_targets):
         super().__init__(config, num_classes, train_targets)
-        self.alpha = self.section.alpha
         self.soft_labels = torch.zeros(num_classes, num_classes)  # S: row = class
         self.sums = torch.zeros(num_classes, num_classes)  # this epoch's accumulated probabilities
         self.counts = torch.zeros(num_classes)  # this epoch's correctly classified samples per class
@@ -42,9 +41,10 @@ class OnlineLabelSmoothing(Method):
     def loss(self, logits, targets, indices, stage):
         self.accumulate(logits, targets)
         hard = F.cross_entropy(logits, targets)
-        if self.alpha == 1.0:
+        alpha = self.section.alpha
+        if alpha == 1.0:
             return hard
-        return self.alpha * hard + (1.0 - self.alpha) * soft_cross_entropy(logits, self.soft_labels[targets])
+        return alpha * hard + (1.0 - alpha) * soft_cross_entropy(logits, self.soft_labels[targets])
 
     @torch.no_grad()
     def accumulate(self, logits, targets):

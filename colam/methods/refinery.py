@@ -41,14 +41,12 @@ class LabelRefinery(Method):
     paper = "Bagherinezhad et al. 2018, arXiv:1805.02641"
     summary = "generations of fresh models, each trained on the previous one's predictions of the same crops"
     data_parallel = False  # re-initialises the model at each generation: not under DDP / torch.compile
-    checks = {"generations": AT_LEAST_1}
+    checks = {"generations": AT_LEAST_1,
+              "epochs_per_generation": (lambda epochs: epochs is None or epochs >= 1, "must be >= 1 or null")}
     on_device = ("refiner",)
-
-    def __init__(self, config, num_classes, train_targets):
-        super().__init__(config, num_classes, train_targets)
-        self.refiner: nn.Module | None = None  # built by `attach`, holds weights from generation 2 on
-        self.refiner_generation: int | None = None  # the generation the refiner's weights trained in
-        self.in_channels: int | None = None
+    refiner: nn.Module | None = None  # built by `attach`, holds weights from generation 2 on
+    refiner_generation: int | None = None  # the generation the refiner's weights trained in
+    in_channels: int | None = None  # of the data, for the fresh build of each generation
 
     @classmethod
     def validate(cls, config):
@@ -58,8 +56,6 @@ class LabelRefinery(Method):
             require(epochs % section.generations == 0, "method.refinery.generations", section.generations,
                     f"must divide train.epochs ({epochs}) when method.refinery.epochs_per_generation is null")
         else:
-            require(section.epochs_per_generation >= 1, "method.refinery.epochs_per_generation",
-                    section.epochs_per_generation, "must be >= 1 or null")
             require(section.generations * section.epochs_per_generation == epochs, "method.refinery.generations",
                     section.generations, f"times method.refinery.epochs_per_generation "
                                          f"({section.epochs_per_generation}) must equal train.epochs ({epochs})")
@@ -87,7 +83,7 @@ class LabelRefinery(Method):
         if self.refiner is None:
             raise RuntimeError("refinery: attach(model) must be called before training (colam.engine.prepare does)")
         self.refiner.load_state_dict(model.state_dict())
-        self.refiner.to(_device_of(model)).eval()
+        self.refiner.to(next(model.parameters()).device).eval()
         self.refiner_generation = stage - 1
         model.load_state_dict(self.initial_weights(stage))
         optimizer.state.clear()
@@ -115,15 +111,14 @@ class LabelRefinery(Method):
         """softmax(R(x)) of the frozen refiner, on the images' device, in eval mode."""
         if self.refiner_generation is None:
             raise RuntimeError("refinery: a later generation started without a refiner (stage_start was not called)")
-        if _device_of(self.refiner) != images.device:
+        if next(self.refiner.parameters()).device != images.device:
             self.refiner.to(images.device)
         self.refiner.eval()
         return F.softmax(self.refiner(images).float(), dim=1)
 
     def state_dict(self):
-        if self.refiner_generation is None:
-            return {"refiner": None, "refiner_generation": None}
-        return {"refiner": self.refiner.state_dict(), "refiner_generation": self.refiner_generation}
+        refiner = self.refiner.state_dict() if self.refiner_generation is not None else None
+        return {"refiner": refiner, "refiner_generation": self.refiner_generation}
 
     def load_state_dict(self, state):
         self.refiner_generation = state.get("refiner_generation")
@@ -131,9 +126,3 @@ class LabelRefinery(Method):
             self.refiner.load_state_dict(state["refiner"])
             self.refiner.eval()
 
-
-def _device_of(module: nn.Module) -> torch.device:
-    tensor = next(module.parameters(), None)
-    if tensor is None:
-        tensor = next(module.buffers(), None)
-    return tensor.device if tensor is not None else torch.device("cpu")

@@ -8,6 +8,7 @@ analyses of penultimate-layer geometry rely on it. Each family module registers 
 
 # Importing the family modules registers their models.
 from colam.models import densenet_bc, preact_resnet, resnet, resnext, small_cnn  # noqa: F401
-from colam.models.registry import MODELS, ModelSpec, build_model, count_parameters, list_models, model_size, register_model
+from colam.models.registry import (MODELS, ModelSpec, build_model, count_parameters, list_models, model_size,
+                                   register_model)
 
 __all__ = ["MODELS", "ModelSpec", "register_model", "build_model", "list_models", "count_parameters", "model_size"]

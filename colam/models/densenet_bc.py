@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from colam.models.registry import Classifier, check_dropout, check_int_option, kaiming_init, pooled, register_model
+from colam.models.registry import Classifier, check_dropout, kaiming_init, pooled, register_model, require_int
 
 PAPER = 'Huang et al. 2017, "Densely Connected Convolutional Networks" (CVPR), arXiv:1608.06993'
 
@@ -62,5 +62,5 @@ class DenseNetBC(Classifier):
 def densenet_bc_100(num_classes: int, in_channels: int = 3, growth_rate: int = 12,
                     dropout: float = 0.0) -> nn.Module:
     """DenseNet-BC-100; the paper uses dropout 0.2 only when training without augmentation."""
-    check_int_option("growth_rate", growth_rate)
+    require_int("model.options.growth_rate", growth_rate)
     return DenseNetBC(100, growth_rate, check_dropout(dropout), num_classes, in_channels)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from colam.errors import ColamError
-from colam.models.registry import (Classifier, check_dropout, check_int_option, kaiming_init, pooled, register_model,
+from colam.models.registry import (Classifier, check_dropout, kaiming_init, pooled, register_model, require_int,
                                    stages)
 
 PAPER = 'He et al. 2016, "Identity Mappings in Deep Residual Networks" (ECCV), arXiv:1603.05027'
@@ -37,9 +37,8 @@ class PreActBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.shortcut = None
-        if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Conv2d(in_planes, planes, 1, stride, bias=False)
+        changes_shape = stride != 1 or in_planes != planes
+        self.shortcut = nn.Conv2d(in_planes, planes, 1, stride, bias=False) if changes_shape else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(x))
@@ -81,10 +80,10 @@ def preact_resnet34(num_classes: int, in_channels: int = 3) -> nn.Module:
 def wide_resnet(num_classes: int, in_channels: int = 3, depth: int = 40, widen_factor: int = 4,
                 dropout: float = 0.0) -> nn.Module:
     """WRN-depth-widen_factor; the defaults give WRN-40-4."""
-    check_int_option("depth", depth, minimum=10)
+    require_int("model.options.depth", depth, minimum=10)
     if (depth - 4) % 6 != 0:
         raise ColamError(f"model.options.depth: WideResNet depth must be 6n+4, got {depth}")
-    check_int_option("widen_factor", widen_factor)
+    require_int("model.options.widen_factor", widen_factor)
     widths = [16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
     return PreActResNet(16, widths, [(depth - 4) // 6] * 3, num_classes, in_channels, check_dropout(dropout))
 

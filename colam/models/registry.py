@@ -60,8 +60,8 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, **options: An
         if key not in accepted:
             listed = ", ".join(accepted) or "none"
             raise ColamError(f"model.options.{key}: not an option of model {name!r} (accepted: {listed})")
-    _require_int("model.num_classes", num_classes, minimum=1)
-    _require_int("model.in_channels", in_channels, minimum=1)
+    require_int("model.num_classes", num_classes)
+    require_int("model.in_channels", in_channels)
     return MODELS[name].builder(num_classes=num_classes, in_channels=in_channels, **options)
 
 
@@ -121,17 +121,12 @@ def kaiming_init(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def check_int_option(key: str, value: Any, minimum: int = 1) -> int:
-    _require_int(f"model.options.{key}", value, minimum)
-    return value
-
-
 def check_dropout(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
         raise ColamError(f"model.options.dropout: must be a probability in [0, 1), got {value!r}")
     return float(value)
 
 
-def _require_int(key: str, value: Any, minimum: int) -> None:
+def require_int(key: str, value: Any, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ColamError(f"{key}: must be an integer >= {minimum}, got {value!r}")

@@ -1,7 +1,7 @@
 """ResNets of He et al. 2016, "Deep Residual Learning for Image Recognition" (arXiv:1512.03385).
 
-CIFAR (Sec. 4.2): ResNet-(6n+2), a 16-channel stem and three stages of n basic blocks (16/32/64
-channels) with identity shortcuts ("option A": subsampled and zero-padded, no parameters), at the
+CIFAR (Sec. 4.2): ResNet-(6n+2), a 16-channel stem and three stages of n basic blocks (torchvision's,
+16/32/64 channels) with identity shortcuts ("option A": subsampled and zero-padded, no parameters), at the
 depths of Table 6 up to 56 (0.27M to 0.85M parameters); global pooling takes any input size.
 ImageNet: ResNet-50/101 (25.6M / 44.5M), torchvision's implementation (never downloads weights)
 with ``forward_features`` and a stem for any number of input channels.
@@ -9,36 +9,33 @@ with ``forward_features`` and a stem for any number of input channels.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models.resnet import Bottleneck, ResNet
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from colam.models.registry import Classifier, kaiming_init, pooled, register_model, stages
 
 PAPER = 'He et al. 2016, "Deep Residual Learning for Image Recognition" (CVPR), arXiv:1512.03385'
 
 
-class BasicBlock(nn.Module):
-    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.stride, self.pad = stride, planes - in_planes
+class OptionA(nn.Module):
+    """The parameter-free shortcut of the CIFAR ResNets: subsample, zero-pad the new channels half on each side."""
 
-    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
-        if self.stride != 1:
-            x = x[:, :, :: self.stride, :: self.stride]
-        if self.pad:  # option A: zero-pad the new channels, half on each side
-            x = F.pad(x, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
-        return x
+    def __init__(self, stride: int, pad: int) -> None:
+        super().__init__()
+        self.stride, self.pad = stride, pad
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+        x = x[:, :, :: self.stride, :: self.stride]
+        return F.pad(x, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+
+
+def basic_block(in_planes: int, planes: int, stride: int) -> BasicBlock:
+    shortcut = OptionA(stride, planes - in_planes) if stride != 1 or planes != in_planes else None
+    return BasicBlock(in_planes, planes, stride, shortcut)
 
 
 class CifarResNet(Classifier):
@@ -46,7 +43,7 @@ class CifarResNet(Classifier):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
-        self.layers, planes = stages(BasicBlock, 16, [16, 32, 64], [(depth - 2) // 6] * 3)
+        self.layers, planes = stages(basic_block, 16, [16, 32, 64], [(depth - 2) // 6] * 3)
         self.fc = nn.Linear(planes, num_classes)
         kaiming_init(self)
 
@@ -66,31 +63,11 @@ class ImageNetResNet(ResNet):
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return torch.flatten(self.avgpool(x), 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.forward_features(x))
-
-
-def _register(depth: int, published: float) -> None:
-    def build(num_classes: int, in_channels: int = 3) -> nn.Module:
-        return CifarResNet(depth, num_classes, in_channels)
-
-    build.__name__ = f"resnet{depth}"
-    register_model(f"resnet{depth}", input_size=32, paper=PAPER, published_params={10: published},
-                   published_precision=0.005e6)(build)
-
 
 # The paper's Table 6 (CIFAR-10): depth 6n + 2 with n = 3, 5, 7, 9.
 for _depth, _published in ((20, 0.27e6), (32, 0.46e6), (44, 0.66e6), (56, 0.85e6)):
-    _register(_depth, _published)
-
-
-@register_model("resnet50", input_size=224, paper=PAPER,
-                published_params={1000: 25.6e6}, published_precision=0.05e6)
-def resnet50(num_classes: int, in_channels: int = 3) -> nn.Module:
-    return ImageNetResNet([3, 4, 6, 3], num_classes, in_channels)
-
-
-@register_model("resnet101", input_size=224, paper=PAPER,
-                published_params={1000: 44.5e6}, published_precision=0.05e6)
-def resnet101(num_classes: int, in_channels: int = 3) -> nn.Module:
-    return ImageNetResNet([3, 4, 23, 3], num_classes, in_channels)
+    register_model(f"resnet{_depth}", input_size=32, paper=PAPER, published_params={10: _published},
+                   published_precision=0.005e6)(partial(CifarResNet, _depth))
+for _depth, _blocks, _published in ((50, [3, 4, 6, 3], 25.6e6), (101, [3, 4, 23, 3], 44.5e6)):
+    register_model(f"resnet{_depth}", input_size=224, paper=PAPER, published_params={1000: _published},
+                   published_precision=0.05e6)(partial(ImageNetResNet, _blocks))

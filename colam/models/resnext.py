@@ -15,40 +15,26 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.models.resnet import Bottleneck
+from torchvision.ops import Conv2dNormActivation
 
 from colam.models.registry import Classifier, kaiming_init, pooled, register_model, stages
 
 PAPER = 'Xie et al. 2017, "Aggregated Residual Transformations for Deep Neural Networks" (CVPR), arXiv:1611.05431'
 
 
-def _conv_bn(in_planes: int, out_planes: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Sequential:
-    conv = nn.Conv2d(in_planes, out_planes, kernel, stride, kernel // 2, groups=groups, bias=False)
-    return nn.Sequential(conv, nn.BatchNorm2d(out_planes))
-
-
-class ResNeXtBlock(nn.Module):
-    def __init__(self, in_planes: int, out_planes: int, stride: int, cardinality: int, base_width: int) -> None:
-        super().__init__()
-        width = cardinality * base_width * out_planes // 256  # 8 x 64d in the first stage, doubling per stage
-        self.reduce = _conv_bn(in_planes, width, 1)
-        self.grouped = _conv_bn(width, width, 3, stride, groups=cardinality)
-        self.expand = _conv_bn(width, out_planes, 1)
-        self.shortcut = None
-        if stride != 1 or in_planes != out_planes:
-            self.shortcut = _conv_bn(in_planes, out_planes, 1, stride)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.reduce(x))
-        out = self.expand(F.relu(self.grouped(out)))
-        shortcut = self.shortcut(x) if self.shortcut is not None else x
-        return F.relu(out + shortcut)
+def resnext_block(in_planes: int, out_planes: int, stride: int, cardinality: int, base_width: int) -> Bottleneck:
+    """torchvision's bottleneck with `cardinality` groups, 8 x 64d wide in the first stage, doubling per stage."""
+    shortcut = (Conv2dNormActivation(in_planes, out_planes, 1, stride, activation_layer=None)
+                if stride != 1 or in_planes != out_planes else None)
+    return Bottleneck(in_planes, out_planes // Bottleneck.expansion, stride, shortcut, cardinality, base_width)
 
 
 class ResNeXt(Classifier):
     def __init__(self, depth: int, cardinality: int, base_width: int, num_classes: int, in_channels: int = 3) -> None:
         super().__init__()
-        self.stem = _conv_bn(in_channels, 64, 3)
-        block = partial(ResNeXtBlock, cardinality=cardinality, base_width=base_width)
+        self.stem = Conv2dNormActivation(in_channels, 64, 3, activation_layer=None)
+        block = partial(resnext_block, cardinality=cardinality, base_width=base_width)
         # three stages of (depth - 2) / 9 three-layer blocks, plus stem and classifier
         self.layers, planes = stages(block, 64, [256, 512, 1024], [(depth - 2) // 9] * 3)
         self.fc = nn.Linear(planes, num_classes)

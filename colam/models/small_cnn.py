@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from colam.models.registry import Classifier, check_dropout, check_int_option, kaiming_init, register_model
+from colam.models.registry import Classifier, check_dropout, kaiming_init, register_model, require_int
 
 
 def _conv_bn_relu(in_planes: int, out_planes: int) -> list[nn.Module]:
@@ -43,5 +43,5 @@ class SmallCNN(Classifier):
                       "for 3 input channels (the build_model default; 94,186 for 1-channel digits)",
                 published_params={10: 94_762}, published_precision=0)
 def small_cnn(num_classes: int, in_channels: int = 3, width: int = 32, dropout: float = 0.0) -> nn.Module:
-    check_int_option("width", width)
+    require_int("model.options.width", width)
     return SmallCNN(num_classes, in_channels, width, check_dropout(dropout))

@@ -7,7 +7,6 @@ earlier block starts. Networks that cannot be traced or split are refused naming
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import torch
@@ -22,7 +21,8 @@ _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 def _stack_paths(node: fx.Node) -> list[str]:
     """The paths of the modules whose forward produced `node`, outermost first."""
-    return [entry[0] if isinstance(entry, tuple) else entry for entry in (node.meta.get("nn_module_stack") or {}).values()]
+    stack = (node.meta.get("nn_module_stack") or {}).values()
+    return [entry[0] if isinstance(entry, tuple) else entry for entry in stack]
 
 
 def _units(module: nn.Module, prefix: str = "") -> set[str]:
@@ -47,36 +47,33 @@ class Splitter:
         self.model, self.name = model, name
         modes = {m: m.training for m in model.modules()}
         try:
-            traced = {}
-            for training in (True, False):
-                model.train(training)
-                traced[training] = fx.symbolic_trace(model)
+            traced = [fx.symbolic_trace(model.train(training)) for training in (True, False)]
         except Exception as exc:  # data-dependent control flow, unsupported ops, ...
             raise self.error(f"its forward cannot be traced by torch.fx: {type(exc).__name__}: "
                              f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
         finally:
             _restore(modes)
-        if traced[True].code != traced[False].code:
+        if traced[0].code != traced[1].code:
             raise self.error("its forward computes differently in train and eval mode outside its modules")
-        self.graph_module = traced[True]
-        self.nodes = [n for n in self.graph_module.graph.nodes if n.op != "output"]
-        self.output = next(n for n in self.graph_module.graph.nodes if n.op == "output")
-        self.position = {n: i for i, n in enumerate(self.nodes)}
+        self.graph_module = traced[0]
+        *self.nodes, self.output = self.graph_module.graph.nodes  # a traced graph ends with its output
+        position = {n: i for i, n in enumerate(self.nodes)}
+        # where each value is last used (the output counts as after every node)
+        self.last_use = [max((position.get(user, len(self.nodes)) for user in n.users), default=-1) for n in self.nodes]
         units = _units(model)
         # the outermost block whose forward produced each node (None: the root's own code)
         self.owner = [next((p for p in _stack_paths(n) if p in units), None) for n in self.nodes]
-        self.first: dict[str, int] = {}
-        self.last: dict[str, int] = {}
+        self.first, self.last = {}, {}  # each block's first and last node
         for i, unit in enumerate(self.owner):
             if unit is not None:
                 self.first.setdefault(unit, i)
                 self.last[unit] = i
-        self.in_channels = next((m.in_channels for n in self.nodes if n.op == "call_module"
-                                 for m in [model.get_submodule(n.target)] if isinstance(m, nn.modules.conv._ConvNd)),
-                                3)
+        called = [model.get_submodule(n.target) for n in self.nodes if n.op == "call_module"]
+        self.in_channels = next((m.in_channels for m in called if isinstance(m, nn.modules.conv._ConvNd)), 3)
         if [n.op for n in self.nodes].count("placeholder") != 1:
             raise self.error("its forward takes more than the input batch")
-        self._cuts()
+        if any(n.op == "get_attr" for n in self.nodes):  # every registered model runs its weights in modules
+            raise self.error("its forward reads parameters or buffers outside its modules")
         self.first_weight = next((i for i, n in enumerate(self.nodes) if self.has_weights([n])), len(self.nodes))
         self._shapes(input_size, modes)
 
@@ -84,8 +81,7 @@ class Splitter:
         return ColamError(f"model.name: {self.name!r} cannot be split into heads ({what})")
 
     def _shapes(self, input_size: int, modes) -> None:
-        parameter = next(self.model.parameters(), None)
-        device = parameter.device if parameter is not None else torch.device("cpu")
+        device = next(self.model.parameters()).device
         sample = torch.zeros(1, self.in_channels, input_size, input_size, device=device)
         try:
             self.model.eval()  # running statistics untouched
@@ -102,45 +98,24 @@ class Splitter:
         shape = getattr(meta, "shape", None)
         return math.prod(shape[2:]) if shape is not None and len(shape) >= 3 else None
 
-    def _cuts(self) -> None:
-        """For every position p: how many values flow across a cut before node p, and through how
-        many blocks it would cut (difference arrays over the nodes' lifetimes, O(nodes))."""
-        end = len(self.nodes)
-        self.last_use = [max((self.position.get(user, end) for user in n.users), default=-1) for n in self.nodes]
-        flows, cuts = [0] * (end + 2), [0] * (end + 2)
-        for i, n in enumerate(self.nodes):
-            if n.op != "get_attr" and self.last_use[i] > i:
-                flows[i + 1] += 1
-                flows[self.last_use[i] + 1] -= 1
-        for unit, first in self.first.items():
-            cuts[first + 1] += 1
-            cuts[self.last[unit] + 1] -= 1
-        self.flows, self.through = list(itertools.accumulate(flows)), list(itertools.accumulate(cuts))
-
     def crossing(self, p: int) -> list[fx.Node]:
         """Values computed before position p and used at or after it (the output counts as after)."""
-        return [n for i, n in enumerate(self.nodes[:p]) if n.op != "get_attr" and self.last_use[i] >= p]
+        return [n for i, n in enumerate(self.nodes[:p]) if self.last_use[i] >= p]
 
     def has_weights(self, nodes, matrices_only: bool = False) -> bool:
-        named = dict(self.model.named_parameters())
-        for n in nodes:
-            if n.op == "call_module":
-                params = self.model.get_submodule(n.target).parameters()
-            else:
-                params = [named[n.target]] if n.op == "get_attr" and n.target in named else []
-            if any(q.ndim >= 2 or not matrices_only for q in params):
-                return True
-        return False
+        modules = [self.model.get_submodule(n.target) for n in nodes if n.op == "call_module"]
+        return any(q.ndim >= 2 or not matrices_only for module in modules for q in module.parameters())
 
     def why_not(self, p: int) -> str | None:
         """Why position p is no split point (None: it is one)."""
         if not 1 <= p < len(self.nodes):
             return "it is not inside the network"
-        if self.through[p]:
-            unit = next(u for u, first in self.first.items() if first < p <= self.last[u])
+        unit = next((u for u, first in self.first.items() if first < p <= self.last[u]), None)
+        if unit is not None:
             return f"it would cut through block {unit!r}"
-        if self.flows[p] != 1:
-            return f"{self.flows[p]} tensors flow across it, not 1"
+        flows = len(self.crossing(p))
+        if flows != 1:
+            return f"{flows} tensors flow across it, not 1"
         if p <= self.first_weight:
             return "no layer with parameters would be shared before it"
         return None
@@ -151,7 +126,7 @@ class Splitter:
         weighted = sorted(self.first[u] for u in self.first
                           if self.has_weights([n for n, o in zip(self.nodes, self.owner) if o == u], True))
         limit = weighted[-1] if weighted else len(self.nodes)  # the classifier stays below every split
-        starts = sorted({self.first[u] for u in self.first} | {i for i, o in enumerate(self.owner) if o is None})
+        starts = sorted(set(self.first.values()) | {i for i, o in enumerate(self.owner) if o is None})
         valid = [p for p in starts if p < limit and self.why_not(p) is None]
         boundaries, current = [], self.resolution(0)
         for i in range(1, len(self.nodes)):
@@ -188,7 +163,7 @@ class Splitter:
         return positions
 
     def block_starts(self) -> list[int]:
-        return sorted(p for p in {self.first[u] for u in self.first} if self.why_not(p) is None)
+        return sorted(p for p in set(self.first.values()) if self.why_not(p) is None)
 
     def describe(self, p: int) -> str:
         return self.owner[p] or self.nodes[p].name
@@ -208,14 +183,11 @@ class Splitter:
 
         def value(node: fx.Node) -> fx.Node:
             if node not in env:
-                if node.op != "get_attr":
-                    raise self.error(f"{node.name} is needed across a split point")
-                env[node] = graph.node_copy(node)
+                raise self.error(f"{node.name} is needed across a split point")
             return env[node]
 
         for node in self.nodes[start:end]:
-            if node.op != "get_attr":
-                env[node] = graph.node_copy(node, value)
+            env[node] = graph.node_copy(node, value)
         result = self.output.args[0] if end == len(self.nodes) else self.crossing(end)[0]
         graph.output(fx.map_arg(result, value))
         return fx.GraphModule(root, graph, class_name="Segment")
@@ -224,7 +196,7 @@ class Splitter:
         """A parameterised module may not run on both sides of a split point (its copies would untie it)."""
         seen: dict[str, int] = {}
         for i, n in enumerate(self.nodes):
-            if n.op in ("call_module", "get_attr") and self.has_weights([n]):
+            if self.has_weights([n]):
                 level = sum(i >= p for p in positions)
                 if seen.setdefault(n.target, level) != level:
                     raise self.error(f"{n.target!r} runs on both sides of a split point")
