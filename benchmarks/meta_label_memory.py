@@ -8,23 +8,17 @@ C = 1000 classes and k = method.meta.top_k, prints its bytes against a dense N x
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from colam.methods.meta import MetaSettings, TopKLabelStore  # noqa: E402
-
-IMAGENET_TRAIN, IMAGENET_CLASSES = 1_281_167, 1000
+from colam.methods.meta import MetaSettings, TopKLabelStore
 
 
-def main() -> int:
+def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=IMAGENET_TRAIN)
-    parser.add_argument("--classes", type=int, default=IMAGENET_CLASSES)
+    parser.add_argument("--samples", type=int, default=1_281_167, help="N (default: ImageNet-1k's training images)")
+    parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--top-k", type=int, default=MetaSettings().top_k)
     parser.add_argument("--batch", type=int, default=256)
     args = parser.parse_args()
@@ -40,15 +34,15 @@ def main() -> int:
           f"indices {tuple(store.indices.shape)} {store.indices.dtype}")
     print(f"top-k store: {store.nbytes:,} bytes ({store.nbytes / 1e6:.1f} MB) = N * k * {per_entry} B"
           f"{'  (matches)' if store.nbytes == n * k * per_entry else '  (MISMATCH)'}; built in {built:.2f} s")
-    print(f"dense N x C float32: {dense:,} bytes ({dense / 1e9:.2f} GB); the store is {dense / store.nbytes:.0f}x smaller")
+    print(f"dense N x C float32: {dense:,} bytes ({dense / 1e9:.2f} GB); "
+          f"the store is {dense / store.nbytes:.0f}x smaller")
 
     rows = torch.randperm(n, generator=torch.Generator().manual_seed(1))[: args.batch]
     began, repeats = time.perf_counter(), 20
     for _ in range(repeats):
         store.scatter(rows, store.gather(rows))
     print(f"gather + scatter of a batch of {args.batch} rows: {(time.perf_counter() - began) / repeats * 1e3:.2f} ms")
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -1,8 +1,5 @@
 """What orchestration costs against the same training done by bare `colam train` processes, untracked.
 
-    .venv/bin/python benchmarks/orchestration.py [kfp|dvc|all] [--params params.yaml] [--stages M]
-        [--repeats 3] [--docker-image local/colam:0.1.0] [--workdir /tmp/colam-overhead] [--repro-seconds S]
-
 kfp: `colam kfp local` (each step a process; with --docker-image also a run where each is a container)
      against one `colam train` of the config it resolves, alternating; medians and median ratios.
 dvc: `dvc repro` from scratch (tracked) in a fresh git copy of the pipeline under --workdir against
@@ -24,26 +21,26 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from colam.steps import step_config
+from harness import ROOT, train
+from pipelines.params import load_params
+
 BIN = Path(sys.executable).parent
 UNTRACKED = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
 
 
 def kfp_local(args) -> None:
-    from colam.steps import step_config
-    from pipelines.params import load_params
-
-    params = load_params(args.params)
-    stages = args.stages or params.config.method.colam.stages
-    config = step_config(params.config.to_dict(), steps=stages)
+    run = load_params(args.params).config
+    stages = args.stages or run.method.colam.stages
+    config = step_config(run.to_dict(), steps=stages)
     work = Path(tempfile.mkdtemp(prefix="colam-kfp-bench-"))
     (work / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     local = [str(BIN / "colam"), "kfp", "local", "--params", str(args.params.resolve()), "--stages", str(stages)]
-    commands = {"kfp local": local, "colam train": [str(BIN / "colam"), "train", "--config", str(work / "config.yaml")]}
+    commands = {"kfp local": local,
+                "colam train": [str(BIN / "colam"), "train", "--config", str(work / "config.yaml")]}
     if args.docker_image:
         commands["kfp docker"] = [*local, "--runner", "docker", "--image", args.docker_image]
-    times: dict[str, list[float]] = {name: [] for name in commands}
-    metrics: dict[str, dict] = {}
+    times, metrics = {name: [] for name in commands}, {}
     for repeat in range(args.repeats):
         for name, command in commands.items():
             out = work / f"{name.replace(' ', '-')}-{repeat}"
@@ -59,7 +56,8 @@ def kfp_local(args) -> None:
     print(f"config: {args.params.name}, {stages} stages x {config.train.epochs // stages} epochs, "
           f"{config.method.name}, {config.data.name}/{config.model.name}; {args.repeats} runs each, alternating")
     for name, values in times.items():
-        print(f"  {name:<12} median {statistics.median(values):7.1f} s   (min {min(values):.1f}, max {max(values):.1f})")
+        print(f"  {name:<12} median {statistics.median(values):7.1f} s   "
+              f"(min {min(values):.1f}, max {max(values):.1f})")
     for name in (name for name in commands if name != "colam train"):
         ratios = [a / b for a, b in zip(times[name], times["colam train"])]
         acc = metrics[name]["metrics"]["test_acc"]
@@ -76,29 +74,27 @@ def dvc_repro(args) -> None:
         shutil.copy(ROOT / name, repo / name)
     shutil.copytree(ROOT / ".dvc", repo / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp", "config.local"))
     shutil.copytree(ROOT / "colam", repo / "colam", ignore=shutil.ignore_patterns("__pycache__"))
-    env = {**UNTRACKED, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
     for command in (["git", "init", "-q"], ["git", "add", "-A"], [*git, "commit", "-qm", "bench"]):
         subprocess.run(command, cwd=repo, check=True)
     dvc_seconds = args.repro_seconds
     if dvc_seconds is None:
         began = time.perf_counter()
-        tracked = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{repo}/mlflow.db"}
+        tracked = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+                   "MLFLOW_TRACKING_URI": f"sqlite:///{repo}/mlflow.db"}
         subprocess.run([str(BIN / "dvc"), "repro"], cwd=repo, env=tracked, check=True, stdout=subprocess.DEVNULL)
         dvc_seconds = time.perf_counter() - began
     compare = yaml.safe_load((repo / "params.yaml").read_text())["compare"]
     runs = [("main", [])]
-    runs += [(f"{m}-seed{s}", [f"method.name={m}", f"seed={s}"]) for m in compare["baselines"] for s in compare["seeds"]]
+    runs += [(f"{m}-seed{s}", [f"method.name={m}", f"seed={s}"])
+             for m in compare["baselines"] for s in compare["seeds"]]
     runs += [(f"colam-T{t}-seed{s}", ["method.name=colam", f"method.colam.temperature={t}", f"seed={s}"])
              for t in compare["temperatures"] for s in compare["seeds"]]
-    loop_seconds, began = 0.0, time.perf_counter()
-    for name, overrides in runs:
-        out = args.workdir / "direct" / name
-        subprocess.run([str(BIN / "colam"), "train", "--config", str(repo / "params.yaml"), "--out", str(out),
-                        "--no-track", "--no-progress", *[part for item in overrides for part in ("--set", item)]],
-                       env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        loop_seconds += json.loads((out / "metrics.json").read_text())["wall_time_s"]
+    began = time.perf_counter()  # each run with torch's default threads, as under dvc repro
+    direct = [train(repo / "params.yaml", args.workdir / "direct" / name, overrides, threads=None)
+              for name, overrides in runs]
     direct_seconds = time.perf_counter() - began
+    loop_seconds = sum(metrics["wall_time_s"] for metrics in direct)
     print(f"training runs: {len(runs)} (main + {len(runs) - 1} comparison runs)")
     print(f"A. dvc repro (from scratch, tracked):      {dvc_seconds:7.1f} s")
     print(f"B. colam train, one process per run:       {direct_seconds:7.1f} s")
@@ -106,7 +102,7 @@ def dvc_repro(args) -> None:
     print(f"orchestration overhead A/B: {dvc_seconds / direct_seconds:.2f}x")
 
 
-def main() -> int:
+def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("measure", nargs="?", choices=("kfp", "dvc", "all"), default="all")
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
@@ -117,13 +113,11 @@ def main() -> int:
     parser.add_argument("--repro-seconds", type=float,
                         help="dvc: skip A and use this wall time of a `dvc repro` from scratch (e.g. timed `make run`)")
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT))
     if args.measure in ("kfp", "all"):
         kfp_local(args)
     if args.measure in ("dvc", "all"):
         dvc_repro(args)
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

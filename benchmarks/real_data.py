@@ -14,13 +14,10 @@ import argparse
 import json
 import os
 import statistics
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import docs_tables
-from harness import mean_std, publish, stage_files, train
+from harness import ROOT, check_table, markdown_table, mean_std, publish, stage_files, train_all
 
-ROOT = Path(__file__).resolve().parents[1]
 PROTOCOL = ROOT / "configs" / "fashion_mnist.yaml"
 ROOTS = (ROOT / "data/raw/fashion_mnist", Path("/usr/share/datasets/fashion-mnist"))
 
@@ -65,31 +62,19 @@ PUBLISHED = [("ResNet-18, flips, translation, rotation (Efthymiadis)", 94.9),
              ("human, crowd-sourced, no fashion expertise", 83.5)]
 
 
-def run(variant_dir: Path, overrides: list[str], data_root: Path) -> dict:
-    """One run's metrics, with each stage end's count of collapsed label rows."""
-    metrics = train(PROTOCOL, variant_dir, [f"data.root={data_root}", *overrides])
-    metrics["collapsed_rows"] = [json.loads(p.read_text()).get("collapsed_rows")
-                                 for p in stage_files(variant_dir, "metrics.json")]
-    return metrics
-
-
 def table(part: str, runs: dict[str, list[dict]]) -> str:
     """The markdown table of a part: the table shows test accuracy and wall time; the studies validation only."""
     if part == "table":
         base = statistics.mean(r["wall_time_s"] for r in runs.get("hl") or next(iter(runs.values())))
-        lines = ["| method | test acc % | val acc % | wall time / hl |", "|---|---:|---:|---:|"]
-        for name, found in runs.items():
-            ratio = statistics.mean(r["wall_time_s"] for r in found) / base
-            lines.append(f"| {name} | {mean_std([r['test_acc'] for r in found])} | "
-                         f"{mean_std([r['val_acc'] for r in found])} | {ratio:.2f} |")
-        lines += ["", "Published for scale (Fashion-MNIST README, all 60,000 training images):", ""]
-        lines += [f"- {name}: {acc:.1f}%" for name, acc in PUBLISHED]
-        return "\n".join(lines)
-    lines = ["| variant | val acc % | label rows collapsed (per stage, each seed) |", "|---|---:|---|"]
-    for name, found in runs.items():
-        collapsed = "; ".join("/".join("–" if c is None else str(c) for c in r["collapsed_rows"]) for r in found)
-        lines.append(f"| {name} | {mean_std([r['val_acc'] for r in found])} | {collapsed} |")
-    return "\n".join(lines)
+        rows = [[name, mean_std([r["test_acc"] for r in found]), mean_std([r["val_acc"] for r in found]),
+                 f"{statistics.mean(r['wall_time_s'] for r in found) / base:.2f}"] for name, found in runs.items()]
+        published = "\n".join(f"- {name}: {acc:.1f}%" for name, acc in PUBLISHED)
+        return (markdown_table([["method", "test acc %", "val acc %", "wall time / hl"], *rows])
+                + f"\n\nPublished for scale (Fashion-MNIST README, all 60,000 training images):\n\n{published}")
+    rows = [[name, mean_std([r["val_acc"] for r in found]),
+             "; ".join("/".join("–" if c is None else str(c) for c in r["collapsed_rows"]) for r in found)]
+            for name, found in runs.items()]
+    return markdown_table([["variant", "val acc %", "label rows collapsed (per stage, each seed)"], *rows], "lrl")
 
 
 def main() -> None:
@@ -105,25 +90,27 @@ def main() -> None:
                         help="also write the table into the docs, between <!-- table:fashion-mnist-PART --> markers")
     args = parser.parse_args()
     if args.docs:
-        docs_tables.check_table(f"fashion-mnist-{args.part}")
+        check_table(f"fashion-mnist-{args.part}")
 
     unknown = sorted(set(args.variants or []) - set(PARTS[args.part]))
     if unknown:
         parser.error(f"--variants: {', '.join(unknown)} not in part {args.part} ({', '.join(PARTS[args.part])})")
     variants = {name: overrides for name, overrides in PARTS[args.part].items()
                 if args.variants is None or name in args.variants}
-    folder = args.out / args.part
-    with ThreadPoolExecutor(args.jobs) as pool:  # every variant's first seed first
-        futures = [(name, pool.submit(run, folder / f"{name.replace(' ', '_').replace('=', '')}-seed{seed}",
-                                      [*variants[name], f"seed={seed}"], args.root))
-                   for seed in args.seeds for name in variants]
-    runs = {name: [future.result() for of, future in futures if of == name] for name in variants}
+    runs = {(name, seed): (PROTOCOL, args.out / args.part / f"{name.replace(' ', '_').replace('=', '')}-seed{seed}",
+                           [f"data.root={args.root}", *variants[name], f"seed={seed}"])
+            for seed in args.seeds for name in variants}  # every variant's first seed first
+    results = {name: [] for name in variants}
+    for (name, seed), metrics in train_all(runs, args.jobs):  # with each stage end's count of collapsed label rows
+        metrics["collapsed_rows"] = [json.loads(p.read_text()).get("collapsed_rows")
+                                     for p in stage_files(runs[name, seed][1], "metrics.json")]
+        results[name].append(metrics)
     header = (f"Fashion-MNIST, {PROTOCOL.relative_to(ROOT)}, seeds {args.seeds}, 1 thread per run, {args.jobs} at "
               f"a time, {args.part}")
-    publish(header + "\n\n" + table(args.part, runs), args.out / f"{args.part}.md",
+    publish(header + "\n\n" + table(args.part, results), args.out / f"{args.part}.md",
             f"fashion-mnist-{args.part}" if args.docs else None)
-    (args.out / f"{args.part}.json").write_text(json.dumps({"seeds": args.seeds, "root": str(args.root), "runs": runs},
-                                                           indent=2))
+    summary = {"seeds": args.seeds, "root": str(args.root), "runs": results}
+    (args.out / f"{args.part}.json").write_text(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

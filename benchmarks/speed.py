@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,21 +28,18 @@ import torch
 import torch.nn.functional as F
 from torch.utils.benchmark import Timer
 from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision import transforms as T
 
-import docs_tables
-from harness import stage_files
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import colam.engine  # noqa: E402
-from colam.config import load_config  # noqa: E402
-from colam.data import Indexed, TrainingData  # noqa: E402
-from colam.datasets import CIFAR_STATS, ImageTensors, TensorImageDataset  # noqa: E402
-from colam.distributed import SINGLE  # noqa: E402
-from colam.engine import autocast, fit, prepare, to_device, train_one_epoch  # noqa: E402
-from colam.feed import LoaderFeed, ResidentFeed  # noqa: E402
-from colam.methods import METHODS  # noqa: E402
-from colam.models import build_model  # noqa: E402
+import colam.engine
+from colam.config import load_config
+from colam.data import Indexed, TrainingData
+from colam.datasets import CIFAR_STATS, ImageTensors, TensorImageDataset
+from colam.engine import autocast, fit, prepare, to_device
+from colam.feed import ResidentFeed
+from colam.models import build_model
+from colam.soft_labels import OutputSums
+from harness import check_table, markdown_table, publish, stage_files
 
 TARGETS = {"a_pass": 1.02, "a_online": 1.005, "c": 0.95, "d": 50_000}
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, matched on the device name.
@@ -165,8 +161,6 @@ def method_costs(args) -> dict:
 
 def accumulation_seconds(config, device: torch.device, classes: int, repeats: int = 2000) -> float:
     """What online estimation adds to one training step: OutputSums.add of a batch of logits."""
-    from colam.soft_labels import OutputSums
-
     batch = config.train.batch_size
     sums = OutputSums(classes, config.method.colam.aggregation, device=device)
     logits, targets = torch.randn(batch, classes, device=device), torch.randint(0, classes, (batch,), device=device)
@@ -178,8 +172,6 @@ def accumulation_seconds(config, device: torch.device, classes: int, repeats: in
 def synthetic_cifar(n: int, classes: int, seed: int = 0) -> TrainingData:
     """CIFAR-sized training data without a download: random 32x32 RGB pixels, balanced labels.
     The DataLoader path augments per sample with torchvision's transforms, as for CIFAR."""
-    from torchvision import transforms as T
-
     pixels = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
     labels, index, test = (torch.arange(n) % classes).numpy(), torch.arange(n).numpy(), min(n, 1000)
     mean, std = CIFAR_STATS["cifar100"]
@@ -194,88 +186,73 @@ def synthetic_cifar(n: int, classes: int, seed: int = 0) -> TrainingData:
                         tensors=ImageTensors(pixels, pixels[:1000], mean, std, pad=4, flip=True))
 
 
-def training_flops(model, batch: torch.Tensor, targets: torch.Tensor, precision) -> float:
-    """FLOPs of one training step (forward and backward) of `batch`, counted by torch."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+def training_flops(batch: int, device: torch.device) -> float:
+    """FLOPs per image of one bf16 training step (forward and backward) of PreActResNet-18, counted by torch."""
+    model = build_model("preact_resnet18", 100).to(device, memory_format=torch.channels_last)
+    images = torch.rand(batch, 3, 32, 32, device=device).to(memory_format=torch.channels_last)
     with FlopCounterMode(display=False) as counter:
-        with autocast(batch.device, precision):
-            loss = F.cross_entropy(model(batch), targets)
+        with autocast(device, torch.bfloat16):
+            loss = F.cross_entropy(model(images), torch.randint(100, (batch,), device=device))
         loss.backward()
-    model.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
+    return counter.get_total_flops() / batch
 
 
 def gpu_throughput(args, device: torch.device) -> dict:
-    overrides = ["model.name=preact_resnet18", f"train.batch_size={args.gpu_batch}", "train.lr=0.1",
-                 "method.name=hl", f"train.device={device.type}", "train.precision=bf16",
-                 "train.channels_last=true", f"train.compile={str(args.compile).lower()}",
-                 f"data.num_workers={args.gpu_workers}"]
-    config = load_config(None, overrides)
+    """(d): the trainer's epochs of PreActResNet-18, bf16 and channels-last, on CIFAR-sized images."""
     data = synthetic_cifar(args.gpu_images, 100)
     peak = args.peak_tflops * 1e12 if args.peak_tflops else None
     if peak is None and device.type == "cuda":
         peak = next((value for key, value in PEAK_BF16.items() if key in torch.cuda.get_device_name(device)), None)
+    flops = training_flops(args.gpu_batch, device)
     results = {}
-    for path, feed_cls in (("resident", ResidentFeed), ("dataloader", LoaderFeed)):
-        torch.manual_seed(0)
-        model = build_model("preact_resnet18", 100).to(device).to(memory_format=torch.channels_last)
-        net = torch.compile(model) if args.compile else model
-        method = METHODS["hl"](config, 100, data.train_targets)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
-        feed = feed_cls(data, config, device, SINGLE)
+    for path, on_device in (("resident", "true"), ("dataloader", "false")):
+        config = load_config(None, [
+            "model.name=preact_resnet18", "method.name=hl", "train.lr=0.1", f"train.epochs={args.gpu_epochs + 1}",
+            f"train.batch_size={args.gpu_batch}", f"train.device={device.type}", "train.precision=bf16",
+            "train.channels_last=true", f"train.compile={str(args.compile).lower()}",
+            f"train.data_on_device={on_device}", f"data.num_workers={args.gpu_workers}"])
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        seconds = []
-        for epoch in range(args.gpu_epochs + 1):  # epoch 0 warms up (cuDNN autotuning, compilation)
-            began = time.perf_counter()
-            train_one_epoch(net, feed.train(epoch), method, optimizer, 1, device, precision=torch.bfloat16,
-                            channels_last=True)
-            seconds.append(time.perf_counter() - began)
-        rate = len(data.train) / median(seconds[1:])
-        sample, labels, _ = next(iter(feed.train(0)))
-        flops = training_flops(model, to_device(sample[: args.gpu_batch], device, channels_last=True),
-                               labels[: args.gpu_batch].to(device), torch.bfloat16) / len(sample)
+        with mock.patch.object(colam.engine, "build_data", lambda *_: data), tempfile.TemporaryDirectory() as folder:
+            seconds = timed_fit(config, Path(folder))["epochs"][1:]  # epoch 1 warms up (cuDNN autotuning, compilation)
+        rate = len(data.train) / median(seconds)
         results[path] = {"img_s": rate, "flops_per_image": flops, "achieved_tflops": rate * flops / 1e12,
                          "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30
                          if device.type == "cuda" else None, "mfu": rate * flops / peak if peak else None}
-    return {"device": str(torch.cuda.get_device_name(device)) if device.type == "cuda" else "cpu",
+    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "images": args.gpu_images, "batch": args.gpu_batch, "epochs": args.gpu_epochs, "compile": args.compile,
             "peak_bf16_tflops": peak / 1e12 if peak else None, **results}
 
 
-def verdict(value, target, lower_is_better):
-    return "meets" if (value <= target if lower_is_better else value >= target) else "misses"
+def verdict(met: bool) -> str:
+    return "meets" if met else "misses"
 
 
 def table(report: dict) -> str:
     a, b, c, d = report["a"], report["b"], report["c"], report.get("d")
-    rows = [("figure", "value", "detail", "target", "")]
-    rows += [(f"(a) COLAM/hl time, {mode}" + (f", m={report['stages']}" if mode == "pass" else ""),
+    rows = [["figure", "value", "detail", "target", ""]]
+    rows += [[f"(a) COLAM/hl time, {mode}" + (f", m={report['stages']}" if mode == "pass" else ""),
               f"{a[mode]['ratio']:.3f}",
               f"runs {a[mode]['paired_min']:.3f}-{a[mode]['paired_max']:.3f}; accounted {a[mode]['accounted']:.4f}",
-              f"<= {target}", verdict(a[mode]["ratio"], target, True))
+              f"<= {target}", verdict(a[mode]["ratio"] <= target)]
              for mode, target in (("pass", TARGETS["a_pass"]), ("online", TARGETS["a_online"]))]
     rows += [
-        ("(b) estimation pass / training epoch", f"{b['fraction']:.3f}",
-         f"{b['estimation_s'] * 1e3:.1f} ms / {b['epoch_s'] * 1e3:.1f} ms", "", ""),
-        ("(c) trainer / bare loop, img/s", f"{c['ratio']:.3f}",
-         f"{c['trainer_img_s']:,.0f} / {c['bare_img_s']:,.0f}", ">= 0.95", verdict(c["ratio"], TARGETS["c"], False)),
+        ["(b) estimation pass / training epoch", f"{b['fraction']:.3f}",
+         f"{b['estimation_s'] * 1e3:.1f} ms / {b['epoch_s'] * 1e3:.1f} ms", "", ""],
+        ["(c) trainer / bare loop, img/s", f"{c['ratio']:.3f}",
+         f"{c['trainer_img_s']:,.0f} / {c['bare_img_s']:,.0f}", ">= 0.95", verdict(c["ratio"] >= TARGETS["c"])],
     ]
     if d is None:
-        rows.append(("(d) PreActResNet-18 bf16 img/s on GPU", "-", report["d_note"], ">= 50,000", "not measured"))
+        rows.append(["(d) PreActResNet-18 bf16 img/s on GPU", "-", report["d_note"], ">= 50,000", "not measured"])
     else:
         for path in ("resident", "dataloader"):
             r = d[path]
             mfu = f", MFU {100 * r['mfu']:.1f}%" if r["mfu"] is not None else ""
             memory = f", peak {r['peak_memory_gib']:.2f} GiB" if r["peak_memory_gib"] is not None else ""
-            rows.append((f"(d) PreActResNet-18 bf16, {path}", f"{r['img_s']:,.0f}",
+            rows.append([f"(d) PreActResNet-18 bf16, {path}", f"{r['img_s']:,.0f}",
                          f"{r['achieved_tflops']:.1f} TFLOP/s{mfu}{memory}", ">= 50,000",
-                         verdict(r["img_s"], TARGETS["d"], False)))
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
-    lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |" for row in rows]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
+                         verdict(r["img_s"] >= TARGETS["d"])])
+    return markdown_table(rows, "lllll")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -290,15 +267,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--gpu-epochs", type=int, default=3, help="(d): timed epochs after one warm-up epoch")
     parser.add_argument("--gpu-workers", type=int, default=8, help="(d): DataLoader workers of the DataLoader path")
     parser.add_argument("--compile", action="store_true", help="(d): torch.compile the model")
-    parser.add_argument("--peak-tflops", type=float, help="(d): the GPU's dense bf16 peak, for MFU (default: "
-                                                          "looked up by device name)")
+    parser.add_argument("--peak-tflops", type=float, help="(d): the GPU's dense bf16 peak, for MFU (default: by name)")
     parser.add_argument("--d-on-cpu", action="store_true", help="run (d) on the CPU (a smoke test, not a figure)")
     parser.add_argument("--json", type=Path, default=Path("runs/benchmarks/speed.json"))
-    parser.add_argument("--docs", action="store_true", help="also write the table into the docs, between "
-                                                            "<!-- table:speed --> markers")
+    parser.add_argument("--docs", action="store_true", help="also write the table into the docs (<!-- table:speed -->)")
     args = parser.parse_args(argv)
     if args.docs:
-        docs_tables.check_table("speed")
+        check_table("speed")
 
     report = {"machine": machine(), **method_costs(args)}
     if torch.cuda.is_available() or args.d_on_cpu:
@@ -306,11 +281,9 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         report["d_note"] = "no GPU on this machine"
     text = table(report)
-    intro = (f"machine: {report['machine']}\n(a)-(c): {report['config']}, {report['epochs']} epochs, "
-             f"{report['train_samples']} training images, median of {report['repeats']} interleaved runs each")
-    print(intro + "\n" + text)
-    if args.docs:
-        docs_tables.write_table("speed", intro.replace("\n", "\n\n") + "\n\n" + text)
+    publish(f"machine: {report['machine']}\n\n(a)-(c): {report['config']}, {report['epochs']} epochs, "
+            f"{report['train_samples']} training images, median of {report['repeats']} interleaved runs each\n\n{text}",
+            docs="speed" if args.docs else None)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({**report, "table": text}, indent=2))
     print(f"written: {args.json}")

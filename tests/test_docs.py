@@ -15,7 +15,7 @@ from colam.models import MODELS
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import docs_tables  # noqa: E402
+import harness  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +55,9 @@ def test_a_benchmark_rewrites_its_table_between_the_markers_and_nothing_else(tmp
     page = tmp_path / "docs" / "page.md"
     page.write_text("before\n<!-- table:t -->\n| old |\n<!-- /table:t -->\nafter \\1\n<!-- table:u -->\nu\n<!-- /table:u -->\n")
     (tmp_path / "README.md").write_text("no tables here\n")
-    assert docs_tables.write_table("t", "| new \\1 |\n|---|\n", tmp_path) == [page]
+    assert harness.write_table("t", "| new \\1 |\n|---|\n", tmp_path) == [page]
     assert page.read_text() == ("before\n<!-- table:t -->\n| new \\1 |\n|---|\n<!-- /table:t -->\nafter \\1\n"
                                 "<!-- table:u -->\nu\n<!-- /table:u -->\n")
     with pytest.raises(SystemExit, match="table:missing"):
-        docs_tables.check_table("missing", tmp_path)
+        harness.check_table("missing", tmp_path)
 
