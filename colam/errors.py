@@ -1,6 +1,8 @@
 """The one exception type the library raises for bad input: the CLI prints it as one line on stderr with exit
 status 2, so every message names the offending input (key, file or value) and says what is wrong with it."""
 
+import re
+
 
 class ColamError(ValueError):
     """Bad input (configuration, data or artifact), shown to the user as is. Raised in a DataLoader worker, torch
@@ -26,3 +28,26 @@ def require(ok: bool, key: str, value: object, what: str) -> None:
     """Raise `ColamError("KEY: WHAT, got VALUE")` unless `ok`."""
     if not ok:
         raise ColamError(f"{key}: {what}, got {value!r}")
+
+
+MESSAGE_LIMIT = 600  # characters of one error line: a quoted value longer than that is cut, not echoed whole
+
+
+def one_line(message: str) -> str:
+    """`message` as one safe line for a terminal: credentials in URIs hidden, control characters
+    (newlines, ANSI escapes) shown escaped, and cut to MESSAGE_LIMIT characters."""
+    message = redact(message)
+    message = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+    return message if len(message) <= MESSAGE_LIMIT else message[:MESSAGE_LIMIT] + "... (cut)"
+
+
+def redact(text: str) -> str:
+    """`scheme://user:password@host` with the password replaced by ***."""
+    return re.sub(r"(://[^/:@\s]*):[^/@\s]*@", r"\1:***@", text)
+
+
+def os_error(exc: OSError) -> str:
+    """An OSError as the one line a user needs: the path and what the system said about it."""
+    paths = " -> ".join(f"'{p}'" for p in (exc.filename, exc.filename2) if p is not None)
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    return f"{paths}: {reason}" if paths else f"{reason} ({type(exc).__name__})"

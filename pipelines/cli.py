@@ -15,23 +15,28 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from colam import distributed
-from colam.errors import ColamError
+from colam.errors import ColamError, one_line, os_error
 from pipelines import analysis, compare, kubeflow
 from pipelines.arguments import config_options, params, run_log, tracking_options, training_options
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         # under torchrun, rank 0 tells the story; the other ranks speak only to warn
         logging.basicConfig(level=logging.INFO if distributed.env_world().main else logging.WARNING,
                             format="%(message)s", stream=sys.stderr)
+        _quiet_libraries()
         return args.func(args) or 0  # a command returns None when it succeeds
     except ColamError as exc:
         _say(f"colam: error: {exc}")
+        return 2
+    except OSError as exc:  # disk full, read-only, permission, not a folder: the path and the reason
+        _say(f"colam: error: {os_error(exc)}")
         return 2
     except KeyboardInterrupt:
         _say("colam: interrupted; run the same command again to resume from the last completed epoch")
@@ -40,16 +45,33 @@ def main(argv: list[str] | None = None) -> int:
         distributed.shutdown()
 
 
+def _quiet_libraries() -> None:
+    """MLflow's and alembic's INFO lines (store creation, migrations) would come before a one-line
+    error; MLflow reads the variable when it is imported, the logger level covers an earlier import."""
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def _say(line: str) -> None:
     """One line on stderr in a single write: under torchrun every rank may say it at once, and
-    writes of a whole line to a pipe do not interleave (print writes the text and the newline apart)."""
-    sys.stderr.write(line + "\n")
+    writes of a whole line to a pipe do not interleave (print writes the text and the newline apart).
+    What the user typed comes back escaped, cut and without passwords (`one_line`)."""
+    sys.stderr.write(one_line(line) + "\n")
     sys.stderr.flush()
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors in the form of every other (`colam: error: ...`, one line, exit 2)
+    instead of a usage block; `--help` still prints the usage."""
+
+    def error(self, message: str):
+        raise ColamError(f"{message} (see: {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="colam", description="COLAM and soft-label baselines for image "
-                                                               "classification, tracked, compared and analysed")
+    parser = Parser(prog="colam", description="COLAM and soft-label baselines for image classification, "
+                                              "tracked, compared and analysed")
     commands = parser.add_subparsers(dest="command", required=True)
     _run_commands(commands)
     commands.add_parser("methods", help="list the training methods").set_defaults(func=_registry)
@@ -226,7 +248,7 @@ def _compare(args) -> int:
         args.variants = pipeline_variants(given, args.methods)
     if not args.experiment:
         raise ColamError("--experiment: name the MLflow experiment to compare (or give --params)")
-    return compare.run(args, connect())
+    return compare.run(args, connect(create=False))  # reading: no store is created
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ from colam import io as cio
 from colam.config import Config, from_dict
 from colam.engine import RunLog, run_metrics
 from colam.run_folder import HISTORY_FIELDS, run_digest, run_identity
-from colam.errors import ColamError
+from colam.errors import ColamError, redact
 from colam.methods import METHODS
 
 log = logging.getLogger("colam")
@@ -56,10 +56,13 @@ FINAL = ("test_acc", "val_acc", "train_acc", "train_loss", "wall_time_s")
 NOT_REPORTS = ("estimation_seconds", "step", "steps")  # numbers in a stage's metrics that are no method report
 
 
-def connect(uri: str | None = None) -> MlflowClient:
-    """A client of `uri` that has answered once, so a wrong server fails before training starts."""
+def connect(uri: str | None = None, create: bool = True) -> MlflowClient:
+    """A client of `uri` that has answered once, so a wrong server fails before training starts;
+    a sqlite store that does not exist is created, or refused where the caller only reads (`create`)."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
     database = sqlite_path(uri)
+    if database is not None and not create and not database.is_file():
+        raise ColamError(f"MLFLOW_TRACKING_URI: there is no MLflow store at '{database}' to read")
     try:
         # MLflow retries a refused connection for minutes by default: one quick try tells us enough.
         with bounded_http(timeout=10), contextlib.ExitStack() as held:
@@ -79,7 +82,8 @@ def connect(uri: str | None = None) -> MlflowClient:
             client = MlflowClient(tracking_uri=uri)
             client.search_experiments(max_results=1)
     except Exception as exc:  # connection refused, DNS, auth, a bad sqlite path: one line
-        raise ColamError(f"MLFLOW_TRACKING_URI: cannot use the tracking store '{uri}' ({_reason(exc)})") from None
+        raise ColamError(f"MLFLOW_TRACKING_URI: cannot use the tracking store '{display_uri(uri)}' "
+                         f"({_reason(exc)})") from None
     return client
 
 
@@ -391,7 +395,7 @@ def display_uri(uri: str) -> str:
     path = sqlite_path(uri)
     if path is not None and not path.is_absolute():
         return f"sqlite:///{path.resolve()}"
-    return re.sub(r"(://[^/:@]*):[^/@]*@", r"\1:***@", uri)
+    return redact(uri)
 
 
 # --------------------------------------------------------------- what a run folder holds
