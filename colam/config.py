@@ -20,9 +20,10 @@ from typing import Any
 
 import yaml
 
+from colam import io as cio
 from colam.errors import ColamError, require
 from colam.methods import METHODS
-from colam.methods.base import AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, Check, one_of, run_checks
+from colam.methods.base import AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, Check, one_of, run_checks, within
 
 
 @dataclass
@@ -109,11 +110,17 @@ def read_yaml(path: str | Path | None, overrides: list[str] | None = None) -> di
     return raw
 
 
+CONFIG_BYTES = 1 << 20  # a config is a few KB: a bigger file is a wrong path, not read whole
+YAML_VALUES = 100_000  # nor a document that expands past this many values (an alias "bomb")
+YAML_DEPTH = 32  # or nests deeper (a config nests 3 levels)
+
+
 def _read_yaml(path: Path) -> dict:
-    if not path.is_file():
+    if not path.exists():
         raise ColamError(f"--config: file '{path}' does not exist")
+    cio.check_file(path, "--config", CONFIG_BYTES)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = parse_yaml(path.read_text(encoding="utf-8"), f"--config: '{path}'")
     except (OSError, UnicodeDecodeError) as exc:
         raise ColamError(f"--config: cannot read '{path}' ({type(exc).__name__})") from None
     except yaml.YAMLError as exc:
@@ -127,12 +134,46 @@ def _read_yaml(path: Path) -> dict:
     return raw
 
 
+def parse_yaml(text: str, what: str) -> Any:
+    """yaml.safe_load, refusing (one line naming `what`) a document whose aliases expand past
+    YAML_VALUES values or that nests deeper than YAML_DEPTH; both are counted on the parser's events,
+    before any node is built, so neither costs memory or a RecursionError."""
+    sizes: dict[str, int] = {}  # an anchor -> the values it expands to
+    open_nodes: list[list] = []  # [anchor, values so far] of each collection being read
+    total = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            open_nodes.append([event.anchor, 1])
+            if len(open_nodes) > YAML_DEPTH:
+                raise ColamError(f"{what} nests deeper than {YAML_DEPTH} levels")
+            continue
+        if isinstance(event, yaml.CollectionEndEvent):
+            anchor, count = open_nodes.pop()
+        elif isinstance(event, yaml.AliasEvent):
+            anchor, count = None, sizes.get(event.anchor, 1)
+        elif isinstance(event, yaml.ScalarEvent):
+            anchor, count = event.anchor, 1
+        else:
+            continue
+        if anchor:
+            sizes[anchor] = count
+        if open_nodes:
+            open_nodes[-1][1] += count
+            size = open_nodes[-1][1]
+        else:
+            total += count
+            size = total
+        if size > YAML_VALUES:
+            raise ColamError(f"{what} expands to more than {YAML_VALUES:,} values (aliases of aliases?)")
+    return yaml.safe_load(text)
+
+
 def _parse_override(item: str) -> tuple[str, Any]:
     key, sep, text = item.partition("=")
     if not sep or not key.strip():
         raise ColamError(f"--set: '{item}' is not of the form KEY=VALUE")
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = parse_yaml(text, f"--set: {key.strip()!r}") if text.strip() else None
     except yaml.YAMLError:
         value = text  # a bare string such as a path with colons
     return key.strip(), value
@@ -203,12 +244,14 @@ def _scalar(hint: type, value: Any, key: str) -> Any:
 
 AUTO_OR_BOOL: Check = (lambda v: isinstance(v, bool) or v == "auto", "must be true, false or auto")
 DATA_CHECKS: dict[str, Check] = {
-    "train_subset": (lambda v: v is None or v >= 1, "must be >= 1"), "val_fraction": FRACTION, "label_noise": FRACTION,
+    "train_subset": (lambda v: v is None or 1 <= v <= 10**9, "must be >= 1 and <= 10**9"), "val_fraction": FRACTION,
+    "label_noise": FRACTION, "split_seed": within(0, 2**32 - 1),
     # colam.data.NOISE_TYPES (not imported: it imports this module)
     "noise_type": (lambda v: v in ("symmetric", "asymmetric"), "must be symmetric or asymmetric"),
-    "num_workers": NON_NEGATIVE}
+    "num_workers": within(0, 256)}
 TRAIN_CHECKS: dict[str, Check] = {
-    "epochs": AT_LEAST_1, "batch_size": AT_LEAST_1, "eval_batch_size": AT_LEAST_1, "eval_every": AT_LEAST_1,
+    "epochs": within(1, 100_000), "batch_size": within(1, 2**20), "eval_batch_size": within(1, 2**20),
+    "eval_every": AT_LEAST_1,
     "lr": POSITIVE, "momentum": FRACTION, "weight_decay": NON_NEGATIVE,
     "lr_schedule": one_of(("multistep", "cosine", "constant")),
     "gamma": (lambda v: 0.0 < v <= 1.0, "must be in (0, 1]"),

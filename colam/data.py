@@ -156,6 +156,9 @@ def save_split(cfg: DataConfig, out_dir: str | Path) -> dict:
 def load_split(split_dir: str | Path, cfg: DataConfig, raw: RawData) -> Split:
     """The split saved in `split_dir`, after checking it belongs to `cfg` and to this raw data."""
     split_dir = Path(split_dir)
+    for path in (split_dir / "split.json", split_dir / "split.npz"):
+        if path.exists():
+            cio.check_file(path, "--split")  # a FIFO or a folder: refused by type, not read
     try:
         summary = json.loads((split_dir / "split.json").read_text())
         with np.load(split_dir / "split.npz", allow_pickle=False) as arrays:

@@ -33,7 +33,7 @@ from colam.errors import ColamError
 from colam.feed import LoaderFeed, ResidentFeed, global_seed, make_feed, wants_resident
 from colam.methods import METHODS, Method
 from colam.models import build_model
-from colam.run_folder import Epochs, OneStage, WholeRun, check_resumable, stage_ends, write_stage
+from colam.run_folder import Epochs, OneStage, WholeRun, check_resumable, releasing_claims, stage_ends, write_stage
 from colam.soft_labels import check_soft_labels
 
 log = logging.getLogger("colam")
@@ -235,6 +235,7 @@ def evaluate(model: nn.Module, batches, device: torch.device, precision: torch.d
     return (logits.argmax(dim=1).cpu() == targets).sum().item() / len(targets)
 
 
+@releasing_claims
 def fit(config: Config, out_dir: str | Path, *, run_log: RunLog | None = None, progress: bool | None = None,
         split_dir: str | Path | None = None, restart_if_changed: bool = False,
         inputs: dict[str, str | Path] | None = None) -> dict:
@@ -251,6 +252,7 @@ def fit(config: Config, out_dir: str | Path, *, run_log: RunLog | None = None, p
     return train_into(run, config, split_dir, run_log, progress, prepared)
 
 
+@releasing_claims
 def fit_stage(config: Config, out_dir: str | Path, stage: int, *, run_log: RunLog | None = None,
               progress: bool | None = None, split_dir: str | Path | None = None) -> dict:
     """Train stage `stage` (1-based) alone: read `out_dir/stage_{stage-1}`, write `out_dir/stage_{stage}`;

@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:  # a write or fsync names no file: name the target
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
     fsync_dir(path.parent)
 
@@ -85,8 +88,26 @@ def save_torch(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def check_file(path: str | os.PathLike, what: str, max_bytes: int | None = None) -> None:
+    """Refuse, in one line naming `what`, a path that is missing, not a regular file (a folder, or a
+    FIFO or device that would be read forever) or larger than `max_bytes`."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise ColamError(f"{what}: '{path}' does not exist") from None
+    except OSError as exc:
+        raise ColamError(f"{what}: cannot read '{path}' ({exc.strerror})") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise ColamError(f"{what}: '{path}' is a folder, not a file")
+    if not stat.S_ISREG(info.st_mode):
+        raise ColamError(f"{what}: '{path}' is not a regular file (a FIFO, socket or device)")
+    if max_bytes is not None and info.st_size > max_bytes:
+        raise ColamError(f"{what}: '{path}' is {info.st_size:,} bytes, more than the {max_bytes:,} it may be")
+
+
 def load_torch(path: str | os.PathLike, what: str) -> Any:
     """Load a checkpoint with `weights_only=True`: tensors and plain containers only, never code."""
+    check_file(path, what)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -113,7 +134,9 @@ def load_weights(model: torch.nn.Module, state: Any, what: str, path: str | os.P
     model.load_state_dict(state)
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    """The sha256 of a file's bytes, read in blocks (checkpoints can be large)."""
+def sha256_file(path: str | os.PathLike, what: str = "input") -> str:
+    """The sha256 of a file's bytes, read in blocks (checkpoints can be large); a FIFO or folder is
+    refused (naming `what`), not waited on."""
+    check_file(path, what)
     with open(path, "rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()

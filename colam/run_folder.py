@@ -24,12 +24,18 @@ import os
 import shutil
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # Windows: folders are not locked there
+    fcntl = None
+
 import numpy as np
 import torch
 import yaml
 
+from colam import distributed
 from colam import io as cio
-from colam.config import Config
+from colam.config import Config, parse_yaml
 from colam.errors import ColamError
 from colam.methods import METHODS
 from colam.soft_labels import check_soft_labels
@@ -132,22 +138,29 @@ def provenance(config: Config, split_dir: str | Path | None, previous: Path | No
     if split_dir is not None:
         inputs["split"] = {p.name: cio.sha256_file(p) for p in sorted(Path(split_dir).glob("split.*")) if p.is_file()}
     if previous is not None:
-        inputs["previous_stage"] = {name: cio.sha256_file(previous / name) for name in ("model.pt", "state.pt")
-                                    if (previous / name).exists()}
+        inputs["previous_stage"] = {name: cio.sha256_file(previous / name, "--stage")
+                                    for name in ("model.pt", "state.pt") if (previous / name).exists()}
     return {"run": run_digest(config), "code": code_digest(), "inputs": inputs}
 
 
 def _read(path: Path, parse=json.loads) -> object:
-    """The parsed file, or None when it is missing or unreadable."""
+    """The parsed file, or None when it is missing, unreadable or not a regular file (a FIFO would hang)."""
+    if not path.is_file():
+        return None
     try:
         return parse(path.read_text())
     except (OSError, ValueError, yaml.YAMLError):
         return None
 
 
+def _parse_config(text: str) -> object:
+    return parse_yaml(text, "config.yaml")
+
+
 def check_out_dir(out_dir: Path) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise ColamError(f"--out: '{out_dir}' exists and is not a folder")
+    claim(out_dir)
 
 
 def make_dir(out_dir: Path) -> None:
@@ -155,6 +168,57 @@ def make_dir(out_dir: Path) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ColamError(f"--out: cannot create '{out_dir}' ({exc.strerror})") from None
+    claim(out_dir)
+
+
+_claims: dict[str, int] = {}  # a claimed folder's path -> the open descriptor that holds its lock
+
+
+def claim(folder: Path) -> None:
+    """Lock `folder` for this process (rank 0 under torchrun) until the command that claimed it ends
+    (`releasing_claims`): a second colam writing there is refused in one line with the holder's pid.
+    flock on the folder itself leaves no file in it, and the kernel drops it when the holder dies."""
+    if fcntl is None or not folder.is_dir() or not distributed.env_world().main:
+        return
+    key, inode = str(folder.resolve()), folder.stat().st_ino
+    if key in _claims and os.fstat(_claims[key]).st_ino == inode:
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ColamError(f"--out: '{folder}' is being written by another colam process{_holder(inode)}; wait "
+                         f"for it to end or choose another --out") from None
+    if key in _claims:  # the folder was deleted and made afresh (--restart-if-changed)
+        os.close(_claims[key])
+    _claims[key] = fd
+
+
+def _holder(inode: int) -> str:
+    """' (pid N)' of the process holding the flock of the folder with `inode`, from /proc/locks
+    (lines such as '1: FLOCK  ADVISORY  WRITE 4242 08:01:1234 0 EOF'), or '' where it cannot tell."""
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return ""
+    for fields in map(str.split, lines):
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5].rsplit(":", 1)[-1] == str(inode):
+            return f" (pid {fields[4]})"
+    return ""
+
+
+def releasing_claims(command):
+    """Decorate a library entry point: the folders it claimed are released when it returns or raises."""
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        before = set(_claims)
+        try:
+            return command(*args, **kwargs)
+        finally:
+            for key in set(_claims) - before:
+                os.close(_claims.pop(key))
+    return run
 
 
 def write_history(path: Path, history: list[dict]) -> None:
@@ -314,7 +378,7 @@ class WholeRun(Epochs):
             state = _load_checkpoint(path, config, "--out checkpoint", f"--out: '{path}' is not a colam training "
                                      f"checkpoint; use another --out or delete it")
         elif (self.root / "config.yaml").exists():  # a run that never finished its first epoch, or lost its checkpoint
-            refuse_other_run(self.root, _read(self.root / "config.yaml", yaml.safe_load), config)
+            refuse_other_run(self.root, _read(self.root / "config.yaml", _parse_config), config)
         found, metrics = self.recorded(), _read(self.root / "metrics.json")
         if (state is not None and state["epoch"] == self.until and (found is None or found.get("complete", True))
                 and isinstance(metrics, dict)):

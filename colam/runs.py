@@ -12,7 +12,7 @@ import yaml
 from torch import nn
 
 from colam import io as cio
-from colam.config import Config, from_dict, validate
+from colam.config import CONFIG_BYTES, Config, from_dict, parse_yaml, validate
 from colam.errors import ColamError
 from colam.methods import METHODS
 
@@ -54,7 +54,8 @@ def _run_config(path: Path, key: str) -> Config:
                     key=lambda p: int(p.parent.name[6:]) if p.parent.name[6:].isdigit() else -1)
     if config_path.is_file():
         try:
-            raw = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+            cio.check_file(config_path, key, CONFIG_BYTES)
+            raw = parse_yaml(config_path.read_text(encoding="utf-8"), f"{key}: '{config_path}'")
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
             raise ColamError(f"{key}: cannot read '{config_path}' ({type(exc).__name__})") from None
         source = config_path

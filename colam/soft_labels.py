@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from colam import distributed
+from colam import io as cio
 from colam.errors import ColamError
 
 AGGREGATIONS = ("logits", "probs")
@@ -143,6 +144,8 @@ NPY_MAGIC = b"\x93NUMPY"  # the first bytes of every .npy file
 
 def load_npy(file: str | Path, key: str) -> np.ndarray:
     """The numeric array in .npy `file` (never pickled objects), or a ColamError naming `key` and the file."""
+    if Path(file).exists():
+        cio.check_file(file, key)  # a FIFO or a folder: refused by type, not read
     try:
         with open(file, "rb") as handle:
             header = handle.read(len(NPY_MAGIC))

@@ -24,13 +24,14 @@ import yaml
 
 from colam import distributed
 from colam import io as cio
-from colam.config import Config, from_dict, validate
+from colam.config import Config, from_dict, parse_yaml, validate
 from colam.data import save_split
 from colam.datasets import DATASETS
 from colam.engine import RunLog, check_names, estimate_artifacts, prepare, train_into
 from colam.errors import ColamError, require
 from colam.methods import METHODS, headline_section
-from colam.run_folder import PipelineStep, check_out_dir, load_stage_state, make_dir, stage_ends, write_estimation
+from colam.run_folder import (PipelineStep, check_out_dir, load_stage_state, make_dir, releasing_claims, stage_ends,
+                              write_estimation)
 
 RAW_DATA = "raw"  # the folder of a prepared split that holds a data set downloaded by prepare_step
 
@@ -106,7 +107,7 @@ def run_config(text: str, split_dir: str | Path) -> Config:
 def _parse(text: str) -> dict:
     # Text, not a mapping: a Kubeflow struct parameter turns every integer into a float.
     try:
-        raw = yaml.safe_load(text)
+        raw = parse_yaml(text, "config")
     except yaml.YAMLError as exc:
         raise ColamError(f"config: not valid YAML or JSON ({str(exc).splitlines()[0]})") from None
     if not isinstance(raw, dict):
@@ -130,6 +131,7 @@ def _open_step(config: Config, step: int, steps: int, out: str | Path) -> list[i
     return ends
 
 
+@releasing_claims
 def train_step(config: Config, step: int, steps: int, out: str | Path, *, checkpoint: str | Path | None = None,
                soft_labels: str | Path | None = None, split_dir: str | Path | None = None,
                run_log: RunLog | None = None, progress: bool = False) -> dict:
@@ -140,6 +142,7 @@ def train_step(config: Config, step: int, steps: int, out: str | Path, *, checkp
     return json.loads((Path(out) / "metrics.json").read_text())
 
 
+@releasing_claims
 def estimate_step(config: Config, step: int, steps: int, checkpoint: str | Path, out: str | Path, *,
                   split_dir: str | Path | None = None) -> dict:
     """What the method learns from the model at the end of step `step` (COLAM: the soft labels,

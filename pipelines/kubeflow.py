@@ -60,6 +60,9 @@ def _task(task, name: str, gpu_cluster: Cluster | None = None):
     return task
 
 
+MAX_STAGES = 200
+
+
 def build_pipeline(stages: int, defaults: dict, experiment: str, image: str | None = None,
                    cluster: Cluster = Cluster()):
     """The pipeline function for `stages` stages; `defaults` (a run config) gives the parameters' defaults."""
@@ -69,8 +72,9 @@ def build_pipeline(stages: int, defaults: dict, experiment: str, image: str | No
     import components
     from colam.steps import step_config
 
-    if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
-        raise ColamError(f"--stages: must be an integer >= 1, got {stages!r}")
+    # three tasks a stage: past MAX_STAGES the package would take minutes to build and no cluster would run it
+    if isinstance(stages, bool) or not isinstance(stages, int) or not 1 <= stages <= MAX_STAGES:
+        raise ColamError(f"--stages: must be an integer >= 1 and <= {MAX_STAGES}, got {stages!r}")
     default = headline(step_config(defaults, steps=stages))  # the defaults must make a valid run of this many stages
     parts = components.build(image)
     Outputs = NamedTuple("Outputs", [("model", Model), ("soft_labels", Dataset), ("metrics", Metrics)])

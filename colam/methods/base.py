@@ -29,6 +29,11 @@ UNIT: Check = (lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]")
 FRACTION: Check = (lambda v: 0.0 <= v < 1.0, "must be in [0, 1)")
 
 
+def within(low: int, high: int) -> Check:
+    """An integer in [low, high]: values past `high` pass a type check and then overflow or run for ever."""
+    return (lambda v: low <= v <= high, f"must be >= {low} and <= {high:,}")
+
+
 def one_of(options: tuple[str, ...]) -> Check:
     return (lambda v: v in options, f"must be one of {', '.join(options)}")
 

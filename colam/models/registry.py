@@ -60,7 +60,7 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, **options: An
         if key not in accepted:
             listed = ", ".join(accepted) or "none"
             raise ColamError(f"model.options.{key}: not an option of model {name!r} (accepted: {listed})")
-    require_int("model.num_classes", num_classes)
+    require_int("model.num_classes", num_classes, maximum=10**6)
     require_int("model.in_channels", in_channels)
     return MODELS[name].builder(num_classes=num_classes, in_channels=in_channels, **options)
 
@@ -127,6 +127,7 @@ def check_dropout(value: Any) -> float:
     return float(value)
 
 
-def require_int(key: str, value: Any, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ColamError(f"{key}: must be an integer >= {minimum}, got {value!r}")
+def require_int(key: str, value: Any, minimum: int = 1, maximum: int = 4096) -> None:
+    """A whole number of layers, channels or classes; past `maximum` the network would not fit any memory."""
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise ColamError(f"{key}: must be an integer >= {minimum} and <= {maximum:,}, got {value!r}")
