@@ -98,6 +98,17 @@ class World:
         torch.save(build_model("small_cnn", classes, in_channels=1, width=width).state_dict(), buffer)
         self.write(relative, buffer.getvalue())
 
+    def fifo(self, relative: str) -> None:
+        """A named pipe in place of the file at `relative`: reading it would wait for a writer forever."""
+        self.path(relative).unlink(missing_ok=True)
+        self.path(relative).parent.mkdir(parents=True, exist_ok=True)
+        os.mkfifo(self.path(relative))
+
+    def folder_at(self, relative: str) -> None:
+        """A folder in place of the file at `relative`."""
+        self.path(relative).unlink(missing_ok=True)
+        self.path(relative).mkdir(parents=True)
+
     def torch_file(self, relative: str, obj) -> None:
         buffer = io.BytesIO()
         torch.save(obj, buffer)
@@ -134,6 +145,8 @@ class Case:
     setup: Callable[[World], None] | None = None
     leaves: tuple[str, ...] = ()  # new files the command may write (relative to the case's folder)
     fails: str = ""  # a known failure, and the change that fixes it (the case is a strict xfail until then)
+    env: tuple[tuple[str, str], ...] = ()  # environment variables for the command, {tmp} ... filled in
+    hides: str = ""  # a secret of the input that the message must not show
 
 
 def train(*overrides: str, out: str = "{out}", extra: tuple[str, ...] = ()) -> tuple[str, ...]:
@@ -355,7 +368,90 @@ ARTIFACTS = [
          "{run}/history.csv", "history.csv", lambda w: w.write("run/history.csv", "epoch,train_acc,test_acc\n1,x,y\n")),
 ]
 
-CASES = CONFIG + DATA + ARTIFACTS
+def alias_bomb(levels: int = 9) -> list[str]:
+    """YAML mapping entries whose last alias expands to 10**levels values ("billion laughs")."""
+    return ["a0: &a0 [" + ",".join(["x"] * 10) + "]"] + [
+        f"a{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, levels)]
+
+
+DEEP = "[" * 100 + "]" * 100
+WITH_CONFIG = ("train", "--out", "{out}", "--config", "{tmp}/c.yaml")
+
+BOUNDS = [
+    Case("bounds", "config-alias-bomb", WITH_CONFIG, "{tmp}/c.yaml", "expands to more than",
+         lambda w: w.write("c.yaml", "\n".join(alias_bomb()) + "\n")),
+    Case("bounds", "set-alias-bomb", train("train.epochs={" + ", ".join(alias_bomb()) + "}"), "--set: 'train.epochs'",
+         "expands to more than"),
+    Case("bounds", "config-nested-too-deep", WITH_CONFIG, "{tmp}/c.yaml", "nests deeper than",
+         lambda w: w.write("c.yaml", f"train: {DEEP}\n")),
+    Case("bounds", "set-nested-too-deep", train(f"train.epochs={DEEP}"), "--set: 'train.epochs'", "nests deeper than"),
+    Case("bounds", "set-nested-50k-deep", train("train.epochs=" + "[" * 50_000 + "]" * 50_000), "--set",
+         "nests deeper than"),
+    Case("bounds", "config-too-large", WITH_CONFIG, "{tmp}/c.yaml", "bytes, more than",
+         lambda w: w.write("c.yaml", "# padding\n" * 120_000)),
+    Case("bounds", "config-is-a-folder", WITH_CONFIG, "{tmp}/c.yaml", "is a folder",
+         lambda w: w.path("c.yaml").mkdir()),
+    Case("bounds", "config-is-a-fifo", WITH_CONFIG, "{tmp}/c.yaml", "not a regular file", lambda w: w.fifo("c.yaml")),
+    Case("bounds", "config-is-a-device", ("train", "--out", "{out}", "--config", "/dev/zero"), "/dev/zero",
+         "not a regular file"),
+    Case("bounds", "resume-checkpoint-is-a-fifo", RESUME, "{run}/checkpoint.pt", "not a regular file",
+         lambda w: w.fifo("run/checkpoint.pt")),
+    Case("bounds", "resume-checkpoint-is-a-folder", RESUME, "{run}/checkpoint.pt", "is a folder",
+         lambda w: w.folder_at("run/checkpoint.pt")),
+    Case("bounds", "evaluate-model-is-a-fifo", evaluate(), "{run}/stage_2/model.pt", "not a regular file",
+         lambda w: w.fifo("run/stage_2/model.pt")),
+    Case("bounds", "evaluate-state-is-a-fifo", evaluate(), "{run}/stage_2/state.pt", "not a regular file",
+         lambda w: w.fifo("run/stage_2/state.pt")),
+    Case("bounds", "stage-from-a-fifo-state", train(out="{run}", extra=("--stage", "2")), "{run}/stage_1/state.pt",
+         "not a regular file", lambda w: ((w.run / "checkpoint.pt").unlink(), w.fifo("run/stage_1/state.pt"))),
+    Case("bounds", "labels-is-a-fifo", train(*FIXED), "{tmp}/labels.npy", "is not a file",
+         lambda w: w.fifo("labels.npy")),
+    Case("bounds", "kd-labels-is-a-fifo", train(*KD), "{tmp}/labels.npy", "neither a folder nor a file",
+         lambda w: w.fifo("labels.npy")),
+    Case("bounds", "kd-teacher-model-is-a-fifo", train("method.name=kd", "method.kd.teacher={run}"),
+         "{run}/stage_2", "holds no model.pt", lambda w: w.fifo("run/stage_2/model.pt")),
+    Case("bounds", "split-npz-is-a-fifo", train(extra=("--split", "{split}")), "{split}/split.npz",
+         "not a regular file", lambda w: w.fifo("split/split.npz")),
+    Case("bounds", "batch-size-10-to-the-30", train("train.batch_size=" + "1" + "0" * 30), "train.batch_size",
+         "must be >= 1 and <="),
+    Case("bounds", "eval-batch-size-huge", train("train.eval_batch_size=" + str(2**40)), "train.eval_batch_size",
+         "must be >= 1 and <="),
+    Case("bounds", "epochs-10-to-the-12", train("train.epochs=" + str(10**12)), "train.epochs", "must be >= 1 and <="),
+    Case("bounds", "split-seed-negative", train("data.split_seed=-1"), "data.split_seed", "must be >= 0 and <="),
+    Case("bounds", "split-seed-2-to-the-40", train("data.split_seed=" + str(2**40)), "data.split_seed",
+         "must be >= 0 and <="),
+    Case("bounds", "workers-100000", train("data.num_workers=100000"), "data.num_workers", "must be >= 0 and <="),
+    Case("bounds", "train-subset-10-to-the-12", train("data.train_subset=" + str(10**12)), "data.train_subset",
+         "<= 10**9"),
+    Case("bounds", "model-width-10-to-the-12", train("model.options={width: " + str(10**12) + "}"),
+         "model.options.width", "and <= 4,096"),
+    Case("bounds", "kfp-stages-100000", ("kfp", "compile", "--params", str(REPO / "params.yaml"), "--stages", "100000",
+                                         "--out", "{out}/p.yaml"), "--stages", "<= 200"),
+    Case("bounds", "compare-creates-no-store", ("compare", "--experiment", "x"), "{tmp}/none.db", "no MLflow store",
+         env=(("MLFLOW_TRACKING_URI", "sqlite:///{tmp}/none.db"),)),
+    Case("bounds", "compare-hides-the-password", ("compare", "--experiment", "x"), "alice:***@127.0.0.1",
+         "cannot use the tracking store", env=(("MLFLOW_TRACKING_URI", "http://alice:s3cret@127.0.0.1:9/"),),
+         hides="s3cret"),
+    Case("bounds", "split-json-is-a-folder", train(extra=("--split", "{split}")), "{split}/split.json", "is a folder",
+         lambda w: w.folder_at("split/split.json")),
+]
+
+CLI = [
+    Case("cli", "unknown-flag", train(extra=("--bogus",)), "--bogus", "unrecognized arguments"),
+    Case("cli", "unknown-command", ("trian", "--out", "{out}"), "trian", "invalid choice"),
+    Case("cli", "stage-not-a-number", train(extra=("--stage", "two")), "--stage", "invalid int value"),
+    Case("cli", "out-missing", ("train", *sets(TINY)), "--out", "required"),
+    Case("cli", "unknown-analysis", ("analyze", "curvez", "--run", "{run}"), "curvez", "invalid choice"),
+    Case("cli", "unknown-kfp-command", ("kfp", "compyle"), "compyle", "invalid choice"),
+    Case("cli", "newline-in-a-key", train("trai\nn.epochs=1"), "trai\\nn", "unknown key"),
+    Case("cli", "escape-sequence-in-a-key", train("\x1b[31mtrain.epochs=1"), "\\x1b[31mtrain", "unknown key"),
+    Case("cli", "escape-sequence-in-out", train(out="{tmp}/file\x1b[2J"), "{tmp}/file\\x1b[2J", "not a folder",
+         lambda w: w.write("file\x1b[2J", "x")),
+    Case("cli", "long-value-is-cut", train("method.name=" + "x" * 5000), "method.name", "(cut)"),
+]
+
+
+CASES = CONFIG + DATA + ARTIFACTS + BOUNDS + CLI
 
 
 def test_the_table_covers_config_data_and_artifacts():
@@ -397,9 +493,11 @@ def run_in_process(argv: list[str], capsys) -> tuple[object, str]:
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=f"{c.kind}-{c.id}", marks=[pytest.mark.xfail(
     strict=True, reason=c.fails)] if c.fails else []) for c in CASES])
-def test_bad_input_exits_2_with_one_line_naming_it_and_touches_nothing(case, earlier, tmp_path, capsys):
+def test_bad_input_exits_2_with_one_line_naming_it_and_touches_nothing(case, earlier, tmp_path, capsys, monkeypatch):
     world = prepared_world(case, earlier, tmp_path)
     argv = [world.fill(a) for a in case.argv]
+    for name, value in case.env:
+        monkeypatch.setenv(name, world.fill(value))
     before = snapshot(tmp_path)
 
     status, err = run_in_process(argv, capsys)
@@ -411,6 +509,7 @@ def test_bad_input_exits_2_with_one_line_naming_it_and_touches_nothing(case, ear
     assert line.startswith("colam: error: "), line
     assert world.fill(case.names) in line, f"does not name {world.fill(case.names)!r}: {line}"
     assert case.says in line, f"does not say {case.says!r}: {line}"
+    assert not case.hides or case.hides not in err, f"shows {case.hides!r}: {line}"
     after = snapshot(tmp_path)
     changed = sorted(k for k in before if after.get(k) != before[k])
     added = sorted(set(after) - set(before) - set(case.leaves))
