@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import zipfile
@@ -148,7 +149,8 @@ def save_split(cfg: DataConfig, out_dir: str | Path) -> dict:
                "raw_train_samples": len(raw.train_targets), "raw_test_samples": len(raw.test_targets),
                "train_samples": len(split.train_index), "val_samples": len(split.val_index),
                "test_samples": len(raw.test_targets), "train_samples_per_class": counts,
-               "noisy_labels": int((split.train_targets != split.clean_train_targets).sum())}
+               "noisy_labels": int((split.train_targets != split.clean_train_targets).sum()),
+               "npz_sha256": hashlib.sha256(buffer.getvalue()).hexdigest()}  # split.npz is read back only if it matches
     cio.write_json(out_dir / "split.json", summary)
     return summary
 
@@ -169,6 +171,10 @@ def load_split(split_dir: str | Path, cfg: DataConfig, raw: RawData) -> Split:
                          f"run `colam prepare` first") from None
     except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
         raise ColamError(f"--split: '{split_dir}' is not a readable prepared split ({type(exc).__name__})") from None
+    recorded = summary.get("npz_sha256")  # absent from splits prepared before it was recorded
+    if recorded is not None and cio.sha256_file(split_dir / "split.npz", "--split") != recorded:
+        raise ColamError(f"--split: '{split_dir / 'split.npz'}' is not the split its split.json describes (another "
+                         f"sha256); prepare the split again")
     for key in SPLIT_KEYS:
         if saved[key] != getattr(cfg, key):
             raise ColamError(f"--split: '{split_dir}' was prepared with data.{key}={saved[key]!r}, the config has "
