@@ -243,6 +243,10 @@ def _load_checkpoint(path: Path, config: Config, what: str, refusal: str, keys=C
     if not isinstance(state, dict) or not keys <= state.keys():
         raise ColamError(refusal)
     refuse_other_run(path.parent, state["config"], config, "run" if path.name == "checkpoint.pt" else "stage")
+    epoch = state["epoch"]
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch <= config.train.epochs:
+        raise ColamError(f"{what}: '{path}' holds epoch {str(epoch)[:40]!r}, not an epoch of this run (0 to "
+                         f"{config.train.epochs}); delete it or choose another --out")
     state["model_file"] = path  # where the weights came from, for error messages
     return state
 
@@ -275,6 +279,26 @@ def check_resumable(state: dict, prepared) -> None:
                     "per-process batches and BatchNorm statistics are not", where, state["world_size"],
                     prepared.world.size)
     cio.load_weights(prepared.model, state["model"], "--out checkpoint", state["model_file"])
+    _check_optimizer(state["optimizer"], list(prepared.model.parameters()), state["model_file"])
+
+
+def _check_optimizer(saved: object, parameters: list[torch.Tensor], path: Path) -> None:
+    """Refuse optimizer state of another model: another parameter count, or a buffer (momentum) of
+    another shape than its parameter; torch would fail later, or broadcast it silently."""
+    refusal = ColamError(f"--out checkpoint: '{path}' holds optimizer state of another model; delete it or choose "
+                         f"another --out")
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    buffers = saved.get("state") if isinstance(saved, dict) else None
+    if not (isinstance(groups, list) and isinstance(buffers, dict) and all(isinstance(g, dict) for g in groups)):
+        raise refusal
+    if sum(len(group.get("params", ())) for group in groups) != len(parameters):
+        raise refusal
+    for index, held in buffers.items():
+        if not (isinstance(index, int) and 0 <= index < len(parameters) and isinstance(held, dict)):
+            raise refusal
+        if any(isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape != parameters[index].shape
+               for t in held.values()):
+            raise refusal
 
 
 def _check_stage_folder(folder: Path) -> None:

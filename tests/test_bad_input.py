@@ -192,6 +192,30 @@ def checkpoint_with_model(w: World, **weights) -> None:
     (w.run / "metrics.json").unlink()
 
 
+def checkpoint_with(w: World, **fields) -> None:
+    """The run's own checkpoint.pt with `fields` replaced, as if it were interrupted before its metrics."""
+    state = torch.load(w.run / "checkpoint.pt", weights_only=True)
+    w.torch_file("run/checkpoint.pt", {**state, **fields})
+    (w.run / "metrics.json").unlink()
+
+
+def foreign_optimizer(w: World) -> dict:
+    """The state of SGD with momentum over a small_cnn of another width, after one step."""
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 10, in_channels=1, width=16)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.zeros(2, 1, 8, 8)).sum().backward()
+    optimizer.step()
+    return optimizer.state_dict()
+
+
+def swapped_split(w: World) -> None:
+    """split/split.npz replaced by the one of another split seed (split.json left as it was)."""
+    assert main(["prepare", "--out", str(w.path("other")), *sets(TINY + ["data.split_seed=1"])]) == 0
+    shutil.copyfile(w.path("other/split.npz"), w.split / "split.npz")
+    shutil.rmtree(w.path("other"))
+
+
 CONFIG = [
     Case("config", "unknown-method", train("method.name=xyz"), "method.name", "unknown method"),
     Case("config", "unknown-key", train("method.colam.tempreture=2"), "method.colam.tempreture", "unknown key"),
@@ -432,6 +456,18 @@ BOUNDS = [
     Case("bounds", "compare-hides-the-password", ("compare", "--experiment", "x"), "alice:***@127.0.0.1",
          "cannot use the tracking store", env=(("MLFLOW_TRACKING_URI", "http://alice:s3cret@127.0.0.1:9/"),),
          hides="s3cret"),
+    Case("bounds", "resume-checkpoint-epoch-negative", RESUME, "{run}/checkpoint.pt", "not an epoch of this run",
+         lambda w: checkpoint_with(w, epoch=-3)),
+    Case("bounds", "resume-checkpoint-epoch-million", RESUME, "{run}/checkpoint.pt", "not an epoch of this run",
+         lambda w: checkpoint_with(w, epoch=10**6)),
+    Case("bounds", "resume-checkpoint-epoch-a-string", RESUME, "{run}/checkpoint.pt", "not an epoch of this run",
+         lambda w: checkpoint_with(w, epoch="2")),
+    Case("bounds", "resume-foreign-optimizer-state", RESUME, "{run}/checkpoint.pt", "optimizer state of another model",
+         lambda w: checkpoint_with(w, optimizer=foreign_optimizer(w))),
+    Case("bounds", "resume-optimizer-state-not-a-dict", RESUME, "{run}/checkpoint.pt",
+         "optimizer state of another model", lambda w: checkpoint_with(w, optimizer=[1, 2])),
+    Case("bounds", "split-npz-of-another-split-seed", train(extra=("--split", "{split}")), "{split}/split.npz",
+         "not the split its split.json describes", swapped_split),
     Case("bounds", "split-json-is-a-folder", train(extra=("--split", "{split}")), "{split}/split.json", "is a folder",
          lambda w: w.folder_at("split/split.json")),
 ]
