@@ -63,10 +63,13 @@ def stage_ends(config: Config) -> list[int]:
 # Keys added after runs were first written, with the value every earlier run had: at that value
 # they are left out of a run's identity, so a run from before they existed (its checkpoint, its
 # MLflow protocol, its estimate digests) is still the same run.
-LATER_KEYS = {("train", "precision"): "auto", ("train", "data_on_device"): "auto", ("train", "eval_every"): 1}
+# data.num_workers among them: it was taken for an execution key, but each DataLoader worker draws the
+# augmentation from its own random stream, so the worker count changes the numbers.
+LATER_KEYS = {("train", "precision"): "auto", ("train", "data_on_device"): "auto", ("train", "eval_every"): 1,
+              ("data", "num_workers"): 0}
 
 # Keys that change how a run is executed or where its data lives, never its numbers.
-EXECUTION_KEYS = {"data": ("root", "download", "num_workers"),
+EXECUTION_KEYS = {"data": ("root", "download"),
                   "train": ("device", "eval_batch_size", "channels_last", "compile")}
 
 

@@ -325,6 +325,8 @@ ARTIFACTS = [
     Case("artifact", "resume-checkpoint-of-another-model", RESUME, "{run}/checkpoint.pt", "another model",
          lambda w: checkpoint_with_model(w, width=16)),
     Case("artifact", "out-holds-another-config", train("seed=1", out="{run}"), "{run}", "different configuration"),
+    Case("artifact", "out-holds-another-worker-count", train("data.num_workers=2", out="{run}"), "{run}",
+         "different configuration"),
     Case("artifact", "out-holds-unreadable-config", RESUME, "{run}", "different configuration",
          lambda w: ((w.run / "checkpoint.pt").unlink(), w.write("run/config.yaml", "train: [1,\n"))),
     Case("artifact", "out-is-a-file", train(out="{tmp}/file"), "{tmp}/file", "not a folder",
