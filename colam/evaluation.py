@@ -15,7 +15,7 @@ from colam import io as cio
 from colam.config import Config
 from colam.data import loader
 from colam.engine import predict, prepare, run_metrics
-from colam.run_folder import load_stage_state
+from colam.run_folder import PROVENANCE, STAGE_MARKS, load_stage_state, refuse_run_files
 from colam.errors import ColamError
 
 ECE_BINS = 15  # the usual choice since Guo et al. 2017
@@ -44,6 +44,7 @@ def evaluate_run(config: Config, stage_dir: str | Path, out_dir: str | Path,
     ECE, per-class test accuracy, the run's settings), history.csv (the curves up to this stage) and
     predictions.csv (a test sample's actual and predicted class a row, for the confusion matrix)."""
     stage_dir, out_dir = Path(stage_dir), Path(out_dir)
+    refuse_run_files(out_dir, (*STAGE_MARKS, "checkpoint.pt", "config.yaml", PROVENANCE), "evaluate")
     if distributed.env_world().distributed:
         raise ColamError("WORLD_SIZE: evaluating a stage runs in one process; start `colam evaluate` without torchrun")
     state = load_stage_state(stage_dir, config)

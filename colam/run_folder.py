@@ -166,6 +166,18 @@ def check_out_dir(out_dir: Path) -> None:
     claim(out_dir)
 
 
+def refuse_run_files(folder: Path, names: tuple[str, ...], doing: str) -> None:
+    """Refuse to write into `folder` when it holds any of `names`: a run's or a stage's own files,
+    which this command would overwrite."""
+    found = [name for name in names if (folder / name).exists()]
+    if found:
+        raise ColamError(f"--out: '{folder}' belongs to a training run or stage (it holds {', '.join(found)}); "
+                         f"{doing} into a folder of its own")
+
+
+STAGE_MARKS = ("model.pt", "state.pt")  # a stage folder's weights and state: never an --out of another command
+
+
 def make_dir(out_dir: Path) -> None:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -354,6 +366,7 @@ class WholeRun(Epochs):
         self.root = self.folder = Path(root)
         self.until = config.train.epochs
         check_out_dir(self.root)
+        refuse_run_files(self.root, STAGE_MARKS, "train")
         # where the folder is renamed to be deleted (ignored by DVC as a temporary, .*.tmp)
         self.aside = self.root.resolve().parent / f".{self.root.resolve().name}.deleting.tmp"
         shutil.rmtree(self.aside, ignore_errors=True)  # a deletion a kill cut off (`delete`)
@@ -434,6 +447,7 @@ class OneStage(Epochs):
         self.previous = self.stage_dir(stage - 1) if stage > 1 else None
         self.partial, self.resumed = self.folder / PARTIAL, False
         check_out_dir(self.root)
+        refuse_run_files(self.root, STAGE_MARKS, "train")
         if (self.root / "checkpoint.pt").exists():
             raise ColamError(f"--out: '{self.root}' holds a whole run (checkpoint.pt); train --stage writes a folder "
                              f"of stages, choose another --out")
