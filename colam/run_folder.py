@@ -198,13 +198,19 @@ def claim(folder: Path) -> None:
     key, inode = str(folder.resolve()), folder.stat().st_ino
     if key in _claims and os.fstat(_claims[key]).st_ino == inode:
         return
-    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # a folder that can be written but not opened for reading: unlocked, as before
+        return
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         raise ColamError(f"--out: '{folder}' is being written by another colam process{_holder(inode)}; wait "
                          f"for it to end or choose another --out") from None
+    except OSError:  # a file system without flock (some network mounts): train unlocked rather than not at all
+        os.close(fd)
+        return
     if key in _claims:  # the folder was deleted and made afresh (--restart-if-changed)
         os.close(_claims[key])
     _claims[key] = fd
