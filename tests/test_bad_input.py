@@ -184,12 +184,9 @@ def negative(array: np.ndarray) -> np.ndarray:
 def checkpoint_with_model(w: World, **weights) -> None:
     """The run's own checkpoint.pt (same config), with the weights of another model, as if it were
     interrupted before writing its metrics."""
-    state = torch.load(w.run / "checkpoint.pt", weights_only=True)
     w.weights("other.pt", **weights)
-    state["model"] = torch.load(w.path("other.pt"), weights_only=True)
+    checkpoint_with(w, model=torch.load(w.path("other.pt"), weights_only=True))
     w.path("other.pt").unlink()
-    w.torch_file("run/checkpoint.pt", state)
-    (w.run / "metrics.json").unlink()
 
 
 def checkpoint_with(w: World, **fields) -> None:
