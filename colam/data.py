@@ -134,7 +134,8 @@ def save_split(cfg: DataConfig, out_dir: str | Path) -> dict:
     """Draw the split of `cfg` and write it to `out_dir` (split.npz + split.json); returns the summary."""
     raw = _raw_data(cfg)
     split = draw_split(cfg, raw)
-    out_dir = Path(out_dir)  # atomic_write_bytes creates it
+    out_dir = Path(out_dir)
+    cio.take_folder(out_dir)
     # np.savez stamps the current time into the archive: build it with a fixed stamp instead, so
     # preparing the same split twice writes the same bytes and DVC sees nothing new downstream.
     buffer = io.BytesIO()

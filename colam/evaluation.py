@@ -45,6 +45,7 @@ def evaluate_run(config: Config, stage_dir: str | Path, out_dir: str | Path,
     predictions.csv (a test sample's actual and predicted class a row, for the confusion matrix)."""
     stage_dir, out_dir = Path(stage_dir), Path(out_dir)
     refuse_run_files(out_dir, (*STAGE_MARKS, "checkpoint.pt", "config.yaml", PROVENANCE), "evaluate")
+    cio.refuse_foreign(out_dir, "--out")  # before the work: the folder is taken when the results are written
     if distributed.env_world().distributed:
         raise ColamError("WORLD_SIZE: evaluating a stage runs in one process; start `colam evaluate` without torchrun")
     state = load_stage_state(stage_dir, config)
@@ -63,6 +64,7 @@ def evaluate_run(config: Config, stage_dir: str | Path, out_dir: str | Path,
     metrics["test_per_class_acc"] = {
         name: (predicted[test_targets == c] == c).float().mean().item() if (test_targets == c).any() else None
         for c, name in enumerate(p.data.classes)}
+    cio.take_folder(out_dir)
     cio.atomic_write_bytes(out_dir / "history.csv", (stage_dir / "history.csv").read_bytes())
     buffer = io.StringIO()
     writer = csv.writer(buffer)

@@ -65,8 +65,11 @@ def read_idx_set(name: str, root: Path, download: bool) -> list:
 def copy_idx_files(name: str, source: Path, out: Path, download: bool = False) -> list[Path]:
     """Write `name`'s checked files from `source` (with `download`, torchvision's download into `out`) into `out`
     in torchvision's layout, uncompressed where their content digest is known, else as the original .gz."""
-    checked = _checked_files(name, out if download else source, download)  # all checked before any write
     folder, kept = out / IDX_SETS[name].cls.__name__ / "raw", []
+    if download:  # torchvision downloads into `folder`: what it writes there that was not there is colam's
+        cio.make_folder(folder)
+        cio.expect(folder, [f"{file}{suffix}" for file in FILES for suffix in ("", ".gz")])
+    checked = _checked_files(name, out if download else source, download)  # all checked before any write
     for file, (content, original_gz) in checked.items():
         target, data = (folder / file, content) if original_gz is None else (folder / f"{file}.gz", original_gz)
         if not (target.is_file() and target.read_bytes() == data):
@@ -74,7 +77,7 @@ def copy_idx_files(name: str, source: Path, out: Path, download: bool = False) -
         kept.append(target)
     for path in (folder / f"{file}{suffix}" for file in FILES for suffix in ("", ".gz")):
         if path.is_file() and path not in kept:  # the other form of a kept file (what a download left beside it)
-            path.unlink()
+            cio.remove(path)
     return kept
 
 

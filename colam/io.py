@@ -1,7 +1,12 @@
-"""Artifact files written atomically: a reader sees the old file or the new one, never half of one.
+"""Artifact files written atomically, and only where colam may write them.
 
-Every write goes to a temporary file in the same folder, is flushed and fsynced, then renamed
-over the target (rename within a file system is atomic on POSIX and Windows).
+Every write goes to a temporary file in the same folder (`.NAME.XXXXXXXX.tmp`, named from its target), is
+flushed and fsynced, then renamed over the target (rename within a file system is atomic on POSIX and Windows).
+
+An output folder of colam holds a manifest, `.colam-files`: the name of every file and folder colam wrote
+there, recorded before the file is made, so a kill leaves at worst a name without its file. What a folder's
+manifest does not name is someone else's: colam never overwrites or deletes it, and an output folder holding
+such files is refused before anything is written (`take_folder`).
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import stat
 import tempfile
 from pathlib import Path
@@ -23,7 +29,12 @@ from colam.errors import ColamError
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
+    _record(path)
+    _replace(path, data)
+
+
+def _replace(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; artifacts get the usual permissions
@@ -40,16 +51,128 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-def is_temporary(path: Path) -> bool:
-    """A temporary file of atomic_write_bytes (`.NAME.XXXXXXXX.tmp`), or anything named like one."""
-    return path.name.startswith(".") and path.name.endswith(".tmp")
+MANIFEST = ".colam-files"
+_MANIFEST_HEAD = "# colam wrote these files and folders here; it never overwrites or deletes anything else\n"
+_MANIFEST_BYTES = 1 << 20
+
+
+def written_here(folder: Path) -> set[str] | None:
+    """The names colam wrote in `folder` (its manifest), or None where it has none: not an output folder of colam."""
+    path = Path(folder) / MANIFEST
+    if not os.path.lexists(path):
+        return None
+    check_file(path, "manifest", _MANIFEST_BYTES)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ColamError(f"manifest: cannot read '{path}' ({getattr(exc, 'strerror', None) or 'not text'})") from None
+    return {line for line in text.splitlines() if line and not line.startswith("#")}
+
+
+def _write_manifest(folder: Path, names: set[str]) -> None:
+    _replace(folder / MANIFEST, (_MANIFEST_HEAD + "".join(f"{name}\n" for name in sorted(names))).encode())
+
+
+def expect(folder: Path, names: list[str]) -> None:
+    """Record in the manifest of `folder` the `names` colam (or a library it calls) is about to write there; a
+    name already there stays someone else's."""
+    owned = written_here(folder)
+    new = {name for name in names if not os.path.lexists(folder / name)} - (owned or set())
+    if owned is not None and new:
+        _write_manifest(folder, owned | new)
+
+
+def _record(path: Path) -> None:
+    """Name `path` in its folder's manifest before it is made; refuse a path colam did not write there."""
+    owned = written_here(path.parent)
+    if owned is None or path.name in owned:
+        return
+    if os.path.lexists(path):
+        raise ColamError(f"output: '{path}' was not written by colam and is not overwritten; move it or choose "
+                         f"another output folder")
+    _write_manifest(path.parent, owned | {path.name})
+
+
+def make_folder(folder: Path, manifest: bool = True) -> None:
+    """Create `folder` and its missing parents; one made inside an output folder of colam is named in its parent's
+    manifest and gets a manifest of its own (with `manifest=False`, none: what a library writes there is colam's)."""
+    if folder.is_dir():
+        return
+    make_folder(folder.parent)
+    _record(folder)
+    folder.mkdir(exist_ok=True)
+    if manifest and written_here(folder.parent) is not None:
+        _write_manifest(folder, set())
+
+
+def _temporary_of(name: str) -> str | None:
+    """The target a temporary file of atomic_write_bytes (`.NAME.XXXXXXXX.tmp`) is written for, else None."""
+    if name.startswith(".") and name.endswith(".tmp") and name.count(".") >= 3:
+        return name[1:-4].rsplit(".", 1)[0]
+    return None
+
+
+def _ours(name: str, owned: set[str]) -> bool:
+    return name in owned or name == MANIFEST or _temporary_of(name) in owned | {MANIFEST}
+
+
+def foreign_entries(folder: Path) -> list[str]:
+    """What colam did not write under `folder` (paths relative to it). A folder colam made is looked into when
+    it has a manifest of its own; without one (a download colam asked for) it is colam's whole."""
+    owned, found = written_here(folder) or set(), []
+    for entry in sorted(folder.iterdir()):
+        if not _ours(entry.name, owned):
+            found.append(entry.name + ("/" if entry.is_dir() else ""))
+        elif entry.is_dir() and not entry.is_symlink() and os.path.lexists(entry / MANIFEST):
+            found += [f"{entry.name}/{name}" for name in foreign_entries(entry)]
+    return found
+
+
+def refuse_foreign(folder: Path, what: str) -> None:
+    foreign = foreign_entries(folder) if folder.is_dir() else []
+    if foreign:
+        listed = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise ColamError(f"{what}: '{folder}' holds what colam did not write ({listed}); nothing there is "
+                         f"touched: move it or choose another {what}")
+
+
+def take_folder(folder: Path, what: str = "--out", shared: bool = False) -> None:
+    """Make `folder` an output folder of colam, created if missing: refused in one line, before anything is
+    written, when it holds files colam did not write; a `shared` one (data.root) may hold them beside colam's."""
+    if not shared:
+        refuse_foreign(folder, what)
+    make_folder(folder)
+    if written_here(folder) is None:
+        _write_manifest(folder, set())
+
+
+def remove(path: Path) -> None:
+    """Delete `path` where colam wrote it (its folder's manifest names it); anything else stays."""
+    if path.name in (written_here(path.parent) or set()):
+        path.unlink(missing_ok=True)
+
+
+def empty_folder(folder: Path, what: str) -> None:
+    """Delete what colam wrote in `folder`, refusing first a folder holding anything else."""
+    refuse_foreign(folder, what)
+    for entry in folder.iterdir():
+        if entry.name != MANIFEST:
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    _write_manifest(folder, set())
 
 
 def remove_stale_temporaries(folder: Path) -> None:
-    """Delete the temporary files of writes that a killed process never renamed into place in
-    `folder` and its stage folders. Call it only where no other process is writing."""
-    for path in [p for pattern in (".*.tmp", "stage_*/.*.tmp") for p in folder.glob(pattern) if p.is_file()]:
-        path.unlink(missing_ok=True)
+    """Delete the temporary files of writes that a killed process never renamed into place in `folder` and
+    the folders colam made in it: only those named from a target colam wrote there. Call it only where no
+    other process is writing."""
+    owned = written_here(folder)
+    if owned is None:
+        return
+    for entry in list(folder.iterdir()):
+        if entry.is_file() and _temporary_of(entry.name) in owned | {MANIFEST}:
+            entry.unlink(missing_ok=True)
+        elif entry.is_dir() and entry.name in owned:
+            remove_stale_temporaries(entry)
 
 
 def fsync_dir(folder: Path) -> None:

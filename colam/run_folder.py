@@ -48,10 +48,6 @@ HISTORY_FIELDS = ["epoch", "stage", "lr", "train_loss", "train_acc", "val_acc", 
 PROVENANCE = ".provenance.json"
 PARTIAL = ".partial.pt"
 ESTIMATION = "estimation.json"
-# What colam and its runners write into a run folder: anything else is someone's own and is never deleted.
-RUN_FILES = {"config.yaml", "checkpoint.pt", "history.csv", "metrics.json", PROVENANCE}
-# The files of a stage folder: its weights and states (.pt), learned arrays (.npy) and these.
-STAGE_FILES = {"history.csv", "metrics.json", "soft_labels.json", ESTIMATION, PROVENANCE}
 CHECKPOINT_KEYS = {"epoch", "model", "optimizer", "method", "history", "elapsed", "config"}
 
 
@@ -160,10 +156,14 @@ def _parse_config(text: str) -> object:
     return parse_yaml(text, "config.yaml")
 
 
-def check_out_dir(out_dir: Path) -> None:
+def check_out_dir(out_dir: Path, whole: bool = True) -> None:
+    """Refuse an --out that is a file or (`whole`: colam's output, not a folder of stage folders checked one by
+    one) holds what colam did not write, by its manifest (colam.io); claim it."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ColamError(f"--out: '{out_dir}' exists and is not a folder")
     claim(out_dir)
+    if whole:
+        cio.refuse_foreign(out_dir, "--out")
 
 
 def refuse_run_files(folder: Path, names: tuple[str, ...], doing: str) -> None:
@@ -180,7 +180,7 @@ STAGE_MARKS = ("model.pt", "state.pt")  # a stage folder's weights and state: ne
 
 def make_dir(out_dir: Path) -> None:
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        cio.take_folder(out_dir)
     except OSError as exc:
         raise ColamError(f"--out: cannot create '{out_dir}' ({exc.strerror})") from None
     claim(out_dir)
@@ -322,17 +322,6 @@ def _check_optimizer(saved: object, parameters: list[torch.Tensor], path: Path) 
             raise refusal
 
 
-def _check_stage_folder(folder: Path) -> None:
-    """Refuse a stage folder holding anything colam does not write there: it is never deleted."""
-    for path in folder.iterdir() if folder.is_dir() else ():
-        ours = path.is_file() and (path.suffix in (".pt", ".npy") or path.name in STAGE_FILES
-                                   or cio.is_temporary(path))
-        if not ours:
-            kind = "folder" if path.is_dir() else "file"
-            raise ColamError(f"--out: '{folder}' holds a {kind} '{path.name}' that colam did not write; it is not "
-                             f"deleted: move it or choose another --out")
-
-
 class Epochs:
     """Where the epochs of one training call, up to epoch `until`, go (the folder of each stage end and
     of `until`); a call `resume`s, `begin`s, trains, and `record`s it complete after the run log heard the end."""
@@ -375,7 +364,8 @@ class WholeRun(Epochs):
         refuse_run_files(self.root, STAGE_MARKS, "train")
         # where the folder is renamed to be deleted (ignored by DVC as a temporary, .*.tmp)
         self.aside = self.root.resolve().parent / f".{self.root.resolve().name}.deleting.tmp"
-        shutil.rmtree(self.aside, ignore_errors=True)  # a deletion a kill cut off (`delete`)
+        if (self.aside / cio.MANIFEST).is_file():  # a deletion a kill cut off (`delete`); only ever colam's
+            shutil.rmtree(self.aside, ignore_errors=True)
         self.origin = provenance(config, split_dir, files=inputs)
 
     def save(self, state: dict) -> None:
@@ -390,19 +380,11 @@ class WholeRun(Epochs):
 
     def changed(self) -> bool:
         """Whether the folder holds a run trained from something other than `origin` (another config,
-        colam code or input), to be trained afresh; refuses a folder holding files colam did not write."""
-        entries = [p for p in self.root.iterdir() if not cio.is_temporary(p)] if self.root.is_dir() else []
+        colam code or input), to be trained afresh (`check_out_dir` refused one holding what colam did not write)."""
+        written = cio.written_here(self.root) if self.root.is_dir() else None
         found, origin = self.recorded(), self.origin
-        if not entries or (found is not None and {k: v for k, v in found.items() if k != "complete"} == origin):
+        if not written or (found is not None and {k: v for k, v in found.items() if k != "complete"} == origin):
             return False
-        stages = [p for p in entries if p.is_dir() and p.name.startswith("stage_")]
-        foreign = [p.name for p in entries if p.name not in RUN_FILES and p not in stages]
-        if foreign or not any(p.name in RUN_FILES for p in entries):
-            raise ColamError(f"--out: '{self.root}' was trained from something else and holds files the run did "
-                             f"not write ({', '.join(sorted(foreign)[:3]) or 'no run files'}); it is not deleted: move "
-                             f"them or choose another --out")
-        for folder in stages:
-            _check_stage_folder(folder)
         why = ("no record of what it was trained from" if found is None else
                ", ".join(k for k in ("run", "code", "inputs") if found.get(k) != origin[k]) + " changed")
         log.info("%s holds a run trained from something else (%s); training afresh", self.root, why)
@@ -411,6 +393,10 @@ class WholeRun(Epochs):
     def delete(self) -> None:
         """Delete the folder at once: it is renamed aside first, so that a kill during the deletion
         leaves no half-deleted run, only the renamed folder, which the next start removes."""
+        cio.refuse_foreign(self.root, "--out")  # checked at the start; something may have been put there since
+        if os.path.lexists(self.aside):  # not colam's, else the start removed it
+            raise ColamError(f"--out: '{self.root}' is to be trained afresh, and '{self.aside}', where it is moved to "
+                             f"be deleted, holds what colam did not write; move that away")
         os.replace(self.root.resolve(), self.aside)
         cio.fsync_dir(self.aside.parent)
         shutil.rmtree(self.aside)
@@ -452,7 +438,7 @@ class OneStage(Epochs):
         self.start, self.folder = ends[stage - 2] if stage > 1 else 0, self.stage_dir(stage)
         self.previous = self.stage_dir(stage - 1) if stage > 1 else None
         self.partial, self.resumed = self.folder / PARTIAL, False
-        check_out_dir(self.root)
+        check_out_dir(self.root, whole=False)  # its stage folders are outputs of their own (DVC's, one a stage)
         refuse_run_files(self.root, STAGE_MARKS, "train")
         if (self.root / "checkpoint.pt").exists():
             raise ColamError(f"--out: '{self.root}' holds a whole run (checkpoint.pt); train --stage writes a folder "
@@ -478,19 +464,16 @@ class OneStage(Epochs):
             self.resumed = True  # killed mid-stage: continue after its last epoch
             return None, _load_checkpoint(self.partial, config, "stage checkpoint", f"stage checkpoint: "
                                           f"'{self.partial}' is not a colam training checkpoint; delete it")
-        _check_stage_folder(self.folder)
         return None, state
 
     def begin(self, prepared) -> None:
         """Rank 0: a stage not resumed starts from an empty folder, so that no file of an earlier
         attempt (a soft-label file another setting wrote) stays beside the new ones."""
-        make_dir(self.root)
         if not prepared.world.main:
             return
-        if not self.resumed and self.folder.is_dir():
-            _check_stage_folder(self.folder)
-            for path in self.folder.iterdir():
-                path.unlink()
+        make_dir(self.folder)
+        if not self.resumed:
+            cio.empty_folder(self.folder, "--out")
         cio.remove_stale_temporaries(self.folder)
         self.record(complete=False)
 

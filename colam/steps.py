@@ -91,9 +91,11 @@ def step_ends(config: Config, steps: int) -> list[int]:
 def prepare_step(config: Config, out: str | Path) -> dict:
     """Write the split of `config` to `out`; a data set that is downloaded goes to `out/raw`, so the
     steps after it read the data from this folder instead of downloading it again."""
-    data = config.data
+    data, out = config.data, Path(out)
     if data.download and DATASETS[data.name].needs_files:
-        data = dataclasses.replace(data, root=str(Path(out) / RAW_DATA))
+        cio.take_folder(out)
+        cio.make_folder(out / RAW_DATA, manifest=False)  # what torchvision downloads there is colam's
+        data = dataclasses.replace(data, root=str(out / RAW_DATA))
     return save_split(data, out)
 
 

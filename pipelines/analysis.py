@@ -360,7 +360,7 @@ def _finish(args, run, name: str, figs: dict, lines: list[str], results: dict, m
     (step, value)) to the MLflow parent run of --run when tracking."""
     out = Path(args.out)
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        cio.take_folder(out)
     except OSError as exc:
         raise ColamError(f"--out: cannot create '{out}' ({exc.strerror})") from None
     table = "\n".join(lines)

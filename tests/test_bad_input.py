@@ -162,7 +162,7 @@ FIXED = ("method.name=fixed", "method.fixed.labels={tmp}/labels.npy")
 KD = ("method.name=kd", "method.kd.teacher={tmp}/labels.npy")
 RESUME = train(out="{run}")
 # what a fresh --out holds when training stops at its first batch: the run's config and provenance
-STARTED = ("out/config.yaml", "out/.provenance.json")
+STARTED = ("out/.colam-files", "out/config.yaml", "out/.provenance.json")
 
 
 def uniform(rows: int, cols: int) -> np.ndarray:

@@ -34,6 +34,8 @@ import torch
 import yaml
 from PIL import Image
 
+from colam import io as cio
+
 from tests.test_dvc_pipeline import TINY_PARAMS, scratch_repo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,6 +95,10 @@ def assert_no_corrupt_artifact(folder: Path) -> list[str]:
             continue
         if path.name.startswith(".") and path.name.endswith(".tmp"):
             temporaries.append(path.name)
+        elif path.name == cio.MANIFEST:  # whole, and naming every file colam left in its folder
+            named = cio.written_here(path.parent)
+            assert all(p.name in named or p.name == cio.MANIFEST or p.name.endswith(".tmp")
+                       for p in path.parent.iterdir()), path
         elif path.suffix == ".pt":
             torch.load(path, weights_only=True)
         elif path.suffix == ".json":

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 
+from colam import io as cio
 from colam import run_folder
 from colam.engine import fit, fit_stage
 from colam.run_folder import PROVENANCE
@@ -75,14 +76,14 @@ def test_files_colam_did_not_write_are_never_deleted(tiny_config, tmp_path):
     out = tmp_path / "run"
     fit(tiny_config(), out)
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(ColamError, match=r"did not write \(notes.txt\); it is not deleted"):
+    with pytest.raises(ColamError, match=r"did not write \(notes.txt\); nothing there is touched"):
         fit(tiny_config("seed=1"), out, restart_if_changed=True)
     assert (out / "notes.txt").read_text() == "mine" and (out / "checkpoint.pt").exists()
 
     other = tmp_path / "photos"
     other.mkdir()
     (other / "a.jpg").write_bytes(b"x")
-    with pytest.raises(ColamError, match="it is not deleted"):
+    with pytest.raises(ColamError, match=r"did not write \(a.jpg\); nothing there is touched"):
         fit(tiny_config(), other, restart_if_changed=True)
     assert (other / "a.jpg").exists()
 
@@ -91,7 +92,7 @@ def test_a_stage_folder_of_another_run_is_trained_afresh_and_the_same_stage_left
                                                                                       caplog):
     out = tmp_path / "chain"
     fit_stage(tiny_config(), out, 1)
-    (out / "stage_1" / "stale.npy").write_bytes(b"an earlier attempt's file")
+    cio.atomic_write_bytes(out / "stage_1" / "stale.npy", b"an earlier attempt's file")  # colam's: in its manifest
     fit_stage(tiny_config("seed=1"), out, 1)  # another run: the folder is emptied first
     assert not (out / "stage_1" / "stale.npy").exists()
     assert record(out / "stage_1") == {**run_folder.provenance(tiny_config("seed=1"), None), "complete": True}
@@ -137,32 +138,37 @@ def test_bad_input_under_the_flag_is_refused_before_the_earlier_run_is_deleted(t
 
 def test_a_folder_left_by_a_kill_in_the_first_write_or_in_a_deletion_is_trained(tiny_config, tmp_path):
     out = tmp_path / "run"
-    out.mkdir()
-    (out / ".config.yaml.k1ll3d.tmp").write_text("half a config")  # killed writing the run's first file
+    cio.take_folder(out)  # killed writing the run's first file: its name was recorded before its temporary was made
+    cio.expect(out, ["config.yaml"])
+    (out / ".config.yaml.k1ll3d.tmp").write_text("half a config")
     assert fit(tiny_config(), out, restart_if_changed=True)["seed"] == 0
     assert not list(out.glob(".*.tmp"))
 
     # a deletion of the folder is a rename aside first: a kill leaves the renamed folder, no half run
     aside = tmp_path / ".run.deleting.tmp"
-    aside.mkdir()
-    (aside / "stage_1").mkdir()
-    (aside / "stage_1" / "model.pt").write_bytes(b"half deleted")
+    cio.take_folder(aside)
+    cio.atomic_write_bytes(aside / "stage_1" / "model.pt", b"half deleted")
     assert fit(tiny_config("seed=1"), out, restart_if_changed=True)["seed"] == 1
     assert not aside.exists() and record(out)["complete"]
+    aside.mkdir()  # a folder of that name without colam's manifest is someone else's: left alone
+    (aside / "mine.txt").write_text("mine")
+    with pytest.raises(ColamError, match=r"deleting.tmp', where it is moved to be deleted, holds what colam did not"):
+        fit(tiny_config("seed=2"), out, restart_if_changed=True)
+    assert (aside / "mine.txt").read_text() == "mine" and record(out)["complete"]
 
 
 def test_a_stage_folder_holding_a_file_colam_did_not_write_is_refused_and_kept(tiny_config, tmp_path):
     out = tmp_path / "chain"
     fit_stage(tiny_config(), out, 1)
     (out / "stage_1" / "notes.txt").write_text("mine")
-    with pytest.raises(ColamError, match=r"stage_1' holds a file 'notes.txt' that colam did not write; it is not "
-                                         r"deleted"):
+    with pytest.raises(ColamError, match=r"stage_1' holds what colam did not write \(notes.txt\); nothing there "
+                                         r"is touched"):
         fit_stage(tiny_config("seed=1"), out, 1)
     assert (out / "stage_1" / "notes.txt").read_text() == "mine" and (out / "stage_1" / "model.pt").exists()
     # the same for a whole run's stage folders under --restart-if-changed
     run = tmp_path / "run"
     fit(tiny_config(), run)
     (run / "stage_2" / "plot.png").write_bytes(b"mine")
-    with pytest.raises(ColamError, match="plot.png' that colam did not write"):
+    with pytest.raises(ColamError, match=r"did not write \(stage_2/plot.png\)"):
         fit(tiny_config("seed=1"), run, restart_if_changed=True)
     assert (run / "stage_2" / "plot.png").exists() and (run / "checkpoint.pt").exists()

@@ -108,7 +108,8 @@ def test_stage_by_stage_equals_the_whole_run(whole, split_dir, tmp_path, overrid
     for stage, metrics in zip((1, 2), returned):
         mine, theirs = tmp_path / f"stage_{stage}", reference / f"stage_{stage}"
         # the same artifacts; the stage's bookkeeping (.provenance.json, which DVC ignores) aside
-        assert {p.name for p in mine.iterdir() if not p.name.startswith(".")} == {p.name for p in theirs.iterdir()}
+        assert {p.name for p in mine.iterdir() if not p.name.startswith(".")} == {
+            p.name for p in theirs.iterdir() if not p.name.startswith(".")}
         assert not (mine / ".partial.pt").exists()  # the mid-stage state is gone once the stage is complete
         assert read_history(mine / "history.csv") == read_history(theirs / "history.csv")
         assert_same_weights(mine / "model.pt", theirs / "model.pt")
@@ -249,7 +250,7 @@ def test_save_split_twice_writes_the_same_bytes(tmp_path, monkeypatch):
     for name in ("split.npz", "split.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     assert first == second == json.loads((tmp_path / "a" / "split.json").read_text())
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["split.json", "split.npz"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [".colam-files", "split.json", "split.npz"]
     assert first["data"] == {"name": "digits", "train_subset": 200, "val_fraction": 0.2, "label_noise": 0.2,
                              "noise_type": "symmetric", "split_seed": 0}
     assert (first["train_samples"], first["val_samples"], first["test_samples"]) == (160, 40, 599)
@@ -404,7 +405,7 @@ def test_prepare_train_each_stage_then_evaluate(whole, tmp_path, capsys):
     assert main(["prepare", *sets(), "--out", str(split)]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["train_samples"] == 160 and printed["val_samples"] == 40 and printed["test_samples"] == 599
-    assert sorted(p.name for p in split.iterdir()) == ["split.json", "split.npz"]
+    assert sorted(p.name for p in split.iterdir()) == [".colam-files", "split.json", "split.npz"]
     for stage in (1, 2):
         assert main(["train", *sets(), "--split", str(split), "--out", str(run), "--stage", str(stage),
                      "--no-progress"]) == 0
@@ -415,7 +416,8 @@ def test_prepare_train_each_stage_then_evaluate(whole, tmp_path, capsys):
     assert main(["evaluate", *sets(), "--split", str(split), "--stage-dir", str(run / "stage_2"),
                  "--out", str(evaluation)]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert sorted(p.name for p in evaluation.iterdir()) == ["history.csv", "metrics.json", "predictions.csv"]
+    assert sorted(p.name for p in evaluation.iterdir()) == [".colam-files", "history.csv", "metrics.json",
+                                                            "predictions.csv"]
     metrics = json.loads((evaluation / "metrics.json").read_text())
     assert printed["test_acc"] == metrics["test_acc"] == json.loads((whole() / "metrics.json").read_text())["test_acc"]
     assert read_history(evaluation / "history.csv") == read_history(whole() / "history.csv")
