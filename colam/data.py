@@ -135,7 +135,7 @@ def save_split(cfg: DataConfig, out_dir: str | Path) -> dict:
     raw = _raw_data(cfg)
     split = draw_split(cfg, raw)
     out_dir = Path(out_dir)
-    cio.take_folder(out_dir)
+    cio.take_folder(out_dir, "split")
     # np.savez stamps the current time into the archive: build it with a fixed stamp instead, so
     # preparing the same split twice writes the same bytes and DVC sees nothing new downstream.
     buffer = io.BytesIO()

@@ -257,7 +257,7 @@ def get_data(name: str, source: str, out: str | os.PathLike) -> list[str]:
     if not spec.needs_files:
         if source != BUNDLED:
             raise ColamError(f"--from: {name} ships with scikit-learn, it has no other source; use --from {BUNDLED}")
-        cio.take_folder(out, shared=True)  # data.root: colam overwrites and deletes only what it wrote there
+        cio.take_folder(out, "data set", shared=True)  # data.root: colam overwrites and deletes only what it wrote there
         raw = spec.builder(out, False)
         arrays = {"train_images": raw.tensors.train, "test_images": raw.tensors.test,
                   "train_targets": raw.train_targets, "test_targets": raw.test_targets}
@@ -270,12 +270,12 @@ def get_data(name: str, source: str, out: str | os.PathLike) -> list[str]:
     if name in IDX_SETS:
         if source != DOWNLOAD and not Path(source).is_dir():
             raise ColamError(f"--from: '{source}' is not a folder (nor '{DOWNLOAD}')")
-        cio.take_folder(out, shared=True)
+        cio.take_folder(out, "data set", shared=True)
         written = copy_idx_files(name, Path(source), out, download=source == DOWNLOAD)
     elif source != DOWNLOAD:
         raise ColamError(f"--from: colam copies {name} from its download only; use --from {DOWNLOAD}")
     else:
-        cio.take_folder(out, shared=True)
+        cio.take_folder(out, "data set", shared=True)
         build_raw_data(name, out, download=True)
         written = [p for p in out.rglob("*") if p.is_file()]
     return sorted(str(p.relative_to(out)) for p in written)

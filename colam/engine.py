@@ -33,7 +33,8 @@ from colam.errors import ColamError
 from colam.feed import LoaderFeed, ResidentFeed, global_seed, make_feed, wants_resident
 from colam.methods import METHODS, Method
 from colam.models import build_model
-from colam.run_folder import Epochs, OneStage, WholeRun, check_resumable, releasing_claims, stage_ends, write_stage
+from colam.run_folder import (STAGE, Epochs, OneStage, WholeRun, check_resumable, releasing_claims, stage_ends,
+                              write_stage)
 from colam.soft_labels import check_soft_labels
 
 log = logging.getLogger("colam")
@@ -378,6 +379,7 @@ def _end_epoch(p: Prepared, where: Epochs, optimizer, history: list[dict], row: 
     stage_end, folder = epoch in stage_ends(p.config), where.stage_dir(stage)
     kept = main and (stage_end or epoch == where.until)
     if kept:
+        cio.take_folder(folder, STAGE)
         cio.save_torch(folder / "model.pt", p.model.state_dict())
     seconds = estimate_artifacts(p, stage, folder, epoch)[0] if stage_end and where.estimate else None
     row["seconds"] = time.perf_counter() - began

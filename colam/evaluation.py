@@ -15,9 +15,10 @@ from colam import io as cio
 from colam.config import Config
 from colam.data import loader
 from colam.engine import predict, prepare, run_metrics
-from colam.run_folder import PROVENANCE, STAGE_MARKS, load_stage_state, refuse_run_files
+from colam.run_folder import load_stage_state
 from colam.errors import ColamError
 
+EVALUATION = "evaluation"  # the kind of output (colam.io manifests) an evaluation's folder is
 ECE_BINS = 15  # the usual choice since Guo et al. 2017
 
 
@@ -44,8 +45,8 @@ def evaluate_run(config: Config, stage_dir: str | Path, out_dir: str | Path,
     ECE, per-class test accuracy, the run's settings), history.csv (the curves up to this stage) and
     predictions.csv (a test sample's actual and predicted class a row, for the confusion matrix)."""
     stage_dir, out_dir = Path(stage_dir), Path(out_dir)
-    refuse_run_files(out_dir, (*STAGE_MARKS, "checkpoint.pt", "config.yaml", PROVENANCE), "evaluate")
-    cio.refuse_foreign(out_dir, "--out")  # before the work: the folder is taken when the results are written
+    cio.refuse_other_kind(out_dir, EVALUATION, "--out")  # before the work; the folder is taken to write the results
+    cio.refuse_foreign(out_dir, "--out")
     if distributed.env_world().distributed:
         raise ColamError("WORLD_SIZE: evaluating a stage runs in one process; start `colam evaluate` without torchrun")
     state = load_stage_state(stage_dir, config)
@@ -64,7 +65,7 @@ def evaluate_run(config: Config, stage_dir: str | Path, out_dir: str | Path,
     metrics["test_per_class_acc"] = {
         name: (predicted[test_targets == c] == c).float().mean().item() if (test_targets == c).any() else None
         for c, name in enumerate(p.data.classes)}
-    cio.take_folder(out_dir)
+    cio.take_folder(out_dir, EVALUATION)
     cio.atomic_write_bytes(out_dir / "history.csv", (stage_dir / "history.csv").read_bytes())
     buffer = io.StringIO()
     writer = csv.writer(buffer)

@@ -56,21 +56,31 @@ _MANIFEST_HEAD = "# colam wrote these files and folders here; it never overwrite
 _MANIFEST_BYTES = 1 << 20
 
 
-def written_here(folder: Path) -> set[str] | None:
-    """The names colam wrote in `folder` (its manifest), or None where it has none: not an output folder of colam."""
+def _read_manifest(folder: Path) -> tuple[str | None, set[str]] | None:
+    """The kind of output `folder` is and the names colam wrote there (NAME/: a folder that is colam's whole),
+    from its manifest; None where it has none: not an output folder of colam."""
     path = Path(folder) / MANIFEST
     if not os.path.lexists(path):
         return None
     check_file(path, "manifest", _MANIFEST_BYTES)
     try:
-        text = path.read_text()
+        lines = path.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise ColamError(f"manifest: cannot read '{path}' ({getattr(exc, 'strerror', None) or 'not text'})") from None
-    return {line for line in text.splitlines() if line and not line.startswith("#")}
+    kinds = [line.removeprefix("# kind: ") for line in lines if line.startswith("# kind: ")]
+    return (kinds[0] if kinds else None), {line for line in lines if line and not line.startswith("#")}
 
 
-def _write_manifest(folder: Path, names: set[str]) -> None:
-    _replace(folder / MANIFEST, (_MANIFEST_HEAD + "".join(f"{name}\n" for name in sorted(names))).encode())
+def written_here(folder: Path) -> set[str] | None:
+    """The names colam wrote in `folder`, or None where it has no manifest."""
+    found = _read_manifest(folder)
+    return None if found is None else found[1]
+
+
+def _write_manifest(folder: Path, names: set[str], kind: str | None = None) -> None:
+    kind = kind or (_read_manifest(folder) or (None,))[0]
+    head = _MANIFEST_HEAD + (f"# kind: {kind}\n" if kind else "")
+    _replace(folder / MANIFEST, (head + "".join(f"{name}\n" for name in sorted(names))).encode())
 
 
 def expect(folder: Path, names: list[str]) -> None:
@@ -82,24 +92,24 @@ def expect(folder: Path, names: list[str]) -> None:
         _write_manifest(folder, owned | new)
 
 
-def _record(path: Path) -> None:
+def _record(path: Path, name: str | None = None) -> None:
     """Name `path` in its folder's manifest before it is made; refuse a path colam did not write there."""
-    owned = written_here(path.parent)
-    if owned is None or path.name in owned:
+    owned, name = written_here(path.parent), name or path.name
+    if owned is None or name in owned or name.rstrip("/") in owned:
         return
     if os.path.lexists(path):
         raise ColamError(f"output: '{path}' was not written by colam and is not overwritten; move it or choose "
                          f"another output folder")
-    _write_manifest(path.parent, owned | {path.name})
+    _write_manifest(path.parent, owned | {name})
 
 
 def make_folder(folder: Path, manifest: bool = True) -> None:
     """Create `folder` and its missing parents; one made inside an output folder of colam is named in its parent's
-    manifest and gets a manifest of its own (with `manifest=False`, none: what a library writes there is colam's)."""
+    manifest and gets a manifest of its own (`manifest=False`: none, and it is colam's whole, such as a download)."""
     if folder.is_dir():
         return
     make_folder(folder.parent)
-    _record(folder)
+    _record(folder, folder.name + ("" if manifest else "/"))
     folder.mkdir(exist_ok=True)
     if manifest and written_here(folder.parent) is not None:
         _write_manifest(folder, set())
@@ -113,19 +123,27 @@ def _temporary_of(name: str) -> str | None:
 
 
 def _ours(name: str, owned: set[str]) -> bool:
-    return name in owned or name == MANIFEST or _temporary_of(name) in owned | {MANIFEST}
+    return name in owned or f"{name}/" in owned or name == MANIFEST or _temporary_of(name) in owned | {MANIFEST}
 
 
 def foreign_entries(folder: Path) -> list[str]:
-    """What colam did not write under `folder` (paths relative to it). A folder colam made is looked into when
-    it has a manifest of its own; without one (a download colam asked for) it is colam's whole."""
+    """What colam did not write under `folder` (paths relative to it), looking into the folders it made but for
+    those that are its whole (NAME/ in the manifest): a folder it made that lost its manifest is someone else's."""
     owned, found = written_here(folder) or set(), []
     for entry in sorted(folder.iterdir()):
         if not _ours(entry.name, owned):
             found.append(entry.name + ("/" if entry.is_dir() else ""))
-        elif entry.is_dir() and not entry.is_symlink() and os.path.lexists(entry / MANIFEST):
+        elif entry.is_dir() and not entry.is_symlink() and f"{entry.name}/" not in owned:
             found += [f"{entry.name}/{name}" for name in foreign_entries(entry)]
     return found
+
+
+def refuse_other_kind(folder: Path, kind: str, what: str) -> None:
+    """Refuse an output folder of colam that holds another kind of output (a split as a run's --out)."""
+    held = (_read_manifest(folder) or (None,))[0] if folder.is_dir() else None
+    if held not in (None, kind):
+        raise ColamError(f"{what}: '{folder}' holds another kind of colam output ({held}, not {kind}); choose "
+                         f"another {what}")
 
 
 def refuse_foreign(folder: Path, what: str) -> None:
@@ -136,14 +154,17 @@ def refuse_foreign(folder: Path, what: str) -> None:
                          f"touched: move it or choose another {what}")
 
 
-def take_folder(folder: Path, what: str = "--out", shared: bool = False) -> None:
-    """Make `folder` an output folder of colam, created if missing: refused in one line, before anything is
-    written, when it holds files colam did not write; a `shared` one (data.root) may hold them beside colam's."""
+def take_folder(folder: Path, kind: str, what: str = "--out", shared: bool = False) -> None:
+    """Make `folder` an output folder of colam holding a `kind` of output (a run, a split, ...), created if
+    missing: refused in one line, before anything is written, when it holds another kind or files colam did not
+    write; a `shared` one (data.root) may hold them beside colam's."""
+    refuse_other_kind(folder, kind, what)
     if not shared:
         refuse_foreign(folder, what)
     make_folder(folder)
-    if written_here(folder) is None:
-        _write_manifest(folder, set())
+    found = _read_manifest(folder)
+    if found is None or found[0] != kind:
+        _write_manifest(folder, found[1] if found else set(), kind)
 
 
 def remove(path: Path) -> None:

@@ -48,6 +48,7 @@ HISTORY_FIELDS = ["epoch", "stage", "lr", "train_loss", "train_acc", "val_acc", 
 PROVENANCE = ".provenance.json"
 PARTIAL = ".partial.pt"
 ESTIMATION = "estimation.json"
+RUN, STAGE = "training run", "stage"  # the kinds of output (colam.io manifests) a run folder and a stage folder are
 CHECKPOINT_KEYS = {"epoch", "model", "optimizer", "method", "history", "elapsed", "config"}
 
 
@@ -156,31 +157,20 @@ def _parse_config(text: str) -> object:
     return parse_yaml(text, "config.yaml")
 
 
-def check_out_dir(out_dir: Path, whole: bool = True) -> None:
-    """Refuse an --out that is a file or (`whole`: colam's output, not a folder of stage folders checked one by
-    one) holds what colam did not write, by its manifest (colam.io); claim it."""
+def check_out_dir(out_dir: Path, kind: str, whole: bool = True) -> None:
+    """Refuse an --out that is a file, holds another `kind` of colam's outputs or (`whole`: colam's output, not a
+    folder of stage folders checked one by one) what colam did not write, by its manifest (colam.io); claim it."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ColamError(f"--out: '{out_dir}' exists and is not a folder")
     claim(out_dir)
+    cio.refuse_other_kind(out_dir, kind, "--out")
     if whole:
         cio.refuse_foreign(out_dir, "--out")
 
 
-def refuse_run_files(folder: Path, names: tuple[str, ...], doing: str) -> None:
-    """Refuse to write into `folder` when it holds any of `names`: a run's or a stage's own files,
-    which this command would overwrite."""
-    found = [name for name in names if (folder / name).exists()]
-    if found:
-        raise ColamError(f"--out: '{folder}' belongs to a training run or stage (it holds {', '.join(found)}); "
-                         f"{doing} into a folder of its own")
-
-
-STAGE_MARKS = ("model.pt", "state.pt")  # a stage folder's weights and state: never an --out of another command
-
-
-def make_dir(out_dir: Path) -> None:
+def make_dir(out_dir: Path, kind: str) -> None:
     try:
-        cio.take_folder(out_dir)
+        cio.take_folder(out_dir, kind)
     except OSError as exc:
         raise ColamError(f"--out: cannot create '{out_dir}' ({exc.strerror})") from None
     claim(out_dir)
@@ -360,8 +350,7 @@ class WholeRun(Epochs):
                  inputs: dict[str, str | Path] | None = None):
         self.root = self.folder = Path(root)
         self.until = config.train.epochs
-        check_out_dir(self.root)
-        refuse_run_files(self.root, STAGE_MARKS, "train")
+        check_out_dir(self.root, RUN)
         # where the folder is renamed to be deleted (ignored by DVC as a temporary, .*.tmp)
         self.aside = self.root.resolve().parent / f".{self.root.resolve().name}.deleting.tmp"
         if (self.aside / cio.MANIFEST).is_file():  # a deletion a kill cut off (`delete`); only ever colam's
@@ -419,7 +408,7 @@ class WholeRun(Epochs):
         return None, state
 
     def begin(self, prepared) -> None:
-        make_dir(self.root)
+        make_dir(self.root, RUN)
         if prepared.world.main:
             cio.write_text(self.root / "config.yaml", yaml.safe_dump(prepared.config.to_dict(), sort_keys=False))
             self.record(complete=False)
@@ -438,11 +427,7 @@ class OneStage(Epochs):
         self.start, self.folder = ends[stage - 2] if stage > 1 else 0, self.stage_dir(stage)
         self.previous = self.stage_dir(stage - 1) if stage > 1 else None
         self.partial, self.resumed = self.folder / PARTIAL, False
-        check_out_dir(self.root, whole=False)  # its stage folders are outputs of their own (DVC's, one a stage)
-        refuse_run_files(self.root, STAGE_MARKS, "train")
-        if (self.root / "checkpoint.pt").exists():
-            raise ColamError(f"--out: '{self.root}' holds a whole run (checkpoint.pt); train --stage writes a folder "
-                             f"of stages, choose another --out")
+        check_out_dir(self.root, "folder of stages", whole=False)  # each stage folder is an output of its own
         self.origin = provenance(config, split_dir, previous=self.previous)
 
     def resume(self, config: Config) -> tuple[dict | None, dict | None]:
@@ -454,7 +439,7 @@ class OneStage(Epochs):
                 raise ColamError(f"--stage: stage {self.stage} starts from '{self.previous}', which holds no "
                                  f"finished stage; train --stage {self.stage - 1} first")
             state = load_stage_state(self.previous, config, self.start, "--stage", f"stage {self.stage} starts after")
-        check_out_dir(self.folder)
+        check_out_dir(self.folder, STAGE)
         found, metrics = self.recorded(), _read(self.folder / "metrics.json")
         if found == {**self.origin, "complete": True} and isinstance(metrics, dict):
             self.partial.unlink(missing_ok=True)
@@ -471,7 +456,7 @@ class OneStage(Epochs):
         attempt (a soft-label file another setting wrote) stays beside the new ones."""
         if not prepared.world.main:
             return
-        make_dir(self.folder)
+        make_dir(self.folder, STAGE)
         if not self.resumed:
             cio.empty_folder(self.folder, "--out")
         cio.remove_stale_temporaries(self.folder)
@@ -532,7 +517,7 @@ class PipelineStep(Epochs):
             check_soft_labels(tensor, prepared.data.num_classes, where)
             if name in rows and len(tensor) != rows[name]:
                 raise ColamError(f"{where} has {len(tensor)} rows, this run needs {rows[name]}")
-        make_dir(self.root)
+        make_dir(self.root, STAGE)
 
 
 def write_estimation(out: Path, config: Config, fields: dict, artifacts: list[str], main: bool) -> dict:

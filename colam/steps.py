@@ -30,8 +30,8 @@ from colam.datasets import DATASETS
 from colam.engine import RunLog, check_names, estimate_artifacts, prepare, train_into
 from colam.errors import ColamError, require
 from colam.methods import METHODS, headline_section
-from colam.run_folder import (PipelineStep, check_out_dir, load_stage_state, make_dir, releasing_claims, stage_ends,
-                              write_estimation)
+from colam.run_folder import (STAGE, PipelineStep, check_out_dir, load_stage_state, make_dir, releasing_claims,
+                              stage_ends, write_estimation)
 
 RAW_DATA = "raw"  # the folder of a prepared split that holds a data set downloaded by prepare_step
 
@@ -93,7 +93,7 @@ def prepare_step(config: Config, out: str | Path) -> dict:
     steps after it read the data from this folder instead of downloading it again."""
     data, out = config.data, Path(out)
     if data.download and DATASETS[data.name].needs_files:
-        cio.take_folder(out)
+        cio.take_folder(out, "split")
         cio.make_folder(out / RAW_DATA, manifest=False)  # what torchvision downloads there is colam's
         data = dataclasses.replace(data, root=str(out / RAW_DATA))
     return save_split(data, out)
@@ -124,12 +124,15 @@ def with_split(config: Config, split_dir: str | Path) -> Config:
     return dataclasses.replace(config, data=data) if raw.is_dir() else config
 
 
-def _open_step(config: Config, step: int, steps: int, out: str | Path) -> list[int]:
+ESTIMATE = "soft-label estimate"  # the kind of output (colam.io manifests) an estimate step's folder is
+
+
+def _open_step(config: Config, step: int, steps: int, out: str | Path, kind: str) -> list[int]:
     """The epochs the steps end at, refusing a step the run does not have and an `out` that is a file."""
     ends = step_ends(config, steps)
     if not 1 <= step <= steps:
         raise ColamError(f"step: {step} is not a step of a {steps}-step run")
-    check_out_dir(Path(out))
+    check_out_dir(Path(out), kind)
     return ends
 
 
@@ -139,7 +142,7 @@ def train_step(config: Config, step: int, steps: int, out: str | Path, *, checkp
                run_log: RunLog | None = None, progress: bool = False) -> dict:
     """Train step `step` (1-based) of `steps` into `out`, from the previous step's checkpoint folder
     and soft-label folder; returns the metrics at the step's end (also out/metrics.json)."""
-    ends = _open_step(config, step, steps, out)
+    ends = _open_step(config, step, steps, out, STAGE)
     train_into(PipelineStep(out, step, steps, ends, checkpoint, soft_labels), config, split_dir, run_log, progress)
     return json.loads((Path(out) / "metrics.json").read_text())
 
@@ -149,11 +152,11 @@ def estimate_step(config: Config, step: int, steps: int, checkpoint: str | Path,
                   split_dir: str | Path | None = None) -> dict:
     """What the method learns from the model at the end of step `step` (COLAM: the soft labels,
     from a forward pass over the training set), written to `out`; returns out/estimation.json."""
-    ends = _open_step(config, step, steps, out)
+    ends = _open_step(config, step, steps, out, ESTIMATE)
     out, epoch = Path(out), ends[step - 1]
     state = load_stage_state(checkpoint, config, epoch, "checkpoint", f"step {step} ends at")
     seconds, stage, artifacts = 0.0, None, []
-    make_dir(out)
+    make_dir(out, ESTIMATE)
     if epoch in stage_ends(config):  # a one-stage method learns nothing at a segment's end
         stage = stage_ends(config).index(epoch) + 1
         prepared = prepare(config, split_dir)

@@ -360,7 +360,7 @@ def _finish(args, run, name: str, figs: dict, lines: list[str], results: dict, m
     (step, value)) to the MLflow parent run of --run when tracking."""
     out = Path(args.out)
     try:
-        cio.take_folder(out)
+        cio.take_folder(out, "analysis")
     except OSError as exc:
         raise ColamError(f"--out: cannot create '{out}' ({exc.strerror})") from None
     table = "\n".join(lines)

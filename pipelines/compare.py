@@ -136,7 +136,7 @@ def format_table(comparison: Comparison) -> str:
 def write(comparison: Comparison, out_dir: Path) -> dict[str, Path]:
     """Write table.md, summary.json, metrics.json and accuracy_vs_temperature.png into `out_dir`, each atomically."""
     out_dir, c = Path(out_dir), comparison
-    cio.take_folder(out_dir)
+    cio.take_folder(out_dir, "comparison")
     summary = {"experiment": c.experiment, "protocol": c.protocol, "filters": c.filters, "runs_used": c.runs_used,
                "runs_left_out": {"other_protocol": c.other_protocol_runs, "replaced": c.replaced_runs,
                                  "incomplete": c.incomplete_runs},

@@ -323,14 +323,14 @@ ARTIFACTS = [
          lambda w: checkpoint_with_model(w, width=16)),
     Case("artifact", "out-holds-another-config", train("seed=1", out="{run}"), "{run}", "different configuration"),
     Case("artifact", "train-into-a-stage-folder", train(out="{run}/stage_2"), "{run}/stage_2",
-         "belongs to a training run or stage"),
+         "another kind of colam output (stage, not training run)"),
     Case("artifact", "stage-into-a-stage-folder", train(out="{run}/stage_2", extra=("--stage", "1")), "{run}/stage_2",
-         "belongs to a training run or stage"),
+         "another kind of colam output (stage, not folder of stages)"),
     Case("artifact", "evaluate-onto-the-run", ("evaluate", "--stage-dir", "{run}/stage_2", "--out", "{run}",
-                                               *sets(TINY)), "{run}", "belongs to a training run or stage"),
+                                               *sets(TINY)), "{run}", "(training run, not evaluation)"),
     Case("artifact", "evaluate-into-its-stage-folder", ("evaluate", "--stage-dir", "{run}/stage_2", "--out",
                                                         "{run}/stage_2", *sets(TINY)), "{run}/stage_2",
-         "belongs to a training run or stage"),
+         "(stage, not evaluation)"),
     Case("artifact", "out-holds-another-worker-count", train("data.num_workers=2", out="{run}"), "{run}",
          "different configuration"),
     Case("artifact", "out-holds-unreadable-config", RESUME, "{run}", "different configuration",
@@ -338,10 +338,11 @@ ARTIFACTS = [
     Case("artifact", "out-is-a-file", train(out="{tmp}/file"), "{tmp}/file", "not a folder",
          lambda w: w.write("file", "x")),
     Case("artifact", "stage-from-truncated-state", train(out="{run}", extra=("--stage", "2")),
-         "{run}/stage_1/state.pt", "not a readable checkpoint",  # a stage chain: no checkpoint.pt of a whole run
-         lambda w: ((w.run / "checkpoint.pt").unlink(), w.truncate("run/stage_1/state.pt"))),
+         "{run}/stage_1/state.pt", "not a readable checkpoint",  # a chain of stages: no whole run's files
+         lambda w: [(w.run / name).unlink() for name in ("checkpoint.pt", ".colam-files")]
+         + [w.truncate("run/stage_1/state.pt")]),
     Case("artifact", "stage-into-a-whole-run", train(out="{run}", extra=("--stage", "2")), "{run}",
-         "holds a whole run"),
+         "(training run, not folder of stages)"),
     Case("artifact", "stage-out-of-range", train(out="{run}", extra=("--stage", "3")), "--stage",
          "not a stage of this run"),
     # colam evaluate --stage-dir
@@ -435,7 +436,8 @@ BOUNDS = [
     Case("bounds", "evaluate-state-is-a-fifo", evaluate(), "{run}/stage_2/state.pt", "not a regular file",
          lambda w: w.fifo("run/stage_2/state.pt")),
     Case("bounds", "stage-from-a-fifo-state", train(out="{run}", extra=("--stage", "2")), "{run}/stage_1/state.pt",
-         "not a regular file", lambda w: ((w.run / "checkpoint.pt").unlink(), w.fifo("run/stage_1/state.pt"))),
+         "not a regular file", lambda w: [(w.run / name).unlink() for name in ("checkpoint.pt", ".colam-files")]
+         + [w.fifo("run/stage_1/state.pt")]),  # a chain of stages: no whole run's checkpoint.pt or manifest
     Case("bounds", "labels-is-a-fifo", train(*FIXED), "{tmp}/labels.npy", "is not a file",
          lambda w: w.fifo("labels.npy")),
     Case("bounds", "kd-labels-is-a-fifo", train(*KD), "{tmp}/labels.npy", "neither a folder nor a file",

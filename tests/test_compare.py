@@ -175,7 +175,7 @@ def test_write_produces_a_png_a_markdown_table_and_a_json_summary(client, exp, t
     assert summary["runs_left_out"] == {"other_protocol": 0, "replaced": 0, "incomplete": 0}
     hl = next(r for r in summary["rows"] if r["variant"] == "hl")
     assert hl["temperature"] is None and hl["seeds"] == [0, 1] and hl["test_acc"]["mean"] == pytest.approx(0.85)
-    assert not [p for p in paths["plot"].parent.iterdir() if p.name.startswith(".")]  # no temporaries left
+    assert not [p for p in paths["plot"].parent.iterdir() if p.name.endswith(".tmp")]  # no temporaries left
 
 
 def test_missing_experiment_is_an_error_naming_experiment(client):
@@ -204,7 +204,8 @@ def test_run_prints_the_table_and_writes_the_files(client, exp, tmp_path, capsys
     out, err = capsys.readouterr()
     assert "| hl | – | 80.00 ± 0.00 | 1* |" in out
     assert str(tmp_path / "table.md") in err
-    assert {p.name for p in tmp_path.iterdir()} == {"table.md", "summary.json", "metrics.json", "accuracy_vs_temperature.png"}
+    assert {p.name for p in tmp_path.iterdir()} == {".colam-files", "table.md", "summary.json", "metrics.json",
+                                                    "accuracy_vs_temperature.png"}
 
 
 def test_an_interrupted_write_keeps_the_previous_files_whole(client, exp, tmp_path, monkeypatch):
@@ -219,7 +220,7 @@ def test_an_interrupted_write_keeps_the_previous_files_whole(client, exp, tmp_pa
     monkeypatch.setattr(compare, "temperature_figure", crash)
     with pytest.raises(KeyboardInterrupt):
         compare.write(c, tmp_path)
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name != ".colam-files"} == before
 
 
 def test_the_logged_temperature_of_the_runs_own_method_wins_over_the_tag(client, exp):

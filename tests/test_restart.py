@@ -110,7 +110,7 @@ def test_train_stage_into_a_whole_run_folder_is_refused_and_deletes_nothing(tiny
     out = tmp_path / "run"
     fit(tiny_config(), out)
     before = sorted(p.name for p in (out / "stage_2").iterdir())
-    with pytest.raises(ColamError, match="holds a whole run"):
+    with pytest.raises(ColamError, match=r"\(training run, not folder of stages\)"):
         fit_stage(tiny_config(), out, 2)
     assert sorted(p.name for p in (out / "stage_2").iterdir()) == before
 
@@ -138,7 +138,7 @@ def test_bad_input_under_the_flag_is_refused_before_the_earlier_run_is_deleted(t
 
 def test_a_folder_left_by_a_kill_in_the_first_write_or_in_a_deletion_is_trained(tiny_config, tmp_path):
     out = tmp_path / "run"
-    cio.take_folder(out)  # killed writing the run's first file: its name was recorded before its temporary was made
+    cio.take_folder(out, "training run")  # killed writing the run's first file: its name was recorded before its temporary was made
     cio.expect(out, ["config.yaml"])
     (out / ".config.yaml.k1ll3d.tmp").write_text("half a config")
     assert fit(tiny_config(), out, restart_if_changed=True)["seed"] == 0
@@ -146,7 +146,7 @@ def test_a_folder_left_by_a_kill_in_the_first_write_or_in_a_deletion_is_trained(
 
     # a deletion of the folder is a rename aside first: a kill leaves the renamed folder, no half run
     aside = tmp_path / ".run.deleting.tmp"
-    cio.take_folder(aside)
+    cio.take_folder(aside, "training run")
     cio.atomic_write_bytes(aside / "stage_1" / "model.pt", b"half deleted")
     assert fit(tiny_config("seed=1"), out, restart_if_changed=True)["seed"] == 1
     assert not aside.exists() and record(out)["complete"]
