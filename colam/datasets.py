@@ -257,6 +257,7 @@ def get_data(name: str, source: str, out: str | os.PathLike) -> list[str]:
     if not spec.needs_files:
         if source != BUNDLED:
             raise ColamError(f"--from: {name} ships with scikit-learn, it has no other source; use --from {BUNDLED}")
+        cio.refuse_overwrite(out / f"{name}.json", cio.written_here(out) if out.is_dir() else None)
         cio.take_folder(out, "data set", shared=True)  # data.root: colam overwrites and deletes only what it wrote there
         raw = spec.builder(out, False)
         arrays = {"train_images": raw.tensors.train, "test_images": raw.tensors.test,

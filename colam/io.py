@@ -92,14 +92,19 @@ def expect(folder: Path, names: list[str]) -> None:
         _write_manifest(folder, owned | new)
 
 
+def refuse_overwrite(path: Path, owned: set[str] | None) -> None:
+    """Refuse a `path` that exists and is not named in `owned`, its folder's manifest."""
+    if os.path.lexists(path) and not {path.name, f"{path.name}/"} & (owned or set()):
+        raise ColamError(f"output: '{path}' was not written by colam and is not overwritten; move it or choose "
+                         f"another output folder")
+
+
 def _record(path: Path, name: str | None = None) -> None:
     """Name `path` in its folder's manifest before it is made; refuse a path colam did not write there."""
     owned, name = written_here(path.parent), name or path.name
     if owned is None or name in owned or name.rstrip("/") in owned:
         return
-    if os.path.lexists(path):
-        raise ColamError(f"output: '{path}' was not written by colam and is not overwritten; move it or choose "
-                         f"another output folder")
+    refuse_overwrite(path, owned)
     _write_manifest(path.parent, owned | {name})
 
 

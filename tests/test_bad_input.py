@@ -1,5 +1,6 @@
-"""Bad input (issue 8): one table of malformed configs, data and artifacts, each run through the
-real `colam` entry point (`pipelines.cli.main`).
+"""Bad input (issues 8 and 18): one table of malformed configs, data, artifacts, oversized and special
+inputs, command lines, and output folders holding the user's own files (kind "loss"), each run
+through the real `colam` entry point (`pipelines.cli.main`).
 
 Every case must exit with status 2 and one line on stderr, `colam: error: ...`, that names the
 input (the key, the flag or the file) and says what is wrong with it; and it must leave every file
@@ -517,14 +518,118 @@ CLI = [
 ]
 
 
-CASES = CONFIG + DATA + ARTIFACTS + BOUNDS + CLI
+def mine(*relative: str) -> Callable[[World], None]:
+    """Files of the user's own at `relative` paths (a trailing / makes an empty folder)."""
+    def setup(w: World) -> None:
+        for name in relative:
+            if name.endswith("/"):
+                w.path(name).mkdir(parents=True, exist_ok=True)
+            else:
+                w.write(name, f"the user's own {name}\n")
+    return setup
 
 
-def test_the_table_covers_config_data_and_artifacts():
+def manifest_of(relative: str, kind: str) -> Callable[[World], None]:
+    """A folder whose manifest says it holds colam's output of `kind`."""
+    return lambda w: w.write(f"{relative}/.colam-files", f"# kind: {kind}\n")
+
+
+def chain(w: World, *overrides: str) -> None:
+    """out/ as a chain of stages: stage 1 trained alone (`train --stage 1`)."""
+    assert main(train(*overrides, extra=("--stage", "1"), out=str(w.out))) == 0
+
+
+STAGE_1 = train(extra=("--stage", "1"))
+EVALUATE = evaluate()
+PREPARE = ("prepare", "--out", "{out}", *sets(TINY))
+CURVES = ("analyze", "curves", "--run", "{run}", "--out", "{out}", "--no-track", *sets(TINY))
+DATA_GET = ("data", "get", "--from", "bundled", "--out", "{out}", *sets(TINY))
+RESTART = train("seed=1", out="{run}", extra=("--restart-if-changed",))
+FOREIGN = "what colam did not write"
+
+# The folder is the user's (issue 18): every file that was there is byte-identical afterwards (the table's check).
+LOSS = [
+    *(Case("loss", f"train-out-holds-{tag}", train(), "{out}", f"{FOREIGN} ({name})", mine(f"out/{name}"))
+      for tag, name in [("metrics", "metrics.json"), ("history", "history.csv"), ("tmp", "notes.tmp"),
+                        ("dot-tmp", ".cache.tmp"), ("temporary-named-like-colam's", ".checkpoint.pt.a1b2c3d4.tmp"),
+                        ("checkpoint", "checkpoint.pt"), ("config", "config.yaml"), ("provenance", ".provenance.json"),
+                        ("gitkeep", ".gitkeep"), ("manifest-less-stage", "stage_1/")]),
+    Case("loss", "train-out-holds-an-empty-folder", train(), "{out}", f"{FOREIGN} (notes/)", mine("out/notes/")),
+    Case("loss", "train-out-holds-a-symlink", train(), "{out}", f"{FOREIGN} (link)",
+         lambda w: (w.out.mkdir(), (w.out / "link").symlink_to(w.run / "metrics.json"))),
+    Case("loss", "train-out-holds-a-broken-symlink", train(), "{out}", f"{FOREIGN} (gone)",
+         lambda w: (w.out.mkdir(), (w.out / "gone").symlink_to(w.tmp / "nowhere"))),
+    Case("loss", "train-out-is-a-symlink-to-photos", train(out="{tmp}/link"), "{tmp}/link", f"{FOREIGN} (a.jpg)",
+         lambda w: (mine("photos/a.jpg")(w), w.path("link").symlink_to(w.path("photos")))),
+    Case("loss", "restart-out-holds-user-files", train(extra=("--restart-if-changed",)), "{out}",
+         f"{FOREIGN} (history.csv, metrics.json)", mine("out/metrics.json", "out/history.csv")),
+    Case("loss", "restart-run-with-a-user-file", RESTART, "{run}", f"{FOREIGN} (notes.txt)", mine("run/notes.txt")),
+    Case("loss", "restart-run-with-a-user-file-in-a-stage", RESTART, "{run}", f"{FOREIGN} (stage_2/plot.png)",
+         mine("run/stage_2/plot.png")),
+    Case("loss", "restart-run-with-a-user-folder", RESTART, "{run}", f"{FOREIGN} (mine/)", mine("run/mine/a.txt")),
+    Case("loss", "restart-run-whose-stage-lost-its-manifest", RESTART, "{run}", f"{FOREIGN} (stage_1/history.csv",
+         lambda w: (w.run / "stage_1" / ".colam-files").unlink()),
+    Case("loss", "restart-run-beside-a-user-folder-named-as-colam-deletes", RESTART, "{run}",
+         "where it is moved to be deleted, holds what colam did not write", mine(".run.deleting.tmp/mine.txt")),
+    Case("loss", "resume-run-with-a-user-file", RESUME, "{run}", f"{FOREIGN} (notes.txt)", mine("run/notes.txt")),
+    Case("loss", "resume-run-without-its-manifest", RESUME, "{run}", f"{FOREIGN} (.provenance.json",
+         lambda w: (w.run / ".colam-files").unlink()),
+    Case("loss", "manifest-is-a-fifo", RESUME, "{run}/.colam-files", "not a regular file",
+         lambda w: w.fifo("run/.colam-files")),
+    Case("loss", "manifest-is-a-folder", RESUME, "{run}/.colam-files", "is a folder",
+         lambda w: w.folder_at("run/.colam-files")),
+    Case("loss", "manifest-too-large", RESUME, "{run}/.colam-files", "more than the 1,048,576",
+         lambda w: w.write("run/.colam-files", "x" * (1 << 21))),
+    Case("loss", "manifest-not-text", RESUME, "{run}/.colam-files", "cannot read",
+         lambda w: w.write("run/.colam-files", b"\xff\xfe\x00\x81")),
+    *(Case("loss", f"stage-out-holds-{tag}", STAGE_1, "{out}/stage_1", f"{FOREIGN} ({name})",
+           mine(f"out/stage_1/{name}")) for tag, name in [("npy", "mine.npy"), ("pt", "mine.pt"),
+                                                           ("notes", "notes.txt")]),
+    Case("loss", "stage-2-into-a-user-folder", train(extra=("--stage", "2")), "{out}/stage_2",
+         f"{FOREIGN} (notes.txt)", lambda w: (chain(w), mine("out/stage_2/notes.txt")(w))),
+    Case("loss", "stage-1-of-another-run-with-a-user-file", train("seed=1", extra=("--stage", "1")), "{out}/stage_1",
+         f"{FOREIGN} (notes.txt)", lambda w: (chain(w), mine("out/stage_1/notes.txt")(w))),
+    *(Case("loss", f"evaluate-out-holds-{tag}", EVALUATE, "{out}", f"{FOREIGN} ({name})", mine(f"out/{name}"))
+      for tag, name in [("metrics", "metrics.json"), ("predictions", "predictions.csv"), ("history", "history.csv"),
+                        ("a-folder", "figures/")]),
+    *(Case("loss", f"prepare-out-holds-{tag}", PREPARE, "{out}", f"{FOREIGN} ({name})", mine(f"out/{name}"))
+      for tag, name in [("split-json", "split.json"), ("split-npz", "split.npz"), ("notes", "notes.txt")]),
+    Case("loss", "prepare-into-a-split-with-a-user-file", ("prepare", "--out", "{split}", *sets(TINY)), "{split}",
+         f"{FOREIGN} (notes.txt)", mine("split/notes.txt")),
+    *(Case("loss", f"analysis-out-holds-{tag}", CURVES, "{out}", f"{FOREIGN} ({name})", mine(f"out/{name}"))
+      for tag, name in [("table", "table.md"), ("results", "results.json"), ("figure", "curves.png")]),
+    Case("loss", "data-get-over-a-user-file", DATA_GET, "{out}/digits.json", "not written by colam and is not "
+         "overwritten", mine("out/digits.json")),
+    # a folder of colam's of another kind (its manifest says which) is no --out of this command
+    *(Case("loss", f"{command}-into-{tag}", argv, out, f"another kind of colam output ({held}, not {wanted})", setup)
+      for command, argv, wanted, tag, out, held, setup in [
+          ("train", train(out="{split}"), "training run", "the-split", "{split}", "split", None),
+          ("stage", train(out="{split}", extra=("--stage", "1")), "folder of stages", "the-split", "{split}", "split",
+           None),
+          ("evaluate", evaluate(), "evaluation", "an-analysis", "{out}", "analysis", manifest_of("out", "analysis")),
+          ("evaluate", ("evaluate", "--stage-dir", "{run}/stage_2", "--out", "{split}", *sets(TINY)), "evaluation",
+           "the-split", "{split}", "split", None),
+          ("prepare", ("prepare", "--out", "{run}", *sets(TINY)), "split", "the-run", "{run}", "training run", None),
+          ("analysis", ("analyze", "curves", "--run", "{run}", "--out", "{run}", "--no-track", *sets(TINY)),
+           "analysis", "the-run", "{run}", "training run", None),
+          ("data-get", ("data", "get", "--from", "bundled", "--out", "{run}", *sets(TINY)), "data set", "the-run",
+           "{run}", "training run", None),
+          ("train", train(), "training run", "an-evaluation", "{out}", "evaluation", manifest_of("out", "evaluation")),
+          ("train", train(), "training run", "an-estimate", "{out}", "soft-label estimate",
+           manifest_of("out", "soft-label estimate")),
+          ("train", train(), "training run", "a-comparison", "{out}", "comparison", manifest_of("out", "comparison")),
+      ]),
+]
+
+
+CASES = CONFIG + DATA + ARTIFACTS + BOUNDS + CLI + LOSS
+
+
+def test_the_table_covers_every_kind_of_misuse():
     kinds = [case.kind for case in CASES]
-    assert len(CASES) >= 30 and len({case.id for case in CASES}) == len(CASES)
-    assert {kind: kinds.count(kind) >= 10 for kind in ("config", "data", "artifact")} == {
-        "config": True, "data": True, "artifact": True}
+    assert len(CASES) >= 200 and len({f"{case.kind}-{case.id}" for case in CASES}) == len(CASES)
+    every = ("config", "data", "artifact", "bounds", "cli", "loss")
+    assert {kind: kinds.count(kind) >= 10 for kind in every} == dict.fromkeys(every, True)
 
 
 # ----------------------------------------------------------------------------- the earlier run
