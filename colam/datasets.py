@@ -252,8 +252,7 @@ def get_data(name: str, source: str, out: str | os.PathLike) -> list[str]:
     """Write data set `name`'s checked files into `out`, the folder DVC versions as data.root (`colam data get`):
     for the bundled digits, the digests of scikit-learn's arrays. Returns the files, relative to `out`."""
     spec, out = dataset_spec(name), Path(out)
-    if out.exists() and not out.is_dir():
-        raise ColamError(f"--out: '{out}' exists and is not a folder")
+    cio.check_folder_path(out)
     if not spec.needs_files:
         if source != BUNDLED:
             raise ColamError(f"--from: {name} ships with scikit-learn, it has no other source; use --from {BUNDLED}")

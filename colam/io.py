@@ -159,10 +159,18 @@ def refuse_foreign(folder: Path, what: str) -> None:
                          f"touched: move it or choose another {what}")
 
 
+def check_folder_path(folder: Path, what: str = "--out") -> None:
+    """Refuse an output folder's path that is a file, or a symbolic link to nothing or to itself."""
+    if os.path.lexists(folder) and not folder.is_dir():
+        found = "is not a folder" if os.path.exists(folder) else "is a symbolic link to nothing (or a loop)"
+        raise ColamError(f"{what}: '{folder}' exists and {found}")
+
+
 def take_folder(folder: Path, kind: str, what: str = "--out", shared: bool = False) -> None:
     """Make `folder` an output folder of colam holding a `kind` of output (a run, a split, ...), created if
     missing: refused in one line, before anything is written, when it holds another kind or files colam did not
     write; a `shared` one (data.root) may hold them beside colam's."""
+    check_folder_path(folder, what)
     refuse_other_kind(folder, kind, what)
     if not shared:
         refuse_foreign(folder, what)

@@ -160,8 +160,7 @@ def _parse_config(text: str) -> object:
 def check_out_dir(out_dir: Path, kind: str, whole: bool = True) -> None:
     """Refuse an --out that is a file, holds another `kind` of colam's outputs or (`whole`: colam's output, not a
     folder of stage folders checked one by one) what colam did not write, by its manifest (colam.io); claim it."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ColamError(f"--out: '{out_dir}' exists and is not a folder")
+    cio.check_folder_path(out_dir)
     claim(out_dir)
     cio.refuse_other_kind(out_dir, kind, "--out")
     if whole:

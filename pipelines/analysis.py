@@ -383,8 +383,7 @@ def _finish(args, run, name: str, figs: dict, lines: list[str], results: dict, m
 def start(args, run) -> None:
     """Before any work: check --out, and when tracking, that the store answers and holds --run's
     MLflow run (an analysis that trains for minutes must not fail at its last step)."""
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise ColamError(f"--out: '{args.out}' exists and is not a folder")
+    cio.check_folder_path(Path(args.out))
     args.tracker = None
     if tracking(args):
         from pipelines.tracking import connect, run_parent

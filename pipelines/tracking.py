@@ -63,6 +63,9 @@ def connect(uri: str | None = None, create: bool = True) -> MlflowClient:
     database = sqlite_path(uri)
     if database is not None and not create and not database.is_file():
         raise ColamError(f"MLFLOW_TRACKING_URI: there is no MLflow store at '{database}' to read")
+    if database is not None and create and _read_only(database):  # else every write fails, each after retries
+        raise ColamError(f"MLFLOW_TRACKING_URI: the MLflow store '{database}' cannot be written (a read-only "
+                         f"file, folder or file system); make it writable or track into another store")
     try:
         # MLflow retries a refused connection for minutes by default: one quick try tells us enough.
         with bounded_http(timeout=10), contextlib.ExitStack() as held:
@@ -85,6 +88,13 @@ def connect(uri: str | None = None, create: bool = True) -> MlflowClient:
         raise ColamError(f"MLFLOW_TRACKING_URI: cannot use the tracking store '{display_uri(uri)}' "
                          f"({_reason(exc)})") from None
     return client
+
+
+def _read_only(database: Path) -> bool:
+    """Whether sqlite cannot write `database`: it writes the file and a journal beside it in its folder."""
+    if not database.parent.is_dir():
+        return False  # opening the store says that the folder is missing
+    return not os.access(database.parent, os.W_OK) or (database.exists() and not os.access(database, os.W_OK))
 
 
 def sqlite_path(uri: str) -> Path | None:

@@ -100,3 +100,52 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_run_resumes_exactly_onc
     numbers = ("train_loss", "train_acc", "test_acc")
     got, expected = (json.loads((folder / "metrics.json").read_text()) for folder in (out, tmp_path / "reference"))
     assert {k: got[k] for k in numbers} == {k: expected[k] for k in numbers}
+
+
+@pytest.fixture
+def read_only_store(tmp_path):
+    """A sqlite MLflow store with one tracked run, then made read-only by a read-only bind mount of its folder
+    (root only: chmod does not stop root); skipped with one line where it cannot be mounted."""
+    store = tmp_path / "store"
+    store.mkdir()
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    made = subprocess.run([sys.executable, "-m", "pipelines.cli", "train", "--out", str(tmp_path / "tracked"),
+                           "--track", "--no-progress", *(a for item in TINY for a in ("--set", item))],
+                          cwd=ROOT, env={**ENV, "MLFLOW_TRACKING_URI": uri}, capture_output=True, text=True, timeout=600)
+    assert made.returncode == 0, made.stderr[-2000:]
+    bound = subprocess.run(["mount", "--bind", str(store), str(store)], capture_output=True)
+    if bound.returncode != 0:
+        pytest.skip(f"cannot bind-mount here (needs root): {bound.stderr.decode().strip()[:120]}")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(store)], check=True, capture_output=True)
+        yield uri
+    finally:
+        subprocess.run(["umount", "-l", str(store)], check=True)
+
+
+def test_a_read_only_store_is_one_line_before_training_and_still_serves_readers(read_only_store, tmp_path):
+    before = (tmp_path / "store" / "mlflow.db").read_bytes()
+    env = {**ENV, "MLFLOW_TRACKING_URI": read_only_store}
+    settings = [a for item in TINY for a in ("--set", item)]
+    for argv in (["train", "--out", str(tmp_path / "out"), "--track", *settings],
+                 ["tracking", "sync", str(tmp_path / "tracked")]):
+        result = subprocess.run([sys.executable, "-m", "pipelines.cli", *argv], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert "cannot be written (a read-only file, folder or file system)" in one_error_line(result)
+    assert not (tmp_path / "out").exists() and (tmp_path / "store" / "mlflow.db").read_bytes() == before
+    read = subprocess.run([sys.executable, "-m", "pipelines.cli", "compare", "--experiment", "colam", "--out",
+                           str(tmp_path / "comparison")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert read.returncode == 0, read.stderr[-2000:]
+
+
+def test_a_chain_of_stages_keeps_the_users_files_beside_its_stage_folders(tmp_path):
+    """The root of `train --stage K` holds stage folders, each an output of its own (DVC's): files beside
+    them are left as they were, and a stage trained again empties only what colam wrote in its folder."""
+    out = tmp_path / "chain"
+    (out / "notes").mkdir(parents=True)
+    (out / "README.md").write_text("mine")
+    (out / "notes" / "a.txt").write_text("mine too")
+    for stage in (1, 2):
+        assert colam("train", "--out", str(out), "--stage", str(stage), settings=TINY).returncode == 0
+    assert (out / "README.md").read_text() == "mine" and (out / "notes" / "a.txt").read_text() == "mine too"
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "notes", "stage_1", "stage_2"]
