@@ -92,6 +92,11 @@ def expect(folder: Path, names: list[str]) -> None:
         _write_manifest(folder, owned | new)
 
 
+def wrote(path: Path) -> bool:
+    """Whether `path` is a regular file (not a link, which colam never makes) that its folder's manifest names."""
+    return path.is_file() and not path.is_symlink() and path.name in (written_here(path.parent) or set())
+
+
 def refuse_overwrite(path: Path, owned: set[str] | None) -> None:
     """Refuse a `path` that exists and is not named in `owned`, its folder's manifest."""
     if os.path.lexists(path) and not {path.name, f"{path.name}/"} & (owned or set()):

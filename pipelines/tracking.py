@@ -174,7 +174,8 @@ def stage_files(folder: Path, stage: int, config: Config, held: set[str] = froze
     folder, name to report) each."""
     from pipelines import figures
 
-    files = [(folder / name, None, f"stage_{stage}/{name}") for name in STAGE_FILES if (folder / name).exists()]
+    # only what colam wrote there: a link planted in the folder must not upload a file from elsewhere
+    files = [(folder / name, None, f"stage_{stage}/{name}") for name in STAGE_FILES if cio.wrote(folder / name)]
     with tempfile.TemporaryDirectory() as scratch:
         if (folder / "soft_labels.npy").exists() and f"figures/soft_labels_stage_{stage}.png" not in held:
             names = json.loads((folder / "soft_labels.json").read_text())["class_names"]
@@ -442,7 +443,7 @@ def read_folder(out_dir: Path, config: Config, stage_dirs: dict[int, Path], fina
     if final is None or last is None:
         return FolderState(stages=stages)
     history = next(p for p in (out_dir / "history.csv", stages[count] / "history.csv") if p.exists())
-    files = tuple(p for p in (out_dir / "config.yaml", history, out_dir / "metrics.json") if p.exists())
+    files = tuple(p for p in (out_dir / "config.yaml", history, out_dir / "metrics.json") if cio.wrote(p))
     return FolderState(stages=stages, final=final, parent_files=files, history=last["history"])
 
 

@@ -9,6 +9,7 @@ The servers here are this module's own (stopped and restarted by the tests), nev
 import csv
 import hashlib
 import json
+import shutil
 import logging
 import os
 import socket
@@ -534,3 +535,24 @@ def test_a_sqlite_store_a_kill_left_half_made_is_created_again_whole(tmp_path):
     client = connect(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert [e.name for e in client.search_experiments()] == ["Default"]
     assert not (tmp_path / ".mlflow.db.creating.tmp").exists()
+
+
+# ----------------------------------------------------------------------------- what sync uploads
+
+
+def test_sync_uploads_only_what_colam_wrote_never_a_link_planted_in_the_folder(untracked, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    shutil.copytree(untracked, out)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the store")
+    (out / "stage_1" / "model.pt").unlink()
+    (out / "stage_1" / "model.pt").symlink_to(secret)  # named in the manifest, but a link colam never makes
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)  # a sqlite store keeps its artifacts in ./mlruns
+    assert sync(out, "planted") == 0
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (parent,), (first, second) = runs_of(client, "planted")
+    assert "model.pt" not in artifact_paths(client, first.info.run_id)
+    assert "model.pt" in artifact_paths(client, second.info.run_id)
+    uploaded = [p for p in (tmp_path / "mlruns").rglob("*") if p.is_file()]
+    assert uploaded and not [p for p in uploaded if p.read_bytes() == secret.read_bytes()]
