@@ -65,16 +65,21 @@ def read_idx_set(name: str, root: Path, download: bool) -> list:
 def copy_idx_files(name: str, source: Path, out: Path, download: bool = False) -> list[Path]:
     """Write `name`'s checked files from `source` (with `download`, torchvision's download into `out`) into `out`
     in torchvision's layout, uncompressed where their content digest is known, else as the original .gz."""
-    folder, kept = out / IDX_SETS[name].cls.__name__ / "raw", []
+    folder = out / IDX_SETS[name].cls.__name__ / "raw"
     if download:  # torchvision downloads into `folder`: what it writes there that was not there is colam's
         cio.make_folder(folder)
         cio.expect(folder, [f"{file}{suffix}" for file in FILES for suffix in ("", ".gz")])
     checked = _checked_files(name, out if download else source, download)  # all checked before any write
-    for file, (content, original_gz) in checked.items():
-        target, data = (folder / file, content) if original_gz is None else (folder / f"{file}.gz", original_gz)
-        if not (target.is_file() and target.read_bytes() == data):
-            cio.atomic_write_bytes(target, data)
-        kept.append(target)
+    targets = {(folder / file if gz is None else folder / f"{file}.gz"): (content if gz is None else gz)
+               for file, (content, gz) in checked.items()}
+    changed = {target: data for target, data in targets.items()
+               if not (target.is_file() and target.read_bytes() == data)}
+    owned = cio.written_here(folder) if folder.is_dir() else None
+    for target in changed:  # a file of the user's where one goes is refused before any is written
+        cio.refuse_overwrite(target, owned)
+    for target, data in changed.items():
+        cio.atomic_write_bytes(target, data)
+    kept = list(targets)
     for path in (folder / f"{file}{suffix}" for file in FILES for suffix in ("", ".gz")):
         if path.is_file() and path not in kept:  # the other form of a kept file (what a download left beside it)
             cio.remove(path)

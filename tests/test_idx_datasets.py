@@ -163,6 +163,24 @@ def test_copy_checks_every_file_before_writing_any(fake_idx, tmp_path):
     assert not out.exists()
 
 
+def test_data_get_into_a_shared_root_never_replaces_or_deletes_the_users_files(fake_idx, tmp_path):
+    """data.root may hold the user's own files: one where colam would write is refused before any file is
+    written, and the other form of a file colam keeps (.gz beside it) is deleted only where colam wrote it."""
+    source = write(fake_idx["root"] / "source", fake_idx["content"])
+    out = tmp_path / "shared"
+    raw = write(out / "FashionMNIST" / "raw", {"train-labels-idx1-ubyte": b"the user's own",
+                                               "t10k-labels-idx1-ubyte": fake_idx["content"]["t10k-labels-idx1-ubyte"]})
+    (raw / "t10k-labels-idx1-ubyte.gz").write_bytes(b"the user's archive")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(ColamError, match=r"train-labels-idx1-ubyte' was not written by colam and is not overwritten"):
+        get_data("fashion_mnist", str(source), out)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".colam-files"} == before
+    (raw / "train-labels-idx1-ubyte").unlink()  # moved away: the copy goes ahead beside the user's files
+    before.pop(raw / "train-labels-idx1-ubyte")
+    get_data("fashion_mnist", str(source), out)
+    assert all(path.read_bytes() == data for path, data in before.items())  # the identical file stays as it was
+
+
 def test_kmnist_copy_keeps_the_original_archives(fake_idx, tmp_path):
     source = write(fake_idx["root"] / "source", fake_idx["gz"], ".gz")
     kept = copy_idx_files("kmnist", source, tmp_path / "out")
