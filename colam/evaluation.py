@@ -45,11 +45,13 @@ def evaluate_run(config: Config, stage_dir: str | Path, out_dir: str | Path,
     ECE, per-class test accuracy, the run's settings), history.csv (the curves up to this stage) and
     predictions.csv (a test sample's actual and predicted class a row, for the confusion matrix)."""
     stage_dir, out_dir = Path(stage_dir), Path(out_dir)
+    cio.check_folder_path(out_dir)
     cio.refuse_other_kind(out_dir, EVALUATION, "--out")  # before the work; the folder is taken to write the results
     cio.refuse_foreign(out_dir, "--out")
     if distributed.env_world().distributed:
         raise ColamError("WORLD_SIZE: evaluating a stage runs in one process; start `colam evaluate` without torchrun")
     state = load_stage_state(stage_dir, config)
+    cio.check_file(stage_dir / "history.csv", "--stage-dir")  # copied at the end: a FIFO would be read forever
     p = prepare(config, split_dir)
     cio.load_weights(p.model, state["model"], "--stage-dir model", state["model_file"])
     metrics = run_metrics(config, state["history"], state["elapsed"])

@@ -80,9 +80,11 @@ def copy_idx_files(name: str, source: Path, out: Path, download: bool = False) -
     for target, data in changed.items():
         cio.atomic_write_bytes(target, data)
     kept = list(targets)
-    for path in (folder / f"{file}{suffix}" for file in FILES for suffix in ("", ".gz")):
+    forms = [f"{file}{suffix}" for file in FILES for suffix in ("", ".gz")]
+    for path in (folder / name for name in forms):
         if path.is_file() and path not in kept:  # the other form of a kept file (what a download left beside it)
             cio.remove(path)
+    cio.forget(folder, forms)  # names a download was expected to write and did not (or that were removed)
     return kept
 
 

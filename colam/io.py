@@ -1,6 +1,6 @@
 """Artifact files written atomically, and only where colam may write them.
 
-Every write goes to a temporary file in the same folder (`.NAME.XXXXXXXX.tmp`, named from its target), is
+Every write goes to a temporary file in the same folder (`.NAME.colam-XXXXXXXX.tmp`, named from its target), is
 flushed and fsynced, then renamed over the target (rename within a file system is atomic on POSIX and Windows).
 
 An output folder of colam holds a manifest, `.colam-files`: the name of every file and folder colam wrote
@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -35,7 +36,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def _replace(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_TEMPORARY}", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; artifacts get the usual permissions
         with os.fdopen(fd, "wb") as handle:
@@ -110,7 +111,26 @@ def _record(path: Path, name: str | None = None) -> None:
     if owned is None or name in owned or name.rstrip("/") in owned:
         return
     refuse_overwrite(path, owned)
+    if name.startswith("#") or name.splitlines() != [name] or not name.isprintable() or _undecodable(name):
+        raise ColamError(f"output: '{path}' has a name colam does not write (a leading #, a line break, a "
+                         f"control character or bytes that are not UTF-8); choose another name")
     _write_manifest(path.parent, owned | {name})
+
+
+def _undecodable(name: str) -> bool:
+    try:
+        name.encode()
+    except UnicodeEncodeError:  # a file name's bytes that are not UTF-8 (surrogate escapes)
+        return True
+    return False
+
+
+def forget(folder: Path, names: list[str]) -> None:
+    """Drop from the manifest of `folder` those of `names` that were expected but not made there."""
+    owned = written_here(folder)
+    gone = {name for name in names if not os.path.lexists(folder / name)} & (owned or set())
+    if gone:
+        _write_manifest(folder, owned - gone)
 
 
 def make_folder(folder: Path, manifest: bool = True) -> None:
@@ -125,11 +145,14 @@ def make_folder(folder: Path, manifest: bool = True) -> None:
         _write_manifest(folder, set())
 
 
+_TEMPORARY = "colam-"  # .NAME.colam-XXXXXXXX.tmp: mkstemp's 8 characters, a name no backup of the user's takes
+_TEMPORARY_NAME = re.compile(rf"\.(.+)\.{_TEMPORARY}[a-z0-9_]{{8}}\.tmp")
+
+
 def _temporary_of(name: str) -> str | None:
-    """The target a temporary file of atomic_write_bytes (`.NAME.XXXXXXXX.tmp`) is written for, else None."""
-    if name.startswith(".") and name.endswith(".tmp") and name.count(".") >= 3:
-        return name[1:-4].rsplit(".", 1)[0]
-    return None
+    """The target a temporary file of atomic_write_bytes is written for, else None."""
+    found = _TEMPORARY_NAME.fullmatch(name)
+    return found.group(1) if found else None
 
 
 def _ours(name: str, owned: set[str]) -> bool:

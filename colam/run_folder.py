@@ -385,9 +385,12 @@ class WholeRun(Epochs):
         if os.path.lexists(self.aside):  # not colam's, else the start removed it
             raise ColamError(f"--out: '{self.root}' is to be trained afresh, and '{self.aside}', where it is moved to "
                              f"be deleted, holds what colam did not write; move that away")
-        os.replace(self.root.resolve(), self.aside)
+        folder = self.root.resolve()
+        os.replace(folder, self.aside)
         cio.fsync_dir(self.aside.parent)
         shutil.rmtree(self.aside)
+        if self.root.is_symlink():  # --out links to the folder: the link is kept, the folder made again
+            folder.mkdir()
 
     def resume(self, config: Config) -> tuple[dict | None, dict | None]:
         """The checkpoint of an earlier run of the same config in the folder, or its metrics when it

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Metrics, Model
 
+from colam import io as cio
 from colam.config import from_dict, load_config
 from colam.engine import fit
 from colam.errors import ColamError
@@ -457,8 +458,8 @@ def test_estimate_lists_only_what_it_estimated(tmp_path):
     checkpoint, metrics = train_outputs(tmp_path / "train")
     train_stage(config, 1, STAGES, split, checkpoint, metrics)
     soft_labels = artifact(Dataset, tmp_path, "soft_labels")
-    Path(soft_labels.path).mkdir()
-    np.save(Path(soft_labels.path) / "sample_soft_labels.npy", np.full((5, 10), 0.1, dtype=np.float32))
+    cio.take_folder(Path(soft_labels.path), "soft-label estimate")  # what an earlier estimate wrote there
+    cio.save_array(Path(soft_labels.path) / "sample_soft_labels.npy", np.full((5, 10), 0.1, dtype=np.float32))
     estimate_soft_labels(config, 1, STAGES, split, checkpoint, soft_labels)
     assert read_json(soft_labels.path, "estimation.json")["artifacts"] == ["soft_labels"]
 

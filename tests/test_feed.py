@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from colam import io as cio
 from colam.config import load_config
 from colam.data import build_data
 from colam.datasets import build_raw_data
@@ -193,8 +194,8 @@ def test_a_run_saved_before_the_speed_keys_existed_is_the_same_run(tmp_path):
     state["model"] = torch.load(tmp_path / "whole" / "stage_1" / "model.pt", weights_only=True)
     state["config"], state["method"] = old, {k: v for k, v in state["method"].items() if k != "online_sums"}
     del state["execution"], state["world_size"]
-    (tmp_path / "old").mkdir()
-    torch.save(state, tmp_path / "old" / "checkpoint.pt")
+    cio.take_folder(tmp_path / "old", "training run")  # as colam writes it, manifest and all
+    cio.save_torch(tmp_path / "old" / "checkpoint.pt", state)
     resumed = fit(config, tmp_path / "old", progress=False)
     assert (resumed["test_acc"], resumed["train_loss"]) == (whole["test_acc"], whole["train_loss"])
 

@@ -138,9 +138,10 @@ def test_bad_input_under_the_flag_is_refused_before_the_earlier_run_is_deleted(t
 
 def test_a_folder_left_by_a_kill_in_the_first_write_or_in_a_deletion_is_trained(tiny_config, tmp_path):
     out = tmp_path / "run"
-    cio.take_folder(out, "training run")  # killed writing the run's first file: its name was recorded before its temporary was made
+    # killed writing the run's first file: its name was recorded before its temporary was made
+    cio.take_folder(out, "training run")
     cio.expect(out, ["config.yaml"])
-    (out / ".config.yaml.k1ll3d.tmp").write_text("half a config")
+    (out / ".config.yaml.colam-k1ll3d00.tmp").write_text("half a config")
     assert fit(tiny_config(), out, restart_if_changed=True)["seed"] == 0
     assert not list(out.glob(".*.tmp"))
 
@@ -155,6 +156,14 @@ def test_a_folder_left_by_a_kill_in_the_first_write_or_in_a_deletion_is_trained(
     with pytest.raises(ColamError, match=r"deleting.tmp', where it is moved to be deleted, holds what colam did not"):
         fit(tiny_config("seed=2"), out, restart_if_changed=True)
     assert (aside / "mine.txt").read_text() == "mine" and record(out)["complete"]
+
+
+def test_an_out_that_links_to_the_run_is_trained_afresh_and_keeps_its_link(tiny_config, tmp_path):
+    target, link = tmp_path / "real" / "run", tmp_path / "link"
+    fit(tiny_config(), target)
+    link.symlink_to(target)
+    assert fit(tiny_config("seed=1"), link, restart_if_changed=True)["seed"] == 1
+    assert link.is_symlink() and record(target)["complete"] and record(target)["run"] == record(link)["run"]
 
 
 def test_a_stage_folder_holding_a_file_colam_did_not_write_is_refused_and_kept(tiny_config, tmp_path):
