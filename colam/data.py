@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import zipfile
 from dataclasses import dataclass
@@ -136,22 +135,15 @@ def save_split(cfg: DataConfig, out_dir: str | Path) -> dict:
     split = draw_split(cfg, raw)
     out_dir = Path(out_dir)
     cio.take_folder(out_dir, "split")
-    # np.savez stamps the current time into the archive: build it with a fixed stamp instead, so
-    # preparing the same split twice writes the same bytes and DVC sees nothing new downstream.
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        for name in Split.__dataclass_fields__:
-            member = io.BytesIO()
-            np.save(member, getattr(split, name).astype(np.int64), allow_pickle=False)
-            archive.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), member.getvalue())
-    cio.atomic_write_bytes(out_dir / "split.npz", buffer.getvalue())
+    archive = cio.npz_bytes({name: getattr(split, name).astype(np.int64) for name in Split.__dataclass_fields__})
+    cio.atomic_write_bytes(out_dir / "split.npz", archive)
     counts = np.bincount(split.train_targets, minlength=len(raw.classes)).tolist()
     summary = {"data": {k: getattr(cfg, k) for k in SPLIT_KEYS}, "classes": list(raw.classes),
                "raw_train_samples": len(raw.train_targets), "raw_test_samples": len(raw.test_targets),
                "train_samples": len(split.train_index), "val_samples": len(split.val_index),
                "test_samples": len(raw.test_targets), "train_samples_per_class": counts,
                "noisy_labels": int((split.train_targets != split.clean_train_targets).sum()),
-               "npz_sha256": hashlib.sha256(buffer.getvalue()).hexdigest()}  # split.npz is read back only if it matches
+               "npz_sha256": hashlib.sha256(archive).hexdigest()}  # split.npz is read back only if it matches
     cio.write_json(out_dir / "split.json", summary)
     return summary
 

@@ -4,7 +4,9 @@ from the data set's own label list, never by decoding images; bad input is a one
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import zipfile
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -14,8 +16,6 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset
-from torchvision import datasets as tvd
-from torchvision import transforms as T
 
 from colam import io as cio
 from colam.errors import ColamError
@@ -65,6 +65,8 @@ IDX_PAD = 2  # pixels of zero padding before the random crop (CIFAR: 4 of 32; MN
 
 
 def _imagenet_transforms() -> tuple[Callable, Callable]:
+    from torchvision import transforms as T
+
     normalize = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     train = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), normalize])
     return train, T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), normalize])
@@ -88,37 +90,89 @@ def _targets(labels: Sequence[int]) -> np.ndarray:
     return np.asarray(labels, dtype=np.int64)
 
 
+class TensorTransform:
+    """The transform of one image held as a tensor: with `augment`, a random crop of the image zero-padded by `pad`
+    and a flip with probability 1/2 when `flip`; then [0, 1] floats (a uint8 image is divided by 255) and
+    normalisation. It draws the same random numbers and computes the same values as torchvision's RandomCrop(size,
+    padding), RandomHorizontalFlip, ConvertImageDtype(float32) and Normalize (tests/test_datasets.py), without
+    importing torchvision, whose import (torch._dynamo with it) costs every step process about a second."""
+
+    def __init__(self, x: ImageTensors, augment: bool):
+        self.pad, self.flip, self.augment = x.pad, x.flip, augment
+        self.mean, self.std = (torch.as_tensor(v, dtype=torch.float32).view(-1, 1, 1) for v in (x.mean, x.std))
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        if self.augment:
+            image = self._crop(image)
+            if self.flip and torch.rand(1) < 0.5:
+                image = image.flip(-1)
+        image = image.to(torch.float32) / 255.0 if image.dtype == torch.uint8 else image.to(torch.float32)
+        return (image - self.mean) / self.std
+
+    def _crop(self, image: torch.Tensor) -> torch.Tensor:
+        size = image.shape[-1]
+        padded = torch.nn.functional.pad(image, [self.pad] * 4, mode="constant", value=0.0)
+        if self.pad == 0:  # the crop is the image: no draw, as torchvision's
+            return padded
+        top, left = (torch.randint(0, padded.shape[axis] - size + 1, size=(1,)).item() for axis in (-2, -1))
+        return padded[..., top:top + size, left:left + size]
+
+
 def _tensor_data(x: ImageTensors, train_labels: np.ndarray, test_labels: np.ndarray, classes: list[str]) -> RawData:
     """RawData of images held whole (digits, CIFAR, the MNIST family), their transforms the tensor form's: a
     uint8 image becomes [0, 1] as ToTensor makes it, after the crop and flip, so the zero padding is black."""
-    to_float, normalize = T.ConvertImageDtype(torch.float32), T.Normalize(x.mean, x.std)
-    flips = [T.RandomHorizontalFlip()] if x.flip else []
-    augment = T.Compose([T.RandomCrop(x.train.shape[-1], padding=x.pad), *flips, to_float, normalize])
-    evaluate = T.Compose([to_float, normalize])
+    augment, evaluate = TensorTransform(x, augment=True), TensorTransform(x, augment=False)
     train, train_eval = (TensorImageDataset(x.train, train_labels, t) for t in (augment, evaluate))
     return RawData(train, train_eval, TensorImageDataset(x.test, test_labels, evaluate), train_labels, test_labels,
                    classes, in_channels=x.train.shape[1], image_size=x.train.shape[-1], tensors=x)
 
 
-def _build_digits(root: Path, download: bool) -> RawData:
-    """scikit-learn's 1797 8x8 digits, bundled with the library: `root` and `download` are unused."""
+def digits_arrays() -> dict[str, np.ndarray]:
+    """scikit-learn's 1797 8x8 digits in [0, 1] (N x 1 x 8 x 8 float32) and labels, in a fixed train/test split
+    (random_state=0, not the run seed) so every run sees the same test set."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     bunch = load_digits()
-    images = torch.from_numpy(bunch.images / 16.0).float().unsqueeze(1)  # N x 1 x 8 x 8 in [0, 1]
+    images = torch.from_numpy(bunch.images / 16.0).float().unsqueeze(1).numpy()
     labels = _targets(bunch.target)
-    # A fixed split (random_state=0, not the run seed) so every run sees the same test set.
     train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=1 / 3, stratify=labels, random_state=0)
     train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
-    train, test = images[train_idx], images[test_idx]
+    return {"train_images": images[train_idx], "test_images": images[test_idx], "train_targets": labels[train_idx],
+            "test_targets": labels[test_idx]}
+
+
+def array_digests(arrays: dict[str, np.ndarray]) -> dict[str, str]:
+    return {key: hashlib.md5(np.asarray(value).tobytes()).hexdigest() for key, value in arrays.items()}
+
+
+def _saved_digits(root: Path) -> dict[str, np.ndarray] | None:
+    """The arrays `colam data get` saved in `root` (digits.npz), when colam wrote them and they have the digests
+    of digits.json: read in milliseconds, where importing scikit-learn costs every process about a second."""
+    record, saved = root / "digits.json", root / "digits.npz"
+    if not (cio.wrote(record) and cio.wrote(saved)):
+        return None
+    try:
+        with np.load(saved, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in archive.files}
+        digests = json.loads(record.read_text()).get("md5")
+    except (OSError, ValueError, AttributeError, zipfile.BadZipFile):
+        return None  # scikit-learn's arrays are the reference: an unreadable copy is not used
+    return arrays if digests == array_digests(arrays) else None
+
+
+def _build_digits(root: Path, download: bool) -> RawData:
+    """scikit-learn's digits, bundled with the library; from `root` where `colam data get` saved them."""
+    arrays = _saved_digits(root) or digits_arrays()
+    train, test = (torch.from_numpy(arrays[f"{split}_images"]) for split in ("train", "test"))
     mean, std = train.mean().item(), train.std().item()
     # Shift by up to 1 pixel before normalising, so the padding is 0 = background. No flips: digits are not symmetric.
-    return _tensor_data(ImageTensors(train, test, (mean,), (std,), pad=1, flip=False), labels[train_idx],
-                        labels[test_idx], [str(c) for c in bunch.target_names])
+    return _tensor_data(ImageTensors(train, test, (mean,), (std,), pad=1, flip=False), arrays["train_targets"],
+                        arrays["test_targets"], [str(c) for c in range(10)])
 
 
-def _build_cifar(name: str, cls: type, root: Path, download: bool) -> RawData:
+def _build_cifar(name: str, root: Path, download: bool) -> RawData:
+    cls = _torchvision_set({"cifar10": "CIFAR10", "cifar100": "CIFAR100"}[name])
     train, test = cls(root, train=True, download=download), cls(root, train=False, download=False)
     # torchvision holds CIFAR in memory as N x H x W x C uint8: the same pixels, channels first
     train_x, test_x = (torch.from_numpy(np.ascontiguousarray(d.data)).permute(0, 3, 1, 2) for d in (train, test))
@@ -130,7 +184,7 @@ def _build_idx(name: str, root: Path, download: bool) -> RawData:
     """The MNIST family (colam.idx_datasets), held whole as uint8, flipped only where that keeps the class."""
     spec, (train, train_labels, test, test_labels) = IDX_SETS[name], read_idx_set(name, root, download)
     tensors = ImageTensors(train, test, (spec.mean,), (spec.std,), pad=IDX_PAD, flip=spec.flip)
-    return _tensor_data(tensors, train_labels, test_labels, list(spec.cls.classes))
+    return _tensor_data(tensors, train_labels, test_labels, list(spec.classes))
 
 
 def load_image(path: str) -> Image.Image:
@@ -143,7 +197,9 @@ def load_image(path: str) -> Image.Image:
         raise ColamError(f"data.root: image '{path}' cannot be read ({_one_line(err)[:160]})") from None
 
 
-def _image_folder(path: Path, transform: Callable) -> tvd.ImageFolder:
+def _image_folder(path: Path, transform: Callable):
+    from torchvision import datasets as tvd
+
     if not path.is_dir():
         raise ColamError(f"data.root: '{path}' does not exist (expected <root>/train/<class>/<image> and "
                          f"<root>/val/<class>/<image>)")
@@ -163,10 +219,16 @@ def _build_imagefolder(root: Path, download: bool) -> RawData:
                    _targets(test.targets), train.classes, in_channels=3, image_size=224)
 
 
-def _build_split(cls: type, train_splits: Sequence[str], test_split: str, root: Path, download: bool,
+def _torchvision_set(name: str) -> type:
+    from torchvision import datasets as tvd  # on use only: its import is a second of every process's start
+
+    return getattr(tvd, name)
+
+
+def _build_split(class_name: str, train_splits: Sequence[str], test_split: str, root: Path, download: bool,
                  **kwargs) -> RawData:
     """torchvision's split-based fine-grained sets (Flowers102, DTD, FGVCAircraft)."""
-    train_t, eval_t = _imagenet_transforms()
+    cls, (train_t, eval_t) = _torchvision_set(class_name), _imagenet_transforms()
 
     def make(split: str, transform: Callable):
         return cls(root, split=split, transform=transform, download=download, **kwargs)
@@ -191,8 +253,8 @@ def _check_same_classes(root: Path, classes_by_split: dict[str, list[str]]) -> N
 
 _SPECS = [
     DatasetSpec("digits", _build_digits, False, "scikit-learn 8x8 handwritten digits (bundled, 10 classes)"),
-    DatasetSpec("cifar10", partial(_build_cifar, "cifar10", tvd.CIFAR10), True, "CIFAR-10 (32x32, 10 classes)"),
-    DatasetSpec("cifar100", partial(_build_cifar, "cifar100", tvd.CIFAR100), True, "CIFAR-100 (32x32, 100 classes)"),
+    DatasetSpec("cifar10", partial(_build_cifar, "cifar10"), True, "CIFAR-10 (32x32, 10 classes)"),
+    DatasetSpec("cifar100", partial(_build_cifar, "cifar100"), True, "CIFAR-100 (32x32, 100 classes)"),
     DatasetSpec("mnist", partial(_build_idx, "mnist"), True, "MNIST handwritten digits (28x28 grayscale, 10 classes)"),
     DatasetSpec("fashion_mnist", partial(_build_idx, "fashion_mnist"), True,
                 "Fashion-MNIST, Zalando's article images (28x28 grayscale, 10 classes)"),
@@ -200,11 +262,11 @@ _SPECS = [
                 "Kuzushiji-MNIST, cursive Japanese (28x28 grayscale, 10 classes)"),
     DatasetSpec("imagefolder", _build_imagefolder, True,
                 "ImageNet-style folders root/train/<class>, root/val/<class> (224x224)"),
-    DatasetSpec("flowers102", partial(_build_split, tvd.Flowers102, ["train", "val"], "test"), True,
+    DatasetSpec("flowers102", partial(_build_split, "Flowers102", ["train", "val"], "test"), True,
                 "Oxford Flowers-102 (train+val / test, 224x224)"),
-    DatasetSpec("dtd", partial(_build_split, tvd.DTD, ["train", "val"], "test", partition=1), True,
+    DatasetSpec("dtd", partial(_build_split, "DTD", ["train", "val"], "test", partition=1), True,
                 "Describable Textures, partition 1 (train+val / test, 224x224)"),
-    DatasetSpec("fgvc_aircraft", partial(_build_split, tvd.FGVCAircraft, ["trainval"], "test",
+    DatasetSpec("fgvc_aircraft", partial(_build_split, "FGVCAircraft", ["trainval"], "test",
                                          annotation_level="variant"),
                 True, "FGVC-Aircraft, variant labels (trainval / test, 224x224)"),
 ]
@@ -256,15 +318,15 @@ def get_data(name: str, source: str, out: str | os.PathLike) -> list[str]:
     if not spec.needs_files:
         if source != BUNDLED:
             raise ColamError(f"--from: {name} ships with scikit-learn, it has no other source; use --from {BUNDLED}")
-        cio.refuse_overwrite(out / f"{name}.json", cio.written_here(out) if out.is_dir() else None)
-        cio.take_folder(out, "data set", shared=True)  # data.root: colam overwrites and deletes only what it wrote there
-        raw = spec.builder(out, False)
-        arrays = {"train_images": raw.tensors.train, "test_images": raw.tensors.test,
-                  "train_targets": raw.train_targets, "test_targets": raw.test_targets}
-        digests = {key: hashlib.md5(np.asarray(value).tobytes()).hexdigest() for key, value in arrays.items()}
-        # no version: a scikit-learn release with the same digits leaves the file, and DVC, as they were
-        cio.write_json(out / f"{name}.json", {"name": name, "source": "scikit-learn's load_digits", "md5": digests})
-        return [f"{name}.json"]
+        for written in (f"{name}.json", f"{name}.npz"):
+            cio.refuse_overwrite(out / written, cio.written_here(out) if out.is_dir() else None)
+        cio.take_folder(out, "data set", shared=True)  # data.root: colam replaces and deletes only what it wrote
+        arrays = digits_arrays()
+        # no version: a scikit-learn release with the same digits leaves the files, and DVC, as they were
+        cio.atomic_write_bytes(out / f"{name}.npz", cio.npz_bytes(arrays))  # what runs read (_saved_digits)
+        cio.write_json(out / f"{name}.json", {"name": name, "source": "scikit-learn's load_digits",
+                                              "md5": array_digests(arrays)})
+        return [f"{name}.json", f"{name}.npz"]
     if source == BUNDLED:
         raise ColamError(f"--from: {name} is not bundled; give a folder holding its files or '{DOWNLOAD}'")
     if name in IDX_SETS:

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision import datasets as tvd
 
 from colam import io as cio
 from colam.errors import ColamError
@@ -41,19 +40,32 @@ CONTENT = {
 
 @dataclass(frozen=True)
 class IdxSet:
-    """One of the family: its torchvision class, normalisation and which flips keep the class."""
+    """One of the family: its torchvision class (by name: torchvision is imported only to download or to check
+    an original .gz), class names (torchvision's, tests/test_idx_datasets.py), normalisation, and which flips
+    keep the class."""
 
     name: str
-    cls: type
+    class_name: str  # torchvision's class, and the folder of its layout (<root>/<class_name>/raw)
+    classes: tuple[str, ...]
     mean: float  # of the training images' pixels in [0, 1] (tests/test_idx_datasets.py recomputes it)
     std: float
     flip: bool  # a left-right mirrored garment is the same garment; a mirrored digit or character is not
 
+    @property
+    def cls(self) -> type:
+        from torchvision import datasets as tvd
+
+        return getattr(tvd, self.class_name)
+
 
 IDX_SETS = {
-    "mnist": IdxSet("mnist", tvd.MNIST, 0.1307, 0.3081, flip=False),
-    "fashion_mnist": IdxSet("fashion_mnist", tvd.FashionMNIST, 0.2860, 0.3530, flip=True),
-    "kmnist": IdxSet("kmnist", tvd.KMNIST, 0.1918, 0.3483, flip=False),
+    "mnist": IdxSet("mnist", "MNIST", tuple(f"{i} - {n}" for i, n in enumerate(
+        ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"))), 0.1307, 0.3081, flip=False),
+    "fashion_mnist": IdxSet("fashion_mnist", "FashionMNIST", ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                                                              "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+                            0.2860, 0.3530, flip=True),
+    "kmnist": IdxSet("kmnist", "KMNIST", ("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"), 0.1918, 0.3483,
+                     flip=False),
 }
 
 
@@ -65,7 +77,7 @@ def read_idx_set(name: str, root: Path, download: bool) -> list:
 def copy_idx_files(name: str, source: Path, out: Path, download: bool = False) -> list[Path]:
     """Write `name`'s checked files from `source` (with `download`, torchvision's download into `out`) into `out`
     in torchvision's layout, uncompressed where their content digest is known, else as the original .gz."""
-    folder = out / IDX_SETS[name].cls.__name__ / "raw"
+    folder = out / IDX_SETS[name].class_name / "raw"
     if download:  # torchvision downloads into `folder`: what it writes there that was not there is colam's
         cio.make_folder(folder)
         cio.expect(folder, [f"{file}{suffix}" for file in FILES for suffix in ("", ".gz")])
@@ -103,10 +115,11 @@ def _checked_files(name: str, root: Path, download: bool) -> dict[str, tuple[byt
 
 def _checked_file(spec: IdxSet, root: Path, file: str) -> tuple[bytes, bytes | None]:
     """`file` from root/<Class>/raw or `root`, .gz or not: an original .gz is proof enough, else the content's."""
-    folders = (root / spec.cls.__name__ / "raw", root)
-    original = dict(spec.cls.resources)[f"{file}.gz"]
-    for archive in (folder / f"{file}.gz" for folder in folders):
-        if archive.is_file() and hashlib.md5(raw := _read(archive)).hexdigest() == original:
+    folders = (root / spec.class_name / "raw", root)
+    archives = [archive for archive in (folder / f"{file}.gz" for folder in folders) if archive.is_file()]
+    original = dict(spec.cls.resources)[f"{file}.gz"] if archives else None
+    for archive in archives:
+        if hashlib.md5(raw := _read(archive)).hexdigest() == original:
             return _gunzip(raw, archive), raw
     path = next((p for folder in folders for p in (folder / file, folder / f"{file}.gz") if p.is_file()), None)
     if path is None:

@@ -213,3 +213,29 @@ def test_empty_root_names_data_root(tmp_path, name):
     with pytest.raises(ColamError, match=r"^data\.root: ") as info:
         build_raw_data(name, tmp_path)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("dtype, pad, flip, channels", [(torch.uint8, 4, True, 3), (torch.uint8, 2, False, 1),
+                                                         (torch.float32, 1, False, 1), (torch.uint8, 0, True, 3)])
+def test_the_tensor_transform_draws_and_computes_what_torchvisions_does(dtype, pad, flip, channels):
+    """colam's TensorTransform against torchvision's RandomCrop(padding), RandomHorizontalFlip, ConvertImageDtype
+    and Normalize: the same values, bit for bit, and the same random stream after each image."""
+    from torchvision import transforms as T
+
+    from colam.datasets import ImageTensors, TensorTransform
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (40, channels, 12, 12), generator=generator).to(torch.uint8)
+    images = images if dtype == torch.uint8 else images.float() / 255
+    x = ImageTensors(images, images, (0.4,) * channels, (0.25,) * channels, pad=pad, flip=flip)
+    normalize, to_float = T.Normalize(x.mean, x.std), T.ConvertImageDtype(torch.float32)
+    theirs = {True: T.Compose([T.RandomCrop(12, padding=pad), *([T.RandomHorizontalFlip()] if flip else []),
+                               to_float, normalize]),
+              False: T.Compose([to_float, normalize])}
+    for augment in (True, False):
+        ours = TensorTransform(x, augment)
+        torch.manual_seed(1)
+        mine = [ours(image) for image in images] + [torch.rand(1)]
+        torch.manual_seed(1)
+        reference = [theirs[augment](image) for image in images] + [torch.rand(1)]
+        assert all(torch.equal(a, b) for a, b in zip(mine, reference)), (augment, dtype, pad, flip)

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from colam import idx_datasets
+from colam import io as cio
 from colam.datasets import build_raw_data, get_data
 from colam.errors import ColamError
 from colam.idx_datasets import CONTENT, FILES, IDX_SETS, copy_idx_files
@@ -64,7 +65,7 @@ def test_both_layouts_gzipped_or_not(fake_idx, layout, compressed):
     write(folder, files, ".gz" if compressed else "")  # recompressed: not torchvision's .gz, the content is
     raw = build_raw_data("fashion_mnist", root)
     arrays = fake_idx["arrays"]
-    assert raw.classes == IDX_SETS["fashion_mnist"].cls.classes
+    assert raw.classes == IDX_SETS["fashion_mnist"].cls.classes == list(IDX_SETS["fashion_mnist"].classes)
     np.testing.assert_array_equal(raw.train_targets, arrays["train-labels-idx1-ubyte"])
     np.testing.assert_array_equal(raw.test_targets, arrays["t10k-labels-idx1-ubyte"])
     assert raw.tensors.train.dtype == torch.uint8 and raw.tensors.train.shape == (30, 1, 28, 28)
@@ -188,14 +189,26 @@ def test_kmnist_copy_keeps_the_original_archives(fake_idx, tmp_path):
     assert len(build_raw_data("kmnist", tmp_path / "out").test) == 10
 
 
-def test_data_get_bundled_digits_writes_the_digests_of_its_arrays(tmp_path):
-    (written,) = get_data("digits", "bundled", tmp_path / "digits")
-    manifest = json.loads((tmp_path / "digits" / written).read_text())
+def test_data_get_bundled_digits_writes_its_arrays_and_their_digests(tmp_path, monkeypatch):
+    assert get_data("digits", "bundled", tmp_path / "digits") == ["digits.json", "digits.npz"]
+    manifest = json.loads((tmp_path / "digits" / "digits.json").read_text())
     assert manifest["name"] == "digits" and set(manifest["md5"]) == {"train_images", "test_images", "train_targets",
                                                                        "test_targets"}
     again = tmp_path / "again"
     get_data("digits", "bundled", again)
-    assert (again / written).read_bytes() == (tmp_path / "digits" / written).read_bytes()
+    for written in ("digits.json", "digits.npz"):
+        assert (again / written).read_bytes() == (tmp_path / "digits" / written).read_bytes()
+    # a run reads the saved arrays (no scikit-learn) and gets scikit-learn's data set exactly
+    reference = build_raw_data("digits", tmp_path / "elsewhere")
+    for module in ("sklearn", "sklearn.datasets", "sklearn.model_selection"):
+        monkeypatch.setitem(sys.modules, module, None)  # importing it now fails
+    saved = build_raw_data("digits", tmp_path / "digits")
+    assert torch.equal(saved.tensors.train, reference.tensors.train) and saved.classes == reference.classes
+    assert np.array_equal(saved.test_targets, reference.test_targets) and saved.tensors.std == reference.tensors.std
+    # arrays that are not the recorded ones are not used: scikit-learn's are read again
+    cio.atomic_write_bytes(tmp_path / "digits" / "digits.npz", cio.npz_bytes({"train_images": np.zeros(3)}))
+    monkeypatch.undo()
+    assert torch.equal(build_raw_data("digits", tmp_path / "digits").tensors.train, reference.tensors.train)
 
 
 @pytest.mark.parametrize("name,source,message", [
@@ -239,6 +252,12 @@ def test_debian_fashion_mnist_passes_the_integrity_check_and_matches_its_statist
     kept = copy_idx_files("fashion_mnist", DEBIAN_FASHION, tmp_path)
     assert {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in kept} == {
         f: digest for f, (digest, _) in CONTENT["fashion_mnist"].items()}
+
+
+@pytest.mark.parametrize("name", sorted(IDX_SETS))
+def test_the_class_names_and_folders_are_torchvisions(name):
+    spec = IDX_SETS[name]
+    assert list(spec.classes) == spec.cls.classes and spec.class_name == spec.cls.__name__
 
 
 def test_the_integrity_module_names_every_file_of_the_release():

@@ -108,7 +108,11 @@ def stages(block: Callable[[int, int, int], nn.Module], in_planes: int, widths: 
 
 
 def kaiming_init(model: nn.Module) -> None:
-    """He-normal (fan_out) convolutions, unit BN, zero biases: the init the reference codes use."""
+    """He-normal (fan_out) convolutions, unit BN, zero biases: the init the reference codes use. A model built
+    on the meta device (shapes only) is left as it is: a random fill there goes through torch's Python
+    reference code, which imports torch._dynamo (a second of a process's start) and computes nothing."""
+    if any(p.is_meta for p in model.parameters()):
+        return
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

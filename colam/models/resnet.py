@@ -9,12 +9,12 @@ with ``forward_features`` and a stem for any number of input channels.
 
 from __future__ import annotations
 
+import functools
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from colam.models.registry import Classifier, kaiming_init, pooled, register_model, stages
 
@@ -33,7 +33,9 @@ class OptionA(nn.Module):
         return F.pad(x, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
 
 
-def basic_block(in_planes: int, planes: int, stride: int) -> BasicBlock:
+def basic_block(in_planes: int, planes: int, stride: int) -> nn.Module:
+    from torchvision.models.resnet import BasicBlock  # here, not at the top: see imagenet_resnet
+
     shortcut = OptionA(stride, planes - in_planes) if stride != 1 or planes != in_planes else None
     return BasicBlock(in_planes, planes, stride, shortcut)
 
@@ -51,17 +53,29 @@ class CifarResNet(Classifier):
         return pooled(self.layers(F.relu(self.bn1(self.conv1(x)))))
 
 
-class ImageNetResNet(ResNet):
-    def __init__(self, layers: list[int], num_classes: int, in_channels: int = 3) -> None:
-        super().__init__(Bottleneck, layers, num_classes=num_classes)
-        if in_channels != 3:
-            self.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
-            nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
+def imagenet_resnet(layers: list[int], num_classes: int, in_channels: int = 3) -> nn.Module:
+    return _imagenet_resnet_class()(layers, num_classes, in_channels)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return torch.flatten(self.avgpool(x), 1)
+
+@functools.cache
+def _imagenet_resnet_class() -> type:
+    """torchvision's ResNet with `forward_features`, made when first built: importing torchvision (and
+    torch._dynamo with it) costs every process about a second, and most runs build no torchvision model."""
+    from torchvision.models.resnet import Bottleneck, ResNet
+
+    class ImageNetResNet(ResNet):
+        def __init__(self, layers: list[int], num_classes: int, in_channels: int = 3) -> None:
+            super().__init__(Bottleneck, layers, num_classes=num_classes)
+            if in_channels != 3:
+                self.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+                nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
+
+        def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+            x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+            return torch.flatten(self.avgpool(x), 1)
+
+    return ImageNetResNet
 
 
 # The paper's Table 6 (CIFAR-10): depth 6n + 2 with n = 3, 5, 7, 9.
@@ -70,4 +84,4 @@ for _depth, _published in ((20, 0.27e6), (32, 0.46e6), (44, 0.66e6), (56, 0.85e6
                    published_precision=0.005e6)(partial(CifarResNet, _depth))
 for _depth, _blocks, _published in ((50, [3, 4, 6, 3], 25.6e6), (101, [3, 4, 23, 3], 44.5e6)):
     register_model(f"resnet{_depth}", input_size=224, paper=PAPER, published_params={1000: _published},
-                   published_precision=0.05e6)(partial(ImageNetResNet, _blocks))
+                   published_precision=0.05e6)(partial(imagenet_resnet, _blocks))

@@ -15,16 +15,17 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models.resnet import Bottleneck
-from torchvision.ops import Conv2dNormActivation
 
 from colam.models.registry import Classifier, kaiming_init, pooled, register_model, stages
 
 PAPER = 'Xie et al. 2017, "Aggregated Residual Transformations for Deep Neural Networks" (CVPR), arXiv:1611.05431'
 
 
-def resnext_block(in_planes: int, out_planes: int, stride: int, cardinality: int, base_width: int) -> Bottleneck:
+def resnext_block(in_planes: int, out_planes: int, stride: int, cardinality: int, base_width: int) -> nn.Module:
     """torchvision's bottleneck with `cardinality` groups, 8 x 64d wide in the first stage, doubling per stage."""
+    from torchvision.models.resnet import Bottleneck  # on use: importing torchvision costs every process a second
+    from torchvision.ops import Conv2dNormActivation
+
     shortcut = (Conv2dNormActivation(in_planes, out_planes, 1, stride, activation_layer=None)
                 if stride != 1 or in_planes != out_planes else None)
     return Bottleneck(in_planes, out_planes // Bottleneck.expansion, stride, shortcut, cardinality, base_width)
@@ -32,6 +33,8 @@ def resnext_block(in_planes: int, out_planes: int, stride: int, cardinality: int
 
 class ResNeXt(Classifier):
     def __init__(self, depth: int, cardinality: int, base_width: int, num_classes: int, in_channels: int = 3) -> None:
+        from torchvision.ops import Conv2dNormActivation
+
         super().__init__()
         self.stem = Conv2dNormActivation(in_channels, 64, 3, activation_layer=None)
         block = partial(resnext_block, cardinality=cardinality, base_width=base_width)
