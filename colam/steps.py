@@ -26,7 +26,7 @@ from colam import distributed
 from colam import io as cio
 from colam.config import Config, from_dict, parse_yaml, validate
 from colam.data import save_split
-from colam.datasets import DATASETS
+from colam.datasets import BUNDLED, DATASETS, get_data
 from colam.engine import RunLog, check_names, estimate_artifacts, prepare, train_into
 from colam.errors import ColamError, require
 from colam.methods import METHODS, headline_section
@@ -89,14 +89,18 @@ def step_ends(config: Config, steps: int) -> list[int]:
 
 
 def prepare_step(config: Config, out: str | Path) -> dict:
-    """Write the split of `config` to `out`; a data set that is downloaded goes to `out/raw`, so the
-    steps after it read the data from this folder instead of downloading it again."""
+    """Write the split of `config` to `out`; a data set that is downloaded goes to `out/raw`, and so do the
+    bundled digits' arrays, so the steps after it read the data from this folder instead of downloading it
+    again (or importing scikit-learn, a second of each step's start)."""
     data, out = config.data, Path(out)
     if data.download and DATASETS[data.name].needs_files:
         cio.take_folder(out, "split")
         cio.make_folder(out / RAW_DATA, manifest=False)  # what torchvision downloads there is colam's
         data = dataclasses.replace(data, root=str(out / RAW_DATA))
-    return save_split(data, out)
+    summary = save_split(data, out)
+    if not DATASETS[data.name].needs_files:
+        get_data(data.name, BUNDLED, out / RAW_DATA)
+    return summary
 
 
 def run_config(text: str, split_dir: str | Path) -> Config:

@@ -129,7 +129,9 @@ def test_prepare_resolves_the_headline_parameters_and_writes_the_split(tmp_path)
     assert config["train"]["batch_size"] == 32  # the rest is the base config's
     assert from_dict(config).to_dict() == config  # a complete config, as the later steps read it
 
-    assert sorted(p.name for p in Path(split.path).iterdir()) == [".colam-files", "split.json", "split.npz"]
+    assert sorted(p.name for p in Path(split.path).iterdir()) == [".colam-files", "raw", "split.json", "split.npz"]
+    # the digits' arrays, read by every later step instead of importing scikit-learn
+    assert sorted(p.name for p in (Path(split.path) / "raw").iterdir()) == [".colam-files", "digits.json", "digits.npz"]
     summary = read_json(split.path, "split.json")
     for key in ("train_samples", "val_samples", "test_samples", "noisy_labels"):
         assert split.metadata[key] == summary[key], key
