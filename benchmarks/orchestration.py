@@ -1,5 +1,7 @@
 """What orchestration costs against the same training done by bare `colam train` processes, untracked.
 
+startup: the wall time of `colam --help`, `colam check` and a one-epoch training step, and their imports.
+
 kfp: `colam kfp local` (each step a process; with --docker-image also a run where each is a container)
      against one `colam train` of the config it resolves, alternating; medians and median ratios.
 dvc: `dvc repro` from scratch (tracked) in a fresh git copy of the pipeline under --workdir against
@@ -102,9 +104,44 @@ def dvc_repro(args) -> None:
     print(f"orchestration overhead A/B: {dvc_seconds / direct_seconds:.2f}x")
 
 
+def startup(args) -> None:
+    """What a process pays before it trains: the wall time of `colam --help` and `colam check`, and of a step that
+    trains one epoch with how much of it is imports (`python -X importtime`, the modules' own times summed)."""
+    work = Path(tempfile.mkdtemp(prefix="colam-startup-"))
+    digits = work / "digits"  # the bundled digits' arrays, as DVC's data stage and the Kubeflow prepare step save them
+    subprocess.run([sys.executable, "-m", "pipelines.cli", "data", "get", "--from", "bundled", "--out", str(digits)],
+                   check=True, capture_output=True, env=UNTRACKED)
+    one_epoch = ["train", "--config", str(args.params), "--set", "train.epochs=1", "--set", "method.name=hl",
+                 "--set", f"data.root={digits}", "--no-track", "--no-progress"]
+    commands = {"colam --help": ["--help"], "colam check": ["check", "--config", str(args.params)],
+                "train step, 1 epoch": one_epoch}
+    print(f"start-up ({args.repeats} runs each, medians; {os.cpu_count()} CPU cores):")
+    for name, argv in commands.items():
+        walls, imports = [], []
+        for repeat in range(args.repeats):
+            out = ["--out", str(work / f"run-{repeat}")] if argv is one_epoch else []
+            began = time.perf_counter()
+            result = subprocess.run([sys.executable, "-X", "importtime", "-m", "pipelines.cli", *argv, *out],
+                                    capture_output=True, text=True, env=UNTRACKED)
+            walls.append(time.perf_counter() - began)
+            if result.returncode != 0:
+                sys.exit(result.stderr[-2000:])
+            imports.append(_import_seconds(result.stderr))
+        wall, imported = statistics.median(walls), statistics.median(imports)
+        print(f"  {name:<20} wall {wall:5.2f} s, of which imports {imported:5.2f} s")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def _import_seconds(report: str) -> float:
+    """The modules' own import times summed, from `python -X importtime`'s lines ('import time: SELF | ...')."""
+    own = [line.split("|")[0].removeprefix("import time:").strip() for line in report.splitlines()
+           if line.startswith("import time:")]
+    return sum(int(us) for us in own if us.isdigit()) / 1e6
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("measure", nargs="?", choices=("kfp", "dvc", "all"), default="all")
+    parser.add_argument("measure", nargs="?", choices=("startup", "kfp", "dvc", "all"), default="all")
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     parser.add_argument("--stages", type=int)
     parser.add_argument("--repeats", type=int, default=3)
@@ -113,6 +150,8 @@ def main() -> None:
     parser.add_argument("--repro-seconds", type=float,
                         help="dvc: skip A and use this wall time of a `dvc repro` from scratch (e.g. timed `make run`)")
     args = parser.parse_args()
+    if args.measure in ("startup", "all"):
+        startup(args)
     if args.measure in ("kfp", "all"):
         kfp_local(args)
     if args.measure in ("dvc", "all"):
