@@ -266,5 +266,5 @@ def test_params_yaml_runs_the_bundled_default_config():
     from pipelines.params import load_params
 
     params = load_params(ROOT / "params.yaml").config
-    assert params.data.root == "data/raw/digits"  # the data stage's copy; digits itself reads scikit-learn's
+    assert params.data.root == "data/raw/digits"  # the data stage's copy of scikit-learn's arrays
     assert run_identity(params.to_dict()) == run_identity(load_config(ROOT / "configs/digits.yaml").to_dict())
