@@ -75,7 +75,8 @@ def dvc_repro(args) -> None:
     for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
         shutil.copy(ROOT / name, repo / name)
     shutil.copytree(ROOT / ".dvc", repo / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp", "config.local"))
-    shutil.copytree(ROOT / "colam", repo / "colam", ignore=shutil.ignore_patterns("__pycache__"))
+    for package in ("colam", "pipelines"):  # the stages' code dependencies (dvc.yaml deps)
+        shutil.copytree(ROOT / package, repo / package, ignore=shutil.ignore_patterns("__pycache__"))
     git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
     for command in (["git", "init", "-q"], ["git", "add", "-A"], [*git, "commit", "-qm", "bench"]):
         subprocess.run(command, cwd=repo, check=True)
