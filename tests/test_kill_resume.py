@@ -314,8 +314,13 @@ def test_dvc_repro_killed_at_random_moments_continues_and_ends_as_if_never_kille
         at = time.monotonic() - began
         reader.join(timeout=30)
         output = "".join(lines)
-        continued = [int(m.group(1)) for line in lines if (m := CONTINUING.search(line))]
-        assert not continued or continued[0] == saved, output  # continues after what the last one saved
+        # continues after what the last one saved: the first epoch trained is the next one, and a "continuing"
+        # line before it names the saved epoch (none when nothing was saved; a later stage's start says one too)
+        epochs = [int(m.group(1)) for line in lines if (m := EPOCH_LINE.search(line))]
+        first = next((i for i, line in enumerate(lines) if EPOCH_LINE.search(line)), len(lines))
+        continued = [int(m.group(1)) for line in lines[:first] if (m := CONTINUING.search(line))]
+        assert not epochs or epochs[0] == saved + 1, output
+        assert continued == ([saved] if saved else []) or (saved and not epochs and not continued), output
         if code is not None:
             assert code == 0, output
             break
