@@ -319,7 +319,7 @@ def get_data(name: str, source: str, out: str | os.PathLike) -> list[str]:
         if source != BUNDLED:
             raise ColamError(f"--from: {name} ships with scikit-learn, it has no other source; use --from {BUNDLED}")
         for written in (f"{name}.json", f"{name}.npz"):
-            cio.refuse_overwrite(out / written, cio.written_here(out) if out.is_dir() else None)
+            cio.refuse_overwrite(out / written, cio.written_here(out))
         cio.take_folder(out, "data set", shared=True)  # data.root: colam replaces and deletes only what it wrote
         arrays = digits_arrays()
         # no version: a scikit-learn release with the same digits leaves the files, and DVC, as they were

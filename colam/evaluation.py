@@ -45,9 +45,7 @@ def evaluate_run(config: Config, stage_dir: str | Path, out_dir: str | Path,
     ECE, per-class test accuracy, the run's settings), history.csv (the curves up to this stage) and
     predictions.csv (a test sample's actual and predicted class a row, for the confusion matrix)."""
     stage_dir, out_dir = Path(stage_dir), Path(out_dir)
-    cio.check_folder_path(out_dir)
-    cio.refuse_other_kind(out_dir, EVALUATION, "--out")  # before the work; the folder is taken to write the results
-    cio.refuse_foreign(out_dir, "--out")
+    cio.check_folder(out_dir, EVALUATION)  # before the work; the folder is taken to write the results
     if distributed.env_world().distributed:
         raise ColamError("WORLD_SIZE: evaluating a stage runs in one process; start `colam evaluate` without torchrun")
     state = load_stage_state(stage_dir, config)

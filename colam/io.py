@@ -79,8 +79,7 @@ def written_here(folder: Path) -> set[str] | None:
     return None if found is None else found[1]
 
 
-def _write_manifest(folder: Path, names: set[str], kind: str | None = None) -> None:
-    kind = kind or (_read_manifest(folder) or (None,))[0]
+def _write_manifest(folder: Path, names: set[str], kind: str | None) -> None:
     head = _MANIFEST_HEAD + (f"# kind: {kind}\n" if kind else "")
     _replace(folder / MANIFEST, (head + "".join(f"{name}\n" for name in sorted(names))).encode())
 
@@ -88,10 +87,10 @@ def _write_manifest(folder: Path, names: set[str], kind: str | None = None) -> N
 def expect(folder: Path, names: list[str]) -> None:
     """Record in the manifest of `folder` the `names` colam (or a library it calls) is about to write there; a
     name already there stays someone else's."""
-    owned = written_here(folder)
-    new = {name for name in names if not os.path.lexists(folder / name)} - (owned or set())
-    if owned is not None and new:
-        _write_manifest(folder, owned | new)
+    found = _read_manifest(folder)
+    new = {name for name in names if not os.path.lexists(folder / name)} - (found[1] if found else set())
+    if found is not None and new:
+        _write_manifest(folder, found[1] | new, found[0])
 
 
 def wrote(path: Path) -> bool:
@@ -99,23 +98,29 @@ def wrote(path: Path) -> bool:
     return path.is_file() and not path.is_symlink() and path.name in (written_here(path.parent) or set())
 
 
+def _named(name: str, owned: set[str]) -> bool:
+    """Whether the manifest names `name`: as a file or folder, or (NAME/) as a folder that is colam's whole."""
+    return name.rstrip("/") in owned or f"{name.rstrip('/')}/" in owned
+
+
 def refuse_overwrite(path: Path, owned: set[str] | None) -> None:
     """Refuse a `path` that exists and is not named in `owned`, its folder's manifest."""
-    if os.path.lexists(path) and not {path.name, f"{path.name}/"} & (owned or set()):
+    if os.path.lexists(path) and not _named(path.name, owned or set()):
         raise ColamError(f"output: '{path}' was not written by colam and is not overwritten; move it or choose "
                          f"another output folder")
 
 
 def _record(path: Path, name: str | None = None) -> None:
     """Name `path` in its folder's manifest before it is made; refuse a path colam did not write there."""
-    owned, name = written_here(path.parent), name or path.name
-    if owned is None or name in owned or name.rstrip("/") in owned:
+    found, name = _read_manifest(path.parent), name or path.name
+    if found is None or _named(name, found[1]):
         return
+    kind, owned = found
     refuse_overwrite(path, owned)
     if name.startswith("#") or name.splitlines() != [name] or not name.isprintable() or _undecodable(name):
         raise ColamError(f"output: '{path}' has a name colam does not write (a leading #, a line break, a "
                          f"control character or bytes that are not UTF-8); choose another name")
-    _write_manifest(path.parent, owned | {name})
+    _write_manifest(path.parent, owned | {name}, kind)
 
 
 def _undecodable(name: str) -> bool:
@@ -128,10 +133,10 @@ def _undecodable(name: str) -> bool:
 
 def forget(folder: Path, names: list[str]) -> None:
     """Drop from the manifest of `folder` those of `names` that were expected but not made there."""
-    owned = written_here(folder)
-    gone = {name for name in names if not os.path.lexists(folder / name)} & (owned or set())
+    found = _read_manifest(folder)
+    gone = {name for name in names if not os.path.lexists(folder / name)} & (found[1] if found else set())
     if gone:
-        _write_manifest(folder, owned - gone)
+        _write_manifest(folder, found[1] - gone, found[0])
 
 
 def make_folder(folder: Path, manifest: bool = True) -> None:
@@ -143,7 +148,7 @@ def make_folder(folder: Path, manifest: bool = True) -> None:
     _record(folder, folder.name + ("" if manifest else "/"))
     folder.mkdir(exist_ok=True)
     if manifest and written_here(folder.parent) is not None:
-        _write_manifest(folder, set())
+        _write_manifest(folder, set(), None)
 
 
 _TEMPORARY = "colam-"  # .NAME.colam-XXXXXXXX.tmp: mkstemp's 8 characters, a name no backup of the user's takes
@@ -157,7 +162,7 @@ def _temporary_of(name: str) -> str | None:
 
 
 def _ours(name: str, owned: set[str]) -> bool:
-    return name in owned or f"{name}/" in owned or name == MANIFEST or _temporary_of(name) in owned | {MANIFEST}
+    return _named(name, owned) or name == MANIFEST or _temporary_of(name) in owned | {MANIFEST}
 
 
 def foreign_entries(folder: Path) -> list[str]:
@@ -174,7 +179,7 @@ def foreign_entries(folder: Path) -> list[str]:
 
 def refuse_other_kind(folder: Path, kind: str, what: str) -> None:
     """Refuse an output folder of colam that holds another kind of output (a split as a run's --out)."""
-    held = (_read_manifest(folder) or (None,))[0] if folder.is_dir() else None
+    held = (_read_manifest(folder) or (None,))[0]
     if held not in (None, kind):
         raise ColamError(f"{what}: '{folder}' holds another kind of colam output ({held}, not {kind}); choose "
                          f"another {what}")
@@ -195,14 +200,19 @@ def check_folder_path(folder: Path, what: str = "--out") -> None:
         raise ColamError(f"{what}: '{folder}' exists and {found}")
 
 
-def take_folder(folder: Path, kind: str, what: str = "--out", shared: bool = False) -> None:
-    """Make `folder` an output folder of colam holding a `kind` of output (a run, a split, ...), created if
-    missing: refused in one line, before anything is written, when it holds another kind or files colam did not
-    write; a `shared` one (data.root) may hold them beside colam's."""
+def check_folder(folder: Path, kind: str, what: str = "--out", shared: bool = False) -> None:
+    """Refuse, in one line, an output folder's path that is no folder, or a folder holding another `kind` of
+    colam's outputs or (unless `shared`, as data.root is) files colam did not write."""
     check_folder_path(folder, what)
     refuse_other_kind(folder, kind, what)
     if not shared:
         refuse_foreign(folder, what)
+
+
+def take_folder(folder: Path, kind: str, what: str = "--out", shared: bool = False) -> None:
+    """Make `folder` an output folder of colam holding a `kind` of output (a run, a split, ...), created if
+    missing, after `check_folder`: nothing is written to a folder it refuses."""
+    check_folder(folder, kind, what, shared)
     make_folder(folder)
     found = _read_manifest(folder)
     if found is None or found[0] != kind:
@@ -221,7 +231,7 @@ def empty_folder(folder: Path, what: str) -> None:
     for entry in folder.iterdir():
         if entry.name != MANIFEST:
             shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
-    _write_manifest(folder, set())
+    _write_manifest(folder, set(), (_read_manifest(folder) or (None,))[0])
 
 
 def remove_stale_temporaries(folder: Path) -> None:

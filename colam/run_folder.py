@@ -160,11 +160,8 @@ def _parse_config(text: str) -> object:
 def check_out_dir(out_dir: Path, kind: str, whole: bool = True) -> None:
     """Refuse an --out that is a file, holds another `kind` of colam's outputs or (`whole`: colam's output, not a
     folder of stage folders checked one by one) what colam did not write, by its manifest (colam.io); claim it."""
-    cio.check_folder_path(out_dir)
-    claim(out_dir)
-    cio.refuse_other_kind(out_dir, kind, "--out")
-    if whole:
-        cio.refuse_foreign(out_dir, "--out")
+    claim(out_dir)  # a file or a dangling link is not claimed, and refused next
+    cio.check_folder(out_dir, kind, shared=not whole)
 
 
 def make_dir(out_dir: Path, kind: str) -> None:
@@ -369,7 +366,7 @@ class WholeRun(Epochs):
     def changed(self) -> bool:
         """Whether the folder holds a run trained from something other than `origin` (another config,
         colam code or input), to be trained afresh (`check_out_dir` refused one holding what colam did not write)."""
-        written = cio.written_here(self.root) if self.root.is_dir() else None
+        written = cio.written_here(self.root)
         found, origin = self.recorded(), self.origin
         if not written or (found is not None and {k: v for k, v in found.items() if k != "complete"} == origin):
             return False

@@ -383,9 +383,7 @@ def _finish(args, run, name: str, figs: dict, lines: list[str], results: dict, m
 def start(args, run) -> None:
     """Before any work: check --out, and when tracking, that the store answers and holds --run's
     MLflow run (an analysis that trains for minutes must not fail at its last step)."""
-    cio.check_folder_path(Path(args.out))
-    cio.refuse_other_kind(Path(args.out), "analysis", "--out")
-    cio.refuse_foreign(Path(args.out), "--out")
+    cio.check_folder(Path(args.out), "analysis")
     args.tracker = None
     if tracking(args):
         from pipelines.tracking import connect, run_parent
