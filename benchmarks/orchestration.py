@@ -5,12 +5,15 @@ startup: the wall time of `colam --help`, `colam check` and a one-epoch training
 kfp: `colam kfp local` (each step a process; with --docker-image also a run where each is a container)
      against one `colam train` of the config it resolves, alternating; medians and median ratios.
 dvc: `dvc repro` from scratch (tracked) in a fresh git copy of the pipeline under --workdir against
-     `colam train` of the main config and every comparison run; wall times, ratio, training-loop seconds.
+     bare untracked `colam train` processes of every run it trained (main, comparison, grid, expected),
+     each from the run's own config.yaml, as many at a time as `colam sweep` runs; wall times, ratio,
+     training-loop seconds.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import shutil
@@ -24,7 +27,7 @@ from pathlib import Path
 import yaml
 
 from colam.steps import step_config
-from harness import ROOT, train
+from harness import ROOT, train_all
 from pipelines.params import load_params
 
 BIN = Path(sys.executable).parent
@@ -80,29 +83,50 @@ def dvc_repro(args) -> None:
     git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
     for command in (["git", "init", "-q"], ["git", "add", "-A"], [*git, "commit", "-qm", "bench"]):
         subprocess.run(command, cwd=repo, check=True)
-    dvc_seconds = args.repro_seconds
-    if dvc_seconds is None:
-        began = time.perf_counter()
-        tracked = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-                   "MLFLOW_TRACKING_URI": f"sqlite:///{repo}/mlflow.db"}
-        subprocess.run([str(BIN / "dvc"), "repro"], cwd=repo, env=tracked, check=True, stdout=subprocess.DEVNULL)
-        dvc_seconds = time.perf_counter() - began
-    compare = yaml.safe_load((repo / "params.yaml").read_text())["compare"]
-    runs = [("main", [])]
-    runs += [(f"{m}-seed{s}", [f"method.name={m}", f"seed={s}"])
-             for m in compare["baselines"] for s in compare["seeds"]]
-    runs += [(f"colam-T{t}-seed{s}", ["method.name=colam", f"method.colam.temperature={t}", f"seed={s}"])
-             for t in compare["temperatures"] for s in compare["seeds"]]
-    began = time.perf_counter()  # each run with torch's default threads, as under dvc repro
-    direct = [train(repo / "params.yaml", args.workdir / "direct" / name, overrides, threads=None)
-              for name, overrides in runs]
+    began = time.perf_counter()
+    tracked = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+               "MLFLOW_TRACKING_URI": f"sqlite:///{repo}/mlflow.db"}
+    with open(args.workdir / "repro.log", "w") as output:
+        repro = subprocess.run([str(BIN / "dvc"), "repro"], cwd=repo, env=tracked, stdout=output, stderr=output)
+    dvc_seconds = time.perf_counter() - began
+    if repro.returncode != 0:
+        sys.exit(f"dvc repro failed; its output: {args.workdir / 'repro.log'}")
+    print(f"A. dvc repro (from scratch, tracked):      {dvc_seconds:7.1f} s", flush=True)
+    runs = _pipeline_runs(repo)
+    jobs = args.jobs or max(1, (os.cpu_count() or 1) // _threads(repo))
+    os.chdir(repo)  # the runs' configs name data.root and soft labels relative to the repository
+    began = time.perf_counter()  # each run's own config (its train.threads too), `jobs` processes at a time
+    direct = dict(train_all({name: (config, args.workdir / "direct" / name, []) for name, (_, config) in runs.items()},
+                            jobs, threads=None))
     direct_seconds = time.perf_counter() - began
-    loop_seconds = sum(metrics["wall_time_s"] for metrics in direct)
-    print(f"training runs: {len(runs)} (main + {len(runs) - 1} comparison runs)")
-    print(f"A. dvc repro (from scratch, tracked):      {dvc_seconds:7.1f} s")
-    print(f"B. colam train, one process per run:       {direct_seconds:7.1f} s")
-    print(f"   of which the training loops themselves: {loop_seconds:7.1f} s")
+    kinds = ", ".join(f"{sum(name.startswith(kind) for name in runs)} {kind}" for kind in ("main", "compare", "grid",
+                                                                                        "expected"))
+    print(f"   of which the training loops themselves: {sum(_loop(folder) for folder, _ in runs.values()):7.1f} s "
+          f"(summed over the runs, {kinds})")
+    print(f"B. colam train, one process per run:       {direct_seconds:7.1f} s ({jobs} at a time)")
+    print(f"   of which the training loops themselves: {sum(_loop(args.workdir / 'direct' / name) for name in direct):7.1f} s")
     print(f"orchestration overhead A/B: {dvc_seconds / direct_seconds:.2f}x")
+
+
+def _pipeline_runs(repo: Path) -> dict[str, tuple[Path, Path]]:
+    """Every training run `dvc repro` made, with its config: the main run (params.yaml: it was trained stage by
+    stage, its folder holds no config.yaml), and each run of runs/compare, runs/grid and runs/expected."""
+    runs = {"main": (repo / "runs/main/stage_4", repo / "params.yaml")}
+    for kind in ("compare", "grid", "expected"):
+        runs.update({f"{kind}/{folder.name}": (folder, folder / "config.yaml")
+                     for folder in sorted((repo / "runs" / kind).iterdir()) if (folder / "metrics.json").is_file()})
+    return runs
+
+
+def _loop(folder: Path) -> float:
+    """The seconds of a run's epochs (history.csv: the last stage's holds every epoch of the run)."""
+    with open(folder / "history.csv") as rows:
+        return sum(float(row["seconds"]) for row in csv.DictReader(rows))
+
+
+def _threads(repo: Path) -> int:
+    threads = yaml.safe_load((repo / "params.yaml").read_text())["train"].get("threads", "auto")
+    return 1 if threads == "auto" else threads
 
 
 def startup(args) -> None:
@@ -148,8 +172,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--docker-image", help="kfp: also time `colam kfp local --runner docker --image IMAGE`")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/colam-overhead"))
-    parser.add_argument("--repro-seconds", type=float,
-                        help="dvc: skip A and use this wall time of a `dvc repro` from scratch (e.g. timed `make run`)")
+    parser.add_argument("--jobs", type=int, help="dvc: B's processes at a time (default: cores / train.threads)")
     args = parser.parse_args()
     if args.measure in ("startup", "all"):
         startup(args)

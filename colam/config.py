@@ -63,6 +63,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (the first epochs pay for compiling)
     data_on_device: bool | str = "auto"  # hold the training set on the device, crop/flip there in batches
     # (CIFAR, digits; colam.feed); auto: on CUDA when the data set has a tensor form; false: DataLoader
+    threads: int | str = "auto"  # torch's CPU threads. On CPU the numbers depend on the count (sums split
+    # otherwise), so it is part of the run; auto: torch's default, this machine's cores
 
 
 def method_section(methods: dict) -> type:
@@ -257,7 +259,8 @@ TRAIN_CHECKS: dict[str, Check] = {
     "gamma": (lambda v: 0.0 < v <= 1.0, "must be in (0, 1]"),
     "device": (lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None, "must be auto, cpu, cuda or cuda:N"),
     "precision": (lambda v: v in ("auto", "fp32", "bf16"), "must be auto, fp32 or bf16"),
-    "channels_last": AUTO_OR_BOOL, "data_on_device": AUTO_OR_BOOL}
+    "channels_last": AUTO_OR_BOOL, "data_on_device": AUTO_OR_BOOL,
+    "threads": (lambda v: v == "auto" or (not isinstance(v, str) and 1 <= v <= 1024), "must be auto or 1 to 1024")}
 
 
 def validate(config: Config) -> None:

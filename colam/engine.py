@@ -39,6 +39,10 @@ from colam.soft_labels import check_soft_labels
 
 log = logging.getLogger("colam")
 
+# torch's thread count when colam was imported: what `train.threads: auto` restores in a process that
+# trains several runs one after another (`colam sweep`), whatever count the run before set.
+DEFAULT_THREADS = torch.get_num_threads()
+
 
 class RunLog:
     """Hooks the trainer calls as a run progresses (no-ops); tracking subclasses it outside the library."""
@@ -77,7 +81,7 @@ class Prepared:
     def speed(self) -> dict:
         """How this run executes, for the run log."""
         return {"world_size": self.world.size, "channels_last": self.channels_last,
-                "compile": self.config.train.compile, **self.execution}
+                "compile": self.config.train.compile, "threads": torch.get_num_threads(), **self.execution}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -92,6 +96,8 @@ def prepare(config: Config, split_dir: str | Path | None = None) -> Prepared:
     """Validate everything that can be checked before training: config, data, model, method.
     `split_dir`: a split of `colam prepare`, else drawn from `data.*` (the same: it depends on `data.split_seed`)."""
     validate(config)
+    # On CPU the sums of a convolution are split by thread, so their count changes the numbers: pinned per run.
+    torch.set_num_threads(DEFAULT_THREADS if config.train.threads == "auto" else config.train.threads)
     world, device_name = distributed.init(config.train.device)
     device = resolve_device(device_name)
     method_cls = METHODS[config.method.name]

@@ -63,6 +63,7 @@ def stage_ends(config: Config) -> list[int]:
 # data.num_workers among them: it was taken for an execution key, but each DataLoader worker draws the
 # augmentation from its own random stream, so the worker count changes the numbers.
 LATER_KEYS = {("train", "precision"): "auto", ("train", "data_on_device"): "auto", ("train", "eval_every"): 1,
+              ("train", "threads"): "auto",
               ("data", "num_workers"): 0}
 
 # Keys that change how a run is executed or where its data lives, never its numbers.

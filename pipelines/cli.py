@@ -20,7 +20,7 @@ import sys
 
 from colam import distributed
 from colam.errors import ColamError, one_line, os_error
-from pipelines import analysis, compare, kubeflow
+from pipelines import analysis, compare, kubeflow, sweep
 from pipelines.arguments import config_options, params, run_log, tracking_options, training_options
 
 
@@ -132,6 +132,8 @@ def _pipeline_commands(commands) -> None:
                                              "tracking and compare sections of this params.yaml")
     comparison.set_defaults(func=_compare)
 
+    sweep.add_arguments(commands.add_parser("sweep", help="train the pipeline's comparison, grid or expected-accuracy "
+                                                          "runs, several at once (a process each imports torch once)"))
     analysis.add_arguments(commands.add_parser("analyze", help="the paper's analyses of finished runs: figures, "
                                                                "tables, MLflow (curves, expected-accuracy, ...)"))
 

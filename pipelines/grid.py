@@ -61,7 +61,7 @@ def collect_grid(client, experiment: str, params: Params) -> Grid:
                 values[i, j], counts[i, j] = row.test_acc.mean, row.n
     if not counts.any():
         raise ColamError(f"--experiment: no finished grid runs in experiment {experiment!r} (protocol {protocol}); "
-                         f"train them first (the grid_cell stages of dvc.yaml, or colam analyze grid-cell --track)")
+                         f"train them first (colam sweep grid, the grid_cells stage of dvc.yaml)")
     methods = [*params.compare.baselines, "colam"]
     over_t = collect(client, experiment, protocol=protocol, seeds=params.compare.seeds, methods=methods,
                      temperatures=sorted({*params.compare.temperatures, temperature}),

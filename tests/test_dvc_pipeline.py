@@ -34,7 +34,7 @@ TINY_PARAMS = {
     "tracking": {"experiment": "pipeline-test"},
 }
 ANALYSES = ("curves", "expected_accuracy", "geometry", "soft_labels", "grid")
-GRID_CELLS = {"grid_cell@1-1", "grid_cell@1-all", "grid_cell@2-1", "grid_cell@2-all"}
+COMPARE_RUNS = {"hl-seed0", "ls-seed0", "colam-T1.0-seed0", "colam-T2.0-seed0"}
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -119,9 +119,14 @@ def test_repro_writes_every_stage_and_the_comparison(repo):
     ran = _ran(repo.first.stdout)
     assert ran[:3] == ["check", "data", "prepare"]
     assert [s for s in ran if s.startswith("train@")] == [f"train@stage_{k}" for k in range(1, 5)]
-    assert set(ran) >= {"evaluate", "compare_baseline@hl-0", "compare_baseline@ls-0", "compare_colam@1.0-0",
-                        "compare_colam@2.0-0", "compare"} | GRID_CELLS | {f"analyze_{name}" for name in ANALYSES}
-    assert ran.index("analyze_grid") > max(ran.index(s) for s in GRID_CELLS | {"compare_colam@2.0-0"})
+    assert set(ran) >= {"evaluate", "compare_runs", "compare", "grid_cells", "expected_runs"} | {
+        f"analyze_{name}" for name in ANALYSES}
+    assert ran.index("analyze_grid") > max(ran.index("grid_cells"), ran.index("compare_runs"))
+    assert ran.index("analyze_expected_accuracy") > ran.index("expected_runs") > ran.index("train@stage_4")
+    # colam sweep trained every run of each plan, each into its own folder
+    assert {p.name for p in (repo.path / "runs/compare").iterdir()} == COMPARE_RUNS
+    assert {p.name for p in (repo.path / "runs/grid").iterdir()} == {f"t{t}-peers{p}" for t in (1, 2) for p in (1, "all")}
+    assert {p.name for p in (repo.path / "runs/expected").iterdir()} == {f"stage_{k}" for k in range(1, 5)}
     for k in range(1, 5):
         stage = repo.path / "runs/main" / f"stage_{k}"
         assert {"model.pt", "state.pt", "soft_labels.npy", "metrics.json", "history.csv"} <= {
@@ -149,7 +154,7 @@ def test_repro_writes_every_analysis_and_logs_it_to_the_main_run(repo):
     assert all(value is not None for row in grid["test_acc"] for value in row)
     client = MlflowClient(f"sqlite:///{repo.path}/mlflow.db")
     experiment = client.get_experiment_by_name("pipeline-test").experiment_id
-    # every cell was trained by its own grid_cell stage and tracked; the (t = 1, all peers) cell is
+    # every cell was trained by the grid_cells stage's sweep and tracked; the (t = 1, all peers) cell is
     # the main run's own setting and gives its numbers
     for i, t in enumerate([1, 2]):
         for j, peers in enumerate([1, "all"]):
@@ -191,13 +196,17 @@ def test_a_param_re_runs_only_the_stages_that_read_it(repo):
         changed = _merge(yaml.safe_load(yaml.safe_dump(original)), {"method": {"colam": {"temperature": 2.0}}})
         repo.write_params(changed)
         stale = set(json.loads(repo.dvc("status", "--json").stdout))
-        # the comparison's COLAM runs set T themselves; the gate reads every key
-        # (the grid cells train at the run's T; the analyses re-run once runs/main has changed)
-        assert stale == {"check"} | {f"train@stage_{k}" for k in range(1, 5)} | GRID_CELLS
+        # the gate reads every key; the grid cells train at the run's T; the analyses re-run once runs/main has
+        # changed; the comparison's sweep reads the whole method section (its runs set T themselves: below)
+        assert stale == {"check", "grid_cells", "compare_runs"} | {f"train@stage_{k}" for k in range(1, 5)}
 
         changed = _merge(yaml.safe_load(yaml.safe_dump(original)), {"method": {"cp": {"beta": 0.3}}})
-        repo.write_params(changed)  # no stage trains cp here: only the gate runs, and it changes nothing
-        assert _ran(repo.dvc("repro").stdout) == ["check"]
+        repo.write_params(changed)  # no run trains cp here: the comparison's sweep finds every run done
+        compared = repo.hashes("runs/compare")
+        again = repo.dvc("repro")
+        assert _ran(again.stdout) == ["check", "compare_runs"]
+        assert again.stderr.count("already holds a completed run; nothing to do") == len(COMPARE_RUNS)
+        assert repo.hashes("runs/compare") == compared
     finally:
         repo.write_params(original)
         repo.dvc("repro")
