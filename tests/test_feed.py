@@ -132,7 +132,7 @@ def test_bf16_and_channels_last_on_cpu(tmp_path):
     conv = next(m for m in p.model.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     assert p.speed == {"world_size": 1, "precision": "bf16", "channels_last": True, "compile": False,
-                       "data_on_device": False}
+                       "data_on_device": False, "threads": torch.get_num_threads()}
     metrics = fit(p.config, tmp_path, progress=False)
     assert np.isfinite(metrics["train_loss"])
     # the checkpoint is an ordinary state_dict: it loads into a model built the usual way
