@@ -33,6 +33,8 @@ run: setup
 	@echo "COLAM run:         runs/main/stage_*/ (checkpoints, soft labels), runs/main/eval/metrics.json"
 	@echo "analyses:          runs/analysis/{curves,expected_accuracy,geometry,soft_labels,grid}/ (PNG, table.md, results.json)"
 	@echo "MLflow UI:         $(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI)"
+	@echo "                   then http://127.0.0.1:5000/#/experiments?workflowType=machine_learning (model training)"
+	@echo "champion model:    models:/NAME@champion, NAME = params.yaml tracking.register (best validation accuracy)"
 
 # The same pipeline on Fashion-MNIST, as a DVC experiment in the workspace: the run settings of
 # configs/fashion_mnist.yaml laid over params.yaml, the pipeline's own below. The data come from

@@ -11,7 +11,7 @@ def train_stage(config: str, stage: int, stages: int, split: Input[Dataset], che
     from pipelines.tracking import step_run_log, tracking_client
 
     run, client = run_config(config, split.path), tracking_client()
-    with step_run_log(client, experiment, checkpoint.path, run_key, run_name) as run_log:
+    with step_run_log(client, experiment, checkpoint.path, run_key, run_name, split.uri or None) as run_log:
         result = train_step(run, stage, stages, checkpoint.path, split_dir=split.path, run_log=run_log,
                             checkpoint=previous_checkpoint.path if previous_checkpoint else None,
                             soft_labels=soft_labels.path if soft_labels else None)

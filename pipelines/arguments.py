@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+from pathlib import Path
 
 
 def config_options(command: argparse.ArgumentParser, required: bool = False,
@@ -52,4 +53,15 @@ def run_log(args, run_name: str | None = None):
         return contextlib.nullcontext(None)
     from pipelines.tracking import open_run_log
 
-    return open_run_log(args.experiment or params(args).tracking.experiment, args.out, run_name=run_name)
+    split, register = getattr(args, "split", None), registered_name(getattr(args, "register", None), "--register")
+    return open_run_log(args.experiment or params(args).tracking.experiment, args.out, run_name=run_name,
+                        data_source=str(Path(split).expanduser().resolve()) if split else None, register=register)
+
+
+def registered_name(name: str | None, key: str) -> str | None:
+    """A Model Registry name (None for none or empty), refused where MLflow's search strings could not quote it."""
+    from colam.errors import ColamError
+
+    if name and ("'" in name or '"' in name or "`" in name or name != name.strip()):
+        raise ColamError(f"{key}: {name!r} is no usable model name (quotes, or spaces at its ends)")
+    return name or None

@@ -21,7 +21,8 @@ import sys
 from colam import distributed
 from colam.errors import ColamError, one_line, os_error
 from pipelines import analysis, compare, kubeflow, sweep
-from pipelines.arguments import config_options, params, run_log, tracking_options, training_options
+from pipelines.arguments import (config_options, params, registered_name, run_log, tracking_options,
+                                 training_options)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,6 +94,8 @@ def _run_commands(commands) -> None:
     training_options(train)
     tracking_options(train, "MLflow experiment (default: tracking.experiment of the params, or colam)")
     train.add_argument("--run-name", help="MLflow run name (default: the --out folder's name)")
+    train.add_argument("--register", metavar="NAME", help="with tracking: register the final network as a version of "
+                                                          "the MLflow registered model NAME")
     train.set_defaults(func=_train)
 
     prepare = commands.add_parser("prepare", help="write the training/validation split and the labels training sees")
@@ -248,6 +251,10 @@ def _compare(args) -> int:
         # the methods' settings of params.yaml: other runs in the experiment (the analyses' grid
         # cells, earlier settings) are left out
         args.variants = pipeline_variants(given, args.methods)
+        args.register = args.register or (given.tracking.register if args.track else None)
+    args.register = registered_name(args.register, "--register")
+    if args.register and not args.track:
+        raise ColamError("--register: registers the best run's model in MLflow, with --track only")
     if not args.experiment:
         raise ColamError("--experiment: name the MLflow experiment to compare (or give --params)")
     return compare.run(args, connect(create=False))  # reading: no store is created

@@ -65,6 +65,7 @@ class Comparison:
     replaced_runs: int  # older runs of a (variant, temperature, seed) that a later run replaces
     incomplete_runs: int  # finished parents without a test_acc metric
     filters: dict[str, object]
+    best_run: str | None = None  # the run of the highest validation accuracy (the earliest of a tie), if any has one
 
 
 def collect(client: mlflow.MlflowClient, experiment: str, *, protocol: str | None = None,
@@ -99,11 +100,15 @@ def collect(client: mlflow.MlflowClient, experiment: str, *, protocol: str | Non
                          f"{_describe(filters)}{hint}")
 
     rows = [_row(key, rs) for key, rs in groups.items()]
+    scored = [r for r in latest.values() if "val_acc" in r.data.metrics]
+    best = max(sorted(scored, key=lambda r: (r.info.start_time, r.info.run_id)),  # the earliest of a tie
+               key=lambda r: r.data.metrics["val_acc"], default=None)
     rows.sort(key=lambda row: (_METHOD_ORDER.get(row.method, 4), row.method,
                                row.variant, -np.inf if row.temperature is None else row.temperature))
     return Comparison(experiment=experiment, protocol=protocol, rows=tuple(rows), runs_used=len(latest),
                       other_protocol_runs=len(runs) - len(same), replaced_runs=len(complete) - len(latest),
-                      incomplete_runs=len(same) - len(complete), filters=filters)
+                      incomplete_runs=len(same) - len(complete), filters=filters,
+                      best_run=best.info.run_id if best else None)
 
 
 def markdown_table(header: list, rows: list[list], align: str) -> list[str]:
@@ -171,6 +176,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperatures", type=float, nargs="+",
                         help="only these temperatures (methods without one are kept)")
     parser.add_argument("--out", type=Path, default=Path("runs/summary"), help="output folder")
+    parser.add_argument("--track", action="store_true", help="log the table and the figure to the experiment's "
+                                                             "comparison run of the protocol")
+    parser.add_argument("--register", metavar="NAME", help="with --track: register the final network of the run of "
+                        "the highest validation accuracy as a version of NAME, and point --alias at it")
+    parser.add_argument("--alias", default="champion", help="the alias --register sets (default: champion)")
 
 
 def run(args: argparse.Namespace, client: mlflow.MlflowClient) -> int:
@@ -180,6 +190,10 @@ def run(args: argparse.Namespace, client: mlflow.MlflowClient) -> int:
     paths = write(comparison, args.out)
     # stderr, so that stdout stays the table alone
     print(f"wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
+    if args.track:
+        from pipelines.tracking import log_comparison
+
+        print(log_comparison(client, comparison, list(paths.values()), args.register, args.alias), file=sys.stderr)
     return 0
 
 

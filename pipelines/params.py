@@ -11,6 +11,7 @@ from pathlib import Path
 from colam.config import Config, build_section, from_dict, read_yaml, validate
 from colam.errors import ColamError, require
 from colam.methods import METHODS
+from pipelines.arguments import registered_name
 
 
 @dataclass
@@ -49,6 +50,7 @@ class RawDataParams:
 @dataclass
 class TrackingParams:
     experiment: str = "colam"  # MLflow experiment of the runs; the server is MLFLOW_TRACKING_URI
+    register: str = ""  # the registered model of the main run's network and the comparison's champion ("": none)
 
 
 @dataclass
@@ -94,6 +96,7 @@ def _validate(params: Params) -> None:
     _each("compare.seeds", compare.seeds, lambda seed: 0 <= seed < 2**32, "must be in [0, 2**32)", required=True)
     experiment = params.tracking.experiment
     require(experiment.strip() != "", "tracking.experiment", experiment, "must not be empty")
+    registered_name(params.tracking.register, "tracking.register")
     require(analysis.samples_per_class >= 1, "analysis.samples_per_class", analysis.samples_per_class, "must be >= 1")
     require(analysis.nearest >= 1, "analysis.nearest", analysis.nearest, "must be >= 1")
     require(not analysis.classes or len(analysis.classes) == 3, "analysis.classes", analysis.classes,

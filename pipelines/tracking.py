@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import io
 import json
 import logging
 import os
@@ -37,14 +38,15 @@ import numpy as np
 import yaml
 from filelock import FileLock
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.exceptions import MlflowException, RestException
-from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from colam import io as cio
 from colam.config import Config, from_dict
 from colam.engine import RunLog, run_metrics
 from colam.run_folder import HISTORY_FIELDS, run_digest, run_identity
+from colam.runs import RunFolder
 from colam.errors import ColamError, redact
 from colam.methods import METHODS
 
@@ -54,6 +56,8 @@ DEFAULT_URI = "sqlite:///mlflow.db"
 CURVES = ("train_loss", "train_acc", "val_acc", "test_acc", "lr", "seconds")
 FINAL = ("test_acc", "val_acc", "train_acc", "train_loss", "wall_time_s")
 NOT_REPORTS = ("estimation_seconds", "step", "steps")  # numbers in a stage's metrics that are no method report
+# MLflow 3's UI opens an experiment by its kind: one of model training shows its runs, not the GenAI overview
+KIND_TAG, TRAINING = "mlflow.experimentKind", "custom_model_development"
 
 
 def connect(uri: str | None = None, create: bool = True) -> MlflowClient:
@@ -111,16 +115,27 @@ def sqlite_path(uri: str) -> Path | None:
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:
+    """The experiment `name`, made if missing, and said to be one of model training."""
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    try:
-        return client.create_experiment(name)
-    except MlflowException:
-        experiment = client.get_experiment_by_name(name)  # a parallel run created it in between
-        if experiment is None:
-            raise
-        return experiment.experiment_id
+    if experiment is None:
+        try:
+            return client.create_experiment(name, tags={KIND_TAG: TRAINING})
+        except MlflowException:
+            experiment = client.get_experiment_by_name(name)  # a parallel run created it in between
+            if experiment is None:
+                raise
+    if KIND_TAG not in experiment.tags:  # made before colam said what it holds: the UI would guess
+        client.set_experiment_tag(experiment.experiment_id, KIND_TAG, TRAINING)
+    return experiment.experiment_id
+
+
+def split_input(config: Config, source: str) -> DatasetInput:
+    """The split a run trained on, as an MLflow dataset: the data set's name, a digest of the data settings
+    that draw the split (the same split gives the same digest, whichever runner prepared it) and where it is."""
+    digest = _digest(run_identity(config.to_dict())["data"])[:16]
+    kind = source.split("://", 1)[0] if "://" in source else "local"
+    dataset = Dataset(config.data.name, digest, kind, json.dumps({"uri": source}))
+    return DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, "train")])
 
 
 def protocol_digest(config: Config) -> str:
@@ -273,11 +288,13 @@ def tracking_client() -> MlflowClient | None:
 
 
 def step_run_log(client: MlflowClient | None, experiment: str, out_dir: str | Path, run_key: str,
-                 run_name: str | None = None):
-    """The run log of a pipeline's training step: every step of one pipeline run shares `run_key`."""
+                 run_name: str | None = None, data_source: str | None = None):
+    """The run log of a pipeline's training step: every step of one pipeline run shares `run_key`;
+    `data_source`, the URI of the split artifact it trains on."""
     if client is None:
         return contextlib.nullcontext(None)
-    return MlflowRunLog(client, experiment, out_dir, run_name=run_name or None, run_key=checked_key(run_key) or None)
+    return MlflowRunLog(client, experiment, out_dir, run_name=run_name or None, run_key=checked_key(run_key) or None,
+                        data_source=data_source)
 
 
 def checked_key(run_key: str) -> str:
@@ -399,6 +416,14 @@ def with_retries(what: str, call, budget: float):
             log.info("MLflow: %s failed (%s); try %d in %.2f s", what, _reason(exc), tries + 1, delay)
             time.sleep(delay)
             delay *= 2
+
+
+def ui_link(uri: str, experiment: str, run_id: str) -> str:
+    """Where to see a run: its page in the UI of an http(s) store, opened on model training (MLflow 3.17's UI
+    opens on its GenAI pages unless told, whatever the experiment's kind), else the store."""
+    if not uri.startswith(("http://", "https://")):
+        return display_uri(uri)
+    return f"{display_uri(uri).rstrip('/')}/#/experiments/{experiment}/runs/{run_id}?workflowType=machine_learning"
 
 
 def display_uri(uri: str) -> str:
@@ -610,6 +635,104 @@ def stage_scalars(metrics: dict) -> list[Metric]:
     return [Metric(k, float(v), now, metrics["epoch"]) for k, v in scalars.items()]
 
 
+def log_final_model(view: StoreView, run_id: str, run: RunFolder, register: str | None) -> None:
+    """The run's final network as an MLflow model of its parent run (PyTorch flavor, with a test image as
+    input example and the signature it gives), once; and a version of the registered model `register`, once."""
+    model_id = _logged_model(view, run_id)
+    if model_id is None and view.upload_error is not None:  # the artifact storage refused this pass
+        view.not_uploaded.append("the final network (an MLflow model)")
+        return
+    if model_id is None:
+        try:
+            network, example = final_model(run)
+        except (ColamError, OSError) as exc:  # e.g. a sync on a machine without the data set
+            log.warning("MLflow: the final network of %s is not logged as a model (%s)", run.path, exc)
+            return
+        try:
+            model_id = view.call("log the model", lambda: _log_model(view, run_id, network, example))
+        except Refused as refused:  # as an upload: the store answers, its artifact storage does not
+            if not view.answers():
+                raise
+            view.not_uploaded.append("the final network (an MLflow model)")
+            view.upload_error = refused
+            return
+    if register:
+        view.call(f"register model '{register}'", lambda: _register(view.client, run_id, model_id, register))
+
+
+def _logged_model(view: StoreView, run_id: str) -> str | None:
+    """The id of the model run `run_id` logged whole (a log cut off by a store fault leaves one not READY)."""
+    found = view.call("search logged models", lambda: view.client.search_logged_models(
+        [view.experiment_id], filter_string=f"source_run_id = '{run_id}'"))
+    return next((model.model_id for model in found if str(model.status) == "READY"), None)
+
+
+def final_model(run: RunFolder):
+    """The run's final network and, as its input example, the first two test images as the network sees them
+    (two: MLflow saves the network as torch.export traces it, and a batch of one would fix the batch size at 1)."""
+    from colam.datasets import build_raw_data
+    from colam.runs import final_network
+
+    data = build_raw_data(run.config.data.name, run.config.data.root, download=False)
+    network = final_network(run, len(data.classes), data.in_channels, "--out")
+    return network, np.stack([data.test[i][0].numpy() for i in range(2)])
+
+
+def _log_model(view: StoreView, run_id: str, network, example: np.ndarray) -> str:
+    import mlflow
+    import mlflow.pytorch
+    import torch
+    from mlflow.models import infer_signature
+
+    # MLflow logs models through its fluent API: into this store, and the run's experiment (not its default one)
+    mlflow.set_tracking_uri(view.client.tracking_uri)
+    mlflow.set_experiment(experiment_id=view.experiment_id)
+    with torch.no_grad():
+        logits = network(torch.from_numpy(example)).numpy()
+    # the requirements given, not inferred (MLflow would import and trace modules for seconds)
+    info = mlflow.pytorch.log_model(network, name="model", signature=infer_signature(example, logits),
+                                    input_example=example, pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                                    run_id=run_id)
+    return info.model_id
+
+
+def _register(client: MlflowClient, run_id: str, model_id: str, name: str) -> None:
+    import mlflow
+
+    if not client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+        mlflow.set_tracking_uri(client.tracking_uri)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its own lines
+            version = mlflow.register_model(f"models:/{model_id}", name)
+        log.info("MLflow: the final network of run %s is version %s of the registered model '%s'", run_id,
+                 version.version, name)
+
+
+def log_comparison(client: MlflowClient, comparison, files: list[Path], register: str | None, alias: str) -> str:
+    """`colam compare --track`: the table and figure as artifacts of the experiment's comparison run of the
+    protocol (made once, its files replaced after); with `register`, the best run's network as a version of
+    that registered model, `alias` pointing at it. One line saying what was logged."""
+    view = StoreView(client, comparison.experiment)
+    tags = {"colam.role": "comparison", "colam.protocol": comparison.protocol}
+    found = view.newest(" and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items()))
+    run_id = found.info.run_id if found else view.create(tags, f"comparison {comparison.protocol}")
+    for path in files:
+        view.call(f"upload {path.name}", lambda p=path: client.log_artifact(run_id, str(p)))
+    view.end(run_id, "FINISHED")
+    said = f"MLflow: the comparison is run {run_id} of experiment '{comparison.experiment}'"
+    if not register:
+        return said
+    if comparison.best_run is None:
+        raise ColamError(f"--register: no compared run logged a val_acc to choose the {alias} by")
+    model_id = _logged_model(view, comparison.best_run)
+    if model_id is None:
+        raise ColamError(f"--register: the best run {comparison.best_run} logged no model (trained before models "
+                         f"were logged?); train it again with --track")
+    view.call(f"register model '{register}'", lambda: _register(client, comparison.best_run, model_id, register))
+    (version,) = client.search_model_versions(f"name = '{register}' and run_id = '{comparison.best_run}'")[:1]
+    view.call(f"alias {alias}", lambda: client.set_registered_model_alias(register, alias, version.version))
+    return f"{said}; '{register}' version {version.version} ({alias}) is run {comparison.best_run}"
+
+
 def sync(run_dir: str | Path, experiment: str) -> str:
     """`colam tracking sync DIR`: bring the store up to what the run folder DIR holds; one line."""
     out_dir = Path(run_dir)
@@ -633,9 +756,10 @@ def sync(run_dir: str | Path, experiment: str) -> str:
     return f"{run_dir}: the tracking store holds what the folder holds ({said}) at {display_uri(client.tracking_uri)}"
 
 
-def open_run_log(experiment: str, out_dir: str | Path, run_name: str | None = None) -> MlflowRunLog:
+def open_run_log(experiment: str, out_dir: str | Path, run_name: str | None = None, data_source: str | None = None,
+                 register: str | None = None) -> MlflowRunLog:
     """The run log of `colam train --track`: the store must answer now (a wrong URI fails at once)."""
-    return MlflowRunLog(connect(), experiment, out_dir, run_name=run_name)
+    return MlflowRunLog(connect(), experiment, out_dir, run_name=run_name, data_source=data_source, register=register)
 
 
 class MlflowRunLog(RunLog):
@@ -647,11 +771,12 @@ class MlflowRunLog(RunLog):
     store answers again, and `colam tracking sync DIR` catches up from the files at any time."""
 
     def __init__(self, client: MlflowClient, experiment: str, out_dir: str | Path, run_name: str | None = None,
-                 run_key: str | None = None):
+                 run_key: str | None = None, data_source: str | None = None, register: str | None = None):
         """`run_key` names the run across processes whose out_dir differs (a Kubeflow run's id);
-        by default the run is named by its out_dir."""
+        by default the run is named by its out_dir. `data_source`: where the split it trains on is (a
+        folder or URI; default data.root); `register`: the registered model its final network becomes a version of."""
         self.client, self.experiment, self.out_dir, self.run_name = client, experiment, Path(out_dir), run_name
-        self.pipeline_key = run_key
+        self.pipeline_key, self.data_source, self.register = run_key, data_source, register
         self.run_key = ""  # the parent run's `colam.run_key` tag, once attached
         self.view = StoreView(client, experiment)
         self.config: Config | None = None
@@ -685,7 +810,7 @@ class MlflowRunLog(RunLog):
         self._guarded(lambda: self.catch_up(find_finished=bool(self.pipeline_key), resumed=self.resumed_from > 0))
         if self.parent_id is not None and not self.behind:
             log.info("MLflow: run %s in experiment '%s' at %s", self.parent_id, self.experiment,
-                     display_uri(self.client.tracking_uri))
+                     ui_link(self.client.tracking_uri, self.view.experiment_id, self.parent_id))
 
     def stage_start(self, stage: int) -> None:
         if not self.behind:
@@ -725,6 +850,8 @@ class MlflowRunLog(RunLog):
         for stage, stage_dir in folder.stages.items():
             sync_stage(self.view, self.parent_id, stage, stage_dir, self.config, recheck)
         if folder.history is not None:
+            last = folder.stages[max(folder.stages)]
+            log_final_model(self.view, self.parent_id, RunFolder(self.out_dir, self.config, (last,)), self.register)
             sync_parent_end(self.view, self.parent_id, folder)
 
     def _find_or_create_parent(self, find_finished: bool, resumed: bool) -> None:
@@ -754,6 +881,8 @@ class MlflowRunLog(RunLog):
                   "dataset": config.data.name, "seed": str(config.seed), "git_commit": commit or "unknown",
                   **method.short_settings(config), **self.info}
         self.view.log(parent_id, params=[Param(k, v[:6000]) for k, v in params.items()])
+        source = self.data_source or str(Path(config.data.root).expanduser().resolve())
+        self.view.call("log the data set", lambda: self.client.log_inputs(parent_id, [split_input(config, source)]))
         return parent_id
 
     def _open_stage(self, stage: int) -> None:
