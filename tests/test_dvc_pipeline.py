@@ -169,6 +169,11 @@ def test_repro_writes_every_analysis_and_logs_it_to_the_main_run(repo):
     for name in ANALYSES:
         files = {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, f"analysis/{name}")}
         assert files == {p.name for p in (repo.path / "runs/analysis" / name).iterdir() if p.name != ".colam-files"}
+    # the compare stage logged its files to a comparison run and made the best run's model the champion
+    (comparison,) = client.search_runs([experiment], "tags.`colam.role` = 'comparison'")
+    assert "table.md" in {a.path for a in client.list_artifacts(comparison.info.run_id)}
+    champion = client.get_model_version_by_alias(repo.params()["tracking"]["register"], "champion")
+    assert client.get_run(champion.run_id).data.tags["colam.out_dir"].startswith(("runs/compare/", "runs/main"))
     history = client.get_metric_history(parent.info.run_id, "expected_test_acc")
     assert sorted((m.step, m.value) for m in history) == [(r["stage"], r["expected_test_acc"]) for r in expected["stages"]]
 
