@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 from pathlib import Path
 
 
@@ -48,7 +49,10 @@ def run_log(args, run_name: str | None = None):
     """The MLflow run log of a command that trains into --out; none when not tracking, or on a rank
     other than 0 under torchrun (rank 0 alone reports)."""
     from colam.distributed import env_world
+    from colam.errors import ColamError
 
+    if getattr(args, "register", None) and not tracking(args):
+        raise ColamError("--register: registers the run's model in MLflow, with --track (or MLFLOW_TRACKING_URI) only")
     if not tracking(args) or not env_world().main:
         return contextlib.nullcontext(None)
     from pipelines.tracking import open_run_log
@@ -59,9 +63,19 @@ def run_log(args, run_name: str | None = None):
 
 
 def registered_name(name: str | None, key: str) -> str | None:
-    """A Model Registry name (None for none or empty), refused where MLflow's search strings could not quote it."""
+    """A Model Registry name (None for none or empty), refused where MLflow would refuse it, or its search
+    strings could not quote it."""
     from colam.errors import ColamError
 
-    if name and ("'" in name or '"' in name or "`" in name or name != name.strip()):
-        raise ColamError(f"{key}: {name!r} is no usable model name (quotes, or spaces at its ends)")
+    if name and (any(c in name for c in "'\"`/:%") or name != name.strip()):
+        raise ColamError(f"{key}: {name!r} is no usable model name (no quotes, / : or %, no spaces at its ends)")
     return name or None
+
+
+def alias_name(alias: str, key: str = "--alias") -> str:
+    """A Model Registry alias as MLflow takes it: letters, digits, _ and -, not 'latest' nor v<number>."""
+    from colam.errors import ColamError
+
+    if not re.fullmatch(r"[\w-]{1,255}", alias) or alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
+        raise ColamError(f"{key}: {alias!r} is no usable alias (letters, digits, _ and -; not latest or v<number>)")
+    return alias

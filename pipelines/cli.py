@@ -21,7 +21,7 @@ import sys
 from colam import distributed
 from colam.errors import ColamError, one_line, os_error
 from pipelines import analysis, compare, kubeflow, sweep
-from pipelines.arguments import (config_options, params, registered_name, run_log, tracking_options,
+from pipelines.arguments import (alias_name, config_options, params, registered_name, run_log, tracking_options,
                                  training_options)
 
 
@@ -252,12 +252,12 @@ def _compare(args) -> int:
         # cells, earlier settings) are left out
         args.variants = pipeline_variants(given, args.methods)
         args.register = args.register or (given.tracking.register if args.track else None)
-    args.register = registered_name(args.register, "--register")
+    args.register, args.alias = registered_name(args.register, "--register"), alias_name(args.alias)
     if args.register and not args.track:
         raise ColamError("--register: registers the best run's model in MLflow, with --track only")
     if not args.experiment:
         raise ColamError("--experiment: name the MLflow experiment to compare (or give --params)")
-    return compare.run(args, connect(create=False))  # reading: no store is created
+    return compare.run(args, connect(create=args.track))  # without --track it reads: no store is created
 
 
 if __name__ == "__main__":

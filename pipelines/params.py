@@ -50,7 +50,7 @@ class RawDataParams:
 @dataclass
 class TrackingParams:
     experiment: str = "colam"  # MLflow experiment of the runs; the server is MLFLOW_TRACKING_URI
-    register: str = ""  # the registered model of the main run's network and the comparison's champion ("": none)
+    register: str = ""  # `colam compare` registers its best run's network here, alias champion ("": none)
 
 
 @dataclass

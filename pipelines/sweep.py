@@ -115,16 +115,17 @@ def _in_process(runs: list[tuple[str, list[str]]]) -> int:
 
 
 def _in_workers(runs: list[tuple[str, list[str]]], workers: int) -> int:
-    """The runs in `workers` processes, in order; after a run fails none starts, those under way finish."""
+    """The runs in `workers` processes, in order, no more handed out than there are workers (the pool would
+    queue one more, and it could not be taken back): after a run fails none starts, those under way finish."""
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker)
-    pending, failed = {pool.submit(train_one, name, argv): name for name, argv in runs}, 0
+    waiting, running, failed = list(runs), set(), 0
     try:
-        while pending and not failed:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                del pending[future]
-                failed = failed or future.result()
-        pool.shutdown(wait=True, cancel_futures=True)
+        while running or (waiting and not failed):
+            while waiting and not failed and len(running) < workers:
+                running.add(pool.submit(train_one, *waiting.pop(0)))
+            done, running = wait(running, return_when=FIRST_COMPLETED)
+            failed = failed or next((code for code in (future.result() for future in done) if code), 0)
+        pool.shutdown(wait=True)
         return failed
     except BrokenProcessPool:
         pool.shutdown(wait=True, cancel_futures=True)

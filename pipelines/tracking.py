@@ -56,6 +56,7 @@ DEFAULT_URI = "sqlite:///mlflow.db"
 CURVES = ("train_loss", "train_acc", "val_acc", "test_acc", "lr", "seconds")
 FINAL = ("test_acc", "val_acc", "train_acc", "train_loss", "wall_time_s")
 NOT_REPORTS = ("estimation_seconds", "step", "steps")  # numbers in a stage's metrics that are no method report
+SPLIT_KEYS = ("name", "train_subset", "val_fraction", "label_noise", "noise_type", "split_seed")  # what draws a split
 # MLflow 3's UI opens an experiment by its kind: one of model training shows its runs, not the GenAI overview
 KIND_TAG, TRAINING = "mlflow.experimentKind", "custom_model_development"
 
@@ -132,7 +133,7 @@ def experiment_id(client: MlflowClient, name: str) -> str:
 def split_input(config: Config, source: str) -> DatasetInput:
     """The split a run trained on, as an MLflow dataset: the data set's name, a digest of the data settings
     that draw the split (the same split gives the same digest, whichever runner prepared it) and where it is."""
-    digest = _digest(run_identity(config.to_dict())["data"])[:16]
+    digest = _digest({key: getattr(config.data, key) for key in SPLIT_KEYS})[:16]
     kind = source.split("://", 1)[0] if "://" in source else "local"
     dataset = Dataset(config.data.name, digest, kind, json.dumps({"uri": source}))
     return DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, "train")])
@@ -636,8 +637,9 @@ def stage_scalars(metrics: dict) -> list[Metric]:
 
 
 def log_final_model(view: StoreView, run_id: str, run: RunFolder, register: str | None) -> None:
-    """The run's final network as an MLflow model of its parent run (PyTorch flavor, with a test image as
-    input example and the signature it gives), once; and a version of the registered model `register`, once."""
+    """The run's final network as an MLflow model of its parent run (PyTorch flavor, with test images as
+    input example and the signature they give), once; and a version of the registered model `register`, once.
+    A model that cannot be made or stored here costs a warning (what is missing: `view.not_uploaded`)."""
     model_id = _logged_model(view, run_id)
     if model_id is None and view.upload_error is not None:  # the artifact storage refused this pass
         view.not_uploaded.append("the final network (an MLflow model)")
@@ -645,16 +647,18 @@ def log_final_model(view: StoreView, run_id: str, run: RunFolder, register: str 
     if model_id is None:
         try:
             network, example = final_model(run)
-        except (ColamError, OSError) as exc:  # e.g. a sync on a machine without the data set
-            log.warning("MLflow: the final network of %s is not logged as a model (%s)", run.path, exc)
-            return
-        try:
-            model_id = view.call("log the model", lambda: _log_model(view, run_id, network, example))
+            # a retry first looks for what the try before it logged
+            model_id = view.call("log the model", lambda: _logged_model(view, run_id) or _log_model(
+                view, run_id, network, example))
         except Refused as refused:  # as an upload: the store answers, its artifact storage does not
             if not view.answers():
                 raise
             view.not_uploaded.append("the final network (an MLflow model)")
             view.upload_error = refused
+            return
+        except Exception as exc:  # no data set here (a sync elsewhere), a network torch.export cannot trace
+            view.not_uploaded.append("the final network (an MLflow model)")
+            view.upload_error = view.upload_error or Refused("log the model", exc, 1, transient=False)
             return
     if register:
         view.call(f"register model '{register}'", lambda: _register(view.client, run_id, model_id, register))
@@ -684,24 +688,43 @@ def _log_model(view: StoreView, run_id: str, network, example: np.ndarray) -> st
     import torch
     from mlflow.models import infer_signature
 
-    # MLflow logs models through its fluent API: into this store, and the run's experiment (not its default one)
-    mlflow.set_tracking_uri(view.client.tracking_uri)
-    mlflow.set_experiment(experiment_id=view.experiment_id)
     with torch.no_grad():
         logits = network(torch.from_numpy(example)).numpy()
-    # the requirements given, not inferred (MLflow would import and trace modules for seconds)
-    info = mlflow.pytorch.log_model(network, name="model", signature=infer_signature(example, logits),
-                                    input_example=example, pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-                                    run_id=run_id)
+    with _fluent(view.client.tracking_uri, view.experiment_id):
+        # the requirements given, not inferred (MLflow would import and trace modules for seconds)
+        info = mlflow.pytorch.log_model(network, name="model", signature=infer_signature(example, logits),
+                                        input_example=example, run_id=run_id,
+                                        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
     return info.model_id
+
+
+@contextlib.contextmanager
+def _fluent(uri: str, experiment: str | None = None):
+    """MLflow's fluent API (it logs and registers models) pointed at this store and the run's experiment (not
+    its default one) while the block runs; it keeps both in the environment, which is given back after."""
+    import mlflow
+
+    saved = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")}
+    mlflow.set_tracking_uri(uri)
+    if experiment is not None:
+        mlflow.set_experiment(experiment_id=experiment)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])  # None: unset
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _register(client: MlflowClient, run_id: str, model_id: str, name: str) -> None:
     import mlflow
 
     if not client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
-        mlflow.set_tracking_uri(client.tracking_uri)
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its own lines
+        with _fluent(client.tracking_uri), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):  # MLflow's own lines: colam says it below
             version = mlflow.register_model(f"models:/{model_id}", name)
         log.info("MLflow: the final network of run %s is version %s of the registered model '%s'", run_id,
                  version.version, name)
@@ -711,7 +734,16 @@ def log_comparison(client: MlflowClient, comparison, files: list[Path], register
     """`colam compare --track`: the table and figure as artifacts of the experiment's comparison run of the
     protocol (made once, its files replaced after); with `register`, the best run's network as a version of
     that registered model, `alias` pointing at it. One line saying what was logged."""
-    view = StoreView(client, comparison.experiment)
+    try:
+        return _log_comparison(StoreView(client, comparison.experiment), comparison, files, register, alias)
+    except Refused as refused:
+        raise ColamError(f"MLFLOW_TRACKING_URI: the tracking store {display_uri(client.tracking_uri)} did not take "
+                         f"{refused.what} ({refused.reason}); the comparison's files are written, run the same "
+                         f"command again when it answers") from None
+
+
+def _log_comparison(view: StoreView, comparison, files: list[Path], register: str | None, alias: str) -> str:
+    client = view.client
     tags = {"colam.role": "comparison", "colam.protocol": comparison.protocol}
     found = view.newest(" and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items()))
     run_id = found.info.run_id if found else view.create(tags, f"comparison {comparison.protocol}")
@@ -726,9 +758,10 @@ def log_comparison(client: MlflowClient, comparison, files: list[Path], register
     model_id = _logged_model(view, comparison.best_run)
     if model_id is None:
         raise ColamError(f"--register: the best run {comparison.best_run} logged no model (trained before models "
-                         f"were logged?); train it again with --track")
+                         f"were logged?); log it with colam tracking sync on its folder")
     view.call(f"register model '{register}'", lambda: _register(client, comparison.best_run, model_id, register))
-    (version,) = client.search_model_versions(f"name = '{register}' and run_id = '{comparison.best_run}'")[:1]
+    (version,) = view.call("search model versions", lambda: client.search_model_versions(
+        f"name = '{register}' and run_id = '{comparison.best_run}'"))[:1]
     view.call(f"alias {alias}", lambda: client.set_registered_model_alias(register, alias, version.version))
     return f"{said}; '{register}' version {version.version} ({alias}) is run {comparison.best_run}"
 

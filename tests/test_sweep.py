@@ -110,18 +110,20 @@ def test_runs_trained_side_by_side_are_the_runs_trained_alone(params_file, tmp_p
     assert again.stderr.count("already holds a completed run; nothing to do") == len(RUNS)
 
 
-@pytest.mark.parametrize("workers", ["1", "2"])
-def test_a_run_that_fails_stops_the_sweep_with_its_own_error(params_file, tmp_path, workers):
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_a_run_that_fails_stops_the_sweep_with_its_own_error(params_file, tmp_path, jobs):
     mine = tmp_path / "runs" / "hl-seed1" / "notes.txt"  # the user's file where a run would go
     mine.parent.mkdir(parents=True)
     mine.write_text("mine")
-    result = colam(tmp_path, "sweep", "compare", "--params", str(params_file), "--out", "runs", "--jobs", workers)
+    result = colam(tmp_path, "sweep", "compare", "--params", str(params_file), "--out", "runs", "--jobs", jobs)
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and errors[0].startswith("colam: error: --out: ") and "hl-seed1" in errors[0], errors
     assert mine.read_text() == "mine" and sorted(p.name for p in mine.parent.iterdir()) == ["notes.txt"]
-    if workers == "1":  # one at a time: no run after the failed one has started
-        assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["hl-seed0", "hl-seed1"]
+    # no run after the failed one has started: with two workers, the one beside it finished (hl-seed0 trains for
+    # seconds, hl-seed1 is refused at once), and the next in line was not handed out
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["hl-seed0", "hl-seed1"]
+    assert (tmp_path / "runs/hl-seed0/metrics.json").is_file()
 
 
 def test_the_expected_plan_trains_each_stages_soft_labels(params_file, tmp_path):
