@@ -29,6 +29,7 @@ import yaml
 from colam.steps import step_config
 from harness import ROOT, train_all
 from pipelines.params import load_params
+from pipelines.sweep import workers
 
 BIN = Path(sys.executable).parent
 UNTRACKED = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
@@ -93,7 +94,7 @@ def dvc_repro(args) -> None:
         sys.exit(f"dvc repro failed; its output: {args.workdir / 'repro.log'}")
     print(f"A. dvc repro (from scratch, tracked):      {dvc_seconds:7.1f} s", flush=True)
     runs = _pipeline_runs(repo)
-    jobs = args.jobs or max(1, (os.cpu_count() or 1) // _threads(repo))
+    jobs = args.jobs or workers(None, load_params(repo / "params.yaml").config.train.threads, len(runs))
     os.chdir(repo)  # the runs' configs name data.root and soft labels relative to the repository
     began = time.perf_counter()  # each run's own config (its train.threads too), `jobs` processes at a time
     direct = dict(train_all({name: (config, args.workdir / "direct" / name, []) for name, (_, config) in runs.items()},
@@ -122,11 +123,6 @@ def _loop(folder: Path) -> float:
     """The seconds of a run's epochs (history.csv: the last stage's holds every epoch of the run)."""
     with open(folder / "history.csv") as rows:
         return sum(float(row["seconds"]) for row in csv.DictReader(rows))
-
-
-def _threads(repo: Path) -> int:
-    threads = yaml.safe_load((repo / "params.yaml").read_text())["train"].get("threads", "auto")
-    return 1 if threads == "auto" else threads
 
 
 def startup(args) -> None:

@@ -9,6 +9,8 @@ import os
 import re
 from pathlib import Path
 
+from colam.errors import ColamError
+
 
 def config_options(command: argparse.ArgumentParser, required: bool = False,
                    help: str = "params.yaml or a colam config (defaults apply to keys it leaves out)") -> None:
@@ -49,8 +51,6 @@ def run_log(args, run_name: str | None = None):
     """The MLflow run log of a command that trains into --out; none when not tracking, or on a rank
     other than 0 under torchrun (rank 0 alone reports)."""
     from colam.distributed import env_world
-    from colam.errors import ColamError
-
     if getattr(args, "register", None) and not tracking(args):
         raise ColamError("--register: registers the run's model in MLflow, with --track (or MLFLOW_TRACKING_URI) only")
     if not tracking(args) or not env_world().main:
@@ -65,8 +65,6 @@ def run_log(args, run_name: str | None = None):
 def registered_name(name: str | None, key: str) -> str | None:
     """A Model Registry name (None for none or empty), refused where MLflow would refuse it, or its search
     strings could not quote it."""
-    from colam.errors import ColamError
-
     if name and (any(c in name for c in "'\"`/:%") or name != name.strip()):
         raise ColamError(f"{key}: {name!r} is no usable model name (no quotes, / : or %, no spaces at its ends)")
     return name or None
@@ -74,8 +72,6 @@ def registered_name(name: str | None, key: str) -> str | None:
 
 def alias_name(alias: str, key: str = "--alias") -> str:
     """A Model Registry alias as MLflow takes it: letters, digits, _ and -, not 'latest' nor v<number>."""
-    from colam.errors import ColamError
-
     if not re.fullmatch(r"[\w-]{1,255}", alias) or alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
         raise ColamError(f"{key}: {alias!r} is no usable alias (letters, digits, _ and -; not latest or v<number>)")
     return alias

@@ -719,15 +719,19 @@ def _fluent(uri: str, experiment: str | None = None):
                 os.environ[key] = value
 
 
-def _register(client: MlflowClient, run_id: str, model_id: str, name: str) -> None:
+def _register(client: MlflowClient, run_id: str, model_id: str, name: str):
+    """The version of registered model `name` that holds run `run_id`'s model: found, or made now."""
     import mlflow
 
-    if not client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
-        with _fluent(client.tracking_uri), contextlib.redirect_stdout(io.StringIO()), \
-                contextlib.redirect_stderr(io.StringIO()):  # MLflow's own lines: colam says it below
-            version = mlflow.register_model(f"models:/{model_id}", name)
-        log.info("MLflow: the final network of run %s is version %s of the registered model '%s'", run_id,
-                 version.version, name)
+    found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if found:
+        return found[0]
+    with _fluent(client.tracking_uri), contextlib.redirect_stdout(io.StringIO()), \
+            contextlib.redirect_stderr(io.StringIO()):  # MLflow's own lines: colam says it below
+        version = mlflow.register_model(f"models:/{model_id}", name)
+    log.info("MLflow: the final network of run %s is version %s of the registered model '%s'", run_id,
+             version.version, name)
+    return version
 
 
 def log_comparison(client: MlflowClient, comparison, files: list[Path], register: str | None, alias: str) -> str:
@@ -759,9 +763,8 @@ def _log_comparison(view: StoreView, comparison, files: list[Path], register: st
     if model_id is None:
         raise ColamError(f"--register: the best run {comparison.best_run} logged no model (trained before models "
                          f"were logged?); log it with colam tracking sync on its folder")
-    view.call(f"register model '{register}'", lambda: _register(client, comparison.best_run, model_id, register))
-    (version,) = view.call("search model versions", lambda: client.search_model_versions(
-        f"name = '{register}' and run_id = '{comparison.best_run}'"))[:1]
+    version = view.call(f"register model '{register}'", lambda: _register(client, comparison.best_run, model_id,
+                                                                          register))
     view.call(f"alias {alias}", lambda: client.set_registered_model_alias(register, alias, version.version))
     return f"{said}; '{register}' version {version.version} ({alias}) is run {comparison.best_run}"
 
