@@ -59,6 +59,9 @@ NOT_REPORTS = ("estimation_seconds", "step", "steps")  # numbers in a stage's me
 SPLIT_KEYS = ("name", "train_subset", "val_fraction", "label_noise", "noise_type", "split_seed")  # what draws a split
 # MLflow 3's UI opens an experiment by its kind: one of model training shows its runs, not the GenAI overview
 KIND_TAG, TRAINING = "mlflow.experimentKind", "custom_model_development"
+# The live curves: a run log sends the epochs that ended at most this often, and the rest at the stage end
+# (a write per epoch was a sixth of a short run's time on sqlite; an epoch of a real run takes longer than this).
+EPOCH_SECONDS = 5.0
 
 
 def connect(uri: str | None = None, create: bool = True) -> MlflowClient:
@@ -524,9 +527,9 @@ class StoreView:
         return self.create({MLFLOW_PARENT_RUN_ID: parent_id, "colam.role": "stage", "colam.stage": str(stage)},
                            f"stage {stage}")
 
-    def last_epoch(self, run_id: str) -> int:
+    def logged_epochs(self, run_id: str) -> set[int]:
         points = self.call("metric history", lambda: self.client.get_metric_history(run_id, "lr"))
-        return max((m.step for m in points), default=0)
+        return {m.step for m in points}
 
     def log(self, run_id: str, metrics: list[Metric] = (), params: list[Param] = ()) -> None:
         for batch in _chunks(list(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
@@ -595,8 +598,8 @@ def sync_stage(view: StoreView, parent_id: str, stage: int, folder: Path, config
     if finished and not recheck:
         return
     run_id = run.info.run_id if run is not None else view.create_stage(parent_id, stage)
-    logged = view.last_epoch(run_id)
-    rows = [r for r in _stage_state(folder)["history"] if r["stage"] == stage and r["epoch"] > logged]
+    logged = view.logged_epochs(run_id)  # not only the newest: the live hooks send epochs every few seconds
+    rows = [r for r in _stage_state(folder)["history"] if r["stage"] == stage and r["epoch"] not in logged]
     view.log(run_id, epoch_metrics(rows))
     view.counts["epochs"] += len(rows)
     if run is None or not {"stage_test_acc", "stage_train_acc"} <= run.data.metrics.keys():
@@ -610,7 +613,7 @@ def sync_stage(view: StoreView, parent_id: str, stage: int, folder: Path, config
 
 def sync_parent_end(view: StoreView, parent_id: str, state: FolderState) -> None:
     """The parent of a finished run: every epoch's curves, the final metrics, its files, FINISHED."""
-    logged = view.last_epoch(parent_id)
+    logged = max(view.logged_epochs(parent_id), default=0)
     now = _now_ms()
     curves = epoch_metrics([row for row in state.history if row["epoch"] > logged], now)
     final = [Metric(k, float(state.final[k]), now, state.final["epochs"]) for k in FINAL if k in state.final]
@@ -820,7 +823,10 @@ class MlflowRunLog(RunLog):
         self.parent_id: str | None = None  # the parent run while it is open
         self.run_id: str | None = None  # the parent run, also after finish()
         self.stage_id: str | None = None
+        self.unsent: list[dict] = []  # epochs of the open stage not sent yet
+        self.sent_at = -EPOCH_SECONDS  # time.monotonic() of the last send: the first epoch is sent at once
         self.stage_dirs: dict[int, Path] = {}
+        self.synced: set[int] = set()  # stages this process found or left FINISHED (a sync looks at them again)
         self.final: dict | None = None
         self.resumed_from = 0
         self.behind = False  # the store did not take the last call: hooks wait for a sync point
@@ -853,12 +859,15 @@ class MlflowRunLog(RunLog):
             self._guarded(lambda: self._open_stage(stage))
 
     def epoch_end(self, stage: int, row: dict) -> None:
-        if not self.behind and self.stage_id is not None:
-            self._guarded(lambda: self.view.log(self.stage_id, epoch_metrics([row])))
+        self.unsent.append(row)
+        if self.behind or self.stage_id is None or time.monotonic() - self.sent_at < EPOCH_SECONDS:
+            return
+        rows, self.unsent, self.sent_at = self.unsent, [], time.monotonic()
+        self._guarded(lambda: self.view.log(self.stage_id, epoch_metrics(rows)))
 
     def stage_end(self, stage: int, stage_dir: Path, metrics: dict) -> None:
         self.stage_dirs[stage] = Path(stage_dir)
-        self.stage_id = None
+        self.stage_id, self.unsent = None, []  # the stage's sync sends every epoch the store lacks
         self._sync_point()
 
     def finish(self, metrics: dict, out_dir: Path) -> None:
@@ -884,7 +893,9 @@ class MlflowRunLog(RunLog):
             self._find_or_create_parent(find_finished, resumed)
         folder = read_folder(self.out_dir, self.config, self.stage_dirs, self.final)
         for stage, stage_dir in folder.stages.items():
-            sync_stage(self.view, self.parent_id, stage, stage_dir, self.config, recheck)
+            if recheck or stage not in self.synced:  # one look a stage: a grid cell has dozens
+                sync_stage(self.view, self.parent_id, stage, stage_dir, self.config, recheck)
+                self.synced.add(stage)
         if folder.history is not None:
             last = folder.stages[max(folder.stages)]
             log_final_model(self.view, self.parent_id, RunFolder(self.out_dir, self.config, (last,)), self.register)
@@ -925,7 +936,7 @@ class MlflowRunLog(RunLog):
         run = self.view.newest(stage_condition(self.parent_id, stage) + " and attributes.status != 'FINISHED'")
         # An interrupted attempt that logged epochs this process trains again (a pipeline step re-runs
         # its stage from the start) is kept as it is; this attempt gets a run of its own.
-        if run is not None and self.view.last_epoch(run.info.run_id) <= self.resumed_from:
+        if run is not None and max(self.view.logged_epochs(run.info.run_id), default=0) <= self.resumed_from:
             self.stage_id = run.info.run_id
         else:
             self.stage_id = self.view.create_stage(self.parent_id, stage)

@@ -406,6 +406,42 @@ def test_interrupted_run_is_marked_and_resumes_into_the_same_parent(store, colam
     assert "soft_labels.npy" in artifact_paths(store, interrupted_stage_2)
 
 
+def test_epochs_not_sent_live_reach_the_stage_run_at_its_end_also_between_two_it_holds(store, colam_run, tmp_path,
+                                                                                        monkeypatch):
+    """The live hooks send epochs at most every EPOCH_SECONDS (an hour here: a process sends only its
+    first epoch). Killed in epoch 4 with epoch 3 unsent, the resumed process sends epoch 4 first; stage 2's
+    end then sends epoch 3, which lies below the newest epoch the store holds."""
+    config, _, _, (reference,), reference_stages = colam_run
+    monkeypatch.setattr(pipelines.tracking, "EPOCH_SECONDS", 3600.0)
+    sent = []
+    live = MlflowRunLog.epoch_end
+
+    def spy(self, stage, row):
+        before = self.sent_at
+        live(self, stage, row)
+        if self.sent_at != before:
+            sent.append(row["epoch"])
+
+    monkeypatch.setattr(MlflowRunLog, "epoch_end", spy)
+    name, out = new_experiment(store, "epochs-sent-later"), tmp_path / "run"
+    train_one_epoch = colam.engine.train_one_epoch
+    break_training_on_call(monkeypatch, 4, KeyboardInterrupt)
+    with pytest.raises(KeyboardInterrupt):
+        tracked_fit(store, name, config, out)
+    monkeypatch.setattr(colam.engine, "train_one_epoch", train_one_epoch)
+    (_, stage_2) = runs_of(store, name)[1]
+    assert history(store, stage_2.info.run_id, "lr") == []  # epoch 3 was trained, saved and not sent
+    tracked_fit(connect(store.tracking_uri), name, config, out)
+
+    assert sent == [1, 4]
+    (parent,), stages = runs_of(store, name)
+    assert [s.info.run_id for s in stages][1] == stage_2.info.run_id
+    assert [step for step, _ in history(store, stage_2.info.run_id, "lr")] == [3, 4]
+    assert curves(store, parent) == curves(store, reference)
+    for stage, expected in zip(stages, reference_stages, strict=True):
+        assert curves(store, stage) == curves(store, expected)
+
+
 # ----------------------------------------------------------------------------- 4. the CLI
 
 
