@@ -3,11 +3,12 @@
 startup: the wall time of `colam --help`, `colam check` and a one-epoch training step, and their imports.
 
 kfp: `colam kfp local` (each step a process; with --docker-image also a run where each is a container)
-     against one `colam train` of the config it resolves, alternating; medians and median ratios.
+     against one `colam train` of the config it resolves, alternating; medians and median ratios; and the
+     floor no runner of those steps goes under: each step process imports torch, which one `colam train` does once.
 dvc: `dvc repro` from scratch (tracked) in a fresh git copy of the pipeline under --workdir against
      bare untracked `colam train` processes of every run it trained (main, comparison, grid, expected),
      each from the run's own config.yaml, as many at a time as `colam sweep` runs; wall times, ratio,
-     training-loop seconds.
+     training-loop seconds, and where A's time went: its stages' wall times by what they run.
 """
 
 from __future__ import annotations
@@ -70,6 +71,25 @@ def kfp_local(args) -> None:
         print(f"  ratio {name} / colam train: median {statistics.median(ratios):.2f} "
               f"(min {min(ratios):.2f}, max {max(ratios):.2f}); test accuracy {acc:.4f} against {train_acc:.4f} "
               f"({'identical' if acc == train_acc else 'DIFFERENT'})")
+    _kfp_floor(run, stages, statistics.median(times["colam train"]), args.repeats)
+
+
+def _kfp_floor(run, stages: int, train_seconds: float, repeats: int) -> None:
+    """The least `colam kfp local` can take: `colam train`'s time plus, for every step process but one, a
+    Python process that imports torch and nothing else (each step trains, estimates or reads with torch)."""
+    from pipelines.kubeflow import build_pipeline
+
+    steps = len(build_pipeline(stages, run.to_dict(), "floor").pipeline_spec.root.dag.tasks)
+    torch_import = statistics.median(_wall([sys.executable, "-c", "import torch"]) for _ in range(repeats))
+    floor = train_seconds + (steps - 1) * torch_import
+    print(f"  floor: {steps} step processes, each importing torch ({torch_import:.2f} s for a process that only "
+          f"does that): at least {floor:.1f} s, {floor / train_seconds:.2f}x colam train")
+
+
+def _wall(command: list[str]) -> float:
+    began = time.perf_counter()
+    subprocess.run(command, check=True, env=UNTRACKED)
+    return time.perf_counter() - began
 
 
 def dvc_repro(args) -> None:
@@ -87,26 +107,59 @@ def dvc_repro(args) -> None:
     began = time.perf_counter()
     tracked = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
                "MLFLOW_TRACKING_URI": f"sqlite:///{repo}/mlflow.db"}
-    with open(args.workdir / "repro.log", "w") as output:
-        repro = subprocess.run([str(BIN / "dvc"), "repro"], cwd=repo, env=tracked, stdout=output, stderr=output)
+    stages = _timed_repro(repo, tracked, args.workdir / "repro.log")
     dvc_seconds = time.perf_counter() - began
-    if repro.returncode != 0:
-        sys.exit(f"dvc repro failed; its output: {args.workdir / 'repro.log'}")
     print(f"A. dvc repro (from scratch, tracked):      {dvc_seconds:7.1f} s", flush=True)
     runs = _pipeline_runs(repo)
+    kinds = ", ".join(f"{sum(name.startswith(kind) for name in runs)} {kind}" for kind in ("main", "compare", "grid",
+                                                                                        "expected"))
+    print(f"   of which the training loops themselves: {sum(_loop(folder) for folder, _ in runs.values()):7.1f} s "
+          f"(summed over the runs, {kinds})")
+    _stage_times(stages, runs)
     jobs = args.jobs or workers(None, load_params(repo / "params.yaml").config.train.threads, len(runs))
     os.chdir(repo)  # the runs' configs name data.root and soft labels relative to the repository
     began = time.perf_counter()  # each run's own config (its train.threads too), `jobs` processes at a time
     direct = dict(train_all({name: (config, args.workdir / "direct" / name, []) for name, (_, config) in runs.items()},
                             jobs, threads=None))
     direct_seconds = time.perf_counter() - began
-    kinds = ", ".join(f"{sum(name.startswith(kind) for name in runs)} {kind}" for kind in ("main", "compare", "grid",
-                                                                                        "expected"))
-    print(f"   of which the training loops themselves: {sum(_loop(folder) for folder, _ in runs.values()):7.1f} s "
-          f"(summed over the runs, {kinds})")
     print(f"B. colam train, one process per run:       {direct_seconds:7.1f} s ({jobs} at a time)")
-    print(f"   of which the training loops themselves: {sum(_loop(args.workdir / 'direct' / name) for name in direct):7.1f} s")
+    direct_loops = sum(_loop(args.workdir / "direct" / name) for name in direct)
+    print(f"   of which the training loops themselves: {direct_loops:7.1f} s")
     print(f"orchestration overhead A/B: {dvc_seconds / direct_seconds:.2f}x")
+
+
+def _timed_repro(repo: Path, env: dict, log_path: Path) -> list[tuple[str, str, float]]:
+    """`dvc repro` with its output in `log_path`; each stage it ran: (name, command, wall seconds), the seconds
+    from DVC's 'Running stage' line to the next one's (or the end): the stage's process and DVC's work on it."""
+    stages, began = [], time.perf_counter()
+    command = [str(BIN / "dvc"), "repro"]
+    with open(log_path, "w") as log, subprocess.Popen(command, cwd=repo, env=env, text=True, stdout=subprocess.PIPE,
+                                                      stderr=subprocess.STDOUT) as repro:
+        for line in repro.stdout:
+            log.write(f"{time.perf_counter() - began:8.2f} {line}")
+            if line.startswith("Running stage '"):
+                stages.append([line.split("'")[1], "", time.perf_counter()])
+            elif line.startswith("> ") and stages and not stages[-1][1]:
+                stages[-1][1] = line[2:].strip()
+    if repro.returncode != 0:
+        sys.exit(f"dvc repro failed; its output: {log_path}")
+    ends = [start for _, _, start in stages[1:]] + [time.perf_counter()]
+    return [(name, command, end - start) for (name, command, start), end in zip(stages, ends)]
+
+
+def _stage_times(stages: list[tuple[str, str, float]], runs: dict[str, tuple[Path, Path]]) -> None:
+    """A's stages by what they run: the chain's `colam train` steps, the `colam sweep`s, and the rest (they
+    train nothing); each group's wall time and the training loops its runs hold (a sweep trains two at once)."""
+    groups = {"colam train": ("the main run, a process per stage", ("main",)),
+              "colam sweep": ("the comparison, grid and expected runs", ("compare/", "grid/", "expected/")),
+              "": ("stages that train nothing", ())}
+    for command, (label, kinds) in groups.items():
+        chosen = [(name, seconds) for name, cmd, seconds in stages
+                  if next(c for c in groups if cmd.startswith(c)) == command]
+        loops = sum(_loop(folder) for name, (folder, _) in runs.items() if kinds and name.startswith(kinds))
+        print(f"   {command or 'other'} ({label}): {sum(s for _, s in chosen):6.1f} s"
+              + (f", training loops {loops:.1f} s" if kinds else "")
+              + f" [{', '.join(f'{name} {seconds:.1f}' for name, seconds in chosen)}]")
 
 
 def _pipeline_runs(repo: Path) -> dict[str, tuple[Path, Path]]:
