@@ -60,7 +60,7 @@ SPLIT_KEYS = ("name", "train_subset", "val_fraction", "label_noise", "noise_type
 # MLflow 3's UI opens an experiment by its kind: one of model training shows its runs, not the GenAI overview
 KIND_TAG, TRAINING = "mlflow.experimentKind", "custom_model_development"
 # The live curves: a run log sends the epochs that ended at most this often, and the rest at the stage end
-# (a write per epoch was a sixth of a short run's time on sqlite; an epoch of a real run takes longer than this).
+# (a write per epoch was a tenth of a short run's time on sqlite; an epoch of a real run takes longer than this).
 EPOCH_SECONDS = 5.0
 
 
@@ -804,8 +804,8 @@ def open_run_log(experiment: str, out_dir: str | Path, run_name: str | None = No
 class MlflowRunLog(RunLog):
     """Reports a colam run to MLflow; use it as a context manager so a crash marks the runs FAILED.
 
-    The run folder is the record: the live hooks log each epoch as it ends, and at every stage end
-    and at the finish `catch_up` brings the store up to the folder. A store that does not answer
+    The run folder is the record: the live hooks send the epochs that ended, every EPOCH_SECONDS at most; at
+    every stage end and at the finish `catch_up` brings the store up to the folder. A store that does not answer
     costs one warning; from then on the run log waits for a stage end or the finish at which the
     store answers again, and `colam tracking sync DIR` catches up from the files at any time."""
 
@@ -868,6 +868,7 @@ class MlflowRunLog(RunLog):
     def stage_end(self, stage: int, stage_dir: Path, metrics: dict) -> None:
         self.stage_dirs[stage] = Path(stage_dir)
         self.stage_id, self.unsent = None, []  # the stage's sync sends every epoch the store lacks
+        self.synced.discard(stage)  # trained here: its run is not the one a sync at the start may have finished
         self._sync_point()
 
     def finish(self, metrics: dict, out_dir: Path) -> None:
@@ -978,9 +979,14 @@ class MlflowRunLog(RunLog):
         return self
 
     def __exit__(self, kind, error, traceback) -> None:
-        """On an error mark the open runs; after a stage that is not the last, the parent stays RUNNING."""
+        """On an error send the open stage's saved epochs and mark the open runs; after a stage that is not the
+        last, the parent stays RUNNING."""
         if kind is None or self.behind:
             return
+        if self.stage_id is not None and self.unsent:  # saved epochs: a run never resumed shows them too
+            self._guarded(lambda: self.view.log(self.stage_id, epoch_metrics(self.unsent)))
+            if self.behind:
+                return
         status = "KILLED" if issubclass(kind, KeyboardInterrupt) else "FAILED"
         for run_id in filter(None, (self.stage_id, self.parent_id)):
             try:

@@ -22,6 +22,7 @@ import pipelines.tracking
 from colam.config import load_config
 from colam.engine import fit, fit_stage
 from colam.models import build_model
+from colam.run_folder import WholeRun
 from pipelines import cli as pipelines_cli
 from pipelines.tracking import MlflowRunLog, connect, flat_params, protocol_digest, variant
 from tests.conftest import TINY
@@ -406,8 +407,8 @@ def test_interrupted_run_is_marked_and_resumes_into_the_same_parent(store, colam
     assert "soft_labels.npy" in artifact_paths(store, interrupted_stage_2)
 
 
-def test_epochs_not_sent_live_reach_the_stage_run_at_its_end_also_between_two_it_holds(store, colam_run, tmp_path,
-                                                                                        monkeypatch):
+def test_epochs_not_sent_live_reach_the_stage_run_at_its_end_also_below_the_newest_it_holds(store, colam_run,
+                                                                                            tmp_path, monkeypatch):
     """The live hooks send epochs at most every EPOCH_SECONDS (an hour here: a process sends only its
     first epoch). Killed in epoch 4 with epoch 3 unsent, the resumed process sends epoch 4 first; stage 2's
     end then sends epoch 3, which lies below the newest epoch the store holds."""
@@ -425,9 +426,9 @@ def test_epochs_not_sent_live_reach_the_stage_run_at_its_end_also_between_two_it
     monkeypatch.setattr(MlflowRunLog, "epoch_end", spy)
     name, out = new_experiment(store, "epochs-sent-later"), tmp_path / "run"
     train_one_epoch = colam.engine.train_one_epoch
-    break_training_on_call(monkeypatch, 4, KeyboardInterrupt)
-    with pytest.raises(KeyboardInterrupt):
-        tracked_fit(store, name, config, out)
+    break_training_on_call(monkeypatch, 4, Killed)
+    with pytest.raises(Killed):  # no `with`: nothing sends what the run log held back
+        fit(config, out, run_log=MlflowRunLog(store, name, out))
     monkeypatch.setattr(colam.engine, "train_one_epoch", train_one_epoch)
     (_, stage_2) = runs_of(store, name)[1]
     assert history(store, stage_2.info.run_id, "lr") == []  # epoch 3 was trained, saved and not sent
@@ -440,6 +441,42 @@ def test_epochs_not_sent_live_reach_the_stage_run_at_its_end_also_between_two_it
     assert curves(store, parent) == curves(store, reference)
     for stage, expected in zip(stages, reference_stages, strict=True):
         assert curves(store, stage) == curves(store, expected)
+
+
+def test_a_run_stopped_by_an_error_sends_its_saved_epochs_before_it_marks_the_stage(store, colam_run, tmp_path,
+                                                                                     monkeypatch):
+    monkeypatch.setattr(pipelines.tracking, "EPOCH_SECONDS", 3600.0)  # a process sends only its first epoch live
+    name, out = new_experiment(store, "epochs-sent-on-error"), tmp_path / "run"
+    break_training_on_call(monkeypatch, 4, RuntimeError)  # epoch 4: epoch 3, stage 2's first, is saved
+    with pytest.raises(RuntimeError):
+        tracked_fit(store, name, colam_run[0], out)
+    _, (_, stage_2) = runs_of(store, name)
+    assert stage_2.info.status == "FAILED"
+    assert [step for step, _ in history(store, stage_2.info.run_id, "lr")] == [3]
+
+
+def test_a_stage_trained_again_after_a_kill_between_its_files_and_the_checkpoint_ends_finished(store, colam_run,
+                                                                                              tmp_path, monkeypatch):
+    """Killed after stage 1's folder was written but before checkpoint.pt: the restart finishes stage 1's
+    run from the folder, trains epoch 2 again into a new stage run, and that one ends FINISHED too."""
+    config, _, _, (reference,), _ = colam_run
+    name, out, save = new_experiment(store, "killed-at-a-stage-end"), tmp_path / "run", WholeRun.save
+
+    def killed_at_stage_1_end(self, state):
+        if state["epoch"] == 2:
+            raise Killed
+        save(self, state)
+
+    monkeypatch.setattr(WholeRun, "save", killed_at_stage_1_end)
+    with pytest.raises(Killed):
+        fit(config, out, run_log=MlflowRunLog(store, name, out))
+    monkeypatch.setattr(WholeRun, "save", save)
+    tracked_fit(connect(store.tracking_uri), name, config, out)
+
+    (parent,), stages = runs_of(store, name)
+    assert [(s.data.tags["colam.stage"], s.info.status) for s in stages] == [("1", "FINISHED"), ("1", "FINISHED"),
+                                                                              ("2", "FINISHED")]
+    assert parent.info.status == "FINISHED" and curves(store, parent) == curves(store, reference)
 
 
 # ----------------------------------------------------------------------------- 4. the CLI
