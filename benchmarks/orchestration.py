@@ -4,7 +4,8 @@ startup: the wall time of `colam --help`, `colam check` and a one-epoch training
 
 kfp: `colam kfp local` (each step a process; with --docker-image also a run where each is a container)
      against one `colam train` of the config it resolves, alternating; medians and median ratios; and the
-     floor no runner of those steps goes under: each step process imports torch, which one `colam train` does once.
+     floor of a runner that runs the steps one after another: each step process imports torch, which one
+     `colam train` does once.
 dvc: `dvc repro` from scratch (tracked) in a fresh git copy of the pipeline under --workdir against
      bare untracked `colam train` processes of every run it trained (main, comparison, grid, expected),
      each from the run's own config.yaml, as many at a time as `colam sweep` runs; wall times, ratio,
@@ -75,8 +76,9 @@ def kfp_local(args) -> None:
 
 
 def _kfp_floor(run, stages: int, train_seconds: float, repeats: int) -> None:
-    """The least `colam kfp local` can take: `colam train`'s time plus, for every step process but one, a
-    Python process that imports torch and nothing else (each step trains, estimates or reads with torch)."""
+    """The least `colam kfp local` (one step after another) can take: `colam train`'s time plus, for every step
+    process but one, a Python process that imports torch and nothing else (each step trains, estimates or reads
+    with torch). A cluster may run the last estimate and the evaluation side by side: one import fewer."""
     from pipelines.kubeflow import build_pipeline
 
     steps = len(build_pipeline(stages, run.to_dict(), "floor").pipeline_spec.root.dag.tasks)
@@ -109,7 +111,8 @@ def dvc_repro(args) -> None:
                "MLFLOW_TRACKING_URI": f"sqlite:///{repo}/mlflow.db"}
     stages = _timed_repro(repo, tracked, args.workdir / "repro.log")
     dvc_seconds = time.perf_counter() - began
-    print(f"A. dvc repro (from scratch, tracked):      {dvc_seconds:7.1f} s", flush=True)
+    print(f"A. dvc repro (from scratch, tracked):      {dvc_seconds:7.1f} s "
+          f"(DVC before its first stage: {dvc_seconds - sum(seconds for *_, seconds in stages):.1f} s)", flush=True)
     runs = _pipeline_runs(repo)
     kinds = ", ".join(f"{sum(name.startswith(kind) for name in runs)} {kind}" for kind in ("main", "compare", "grid",
                                                                                         "expected"))
@@ -130,7 +133,8 @@ def dvc_repro(args) -> None:
 
 def _timed_repro(repo: Path, env: dict, log_path: Path) -> list[tuple[str, str, float]]:
     """`dvc repro` with its output in `log_path`; each stage it ran: (name, command, wall seconds), the seconds
-    from DVC's 'Running stage' line to the next one's (or the end): the stage's process and DVC's work on it."""
+    from DVC's 'Running stage' line to the next one's (or the end): the stage's process, DVC's work on its
+    outputs and on the next stage's dependencies."""
     stages, began = [], time.perf_counter()
     command = [str(BIN / "dvc"), "repro"]
     with open(log_path, "w") as log, subprocess.Popen(command, cwd=repo, env=env, text=True, stdout=subprocess.PIPE,
