@@ -531,6 +531,9 @@ class StoreView:
         points = self.call("metric history", lambda: self.client.get_metric_history(run_id, "lr"))
         return {m.step for m in points}
 
+    def last_epoch(self, run_id: str) -> int:
+        return max(self.logged_epochs(run_id), default=0)
+
     def log(self, run_id: str, metrics: list[Metric] = (), params: list[Param] = ()) -> None:
         for batch in _chunks(list(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
             self.call(f"log_batch to run {run_id}", lambda b=batch: self.client.log_batch(run_id, metrics=b))
@@ -613,7 +616,7 @@ def sync_stage(view: StoreView, parent_id: str, stage: int, folder: Path, config
 
 def sync_parent_end(view: StoreView, parent_id: str, state: FolderState) -> None:
     """The parent of a finished run: every epoch's curves, the final metrics, its files, FINISHED."""
-    logged = max(view.logged_epochs(parent_id), default=0)
+    logged = view.last_epoch(parent_id)
     now = _now_ms()
     curves = epoch_metrics([row for row in state.history if row["epoch"] > logged], now)
     final = [Metric(k, float(state.final[k]), now, state.final["epochs"]) for k in FINAL if k in state.final]
@@ -860,10 +863,8 @@ class MlflowRunLog(RunLog):
 
     def epoch_end(self, stage: int, row: dict) -> None:
         self.unsent.append(row)
-        if self.behind or self.stage_id is None or time.monotonic() - self.sent_at < EPOCH_SECONDS:
-            return
-        rows, self.unsent, self.sent_at = self.unsent, [], time.monotonic()
-        self._guarded(lambda: self.view.log(self.stage_id, epoch_metrics(rows)))
+        if not self.behind and self.stage_id is not None and time.monotonic() - self.sent_at >= EPOCH_SECONDS:
+            self._send_unsent()
 
     def stage_end(self, stage: int, stage_dir: Path, metrics: dict) -> None:
         self.stage_dirs[stage] = Path(stage_dir)
@@ -937,10 +938,15 @@ class MlflowRunLog(RunLog):
         run = self.view.newest(stage_condition(self.parent_id, stage) + " and attributes.status != 'FINISHED'")
         # An interrupted attempt that logged epochs this process trains again (a pipeline step re-runs
         # its stage from the start) is kept as it is; this attempt gets a run of its own.
-        if run is not None and max(self.view.logged_epochs(run.info.run_id), default=0) <= self.resumed_from:
+        if run is not None and self.view.last_epoch(run.info.run_id) <= self.resumed_from:
             self.stage_id = run.info.run_id
         else:
             self.stage_id = self.view.create_stage(self.parent_id, stage)
+
+    def _send_unsent(self) -> None:
+        """The open stage's epochs not sent yet, to its run (a store that does not take them: the stage's sync)."""
+        rows, self.unsent, self.sent_at = self.unsent, [], time.monotonic()
+        self._guarded(lambda: self.view.log(self.stage_id, epoch_metrics(rows)))
 
     def _sync_point(self) -> None:
         """At a stage end and at the finish: catch up, if the store answers again after falling behind."""
@@ -984,7 +990,7 @@ class MlflowRunLog(RunLog):
         if kind is None or self.behind:
             return
         if self.stage_id is not None and self.unsent:  # saved epochs: a run never resumed shows them too
-            self._guarded(lambda: self.view.log(self.stage_id, epoch_metrics(self.unsent)))
+            self._send_unsent()
             if self.behind:
                 return
         status = "KILLED" if issubclass(kind, KeyboardInterrupt) else "FAILED"
