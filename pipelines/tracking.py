@@ -1,19 +1,18 @@
 """MLflow tracking for colam runs: the one place that knows MLflow.
 
-One parent run per training run, holding the run's parameters, the per-epoch curves and the final
-metrics; one nested run per stage, holding that stage's curves (step = epoch), its checkpoint
-(`model.pt`, a state_dict), its soft labels (`soft_labels.npy` and a heatmap) and its metrics.
+One parent run per training run, holding the run's parameters, the per-epoch curves and the final metrics; one nested
+run per stage, holding that stage's curves (step = epoch), its checkpoint (`model.pt`, a state_dict), its soft labels
+(`soft_labels.npy` and a heatmap) and its metrics.
 
-The run folder is the record, the store a view of it: `MlflowRunLog.catch_up` (at every stage end
-and at the finish) and `colam tracking sync DIR` (at any time) bring the store up to what the
-folder holds, adding only what the store misses, so they may run any number of times and after a
-kill at any moment. A run trained in pieces (resumed, or a pipeline step per stage) continues the
-same parent run, found by its `colam.run_key` tag (a digest of the output folder, or the pipeline
-run's key, and the configuration).
+The run folder is the record, the store a view of it: `MlflowRunLog.catch_up` (at every stage end and at the finish)
+and `colam tracking sync DIR` (at any time) bring the store up to what the folder holds, adding only what the store
+misses, so they may run any number of times and after a kill at any moment. A run trained in pieces (resumed, or a
+pipeline step per stage) continues the same parent run, found by its `colam.run_key` tag (a digest of the output
+folder, or the pipeline run's key, and the configuration).
 
-The tracking store is `MLFLOW_TRACKING_URI`, or `sqlite:///mlflow.db` in the current folder. Each
-call is retried with exponential backoff for COLAM_TRACKING_RETRY_SECONDS (default 8) in all; a
-store that still does not answer costs one warning, never the training.
+The tracking store is `MLFLOW_TRACKING_URI`, or `sqlite:///mlflow.db` in the current folder. Each call is retried with
+exponential backoff for COLAM_TRACKING_RETRY_SECONDS (default 8) in all; a store that still does not answer costs one
+warning, never the training.
 """
 
 from __future__ import annotations
@@ -52,11 +51,14 @@ from colam.methods import METHODS
 
 log = logging.getLogger("colam")
 
+
 DEFAULT_URI = "sqlite:///mlflow.db"
 CURVES = ("train_loss", "train_acc", "val_acc", "test_acc", "lr", "seconds")
 FINAL = ("test_acc", "val_acc", "train_acc", "train_loss", "wall_time_s")
 NOT_REPORTS = ("estimation_seconds", "step", "steps")  # numbers in a stage's metrics that are no method report
 SPLIT_KEYS = ("name", "train_subset", "val_fraction", "label_noise", "noise_type", "split_seed")  # what draws a split
+STAGE_FILES = ("model.pt", "export.pt", "metrics.json", "soft_labels.npy", "soft_labels.json", "sample_soft_labels.npy",
+               "learned_labels.npy", "learned_sample_labels.npy")
 # MLflow 3's UI opens an experiment by its kind: one of model training shows its runs, not the GenAI overview
 KIND_TAG, TRAINING = "mlflow.experimentKind", "custom_model_development"
 # The live curves: a run log sends the epochs that ended at most this often, and the rest at the stage end
@@ -65,27 +67,29 @@ EPOCH_SECONDS = 5.0
 
 
 def connect(uri: str | None = None, create: bool = True) -> MlflowClient:
-    """A client of `uri` that has answered once, so a wrong server fails before training starts;
-    a sqlite store that does not exist is created, or refused where the caller only reads (`create`)."""
+    """A client of `uri` that has answered once, so a wrong server fails before training starts; a sqlite store that
+    does not exist is created, or refused where the caller only reads (`create`)."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
     database = sqlite_path(uri)
     if database is not None and not create and not database.is_file():
         raise ColamError(f"MLFLOW_TRACKING_URI: there is no MLflow store at '{database}' to read")
-    if database is not None and create and _read_only(database):  # else every write fails, each after retries
+    # sqlite writes the file and a journal beside it (no folder: opening it says so); else every write fails, retried
+    if database is not None and create and database.parent.is_dir() and (not os.access(database.parent, os.W_OK) or (
+            database.exists() and not os.access(database, os.W_OK))):
         raise ColamError(f"MLFLOW_TRACKING_URI: the MLflow store '{database}' cannot be written (a read-only "
                          f"file, folder or file system); make it writable or track into another store")
     try:
         # MLflow retries a refused connection for minutes by default: one quick try tells us enough.
         with bounded_http(timeout=10), contextlib.ExitStack() as held:
-            # A fresh sqlite store is created (its migrations run) by the first process that opens it:
-            # parallel runs (dvc queue start -j N) take turns there, or the migrations collide. No lock
-            # where the folder cannot be written to: opening the store then says why.
+            # A fresh sqlite store is created (its migrations run) by the first process that opens it: parallel runs
+            # (dvc queue start -j N) take turns there, or the migrations collide. No lock where the folder cannot be
+            # written to: opening the store then says why.
             if database is not None:
                 with contextlib.suppress(OSError):
                     held.enter_context(FileLock(database.with_name(database.name + ".lock")))
             if database is not None and not database.exists():
-                # Made whole, then renamed into place: a kill during MLflow's migrations leaves only the
-                # temporary file (the next creation starts it again), never a half-made store.
+                # Made whole, then renamed into place: a kill during MLflow's migrations leaves only the temporary
+                # file (the next creation starts it again), never a half-made store.
                 scratch = database.with_name(f".{database.name}.creating.tmp")
                 scratch.unlink(missing_ok=True)
                 MlflowClient(tracking_uri=f"sqlite:///{scratch.resolve()}").search_experiments(max_results=1)
@@ -98,24 +102,16 @@ def connect(uri: str | None = None, create: bool = True) -> MlflowClient:
     return client
 
 
-def _read_only(database: Path) -> bool:
-    """Whether sqlite cannot write `database`: it writes the file and a journal beside it in its folder."""
-    if not database.parent.is_dir():
-        return False  # opening the store says that the folder is missing
-    return not os.access(database.parent, os.W_OK) or (database.exists() and not os.access(database, os.W_OK))
-
-
 def sqlite_path(uri: str) -> Path | None:
     """The database file of a sqlite URI (None for other stores and in-memory databases)."""
     if not uri.startswith("sqlite:"):
         return None
     from sqlalchemy.engine import make_url
 
-    try:
+    with contextlib.suppress(Exception):  # a malformed URI: MLflow says why when it opens it
         database = make_url(uri).database
-    except Exception:  # a malformed URI: MLflow says why when it opens it
-        return None
-    return Path(database) if database and database != ":memory:" else None
+        return Path(database) if database and database != ":memory:" else None
+    return None
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:
@@ -134,8 +130,8 @@ def experiment_id(client: MlflowClient, name: str) -> str:
 
 
 def split_input(config: Config, source: str) -> DatasetInput:
-    """The split a run trained on, as an MLflow dataset: the data set's name, a digest of the data settings
-    that draw the split (the same split gives the same digest, whichever runner prepared it) and where it is."""
+    """The split a run trained on, as an MLflow dataset: the data set's name, a digest of the data settings that draw
+    the split (the same split gives the same digest, whichever runner prepared it) and where it is."""
     digest = _digest({key: getattr(config.data, key) for key in SPLIT_KEYS})[:16]
     kind = source.split("://", 1)[0] if "://" in source else "local"
     dataset = Dataset(config.data.name, digest, kind, json.dumps({"uri": source}))
@@ -161,17 +157,15 @@ def flat_params(config: Config) -> dict[str, str]:
     settings = config.to_dict()
     method = settings.pop("method")
     settings["method"] = {"name": method["name"], method["name"]: method[method["name"]]}
-    flat: dict[str, str] = {}
 
-    def walk(node: dict, prefix: str) -> None:
+    def walk(node: dict, prefix: str):
         for key, value in node.items():
             if isinstance(value, dict) and value and key != "options":
-                walk(value, f"{prefix}{key}.")
+                yield from walk(value, f"{prefix}{key}.")
             else:
-                flat[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+                yield f"{prefix}{key}", json.dumps(value) if isinstance(value, (dict, list)) else str(value)
 
-    walk(settings, "")
-    return flat
+    return dict(walk(settings, ""))
 
 
 def git_commit() -> str | None:
@@ -182,15 +176,10 @@ def git_commit() -> str | None:
     return result.stdout.strip() if result.returncode == 0 else None
 
 
-STAGE_FILES = ("model.pt", "export.pt", "metrics.json", "soft_labels.npy", "soft_labels.json", "sample_soft_labels.npy",
-               "learned_labels.npy", "learned_sample_labels.npy")
-
-
 @contextlib.contextmanager
 def stage_files(folder: Path, stage: int, config: Config, held: set[str] = frozenset()):
-    """A stage folder's checkpoint, metrics and soft labels, with a heatmap of the soft labels drawn
-    into a temporary folder while the block runs (unless `held` has it already): (path, artifact
-    folder, name to report) each."""
+    """A stage folder's checkpoint, metrics and soft labels, with a heatmap of the soft labels drawn into a temporary
+    folder while the block runs (unless `held` has it already): (path, artifact folder, name to report) each."""
     from pipelines import figures
 
     # only what colam wrote there: a link planted in the folder must not upload a file from elsewhere
@@ -273,9 +262,8 @@ def log_evaluation(client: MlflowClient, experiment: str, config: Config, key: s
 
 
 def log_files(client: MlflowClient, run_id: str, paths: list[Path], artifact_path: str) -> None:
-    for path in paths:
-        if path.exists():
-            client.log_artifact(run_id, str(path), artifact_path=artifact_path)
+    for path in filter(Path.exists, paths):
+        client.log_artifact(run_id, str(path), artifact_path=artifact_path)
 
 
 def log_points(client: MlflowClient, run_id: str, metrics: dict[str, list]) -> None:
@@ -293,8 +281,8 @@ def tracking_client() -> MlflowClient | None:
 
 def step_run_log(client: MlflowClient | None, experiment: str, out_dir: str | Path, run_key: str,
                  run_name: str | None = None, data_source: str | None = None):
-    """The run log of a pipeline's training step: every step of one pipeline run shares `run_key`;
-    `data_source`, the URI of the split artifact it trains on."""
+    """The run log of a pipeline's training step: the steps of one pipeline run share `run_key`; `data_source`: the
+    URI of the split artifact it trains on."""
     if client is None:
         return contextlib.nullcontext(None)
     return MlflowRunLog(client, experiment, out_dir, run_name=run_name or None, run_key=checked_key(run_key) or None,
@@ -302,8 +290,7 @@ def step_run_log(client: MlflowClient | None, experiment: str, out_dir: str | Pa
 
 
 def checked_key(run_key: str) -> str:
-    """A pipeline run's key, refused when the backend left the placeholder unresolved (every run
-    would then share one key, and one MLflow run)."""
+    """A pipeline run's key, refused if the backend left its placeholder unresolved (all would share one MLflow run)."""
     if run_key.startswith("{{"):
         raise ColamError(f"run_key: the pipeline backend passed the placeholder {run_key!r} unresolved; tracking a "
                          f"pipeline run in MLflow needs Kubeflow Pipelines 2.4 or newer")
@@ -333,12 +320,11 @@ def retry_seconds() -> float:
 
 
 def bounded_http(timeout: float | None = None):
-    """For the calls inside: no retries of MLflow's own (ours retry; its default retries a refused
-    connection for minutes), a request timeout, and at most 3 attempts of boto3 (a direct s3:// store)."""
+    """For the calls inside: no retries of MLflow's own (ours retry; its default retries a refused connection for
+    minutes), a request timeout, and at most 3 attempts of boto3 (a direct s3:// store)."""
     return mock.patch.dict(os.environ, {
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
-        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout) if timeout is not None else
-        os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT") or str(HTTP_TIMEOUT_S),
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout or os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT") or HTTP_TIMEOUT_S),
         "AWS_MAX_ATTEMPTS": os.environ.get("AWS_MAX_ATTEMPTS") or "3"})
 
 
@@ -360,8 +346,8 @@ def store_error(exc: BaseException) -> bool:
 
 
 def transient(exc: BaseException) -> bool:
-    """Whether a failed call may succeed when tried again: the store unreachable, a timeout, HTTP 5xx,
-    a busy sqlite database, an S3 upload that failed on the storage side."""
+    """Whether a failed call may succeed when tried again: the store unreachable, a timeout, HTTP 5xx, a busy sqlite
+    database, an S3 upload that failed on the storage side."""
     for e in _chain(exc):
         name, root, text = type(e).__name__, _root(e), str(e)
         if isinstance(e, (ConnectionError, TimeoutError)) or "database is locked" in text or root == "urllib3":
@@ -402,8 +388,8 @@ class Refused(Exception):
 
 
 def with_retries(what: str, call, budget: float):
-    """call(), tried again with exponential backoff on transient store errors for `budget` seconds
-    in all (at least one retry unless the budget is 0); Refused when it never succeeds."""
+    """call(), tried again with exponential backoff on transient store errors for `budget` seconds in all (at least
+    one retry unless the budget is 0); Refused when it never succeeds."""
     began, delay, tries = time.monotonic(), FIRST_DELAY_S, 0
     while True:
         tries += 1
@@ -423,8 +409,8 @@ def with_retries(what: str, call, budget: float):
 
 
 def ui_link(uri: str, experiment: str, run_id: str) -> str:
-    """Where to see a run: its page in the UI of an http(s) store, opened on model training (MLflow 3.17's UI
-    opens on its GenAI pages unless told, whatever the experiment's kind), else the store."""
+    """Where to see a run: its page in the UI of an http(s) store, opened on model training (MLflow 3.17's UI opens on
+    its GenAI pages unless told, whatever the experiment's kind), else the store."""
     if not uri.startswith(("http://", "https://")):
         return display_uri(uri)
     return f"{display_uri(uri).rstrip('/')}/#/experiments/{experiment}/runs/{run_id}?workflowType=machine_learning"
@@ -443,8 +429,8 @@ def display_uri(uri: str) -> str:
 
 @dataclass
 class FolderState:
-    """What a run folder holds, as the store should show it: its finished stage folders and,
-    when the run is over, its final metrics and the files of the parent run."""
+    """What a run folder holds, as the store should show it: its finished stage folders and, when the run is over, its
+    final metrics and the files of the parent run."""
 
     stages: dict[int, Path]
     final: dict | None = None
@@ -453,8 +439,8 @@ class FolderState:
 
 
 def read_folder(out_dir: Path, config: Config, stage_dirs: dict[int, Path], final: dict | None) -> FolderState:
-    """The finished stages of `out_dir` (stage_K/ with its metrics.json and state.pt, plus the
-    folders a run log was told of), and the final metrics once the last stage is there."""
+    """The finished stages of `out_dir` (stage_K/ with its metrics.json and state.pt, plus the folders a run log was
+    told of), and the final metrics once the last stage is there."""
     stages = dict(stage_dirs)
     for folder in out_dir.glob("stage_*"):
         number = folder.name.removeprefix("stage_")
@@ -481,24 +467,12 @@ def _stage_state(folder: Path) -> dict:
     return cio.load_torch(folder / "state.pt", "stage state")
 
 
-def folder_config(out_dir: Path) -> Config:
-    """The configuration a run folder was trained with: its config.yaml, else a stage's state."""
-    if (out_dir / "config.yaml").is_file():
-        return from_dict(yaml.safe_load((out_dir / "config.yaml").read_text()))
-    for folder in sorted(out_dir.glob("stage_*/state.pt")):
-        return from_dict(_stage_state(folder.parent)["config"])
-    raise ColamError(f"{out_dir}: not a colam run folder (no config.yaml and no stage_K/state.pt)")
-
-
 # --------------------------------------------------------------- the store as a view of the folder
 
 
 class StoreView:
-    """One run's runs in the store (a parent, a nested run per stage), brought up to a run folder.
-
-    Every step looks at what the store holds first and adds only what is missing, so a sync may run
-    any number of times and after a kill at any moment; each call is retried (`with_retries`), and
-    one the store did not take raises `Refused`: what it misses stays in the run folder for the next sync."""
+    """One run's runs in the store (a parent, a nested run per stage), brought up to a run folder by adding only what
+    the store misses; each call is retried (`with_retries`), and one the store did not take raises `Refused`."""
 
     def __init__(self, client: MlflowClient, experiment: str):
         self.client, self.experiment = client, experiment
@@ -528,53 +502,53 @@ class StoreView:
                            f"stage {stage}")
 
     def logged_epochs(self, run_id: str) -> set[int]:
-        points = self.call("metric history", lambda: self.client.get_metric_history(run_id, "lr"))
-        return {m.step for m in points}
+        return {m.step for m in self.call("metric history", lambda: self.client.get_metric_history(run_id, "lr"))}
 
     def last_epoch(self, run_id: str) -> int:
         return max(self.logged_epochs(run_id), default=0)
 
     def log(self, run_id: str, metrics: list[Metric] = (), params: list[Param] = ()) -> None:
-        for batch in _chunks(list(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
-            self.call(f"log_batch to run {run_id}", lambda b=batch: self.client.log_batch(run_id, metrics=b))
-        for batch in _chunks(list(params), 100):
-            self.call(f"log_batch to run {run_id}", lambda b=batch: self.client.log_batch(run_id, params=b))
+        for key, items, size in (("metrics", metrics, 1000), ("params", params, 100)):  # MLflow's most per batch
+            for i in range(0, len(items), size):
+                self.call(f"log_batch to run {run_id}",
+                          lambda b=list(items[i : i + size]), k=key: self.client.log_batch(run_id, **{k: b}))
 
     def end(self, run_id: str, status: str) -> None:
         self.call(f"end run {run_id}", lambda: self.client.set_terminated(run_id, status, end_time=_now_ms()))
 
     def held(self, run_id: str) -> set[str]:
-        """The artifacts a run holds; none, and no upload tried, when the store answers but its
-        artifact storage does not (S3 down behind a proxying server)."""
+        """The artifacts a run holds; none, and no upload tried, when the store answers but its artifact storage does
+        not (S3 down behind a proxying server)."""
         try:
             return self.call(f"list artifacts of run {run_id}", lambda: artifact_names(self.client, run_id))
         except Refused as refused:
-            if not self.answers():
-                raise
-            self.upload_error = refused
+            self.storage_refused(refused)
             return set()
 
     def upload(self, run_id: str, files: list[tuple[Path, str | None, str]], held: set[str]) -> None:
-        """Upload the (path, artifact folder, name to report) the run does not hold yet. After an
-        upload the store refuses while it answers (its S3 is down), the rest are noted untried."""
+        """Upload the (path, artifact folder, name to report) the run does not hold yet. After an upload the store
+        refuses while it answers (its S3 is down), the rest are noted untried."""
         for path, folder, name in files:
             if (f"{folder}/{path.name}" if folder else path.name) in held:
                 continue
-            if self.upload_error is not None:
-                self.not_uploaded.append(name)
-                continue
-            try:
-                self.call(f"upload {name}", lambda p=path, f=folder: self.client.log_artifact(run_id, str(p), f))
-                self.counts["artifacts"] += 1
-            except Refused as refused:
-                if not self.answers():
-                    raise
-                self.not_uploaded.append(name)
-                self.upload_error = refused
+            if self.upload_error is None:
+                try:
+                    self.call(f"upload {name}", lambda p=path, f=folder: self.client.log_artifact(run_id, str(p), f))
+                    self.counts["artifacts"] += 1
+                    continue
+                except Refused as refused:
+                    self.storage_refused(refused)
+            self.not_uploaded.append(name)
+
+    def storage_refused(self, refused: Refused) -> None:
+        """A call the store refused: raised on unless the store answers (then its artifact storage is down: noted)."""
+        if not self.answers():
+            raise refused
+        self.upload_error = refused
 
     def answers(self) -> bool:
-        """One quick request; tried twice, as a server that answered an error may have closed the
-        connection the client keeps for the next request (which then fails at once, reset)."""
+        """One quick request; tried twice, as a server that answered an error may have closed the connection the client
+        keeps for the next request (which then fails at once, reset)."""
         for _ in range(2):
             try:
                 with bounded_http(timeout=5):
@@ -594,8 +568,8 @@ def artifact_names(client: MlflowClient, run_id: str, path: str | None = None) -
 
 
 def sync_stage(view: StoreView, parent_id: str, stage: int, folder: Path, config: Config, recheck: bool) -> None:
-    """The nested run of a finished stage: its epochs, its scalars, its files, FINISHED. A FINISHED
-    run is looked into again only when `recheck` (a sync; a training process checked it at its end)."""
+    """The nested run of a finished stage: its epochs, its scalars, its files, FINISHED. A FINISHED run is looked into
+    again only when `recheck` (a sync; a training process checked it at its end)."""
     run = view.newest(stage_condition(parent_id, stage))
     finished = run is not None and run.info.status == "FINISHED"
     if finished and not recheck:
@@ -616,8 +590,7 @@ def sync_stage(view: StoreView, parent_id: str, stage: int, folder: Path, config
 
 def sync_parent_end(view: StoreView, parent_id: str, state: FolderState) -> None:
     """The parent of a finished run: every epoch's curves, the final metrics, its files, FINISHED."""
-    logged = view.last_epoch(parent_id)
-    now = _now_ms()
+    logged, now = view.last_epoch(parent_id), _now_ms()
     curves = epoch_metrics([row for row in state.history if row["epoch"] > logged], now)
     final = [Metric(k, float(state.final[k]), now, state.final["epochs"]) for k in FINAL if k in state.final]
     view.log(parent_id, curves + (final if logged < state.final["epochs"] else []))
@@ -631,8 +604,8 @@ def epoch_metrics(rows: list[dict], now: int | None = None) -> list[Metric]:
 
 
 def stage_scalars(metrics: dict) -> list[Metric]:
-    """A stage's accuracies, its estimation time and what the method reports of its end (COLAM:
-    label rows that did not favour their class), at the stage's last epoch."""
+    """A stage's accuracies, its estimation time and what the method reports of its end (COLAM: label rows that did
+    not favour their class), at the stage's last epoch."""
     scalars = {f"stage_{k}": v for k, v in metrics.items() if k in ("test_acc", "val_acc", "train_acc")}
     if metrics.get("estimation_seconds") is not None:  # None: a later pipeline step estimates
         scalars["estimation_seconds"] = metrics["estimation_seconds"]
@@ -643,29 +616,30 @@ def stage_scalars(metrics: dict) -> list[Metric]:
 
 
 def log_final_model(view: StoreView, run_id: str, run: RunFolder, register: str | None) -> None:
-    """The run's final network as an MLflow model of its parent run (PyTorch flavor, with test images as
-    input example and the signature they give), once; and a version of the registered model `register`, once.
-    A model that cannot be made or stored here costs a warning (what is missing: `view.not_uploaded`)."""
+    """The run's final network as an MLflow model of its parent run (PyTorch flavor, with test images as input example
+    and the signature they give), once; and a version of the registered model `register`, once. A model that cannot be
+    made or stored here costs a warning (what is missing: `view.not_uploaded`)."""
     model_id = _logged_model(view, run_id)
-    if model_id is None and view.upload_error is not None:  # the artifact storage refused this pass
-        view.not_uploaded.append("the final network (an MLflow model)")
-        return
-    if model_id is None:
+    if model_id is None and view.upload_error is None:  # else the artifact storage refused this pass
+        from colam.datasets import build_raw_data
+        from colam.runs import final_network
+
         try:
-            network, example = final_model(run)
+            data = build_raw_data(run.config.data.name, run.config.data.root, download=False)
+            network = final_network(run, len(data.classes), data.in_channels, "--out")
+            # the first two test images as the network sees them, as its input example (two: MLflow saves the network
+            # as torch.export traces it, and a batch of one would fix the batch size at 1)
+            example = np.stack([data.test[i][0].numpy() for i in range(2)])
             # a retry first looks for what the try before it logged
             model_id = view.call("log the model", lambda: _logged_model(view, run_id) or _log_model(
                 view, run_id, network, example))
         except Refused as refused:  # as an upload: the store answers, its artifact storage does not
-            if not view.answers():
-                raise
-            view.not_uploaded.append("the final network (an MLflow model)")
-            view.upload_error = refused
-            return
+            view.storage_refused(refused)
         except Exception as exc:  # no data set here (a sync elsewhere), a network torch.export cannot trace
-            view.not_uploaded.append("the final network (an MLflow model)")
-            view.upload_error = view.upload_error or Refused("log the model", exc, 1, transient=False)
-            return
+            view.upload_error = Refused("log the model", exc, 1, transient=False)
+    if model_id is None:
+        view.not_uploaded.append("the final network (an MLflow model)")
+        return
     if register:
         view.call(f"register model '{register}'", lambda: _register(view.client, run_id, model_id, register))
 
@@ -677,19 +651,7 @@ def _logged_model(view: StoreView, run_id: str) -> str | None:
     return next((model.model_id for model in found if str(model.status) == "READY"), None)
 
 
-def final_model(run: RunFolder):
-    """The run's final network and, as its input example, the first two test images as the network sees them
-    (two: MLflow saves the network as torch.export traces it, and a batch of one would fix the batch size at 1)."""
-    from colam.datasets import build_raw_data
-    from colam.runs import final_network
-
-    data = build_raw_data(run.config.data.name, run.config.data.root, download=False)
-    network = final_network(run, len(data.classes), data.in_channels, "--out")
-    return network, np.stack([data.test[i][0].numpy() for i in range(2)])
-
-
 def _log_model(view: StoreView, run_id: str, network, example: np.ndarray) -> str:
-    import mlflow
     import mlflow.pytorch
     import torch
     from mlflow.models import infer_signature
@@ -706,23 +668,21 @@ def _log_model(view: StoreView, run_id: str, network, example: np.ndarray) -> st
 
 @contextlib.contextmanager
 def _fluent(uri: str, experiment: str | None = None):
-    """MLflow's fluent API (it logs and registers models) pointed at this store and the run's experiment (not
-    its default one) while the block runs; it keeps both in the environment, which is given back after."""
+    """MLflow's fluent API (it logs and registers models) pointed at this store and the run's experiment (not its
+    default one) while the block runs; it keeps both in the environment, which is given back after."""
     import mlflow
 
     saved = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")}
-    mlflow.set_tracking_uri(uri)
-    if experiment is not None:
-        mlflow.set_experiment(experiment_id=experiment)
     try:
+        mlflow.set_tracking_uri(uri)
+        if experiment is not None:
+            mlflow.set_experiment(experiment_id=experiment)
         yield
     finally:
         mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])  # None: unset
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        os.environ.update({key: value for key, value in saved.items() if value is not None})
+        for key in [key for key, value in saved.items() if value is None]:
+            os.environ.pop(key, None)
 
 
 def _register(client: MlflowClient, run_id: str, model_id: str, name: str):
@@ -741,38 +701,34 @@ def _register(client: MlflowClient, run_id: str, model_id: str, name: str):
 
 
 def log_comparison(client: MlflowClient, comparison, files: list[Path], register: str | None, alias: str) -> str:
-    """`colam compare --track`: the table and figure as artifacts of the experiment's comparison run of the
-    protocol (made once, its files replaced after); with `register`, the best run's network as a version of
-    that registered model, `alias` pointing at it. One line saying what was logged."""
+    """`colam compare --track`: the table and figure as artifacts of the experiment's comparison run of the protocol
+    (made once, its files replaced after); with `register`, the best run's network as a version of that registered
+    model, `alias` pointing at it. One line saying what was logged."""
+    view = StoreView(client, comparison.experiment)
+    tags = {"colam.role": "comparison", "colam.protocol": comparison.protocol}
     try:
-        return _log_comparison(StoreView(client, comparison.experiment), comparison, files, register, alias)
+        found = view.newest(" and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items()))
+        run_id = found.info.run_id if found else view.create(tags, f"comparison {comparison.protocol}")
+        for path in files:
+            view.call(f"upload {path.name}", lambda p=path: client.log_artifact(run_id, str(p)))
+        view.end(run_id, "FINISHED")
+        said = f"MLflow: the comparison is run {run_id} of experiment '{comparison.experiment}'"
+        if not register:
+            return said
+        if comparison.best_run is None:
+            raise ColamError(f"--register: no compared run logged a val_acc to choose the {alias} by")
+        model_id = _logged_model(view, comparison.best_run)
+        if model_id is None:
+            raise ColamError(f"--register: the best run {comparison.best_run} logged no model (trained before "
+                             f"models were logged?); log it with colam tracking sync on its folder")
+        version = view.call(f"register model '{register}'", lambda: _register(client, comparison.best_run, model_id,
+                                                                              register))
+        view.call(f"alias {alias}", lambda: client.set_registered_model_alias(register, alias, version.version))
+        return f"{said}; '{register}' version {version.version} ({alias}) is run {comparison.best_run}"
     except Refused as refused:
         raise ColamError(f"MLFLOW_TRACKING_URI: the tracking store {display_uri(client.tracking_uri)} did not take "
                          f"{refused.what} ({refused.reason}); the comparison's files are written, run the same "
                          f"command again when it answers") from None
-
-
-def _log_comparison(view: StoreView, comparison, files: list[Path], register: str | None, alias: str) -> str:
-    client = view.client
-    tags = {"colam.role": "comparison", "colam.protocol": comparison.protocol}
-    found = view.newest(" and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items()))
-    run_id = found.info.run_id if found else view.create(tags, f"comparison {comparison.protocol}")
-    for path in files:
-        view.call(f"upload {path.name}", lambda p=path: client.log_artifact(run_id, str(p)))
-    view.end(run_id, "FINISHED")
-    said = f"MLflow: the comparison is run {run_id} of experiment '{comparison.experiment}'"
-    if not register:
-        return said
-    if comparison.best_run is None:
-        raise ColamError(f"--register: no compared run logged a val_acc to choose the {alias} by")
-    model_id = _logged_model(view, comparison.best_run)
-    if model_id is None:
-        raise ColamError(f"--register: the best run {comparison.best_run} logged no model (trained before models "
-                         f"were logged?); log it with colam tracking sync on its folder")
-    version = view.call(f"register model '{register}'", lambda: _register(client, comparison.best_run, model_id,
-                                                                          register))
-    view.call(f"alias {alias}", lambda: client.set_registered_model_alias(register, alias, version.version))
-    return f"{said}; '{register}' version {version.version} ({alias}) is run {comparison.best_run}"
 
 
 def sync(run_dir: str | Path, experiment: str) -> str:
@@ -780,7 +736,13 @@ def sync(run_dir: str | Path, experiment: str) -> str:
     out_dir = Path(run_dir)
     if not out_dir.is_dir():
         raise ColamError(f"{run_dir}: not a folder")
-    config = folder_config(out_dir)
+    # the configuration the folder was trained with: its config.yaml, else a stage's state
+    if (out_dir / "config.yaml").is_file():
+        config = from_dict(yaml.safe_load((out_dir / "config.yaml").read_text()))
+    elif states := sorted(out_dir.glob("stage_*/state.pt")):
+        config = from_dict(_stage_state(states[0].parent)["config"])
+    else:
+        raise ColamError(f"{out_dir}: not a colam run folder (no config.yaml and no stage_K/state.pt)")
     client = connect()
     run_log = MlflowRunLog(client, experiment, out_dir)
     run_log.attach(config)
@@ -804,19 +766,18 @@ def open_run_log(experiment: str, out_dir: str | Path, run_name: str | None = No
     return MlflowRunLog(connect(), experiment, out_dir, run_name=run_name, data_source=data_source, register=register)
 
 
-class MlflowRunLog(RunLog):
+class MlflowRunLog(RunLog, contextlib.AbstractContextManager):
     """Reports a colam run to MLflow; use it as a context manager so a crash marks the runs FAILED.
 
-    The run folder is the record: the live hooks send the epochs that ended, every EPOCH_SECONDS at most; at
-    every stage end and at the finish `catch_up` brings the store up to the folder. A store that does not answer
-    costs one warning; from then on the run log waits for a stage end or the finish at which the
-    store answers again, and `colam tracking sync DIR` catches up from the files at any time."""
+    The live hooks send the epochs that ended, every EPOCH_SECONDS at most. A store that does not answer costs one
+    warning; the run log then waits for a stage end or the finish at which it answers again to `catch_up`, and
+    `colam tracking sync DIR` catches up from the files at any time."""
 
     def __init__(self, client: MlflowClient, experiment: str, out_dir: str | Path, run_name: str | None = None,
                  run_key: str | None = None, data_source: str | None = None, register: str | None = None):
-        """`run_key` names the run across processes whose out_dir differs (a Kubeflow run's id);
-        by default the run is named by its out_dir. `data_source`: where the split it trains on is (a
-        folder or URI; default data.root); `register`: the registered model its final network becomes a version of."""
+        """`run_key` names the run across processes whose out_dir differs (a Kubeflow run's id); by default the run is
+        named by its out_dir. `data_source`: where the split it trains on is (a folder or URI; default data.root);
+        `register`: the registered model its final network becomes a version of."""
         self.client, self.experiment, self.out_dir, self.run_name = client, experiment, Path(out_dir), run_name
         self.pipeline_key, self.data_source, self.register = run_key, data_source, register
         self.run_key = ""  # the parent run's `colam.run_key` tag, once attached
@@ -887,12 +848,19 @@ class MlflowRunLog(RunLog):
     # --------------------------------------------------------------- catching up with the folder
 
     def catch_up(self, find_finished: bool = False, resumed: bool = True, recheck: bool = False) -> None:
-        """Bring the store up to the folder: the parent (found by its key, or created), every finished
-        stage, and the parent's end once the run is over. Idempotent; `recheck` looks into the
-        finished stage runs again (their files)."""
+        """Bring the store up to the folder: the parent (found by its key, or created), every finished stage, and the
+        parent's end once the run is over. Idempotent; `recheck` looks into the finished stage runs again (their
+        files)."""
         self.view.upload_error = None  # each pass tries the uploads again
         if self.parent_id is None:
-            self._find_or_create_parent(find_finished, resumed)
+            # A pipeline run's key is unique to it: a retried last step continues its parent even after that parent
+            # finished. Without a key, a finished run with this out_dir is an old one.
+            unfinished = "" if find_finished else " and attributes.status != 'FINISHED'"
+            found = self.view.newest(parent_condition(self.run_key) + unfinished) if resumed else None
+            self.parent_id = found.info.run_id if found is not None else self._create_parent()
+            if found is not None and found.info.status != "RUNNING":
+                self.view.call("update run", lambda: self.client.update_run(self.parent_id, status="RUNNING"))
+            self.run_id = self.parent_id
         folder = read_folder(self.out_dir, self.config, self.stage_dirs, self.final)
         for stage, stage_dir in folder.stages.items():
             if recheck or stage not in self.synced:  # one look a stage: a grid cell has dozens
@@ -902,19 +870,6 @@ class MlflowRunLog(RunLog):
             last = folder.stages[max(folder.stages)]
             log_final_model(self.view, self.parent_id, RunFolder(self.out_dir, self.config, (last,)), self.register)
             sync_parent_end(self.view, self.parent_id, folder)
-
-    def _find_or_create_parent(self, find_finished: bool, resumed: bool) -> None:
-        # A pipeline run's key is unique to it: a retried last step continues its parent even after
-        # that parent finished. Without a key, a finished run with this out_dir is an old one.
-        condition = parent_condition(self.run_key) + ("" if find_finished else " and attributes.status != 'FINISHED'")
-        found = self.view.newest(condition) if resumed else None
-        if found is None:
-            self.parent_id = self._create_parent()
-        else:
-            self.parent_id = found.info.run_id
-            if found.info.status != "RUNNING":
-                self.view.call("update run", lambda: self.client.update_run(self.parent_id, status="RUNNING"))
-        self.run_id = self.parent_id
 
     def _create_parent(self) -> str:
         """A parent run with the tags runs are found and compared by, and the configuration as params."""
@@ -936,8 +891,8 @@ class MlflowRunLog(RunLog):
 
     def _open_stage(self, stage: int) -> None:
         run = self.view.newest(stage_condition(self.parent_id, stage) + " and attributes.status != 'FINISHED'")
-        # An interrupted attempt that logged epochs this process trains again (a pipeline step re-runs
-        # its stage from the start) is kept as it is; this attempt gets a run of its own.
+        # An interrupted attempt that logged epochs this process trains again (a pipeline step re-runs its stage from
+        # the start) is kept as it is; this attempt gets a run of its own.
         if run is not None and self.view.last_epoch(run.info.run_id) <= self.resumed_from:
             self.stage_id = run.info.run_id
         else:
@@ -979,30 +934,19 @@ class MlflowRunLog(RunLog):
                         ", ".join(self.view.not_uploaded), self.view.upload_error.reason, self.out_dir, self.command)
             self.view.not_uploaded = []
 
-    # --------------------------------------------------------------- context
-
-    def __enter__(self) -> MlflowRunLog:
-        return self
-
     def __exit__(self, kind, error, traceback) -> None:
-        """On an error send the open stage's saved epochs and mark the open runs; after a stage that is not the
-        last, the parent stays RUNNING."""
+        """On an error send the open stage's saved epochs (a run never resumed shows them too) and mark the open runs;
+        after a stage that is not the last, the parent stays RUNNING."""
+        if kind is not None and not self.behind and self.stage_id is not None and self.unsent:
+            self._send_unsent()
         if kind is None or self.behind:
             return
-        if self.stage_id is not None and self.unsent:  # saved epochs: a run never resumed shows them too
-            self._send_unsent()
-            if self.behind:
-                return
         status = "KILLED" if issubclass(kind, KeyboardInterrupt) else "FAILED"
         for run_id in filter(None, (self.stage_id, self.parent_id)):
             try:
                 self.view.end(run_id, status)
             except Exception as exc:  # the original error matters more than this one
                 log.warning("MLflow: could not mark run %s %s (%s)", run_id, status, exc)
-
-
-def _chunks(items: list, size: int):
-    return (items[i : i + size] for i in range(0, len(items), size))
 
 
 def _digest(payload: dict) -> str:
