@@ -66,7 +66,6 @@ def init(device_name: str) -> tuple[World, str]:
 
 def _env_number(key: str, kind: type, default, what: str = "an integer in the environment",
                 valid=lambda value: True):
-    """The environment variable `key` as a `valid` number of `kind` (`default` when unset), or a ColamError."""
     text = os.environ.get(key)
     if text is None:
         return default
@@ -77,14 +76,12 @@ def _env_number(key: str, kind: type, default, what: str = "an integer in the en
 
 
 def current() -> World:
-    """The world of an initialised process group, else a single process."""
     if dist.is_available() and dist.is_initialized():
         return World(dist.get_rank(), dist.get_world_size(), env_world().local_rank)
     return SINGLE
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum `tensor` over the ranks, in place (a no-op for one process); returns it."""
     if current().distributed:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
@@ -96,10 +93,9 @@ def check_identical(tensor: torch.Tensor, what: str) -> None:
         return
     reference = tensor.clone()
     dist.broadcast(reference, src=0)
-    differs = torch.tensor([float(not torch.equal(reference, tensor))], device=tensor.device)
-    dist.all_reduce(differs, op=dist.ReduceOp.SUM)
-    if differs.item():
-        raise ColamError(f"distributed training: {what} differ between ranks ({int(differs.item())} of "
+    differs = all_reduce_sum(torch.tensor([float(not torch.equal(reference, tensor))], device=tensor.device)).item()
+    if differs:
+        raise ColamError(f"distributed training: {what} differ between ranks ({int(differs)} of "
                          f"{current().size} differ from rank 0)")
 
 
@@ -109,8 +105,7 @@ def check_same_model(model: torch.nn.Module, what: str) -> None:
     if not current().distributed:
         return
     state = [t.detach().double() for t in model.state_dict().values() if t.is_floating_point()]
-    fingerprint = torch.stack([torch.stack([t.sum(), t.square().sum()]) for t in state]).flatten()
-    check_identical(fingerprint, what)
+    check_identical(torch.stack([torch.stack([t.sum(), t.square().sum()]) for t in state]).flatten(), what)
 
 
 def broadcast_buffers(model: torch.nn.Module) -> None:
@@ -122,7 +117,6 @@ def broadcast_buffers(model: torch.nn.Module) -> None:
 
 
 def shutdown() -> None:
-    """Leave the process group at the end of a command (a no-op for one process)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

@@ -1,10 +1,10 @@
-"""The staged trainer: `fit` trains a run, `fit_stage` one stage of it, the pipeline steps
-(`colam.steps`) a part of it; all through `train_into`, told where the epochs go by a
-`colam.run_folder.Epochs` (the folder's layout, resume and integrity rules are there).
+"""The staged trainer: `fit` trains a run, `fit_stage` one stage of it, the pipeline steps (`colam.steps`) a part
+of it; all through `train_into`, told where the epochs go by a `colam.run_folder.Epochs` (the folder's layout,
+resume and integrity rules are there).
 
-Every epoch seeds torch's generator and the loader's from (seed, epoch), so a resumed run repeats
-the uninterrupted run's numbers on CPU. Under `torchrun` the model is wrapped in
-DistributedDataParallel and rank 0 alone evaluates and writes (`colam.distributed`).
+Every epoch seeds torch's generator and the loader's from (seed, epoch), so a resumed run repeats the uninterrupted
+run's numbers on CPU. Under `torchrun` the model is wrapped in DistributedDataParallel and rank 0 alone evaluates
+and writes (`colam.distributed`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from colam.feed import LoaderFeed, ResidentFeed, global_seed, make_feed, wants_r
 from colam.methods import METHODS, Method
 from colam.models import build_model
 from colam.run_folder import (STAGE, Epochs, OneStage, WholeRun, check_resumable, releasing_claims, stage_ends,
-                              write_stage)
+                              write_history)
 from colam.soft_labels import check_soft_labels
 
 log = logging.getLogger("colam")
@@ -78,18 +78,9 @@ class Prepared:
                 "data_on_device": wants_resident(self.config, self.data, self.device)}
 
     @property
-    def speed(self) -> dict:
-        """How this run executes, for the run log."""
+    def speed(self) -> dict:  # for the run log
         return {"world_size": self.world.size, "channels_last": self.channels_last,
                 "compile": self.config.train.compile, "threads": torch.get_num_threads(), **self.execution}
-
-
-def resolve_device(name: str) -> torch.device:
-    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    device = torch.device(("cuda" if available else "cpu") if name == "auto" else name)
-    if device.type == "cuda" and (device.index or 0) >= available:
-        raise ColamError(f"train.device: {name!r} requested but {available} CUDA device(s) are available")
-    return device
 
 
 def prepare(config: Config, split_dir: str | Path | None = None) -> Prepared:
@@ -98,8 +89,11 @@ def prepare(config: Config, split_dir: str | Path | None = None) -> Prepared:
     validate(config)
     # On CPU the sums of a convolution are split by thread, so their count changes the numbers: pinned per run.
     torch.set_num_threads(DEFAULT_THREADS if config.train.threads == "auto" else config.train.threads)
-    world, device_name = distributed.init(config.train.device)
-    device = resolve_device(device_name)
+    world, name = distributed.init(config.train.device)
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    device = torch.device(("cuda" if available else "cpu") if name == "auto" else name)
+    if device.type == "cuda" and (device.index or 0) >= available:
+        raise ColamError(f"train.device: {name!r} requested but {available} CUDA device(s) are available")
     method_cls = METHODS[config.method.name]
     if not method_cls.data_parallel:
         if world.distributed:
@@ -132,10 +126,8 @@ def prepare(config: Config, split_dir: str | Path | None = None) -> Prepared:
 
 
 def _check_shards(config: Config, samples: int, world: World) -> None:
-    """Under torchrun the last global batch is dropped when it has fewer samples than ranks;
-    per-sample soft labels gathered online need every sample in the stage's last epoch."""
-    if not world.distributed:
-        return
+    """Under torchrun the last global batch is dropped when it has fewer samples than ranks; per-sample soft labels
+    gathered online need every sample in the stage's last epoch (one process: no batch is dropped)."""
     if config.train.batch_size % world.size:
         raise ColamError(f"train.batch_size: the global batch of {config.train.batch_size} does not split evenly over "
                          f"{world.size} processes; use a multiple of {world.size}")
@@ -150,18 +142,16 @@ def _check_shards(config: Config, samples: int, world: World) -> None:
 
 
 def check_names(config: Config) -> None:
-    """The data set and the model (name and options) exist: checked without reading data or
-    allocating weights (the model is built on the meta device)."""
+    """The data set and the model (name and options) exist: checked without reading data or allocating weights."""
     dataset_spec(config.data.name)
     with torch.device("meta"):
         build_model(config.model.name, 2, **config.model.options)
 
 
 def learning_rate(config: Config, epoch: int) -> float:
-    """The lr of `epoch` (0-based): a pure function of the epoch, so resuming needs no scheduler state.
-    A method that trains a fresh model in each stage (label refinery) restarts it at every stage."""
-    t, method = config.train, METHODS[config.method.name]
-    epochs = t.epochs
+    """The lr of `epoch` (0-based): a pure function of the epoch, so resuming needs no scheduler state. A method
+    that trains a fresh model in each stage (label refinery) restarts it at every stage."""
+    t, method, epochs = config.train, METHODS[config.method.name], config.train.epochs
     if method.restarts_schedule:
         for length in method.stage_epochs(config):
             if epoch < length:
@@ -176,7 +166,6 @@ def learning_rate(config: Config, epoch: int) -> float:
 
 
 def to_device(images: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
-    """A batch of inputs on the device (non-blocking from pinned memory), NHWC when asked."""
     layout = torch.channels_last if channels_last and images.dim() == 4 else torch.preserve_format
     return images.to(device, non_blocking=True, memory_format=layout)
 
@@ -185,20 +174,18 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
-def train_one_epoch(model: nn.Module, batches, method: Method, optimizer: torch.optim.Optimizer, stage: int,
-                    device: torch.device, desc: str = "", progress: bool = False, precision: torch.dtype | None = None,
-                    channels_last: bool = False) -> tuple[float, float]:
-    """One pass over `batches` of (x, y, index); returns mean loss and accuracy on the given labels
-    (over every rank's samples under torchrun)."""
-    model.train()
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    seen = 0
-    losses = []  # each step's loss, read only when the epoch's sum is not finite
+def train_one_epoch(net: nn.Module, batches, p: Prepared, optimizer: torch.optim.Optimizer, stage: int, desc: str,
+                    progress: bool) -> tuple[float, float]:
+    """One pass of `net` (the model, wrapped for training) over `batches` of (x, y, index); returns mean loss and
+    accuracy on the given labels (over every rank's samples under torchrun)."""
+    device = p.device
+    net.train()
+    loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long)
+    seen, losses = 0, []  # each step's loss, read only when the epoch's sum is not finite
     for images, targets, indices in tqdm(batches, desc=desc, leave=False, disable=not progress, file=sys.stderr):
-        images, targets = to_device(images, device, channels_last), targets.to(device, non_blocking=True)
-        with autocast(device, precision):
-            loss, logits = method.forward_loss(model, images, targets, indices, stage)
+        images, targets = to_device(images, device, p.channels_last), targets.to(device, non_blocking=True)
+        with autocast(device, p.precision):
+            loss, logits = p.method.forward_loss(net, images, targets, indices, stage)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -207,8 +194,7 @@ def train_one_epoch(model: nn.Module, batches, method: Method, optimizer: torch.
         loss_sum += losses[-1].float() * len(targets)
         correct += (logits.detach().argmax(dim=1) == targets).sum()
         seen += len(targets)
-    totals = torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(seen), device=device,
-                                                                             dtype=torch.float64)])
+    totals = torch.stack([loss_sum.double(), correct.double(), loss_sum.new_tensor(seen, dtype=torch.float64)])
     loss_sum, correct, seen = distributed.all_reduce_sum(totals).tolist()
     if not math.isfinite(loss_sum):
         bad = next((step for step, loss in enumerate(losses, 1) if not torch.isfinite(loss)), None)
@@ -225,8 +211,7 @@ class NonFiniteLoss(FloatingPointError):
 @torch.no_grad()
 def predict(model: nn.Module, batches, device: torch.device, precision: torch.dtype | None = None,
             channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (on the device) and targets of every sample, in data order (eval mode: BatchNorm uses
-    its running statistics)."""
+    """Logits (on the device) and targets of every sample, in data order (eval mode: BatchNorm's running statistics)."""
     model.eval()
     logits, targets = [], []
     for images, labels, *_ in batches:
@@ -246,9 +231,8 @@ def evaluate(model: nn.Module, batches, device: torch.device, precision: torch.d
 def fit(config: Config, out_dir: str | Path, *, run_log: RunLog | None = None, progress: bool | None = None,
         split_dir: str | Path | None = None, restart_if_changed: bool = False,
         inputs: dict[str, str | Path] | None = None) -> dict:
-    """Train one run into `out_dir`, resuming from its checkpoint when it holds the same run.
-    `restart_if_changed` (DVC with `persist: true`): a folder trained from another config, colam code or
-    `inputs` (files read beyond the split: fixed soft labels) is deleted and trained afresh."""
+    """Train one run into `out_dir`, resuming from its checkpoint when it holds the same run. `restart_if_changed` (DVC
+    `persist: true`): a folder trained from another config, colam code or `inputs` (fixed soft labels) starts afresh."""
     run = WholeRun(out_dir, config, split_dir, inputs)
     prepared = None
     if restart_if_changed and run.changed():
@@ -272,8 +256,7 @@ def fit_stage(config: Config, out_dir: str | Path, stage: int, *, run_log: RunLo
 
 def train_into(where: Epochs, config: Config, split_dir: str | Path | None, run_log: RunLog | None,
                progress: bool | None, prepared: Prepared | None = None) -> dict:
-    """Train the epochs of `where`, continuing from the state its folder holds; returns the metrics
-    when they were trained already, else `train_epochs`'."""
+    """Train the epochs of `where` from the state its folder holds; returns the metrics it holds or `train_epochs`'."""
     done, state = where.resume(config)  # another run there, or this one finished: known before data is read
     if done is not None:
         return done
@@ -290,12 +273,10 @@ def train_into(where: Epochs, config: Config, split_dir: str | Path | None, run_
 
 
 def train_epochs(p: Prepared, state: dict | None, where: Epochs, run_log: RunLog, progress: bool) -> dict:
-    """Train from the epoch `state` ends at (or 0) up to epoch `where.until`; `where` keeps the files
-    of each stage end and the state after each epoch. Returns the run's metrics when the epochs end
-    the run (on rank 0), else {}."""
-    config, model, method, main = p.config, p.model, p.method, p.world.main
+    """Train from the epoch `state` ends at (or 0) up to epoch `where.until`; `where` keeps the files of each stage
+    end and the state after each epoch. Returns the run's metrics when the epochs end the run (on rank 0), else {}."""
+    config, model, method, main, t = p.config, p.model, p.method, p.world.main, p.config.train
     run_log = run_log if main else RunLog()  # rank 0 evaluates, writes and reports; every rank trains
-    t = config.train
     optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     history, start = [], 0
     if state is not None:  # its weights are in the model already: check_resumable loaded them
@@ -303,7 +284,10 @@ def train_epochs(p: Prepared, state: dict | None, where: Epochs, run_log: RunLog
         method.load_state_dict(state["method"])
         history, start = state["history"], state["epoch"]
         log.info("continuing %s after epoch %d of %d", where.root, start, t.epochs)
-    net = _network(p)
+    net = model  # what training calls (DDP under torchrun, compiled on request); the model is evaluated and saved
+    if p.world.distributed:
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[p.device.index] if p.device.type == "cuda" else None)
+    net = torch.compile(net) if t.compile else net
     run_log.start(config, {"num_classes": p.data.num_classes, "train_samples": len(p.data.train),
                            "device": str(p.device), "stage_epochs": p.stage_epochs, "resumed_from_epoch": start,
                            **p.speed})
@@ -335,14 +319,6 @@ def train_epochs(p: Prepared, state: dict | None, where: Epochs, run_log: RunLog
     return metrics
 
 
-def _network(p: Prepared) -> nn.Module:
-    """What training calls (DDP under torchrun, compiled on request); the model itself is evaluated and saved."""
-    net = p.model
-    if p.world.distributed:
-        net = nn.parallel.DistributedDataParallel(net, device_ids=[p.device.index] if p.device.type == "cuda" else None)
-    return torch.compile(net) if p.config.train.compile else net
-
-
 def _describe(config: Config, stage: int, epoch: int) -> str:
     return f"stage {stage}/{len(stage_ends(config))} epoch {epoch + 1}/{config.train.epochs}"
 
@@ -357,9 +333,8 @@ def _train_epoch(p: Prepared, net: nn.Module, optimizer: torch.optim.Optimizer, 
     torch.manual_seed(global_seed(config.seed, epoch, p.world))
     p.method.epoch_start(epoch + 1, stage)
     try:
-        train_loss, train_acc = train_one_epoch(net, p.feed.train(epoch), p.method, optimizer, stage, p.device,
-                                                _describe(config, stage, epoch), progress, p.precision,
-                                                p.channels_last)
+        train_loss, train_acc = train_one_epoch(net, p.feed.train(epoch), p, optimizer, stage,
+                                                _describe(config, stage, epoch), progress)
     except NonFiniteLoss as diverged:
         step, value = diverged.args
         good = "none: it diverged in the first epoch" if epoch == 0 else where.last_good(stage)
@@ -368,8 +343,7 @@ def _train_epoch(p: Prepared, net: nn.Module, optimizer: torch.optim.Optimizer, 
     distributed.broadcast_buffers(p.model)  # every rank now holds rank 0's model exactly
     p.method.epoch_end(epoch + 1, stage)
     row = {"epoch": epoch + 1, "stage": stage, "lr": lr, "train_loss": train_loss, "train_acc": train_acc}
-    ends = stage_ends(config)
-    scored = epoch + 1 in ends or (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs
+    scored = epoch + 1 in stage_ends(config) or (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs
     for name in ("val", "test") if p.world.main and scored else ():
         batches = p.feed.evaluation(name)
         if batches is not None:
@@ -378,9 +352,8 @@ def _train_epoch(p: Prepared, net: nn.Module, optimizer: torch.optim.Optimizer, 
 
 
 def _end_epoch(p: Prepared, where: Epochs, optimizer, history: list[dict], row: dict, began: float) -> dict:
-    """Save what the epoch leaves (rank 0): the folder it ends (a stage end, or the last epoch of a
-    call that ends mid-stage) with what the method learned at a stage end, the deployable network
-    after the run's last epoch, the state after the epoch; returns the stage's metrics for the run log."""
+    """Save what the epoch leaves (rank 0): the folder it ends (a stage end, or the last epoch of a call that ends
+    mid-stage) and the state after it; returns the stage's metrics for the run log."""
     stage, epoch, main = row["stage"], row["epoch"], p.world.main
     stage_end, folder = epoch in stage_ends(p.config), where.stage_dir(stage)
     kept = main and (stage_end or epoch == where.until)
@@ -399,16 +372,18 @@ def _end_epoch(p: Prepared, where: Epochs, optimizer, history: list[dict], row: 
             cio.save_torch(folder / "export.pt", exported.state_dict())
     report = p.method.stage_report(stage) if stage_end and main else {}
     ending = {**row, "estimation_seconds": seconds if kept else None, **report}
-    if kept:
-        write_stage(folder, resume, {**ending, **where.info})
+    if kept:  # what the next stage resumes from (its weights in model.pt), the curves so far, the metrics
+        cio.save_torch(folder / "state.pt", resume)
+        write_history(folder / "history.csv", history)
+        cio.write_json(folder / "metrics.json", {**ending, **where.info})
     if main:
         where.save({**resume, "model": p.model.state_dict()})
     return ending
 
 
 def estimate_artifacts(p: Prepared, stage: int, stage_dir: Path, epoch: int) -> tuple[float, list[str]]:
-    """Let the method learn from the model at a stage end (COLAM's soft labels) and save what it
-    learned to `stage_dir`; returns the seconds it took and the names saved (NAME.npy)."""
+    """Let the method learn from the model at a stage end (COLAM's soft labels) and save what it learned to
+    `stage_dir`; returns the seconds it took and the names saved (NAME.npy)."""
     began = time.perf_counter()
     distributed.check_same_model(p.model, f"stage {stage} model (parameters and BatchNorm statistics)")
     if p.method.needs_outputs(stage):
@@ -428,8 +403,8 @@ def estimate_artifacts(p: Prepared, stage: int, stage_dir: Path, epoch: int) -> 
 
 @torch.no_grad()
 def stream_outputs(p: Prepared) -> None:
-    """The stage-end pass: the model's outputs on the training set (no augmentation, eval mode),
-    batch by batch into `method.observe`; under torchrun each rank passes its share."""
+    """The stage-end pass: the model's outputs on the training set (no augmentation, eval mode), batch by batch into
+    `method.observe`; under torchrun each rank passes its share."""
     p.model.eval()
     for images, targets, indices in p.feed.estimation():
         with autocast(p.device, p.precision):

@@ -71,18 +71,14 @@ class ResidentFeed:
     def __init__(self, data: TrainingData, config: Config, device: torch.device, world: World):
         tensors = data.tensors
         self.config, self.world, self.device = config, world, device
-        self.pad, self.flip = tensors.pad, tensors.flip
-        self.bytes = tensors.train.dtype == torch.uint8
+        self.pad, self.flip, self.bytes = tensors.pad, tensors.flip, tensors.train.dtype == torch.uint8
         self.mean, self.std = (torch.tensor(v, dtype=torch.float32, device=device).view(1, -1, 1, 1)
                                for v in (tensors.mean, tensors.std))
-
-        def hold(images: torch.Tensor, split) -> tuple[torch.Tensor, torch.Tensor]:
-            chosen = images[torch.as_tensor(split.indices, dtype=torch.long)]
-            return chosen.to(device).contiguous(), torch.as_tensor(split.targets, dtype=torch.long).to(device)
-
         views = {"train": (tensors.train, data.train), "val": (tensors.train, data.val),
                  "test": (tensors.test, data.test)}
-        self.splits = {name: hold(*view) for name, view in views.items() if view[1] is not None}
+        self.splits = {name: (images[torch.as_tensor(split.indices, dtype=torch.long)].to(device).contiguous(),
+                              torch.as_tensor(split.targets, dtype=torch.long).to(device))
+                       for name, (images, split) in views.items() if split is not None}
 
     def augment(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """A random crop of each image's size out of the image zero-padded by `pad` on every side,

@@ -6,9 +6,6 @@
     .provenance.json  what the run (stage_K/: the stage, trained alone) was trained from, and if it is complete
     .partial.pt       stage_K/ of a stage trained alone: its state after each epoch while it trains
     estimation.json   an estimate step's folder (colam.steps): what it estimated, with digests
-
-An `Epochs` is where one training call's epochs go: a `WholeRun` (`fit`), `OneStage` (`fit_stage`,
-the DVC chain) or `PipelineStep` (Kubeflow). `run_digest(config)` is the run's one digest.
 """
 
 from __future__ import annotations
@@ -22,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+from contextlib import suppress
 from pathlib import Path
 
 try:
@@ -43,10 +41,8 @@ from colam.soft_labels import check_soft_labels
 log = logging.getLogger("colam")
 
 HISTORY_FIELDS = ["epoch", "stage", "lr", "train_loss", "train_acc", "val_acc", "test_acc", "seconds"]
-# Beside a run's (or a stage's) files, and ignored by DVC (.dvcignore) so that they never change an
-# output's hash: what the files were trained from, and a stage's state while it trains.
-PROVENANCE = ".provenance.json"
-PARTIAL = ".partial.pt"
+# Ignored by DVC (.dvcignore), so that they never change an output's hash.
+PROVENANCE, PARTIAL = ".provenance.json", ".partial.pt"
 ESTIMATION = "estimation.json"
 RUN, STAGE = "training run", "stage"  # the kinds of output (colam.io manifests) a run folder and a stage folder are
 CHECKPOINT_KEYS = {"epoch", "model", "optimizer", "method", "history", "elapsed", "config"}
@@ -57,14 +53,12 @@ def stage_ends(config: Config) -> list[int]:
     return np.cumsum(METHODS[config.method.name].stage_epochs(config)).tolist()
 
 
-# Keys added after runs were first written, with the value every earlier run had: at that value
-# they are left out of a run's identity, so a run from before they existed (its checkpoint, its
-# MLflow protocol, its estimate digests) is still the same run.
-# data.num_workers among them: it was taken for an execution key, but each DataLoader worker draws the
+# Keys added after runs were first written, with the value every earlier run had: at that value they are left out
+# of a run's identity, so a run from before they existed (its checkpoint, MLflow protocol, estimate digests) is still
+# the same run. data.num_workers among them: it was taken for an execution key, but each DataLoader worker draws the
 # augmentation from its own random stream, so the worker count changes the numbers.
 LATER_KEYS = {("train", "precision"): "auto", ("train", "data_on_device"): "auto", ("train", "eval_every"): 1,
-              ("train", "threads"): "auto",
-              ("data", "num_workers"): 0}
+              ("train", "threads"): "auto", ("data", "num_workers"): 0}
 
 # Keys that change how a run is executed or where its data lives, never its numbers.
 EXECUTION_KEYS = {"data": ("root", "download"),
@@ -72,8 +66,7 @@ EXECUTION_KEYS = {"data": ("root", "download"),
 
 
 def run_identity(settings: dict) -> dict:
-    """What makes two configs (as dicts) the same run: everything but the execution keys and the
-    settings of methods other than the one trained."""
+    """What makes two configs (dicts) the same run: all but the execution keys and other methods' settings."""
     identity = {section: ({k: v for k, v in value.items() if k not in EXECUTION_KEYS.get(section, ())}
                           if isinstance(value, dict) else value) for section, value in settings.items()}
     method, later = identity.get("method"), dict(LATER_KEYS)
@@ -93,8 +86,8 @@ def run_identity(settings: dict) -> dict:
 
 
 def run_digest(config: Config | dict) -> str:
-    """The sha256 (hex) of the run's identity: the one digest of a run (.provenance.json holds it
-    whole, estimation.json its first 16 digits; tracking may key its runs by it)."""
+    """The sha256 (hex) of the run's identity: the one digest of a run (.provenance.json holds it whole,
+    estimation.json its first 16 digits; tracking may key its runs by it)."""
     settings = config if isinstance(config, dict) else config.to_dict()
     return hashlib.sha256(json.dumps(run_identity(settings), sort_keys=True).encode()).hexdigest()
 
@@ -131,8 +124,8 @@ def code_digest() -> str:
 
 def provenance(config: Config, split_dir: str | Path | None, previous: Path | None = None,
                files: dict[str, str | Path] | None = None) -> dict:
-    """What a run or stage is trained from (the same provenance: the same numbers): its configuration,
-    the colam code, and digests of the split files, the stage it starts from and other input `files`."""
+    """What a run or stage is trained from (the same provenance: the same numbers): its configuration, the colam
+    code, and digests of the split files, the stage it starts from and other input `files`."""
     inputs = {}
     if files:
         inputs["files"] = {name: cio.sha256_file(path) for name, path in sorted(files.items())}
@@ -146,16 +139,9 @@ def provenance(config: Config, split_dir: str | Path | None, previous: Path | No
 
 def _read(path: Path, parse=json.loads) -> object:
     """The parsed file, or None when it is missing, unreadable or not a regular file (a FIFO would hang)."""
-    if not path.is_file():
-        return None
-    try:
-        return parse(path.read_text())
-    except (OSError, ValueError, yaml.YAMLError):
-        return None
-
-
-def _parse_config(text: str) -> object:
-    return parse_yaml(text, "config.yaml")
+    with suppress(OSError, ValueError, yaml.YAMLError):
+        return parse(path.read_text()) if path.is_file() else None
+    return None
 
 
 def check_out_dir(out_dir: Path, kind: str, whole: bool = True) -> None:
@@ -177,9 +163,8 @@ _claims: dict[str, int] = {}  # a claimed folder's path -> the open descriptor t
 
 
 def claim(folder: Path) -> None:
-    """Lock `folder` for this process (rank 0 under torchrun) until the command that claimed it ends
-    (`releasing_claims`): a second colam writing there is refused in one line with the holder's pid.
-    flock on the folder itself leaves no file in it, and the kernel drops it when the holder dies."""
+    """Lock `folder` for this process (rank 0 under torchrun) until the claiming command ends (`releasing_claims`),
+    refusing a second colam; flock on the folder leaves no file in it, and the kernel drops it when the holder dies."""
     if fcntl is None or not folder.is_dir() or not distributed.env_world().main:
         return
     key, inode = str(folder.resolve()), folder.stat().st_ino
@@ -191,13 +176,12 @@ def claim(folder: Path) -> None:
         return
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    except OSError as exc:
         os.close(fd)
-        raise ColamError(f"--out: '{folder}' is being written by another colam process{_holder(inode)}; wait "
-                         f"for it to end or choose another --out") from None
-    except OSError:  # a file system without flock (some network mounts): train unlocked rather than not at all
-        os.close(fd)
-        return
+        if isinstance(exc, BlockingIOError):
+            raise ColamError(f"--out: '{folder}' is being written by another colam process{_holder(inode)}; wait "
+                             f"for it to end or choose another --out") from None
+        return  # a file system without flock (some network mounts): train unlocked rather than not at all
     if key in _claims:  # the folder was deleted and made afresh (--restart-if-changed)
         os.close(_claims[key])
     _claims[key] = fd
@@ -206,13 +190,10 @@ def claim(folder: Path) -> None:
 def _holder(inode: int) -> str:
     """' (pid N)' of the process holding the flock of the folder with `inode`, from /proc/locks
     (lines such as '1: FLOCK  ADVISORY  WRITE 4242 08:01:1234 0 EOF'), or '' where it cannot tell."""
-    try:
-        lines = Path("/proc/locks").read_text().splitlines()
-    except OSError:
-        return ""
-    for fields in map(str.split, lines):
-        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5].rsplit(":", 1)[-1] == str(inode):
-            return f" (pid {fields[4]})"
+    with suppress(OSError):
+        for fields in map(str.split, Path("/proc/locks").read_text().splitlines()):
+            if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5].rsplit(":", 1)[-1] == str(inode):
+                return f" (pid {fields[4]})"
     return ""
 
 
@@ -237,16 +218,8 @@ def write_history(path: Path, history: list[dict]) -> None:
     cio.write_text(path, buffer.getvalue())
 
 
-def write_stage(folder: Path, resume: dict, metrics: dict) -> None:
-    """The rest of a stage's folder: what the next stage resumes from, the curves so far, the metrics."""
-    cio.save_torch(folder / "state.pt", resume)  # the weights are in model.pt, next to it
-    write_history(folder / "history.csv", resume["history"])
-    cio.write_json(folder / "metrics.json", metrics)
-
-
 def _load_checkpoint(path: Path, config: Config, what: str, refusal: str, keys=CHECKPOINT_KEYS) -> dict:
-    """A saved training state of this run (checkpoint.pt, .partial.pt, a stage's state.pt) holding
-    `keys`; `refusal`: the error for a file that is none."""
+    """A saved training state of this run (checkpoint.pt, .partial.pt, a stage's state.pt), else `refusal`."""
     state = cio.load_torch(path, what)
     if not isinstance(state, dict) or not keys <= state.keys():
         raise ColamError(refusal)
@@ -291,22 +264,16 @@ def check_resumable(state: dict, prepared) -> None:
 
 
 def _check_optimizer(saved: object, parameters: list[torch.Tensor], path: Path) -> None:
-    """Refuse optimizer state of another model: another parameter count, or a buffer (momentum) of
-    another shape than its parameter; torch would fail later, or broadcast it silently."""
-    refusal = ColamError(f"--out checkpoint: '{path}' holds optimizer state of another model; delete it or choose "
+    """Refuse optimizer state of another model: another parameter count, or a buffer (momentum) of another shape
+    than its parameter; torch would fail later, or broadcast it silently."""
+    groups, buffers = (saved.get("param_groups"), saved.get("state")) if isinstance(saved, dict) else (None, None)
+    if not (isinstance(groups, list) and isinstance(buffers, dict) and all(isinstance(g, dict) for g in groups)
+            and sum(len(group.get("params", ())) for group in groups) == len(parameters)
+            and all(isinstance(index, int) and 0 <= index < len(parameters) and isinstance(held, dict)
+                    and not any(isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape != parameters[index].shape
+                                for t in held.values()) for index, held in buffers.items())):
+        raise ColamError(f"--out checkpoint: '{path}' holds optimizer state of another model; delete it or choose "
                          f"another --out")
-    groups = saved.get("param_groups") if isinstance(saved, dict) else None
-    buffers = saved.get("state") if isinstance(saved, dict) else None
-    if not (isinstance(groups, list) and isinstance(buffers, dict) and all(isinstance(g, dict) for g in groups)):
-        raise refusal
-    if sum(len(group.get("params", ())) for group in groups) != len(parameters):
-        raise refusal
-    for index, held in buffers.items():
-        if not (isinstance(index, int) and 0 <= index < len(parameters) and isinstance(held, dict)):
-            raise refusal
-        if any(isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape != parameters[index].shape
-               for t in held.values()):
-            raise refusal
 
 
 class Epochs:
@@ -340,8 +307,7 @@ class Epochs:
 
 
 class WholeRun(Epochs):
-    """A whole run (`fit`): checkpoint.pt and history.csv after every epoch, metrics.json at the end,
-    .provenance.json says what it was trained from and whether the run log heard its end."""
+    """A whole run (`fit`): checkpoint.pt and history.csv after every epoch, metrics.json at the end."""
 
     def __init__(self, root: str | Path, config: Config, split_dir: str | Path | None = None,
                  inputs: dict[str, str | Path] | None = None):
@@ -365,8 +331,8 @@ class WholeRun(Epochs):
         cio.write_json(self.root / "metrics.json", metrics)
 
     def changed(self) -> bool:
-        """Whether the folder holds a run trained from something other than `origin` (another config,
-        colam code or input), to be trained afresh (`check_out_dir` refused one holding what colam did not write)."""
+        """Whether the folder holds a run trained from something other than `origin` (another config, colam code or
+        input), to be trained afresh (`check_out_dir` refused one holding what colam did not write)."""
         written = cio.written_here(self.root)
         found, origin = self.recorded(), self.origin
         if not written or (found is not None and {k: v for k, v in found.items() if k != "complete"} == origin):
@@ -399,7 +365,8 @@ class WholeRun(Epochs):
             state = _load_checkpoint(path, config, "--out checkpoint", f"--out: '{path}' is not a colam training "
                                      f"checkpoint; use another --out or delete it")
         elif (self.root / "config.yaml").exists():  # a run that never finished its first epoch, or lost its checkpoint
-            refuse_other_run(self.root, _read(self.root / "config.yaml", _parse_config), config)
+            refuse_other_run(self.root, _read(self.root / "config.yaml", lambda text: parse_yaml(text, "config.yaml")),
+                             config)
         found, metrics = self.recorded(), _read(self.root / "metrics.json")
         if (state is not None and state["epoch"] == self.until and (found is None or found.get("complete", True))
                 and isinstance(metrics, dict)):
@@ -415,24 +382,22 @@ class WholeRun(Epochs):
 
 
 class OneStage(Epochs):
-    """Stage `stage` of a stage-by-stage run (`fit_stage`): stage_K/ holds the stage's files, its
-    .provenance.json, and .partial.pt after every epoch so that a killed stage loses at most one."""
+    """Stage `stage` of a stage-by-stage run (`fit_stage`): .partial.pt after each epoch, a kill loses one at most."""
 
     def __init__(self, root: str | Path, stage: int, config: Config, split_dir: str | Path | None = None):
         ends = stage_ends(config)
         if not 1 <= stage <= len(ends):
             raise ColamError(f"--stage: {stage} is not a stage of this run ({config.method.name} trains "
                              f"{len(ends)} stage(s))")
-        self.root, self.stage, self.until = Path(root), stage, ends[stage - 1]
-        self.start, self.folder = ends[stage - 2] if stage > 1 else 0, self.stage_dir(stage)
-        self.previous = self.stage_dir(stage - 1) if stage > 1 else None
+        self.root, self.stage, self.start, self.until = Path(root), stage, ([0] + ends)[stage - 1], ends[stage - 1]
+        self.folder, self.previous = self.stage_dir(stage), self.stage_dir(stage - 1) if stage > 1 else None
         self.partial, self.resumed = self.folder / PARTIAL, False
         check_out_dir(self.root, "folder of stages", whole=False)  # each stage folder is an output of its own
         self.origin = provenance(config, split_dir, previous=self.previous)
 
     def resume(self, config: Config) -> tuple[dict | None, dict | None]:
-        """The stage's metrics when the folder holds it finished; else the state after its last epoch
-        when a kill cut it off, else the stage before's (None for stage 1)."""
+        """The stage's metrics when the folder holds it finished; else the state after its last epoch when a kill
+        cut it off, else the stage before's (None for stage 1)."""
         state = None
         if self.previous is not None:
             if not (self.previous / "state.pt").exists():
@@ -475,15 +440,14 @@ class OneStage(Epochs):
 
 
 class PipelineStep(Epochs):
-    """Step `step` of a pipeline (colam.steps.train_step): `out` alone holds the files of the step's
-    last epoch; it starts from the previous step's `checkpoint` and the soft labels estimated after it."""
+    """Step `step` of a pipeline (colam.steps.train_step): `out` alone holds the files of the step's last epoch; it
+    starts from the previous step's `checkpoint` and the soft labels estimated after it."""
 
     estimate = False
 
     def __init__(self, out: str | Path, step: int, steps: int, ends: list[int], checkpoint: str | Path | None,
                  soft_labels: str | Path | None):
-        self.root, self.step, self.until = Path(out), step, ends[step - 1]
-        self.start = ends[step - 2] if step > 1 else 0
+        self.root, self.step, self.start, self.until = Path(out), step, ([0] + ends)[step - 1], ends[step - 1]
         self.checkpoint, self.soft_labels, self.learned = checkpoint, soft_labels, {}
         self.info = {"step": step, "steps": steps, "soft_labels_sha256": None}
 
@@ -501,9 +465,7 @@ class PipelineStep(Epochs):
                              f"none was given")
         state = load_stage_state(self.checkpoint, config, self.start, "checkpoint", f"step {self.step} starts after")
         after_stage = self.start in stage_ends(config)
-        needed = METHODS[config.method.name].uses_soft_labels and after_stage
-        self.learned, self.info["soft_labels_sha256"] = read_estimation(self.soft_labels, self.start, config,
-                                                                        self.step, needed)
+        self.learned = self.read_estimation(config, METHODS[config.method.name].uses_soft_labels and after_stage)
         state["method"] = {**state["method"], **self.learned}
         if after_stage:  # estimated: the previous stage's online sums are spent
             state["method"].pop("online_sums", None)
@@ -519,48 +481,36 @@ class PipelineStep(Epochs):
                 raise ColamError(f"{where} has {len(tensor)} rows, this run needs {rows[name]}")
         make_dir(self.root, STAGE)
 
-
-def write_estimation(out: Path, config: Config, fields: dict, artifacts: list[str], main: bool) -> dict:
-    """out/estimation.json, the record of an estimate step: `fields` (step, stage, epoch, seconds),
-    the NAME.npy files it wrote with their digests, and the run's digest. Written last: its
-    presence means the folder is complete."""
-    summary = {**fields, "artifacts": artifacts,
-               "sha256": {name: cio.sha256_file(out / f"{name}.npy") for name in artifacts},
-               "run": run_digest(config)[:16]}
-    if main:
-        cio.write_json(out / ESTIMATION, summary)
-    return summary
-
-
-def read_estimation(folder: str | Path | None, epoch: int, config: Config, step: int,
-                    needed: bool) -> tuple[dict, str | None]:
-    """The tensors an estimate step wrote at `epoch`, checked against its record, and the digest of
-    soft_labels.npy; `needed`: the step trains on soft labels, which must be there."""
-    if folder is None:
-        if needed:
-            raise ColamError(f"soft_labels: step {step} of {config.method.name} trains on the soft labels estimated "
-                             f"after step {step - 1}; none were given")
-        return {}, None
-    folder = Path(folder)
-    summary = _read(folder / ESTIMATION)
-    if not isinstance(summary, dict):
-        raise ColamError(f"soft_labels: '{folder}' holds no {ESTIMATION}; it is not an estimate step's output")
-    if summary.get("epoch") != epoch:
-        raise ColamError(f"soft_labels: '{folder}' was estimated at epoch {summary.get('epoch')}, step {step} "
-                         f"starts after epoch {epoch}")
-    if summary.get("run") != run_digest(config)[:16]:
-        raise ColamError(f"soft_labels: '{folder}' was estimated for a run with another configuration")
-    if needed and "soft_labels" not in summary.get("artifacts", []):
-        raise ColamError(f"soft_labels: '{folder}' holds no soft_labels.npy, which step {step} of "
-                         f"{config.method.name} trains on")
-    learned, digests = {}, summary.get("sha256", {})
-    for name in summary.get("artifacts", []):
-        path = folder / f"{name}.npy"
-        if not path.is_file() or cio.sha256_file(path) != digests.get(name):
-            raise ColamError(f"soft_labels: '{path}' is missing or differs from the file the estimate step wrote "
-                             f"(sha256 in {ESTIMATION})")
-        try:
-            learned[name] = torch.from_numpy(np.load(path, allow_pickle=False))
-        except (OSError, ValueError) as exc:
-            raise ColamError(f"soft_labels: cannot read '{path}' ({exc})") from None
-    return learned, digests["soft_labels"] if "soft_labels" in learned else None
+    def read_estimation(self, config: Config, needed: bool) -> dict:
+        """The tensors the estimate step wrote at the step's start, checked against its estimation.json; `needed`:
+        the step trains on soft labels, which must be there."""
+        step, folder = self.step, self.soft_labels
+        if folder is None:
+            if needed:
+                raise ColamError(f"soft_labels: step {step} of {config.method.name} trains on the soft labels "
+                                 f"estimated after step {step - 1}; none were given")
+            return {}
+        folder = Path(folder)
+        summary = _read(folder / ESTIMATION)
+        if not isinstance(summary, dict):
+            raise ColamError(f"soft_labels: '{folder}' holds no {ESTIMATION}; it is not an estimate step's output")
+        if summary.get("epoch") != self.start:
+            raise ColamError(f"soft_labels: '{folder}' was estimated at epoch {summary.get('epoch')}, step {step} "
+                             f"starts after epoch {self.start}")
+        if summary.get("run") != run_digest(config)[:16]:
+            raise ColamError(f"soft_labels: '{folder}' was estimated for a run with another configuration")
+        if needed and "soft_labels" not in summary.get("artifacts", []):
+            raise ColamError(f"soft_labels: '{folder}' holds no soft_labels.npy, which step {step} of "
+                             f"{config.method.name} trains on")
+        learned, digests = {}, summary.get("sha256", {})
+        for name in summary.get("artifacts", []):
+            path = folder / f"{name}.npy"
+            if not path.is_file() or cio.sha256_file(path) != digests.get(name):
+                raise ColamError(f"soft_labels: '{path}' is missing or differs from the file the estimate step "
+                                 f"wrote (sha256 in {ESTIMATION})")
+            try:
+                learned[name] = torch.from_numpy(np.load(path, allow_pickle=False))
+            except (OSError, ValueError) as exc:
+                raise ColamError(f"soft_labels: cannot read '{path}' ({exc})") from None
+        self.info["soft_labels_sha256"] = digests["soft_labels"] if "soft_labels" in learned else None
+        return learned

@@ -49,20 +49,18 @@ def open_run(text: str | Path, key: str, finished: bool = True) -> RunFolder:
 
 def _run_config(path: Path, key: str) -> Config:
     """config.yaml of a whole run, else the configuration recorded in its newest stage state."""
-    config_path = path / "config.yaml"
+    source = path / "config.yaml"
     states = sorted(path.glob("stage_*/state.pt"),  # in the order of K, the newest last
                     key=lambda p: int(p.parent.name[6:]) if p.parent.name[6:].isdigit() else -1)
-    if config_path.is_file():
+    if source.is_file():
         try:
-            cio.check_file(config_path, key, CONFIG_BYTES)
-            raw = parse_yaml(config_path.read_text(encoding="utf-8"), f"{key}: '{config_path}'")
+            cio.check_file(source, key, CONFIG_BYTES)
+            raw = parse_yaml(source.read_text(encoding="utf-8"), f"{key}: '{source}'")
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-            raise ColamError(f"{key}: cannot read '{config_path}' ({type(exc).__name__})") from None
-        source = config_path
+            raise ColamError(f"{key}: cannot read '{source}' ({type(exc).__name__})") from None
     elif states:
-        state = cio.load_torch(states[-1], key)
+        source, state = states[-1], cio.load_torch(states[-1], key)
         raw = state.get("config") if isinstance(state, dict) else None
-        source = states[-1]
     else:
         raise ColamError(f"{key}: '{path}' is not a finished run folder (it holds no config.yaml), nor a "
                          f"stage-by-stage run (no stage_K/state.pt)")
@@ -79,8 +77,7 @@ def _run_config(path: Path, key: str) -> Config:
 def history(run: RunFolder, key: str = "--run") -> list[dict]:
     """The run's per-epoch rows (history.csv of the whole run, else of its last stage), numbers as floats."""
     path = run.path / "history.csv"
-    if not path.is_file():
-        path = run.stage_dirs[-1] / "history.csv"
+    path = path if path.is_file() else run.stage_dirs[-1] / "history.csv"
     try:
         with open(path, newline="", encoding="utf-8") as handle:
             rows = list(csv.DictReader(handle))

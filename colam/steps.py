@@ -8,9 +8,9 @@
         estimate_step(config, k, m, checkpoint_k, soft_labels_k)  # soft_labels.npy/.json, estimation.json
     colam.evaluation.evaluate_run(config, checkpoint_m, report, split)
 
-Each step reads only the folders it is given and writes only its output folder, with the numbers of
-one `colam train` process. COLAM's m steps are its m stages; a one-stage method is cut into m equal
-segments with nothing to estimate, so one pipeline trains every method on m * t epochs.
+Each step reads only the folders it is given and writes only its output folder, with the numbers of one `colam train`
+process. COLAM's m steps are its m stages; a one-stage method is cut into m equal segments with nothing to estimate,
+so one pipeline trains every method on m * t epochs.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from colam.datasets import BUNDLED, DATASETS, get_data
 from colam.engine import RunLog, check_names, estimate_artifacts, prepare, train_into
 from colam.errors import ColamError, require
 from colam.methods import METHODS, headline_section
-from colam.run_folder import (STAGE, PipelineStep, check_out_dir, load_stage_state, make_dir, releasing_claims,
-                              stage_ends, write_estimation)
+from colam.run_folder import (ESTIMATION, STAGE, PipelineStep, check_out_dir, load_stage_state, make_dir,
+                              releasing_claims, run_digest, stage_ends)
 
 RAW_DATA = "raw"  # the folder of a prepared split that holds a data set downloaded by prepare_step
 
@@ -39,8 +39,8 @@ RAW_DATA = "raw"  # the folder of a prepared split that holds a data set downloa
 def step_config(base: dict | str, *, steps: int, method: str | None = None, model: str | None = None,
                 dataset: str | None = None, epochs_per_step: int | None = None, temperature: float | None = None,
                 seed: int | None = None) -> Config:
-    """The config of an m-step run: `base` (a mapping, or its YAML/JSON text) with the headline
-    settings a pipeline exposes laid over it; the epoch budget is m * t for every method."""
+    """The config of an m-step run: `base` (a mapping, or its YAML/JSON text) with the headline settings a pipeline
+    exposes laid over it; the epoch budget is m * t for every method."""
     raw = _parse(base) if isinstance(base, str) else copy.deepcopy(base)
     if not isinstance(raw, dict):
         raise ColamError(f"config: expected a mapping, got {type(base).__name__}")
@@ -73,9 +73,8 @@ def step_config(base: dict | str, *, steps: int, method: str | None = None, mode
 
 
 def step_ends(config: Config, steps: int) -> list[int]:
-    """The epoch each of the `steps` steps ends at: every stage of the method cut into the same
-    number of equal segments (COLAM: a step per stage; hl: m segments of its one stage; label
-    refinery's 2 generations in 4 steps: 2 segments each)."""
+    """The epoch each of the `steps` steps ends at: every stage of the method cut into the same number of equal
+    segments (COLAM: a step per stage; hl: m segments of its one stage; label refinery's 2 generations in 4 steps)."""
     stage_epochs = METHODS[config.method.name].stage_epochs(config)
     per_stage, rest = divmod(steps, len(stage_epochs))
     if rest == 0 and all(epochs % per_stage == 0 for epochs in stage_epochs):
@@ -89,9 +88,8 @@ def step_ends(config: Config, steps: int) -> list[int]:
 
 
 def prepare_step(config: Config, out: str | Path) -> dict:
-    """Write the split of `config` to `out`; a data set that is downloaded goes to `out/raw`, and so do the
-    bundled digits' arrays, so the steps after it read the data from this folder instead of downloading it
-    again (or importing scikit-learn, a second of each step's start)."""
+    """Write the split of `config` to `out`, and to `out/raw` a data set that is downloaded and the bundled digits'
+    arrays: the steps after it read them there, not downloading again (or importing scikit-learn, a second a step)."""
     data, out = config.data, Path(out)
     if data.download and DATASETS[data.name].needs_files:
         cio.take_folder(out, "split")
@@ -132,7 +130,6 @@ ESTIMATE = "soft-label estimate"  # the kind of output (colam.io manifests) an e
 
 
 def _open_step(config: Config, step: int, steps: int, out: str | Path, kind: str) -> list[int]:
-    """The epochs the steps end at, refusing a step the run does not have and an `out` that is a file."""
     ends = step_ends(config, steps)
     if not 1 <= step <= steps:
         raise ColamError(f"step: {step} is not a step of a {steps}-step run")
@@ -144,8 +141,7 @@ def _open_step(config: Config, step: int, steps: int, out: str | Path, kind: str
 def train_step(config: Config, step: int, steps: int, out: str | Path, *, checkpoint: str | Path | None = None,
                soft_labels: str | Path | None = None, split_dir: str | Path | None = None,
                run_log: RunLog | None = None, progress: bool = False) -> dict:
-    """Train step `step` (1-based) of `steps` into `out`, from the previous step's checkpoint folder
-    and soft-label folder; returns the metrics at the step's end (also out/metrics.json)."""
+    """Train step `step` (1-based) of `steps` into `out` from the step before's folders; returns out/metrics.json."""
     ends = _open_step(config, step, steps, out, STAGE)
     train_into(PipelineStep(out, step, steps, ends, checkpoint, soft_labels), config, split_dir, run_log, progress)
     return json.loads((Path(out) / "metrics.json").read_text())
@@ -154,8 +150,7 @@ def train_step(config: Config, step: int, steps: int, out: str | Path, *, checkp
 @releasing_claims
 def estimate_step(config: Config, step: int, steps: int, checkpoint: str | Path, out: str | Path, *,
                   split_dir: str | Path | None = None) -> dict:
-    """What the method learns from the model at the end of step `step` (COLAM: the soft labels,
-    from a forward pass over the training set), written to `out`; returns out/estimation.json."""
+    """What the method learns at the end of `step` (COLAM: soft labels), into `out`; returns out/estimation.json."""
     ends = _open_step(config, step, steps, out, ESTIMATE)
     out, epoch = Path(out), ends[step - 1]
     state = load_stage_state(checkpoint, config, epoch, "checkpoint", f"step {step} ends at")
@@ -168,5 +163,9 @@ def estimate_step(config: Config, step: int, steps: int, checkpoint: str | Path,
         prepared.method.load_state_dict(state["method"])
         seconds, artifacts = estimate_artifacts(prepared, stage, out, epoch)
         distributed.barrier()  # under torchrun: rank 0 has written the files the digests are taken of
-    return write_estimation(out, config, {"step": step, "stage": stage, "epoch": epoch, "seconds": round(seconds, 3)},
-                            artifacts, distributed.current().main)
+    summary = {"step": step, "stage": stage, "epoch": epoch, "seconds": round(seconds, 3), "artifacts": artifacts,
+               "sha256": {name: cio.sha256_file(out / f"{name}.npy") for name in artifacts},
+               "run": run_digest(config)[:16]}
+    if distributed.current().main:  # written last: its presence means the folder is complete
+        cio.write_json(out / ESTIMATION, summary)
+    return summary
