@@ -1,9 +1,8 @@
 """Typed run configuration: one YAML file (plus `--set KEY=VALUE` overrides) -> `Config`.
 
-Every section is a dataclass, every key has a type and a one-line reason; `load_config` refuses
-unknown keys, wrong types and out-of-range values with a `ColamError` naming the key. The defaults
-are the paper's CIFAR settings (COLAM, Sec. 4.2). `method.<name>` is the `settings` class of the
-method's file in colam/methods/, so the `method` section is built from the method registry.
+Every section is a dataclass, every key has a type and a one-line reason; `load_config` refuses unknown keys, wrong
+types and out-of-range values with a `ColamError` naming the key. The defaults are the paper's CIFAR settings (COLAM,
+Sec. 4.2). `method.<name>` is the `settings` class of the method's file in colam/methods/ (the method registry).
 """
 
 from __future__ import annotations
@@ -68,8 +67,7 @@ class TrainConfig:
 
 
 def method_section(methods: dict) -> type:
-    """The `method` section: `name` and one section per registered method, of its `settings` class
-    (colam.methods.METHODS), so that a method's file alone adds its section."""
+    """The `method` section: `name` and each registered method's `settings`, so a method's file alone adds one."""
     section = dataclasses.make_dataclass("MethodConfig", [
         ("name", str, field(default="colam")),  # a registered method (`colam methods`)
         *((name, method.settings, field(default_factory=method.settings)) for name, method in methods.items())])
@@ -100,12 +98,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def from_dict(raw: dict) -> Config:
-    """Build a Config from nested dicts, refusing unknown keys and wrong types."""
     return build_section(Config, raw, prefix="")
 
 
 def read_yaml(path: str | Path | None, overrides: list[str] | None = None) -> dict:
-    """The mapping in YAML file `path` (or {}), with `KEY=VALUE` overrides applied."""
     raw = _read_yaml(Path(path)) if path is not None else {}
     for item in overrides or []:
         _set_dotted(raw, *_parse_override(item))
@@ -126,27 +122,22 @@ def _read_yaml(path: Path) -> dict:
     except (OSError, UnicodeDecodeError) as exc:
         raise ColamError(f"--config: cannot read '{path}' ({type(exc).__name__})") from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
+        where = f" at line {exc.problem_mark.line + 1}" if getattr(exc, "problem_mark", None) else ""
         raise ColamError(f"--config: '{path}' is not valid YAML{where}") from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
+    if not isinstance(raw, (dict, type(None))):
         raise ColamError(f"--config: '{path}' must hold a mapping of sections, not {type(raw).__name__}")
-    return raw
+    return raw or {}
 
 
 def parse_yaml(text: str, what: str) -> Any:
-    """yaml.safe_load, refusing (one line naming `what`) a document whose aliases expand past
-    YAML_VALUES values or that nests deeper than YAML_DEPTH; both are counted on the parser's events,
-    before any node is built, so neither costs memory or a RecursionError."""
+    """yaml.safe_load, refusing (naming `what`) a document whose aliases expand past YAML_VALUES values or that nests
+    deeper than YAML_DEPTH, counted on the parser's events before any node is built (no memory, no RecursionError)."""
     sizes: dict[str, int] = {}  # an anchor -> the values it expands to
-    open_nodes: list[list] = []  # [anchor, values so far] of each collection being read
-    total = 0
+    open_nodes: list[list] = [[None, 0]]  # [anchor, values so far] of the document and each collection being read
     for event in yaml.parse(text, Loader=yaml.SafeLoader):
         if isinstance(event, yaml.CollectionStartEvent):
             open_nodes.append([event.anchor, 1])
-            if len(open_nodes) > YAML_DEPTH:
+            if len(open_nodes) > YAML_DEPTH + 1:
                 raise ColamError(f"{what} nests deeper than {YAML_DEPTH} levels")
             continue
         if isinstance(event, yaml.CollectionEndEvent):
@@ -159,13 +150,8 @@ def parse_yaml(text: str, what: str) -> Any:
             continue
         if anchor:
             sizes[anchor] = count
-        if open_nodes:
-            open_nodes[-1][1] += count
-            size = open_nodes[-1][1]
-        else:
-            total += count
-            size = total
-        if size > YAML_VALUES:
+        open_nodes[-1][1] += count
+        if open_nodes[-1][1] > YAML_VALUES:
             raise ColamError(f"{what} expands to more than {YAML_VALUES:,} values (aliases of aliases?)")
     return yaml.safe_load(text)
 
@@ -182,8 +168,7 @@ def _parse_override(item: str) -> tuple[str, Any]:
 
 
 def _set_dotted(raw: dict, key: str, value: Any) -> None:
-    node = raw
-    parts = key.split(".")
+    node, parts = raw, key.split(".")
     for depth, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
@@ -253,10 +238,8 @@ DATA_CHECKS: dict[str, Check] = {
     "num_workers": within(0, 256)}
 TRAIN_CHECKS: dict[str, Check] = {
     "epochs": within(1, 100_000), "batch_size": within(1, 2**20), "eval_batch_size": within(1, 2**20),
-    "eval_every": AT_LEAST_1,
-    "lr": POSITIVE, "momentum": FRACTION, "weight_decay": NON_NEGATIVE,
-    "lr_schedule": one_of(("multistep", "cosine", "constant")),
-    "gamma": (lambda v: 0.0 < v <= 1.0, "must be in (0, 1]"),
+    "eval_every": AT_LEAST_1, "lr": POSITIVE, "momentum": FRACTION, "weight_decay": NON_NEGATIVE,
+    "lr_schedule": one_of(("multistep", "cosine", "constant")), "gamma": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
     "device": (lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None, "must be auto, cpu, cuda or cuda:N"),
     "precision": (lambda v: v in ("auto", "fp32", "bf16"), "must be auto, fp32 or bf16"),
     "channels_last": AUTO_OR_BOOL, "data_on_device": AUTO_OR_BOOL,

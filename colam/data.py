@@ -66,8 +66,7 @@ class Split:
 
 # The keys of `data` that decide the split; a saved split records them and must match the config.
 SPLIT_KEYS = ("name", "train_subset", "val_fraction", "label_noise", "noise_type", "split_seed")
-# What a split saved before a key existed was drawn with (every earlier split had symmetric noise).
-_SPLIT_KEY_DEFAULTS = {"noise_type": "symmetric"}
+_SPLIT_KEY_DEFAULTS = {"noise_type": "symmetric"}  # what a split saved before a key existed was drawn with
 
 
 def build_data(cfg: DataConfig, split_dir: str | Path | None = None) -> TrainingData:
@@ -94,8 +93,7 @@ def _raw_data(cfg: DataConfig) -> RawData:
 
 def draw_split(cfg: DataConfig, raw: RawData) -> Split:
     """Subset, validation split and label noise, drawn from `data.split_seed` alone."""
-    num_classes = len(raw.classes)
-    rng, labels = np.random.default_rng(cfg.split_seed), raw.train_targets
+    num_classes, labels, rng = len(raw.classes), raw.train_targets, np.random.default_rng(cfg.split_seed)
     kept = np.arange(len(labels))
     _require_every_class(labels, num_classes, "data.root", cfg.root, f"the training split of {cfg.name}")
     if cfg.train_subset is not None:
@@ -131,9 +129,8 @@ def _require_every_class(labels: np.ndarray, num_classes: int, key: str, value: 
 
 def save_split(cfg: DataConfig, out_dir: str | Path) -> dict:
     """Draw the split of `cfg` and write it to `out_dir` (split.npz + split.json); returns the summary."""
-    raw = _raw_data(cfg)
+    raw, out_dir = _raw_data(cfg), Path(out_dir)
     split = draw_split(cfg, raw)
-    out_dir = Path(out_dir)
     cio.take_folder(out_dir, "split")
     archive = cio.npz_bytes({name: getattr(split, name).astype(np.int64) for name in Split.__dataclass_fields__})
     cio.atomic_write_bytes(out_dir / "split.npz", archive)

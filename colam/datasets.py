@@ -24,9 +24,8 @@ from colam.idx_datasets import IDX_SETS, copy_idx_files, read_idx_set
 
 @dataclass
 class ImageTensors:
-    """A data set held whole as tensors and its training transform, per sample (`_tensor_data`) or per batch
-    (colam.feed.ResidentFeed): a random crop from the image zero-padded by `pad`, a flip with probability 1/2 when
-    `flip`, normalisation."""
+    """A data set held whole as tensors and its training transform (per sample or, colam.feed, per batch): a random
+    crop of the image zero-padded by `pad`, a flip with probability 1/2 when `flip`, normalisation."""
 
     train: torch.Tensor  # N x C x H x W in the order of RawData.train_targets: uint8 (0..255) or float in [0, 1]
     test: torch.Tensor
@@ -91,11 +90,9 @@ def _targets(labels: Sequence[int]) -> np.ndarray:
 
 
 class TensorTransform:
-    """The transform of one image held as a tensor: with `augment`, a random crop of the image zero-padded by `pad`
-    and a flip with probability 1/2 when `flip`; then [0, 1] floats (a uint8 image is divided by 255) and
-    normalisation. It draws the same random numbers and computes the same values as torchvision's RandomCrop(size,
-    padding), RandomHorizontalFlip, ConvertImageDtype(float32) and Normalize (tests/test_datasets.py), without
-    importing torchvision, whose import (torch._dynamo with it) costs every step process about a second."""
+    """ImageTensors' transform of one image (crop and flip with `augment`), then [0, 1] floats (uint8 / 255): the same
+    random draws and values as torchvision's RandomCrop(size, padding), RandomHorizontalFlip, ConvertImageDtype and
+    Normalize (tests/test_datasets.py) without importing torchvision, which costs every step process about a second."""
 
     def __init__(self, x: ImageTensors, augment: bool):
         self.pad, self.flip, self.augment = x.pad, x.flip, augment
@@ -119,8 +116,7 @@ class TensorTransform:
 
 
 def _tensor_data(x: ImageTensors, train_labels: np.ndarray, test_labels: np.ndarray, classes: list[str]) -> RawData:
-    """RawData of images held whole (digits, CIFAR, the MNIST family), their transforms the tensor form's: a
-    uint8 image becomes [0, 1] as ToTensor makes it, after the crop and flip, so the zero padding is black."""
+    """RawData of images held whole (TensorTransform): [0, 1] floats come after the crop, so the padding is black."""
     augment, evaluate = TensorTransform(x, augment=True), TensorTransform(x, augment=False)
     train, train_eval = (TensorImageDataset(x.train, train_labels, t) for t in (augment, evaluate))
     return RawData(train, train_eval, TensorImageDataset(x.test, test_labels, evaluate), train_labels, test_labels,
@@ -165,14 +161,13 @@ def _build_digits(root: Path, download: bool) -> RawData:
     """scikit-learn's digits, bundled with the library; from `root` where `colam data get` saved them."""
     arrays = _saved_digits(root) or digits_arrays()
     train, test = (torch.from_numpy(arrays[f"{split}_images"]) for split in ("train", "test"))
-    mean, std = train.mean().item(), train.std().item()
     # Shift by up to 1 pixel before normalising, so the padding is 0 = background. No flips: digits are not symmetric.
-    return _tensor_data(ImageTensors(train, test, (mean,), (std,), pad=1, flip=False), arrays["train_targets"],
-                        arrays["test_targets"], [str(c) for c in range(10)])
+    tensors = ImageTensors(train, test, (train.mean().item(),), (train.std().item(),), pad=1, flip=False)
+    return _tensor_data(tensors, arrays["train_targets"], arrays["test_targets"], [str(c) for c in range(10)])
 
 
 def _build_cifar(name: str, root: Path, download: bool) -> RawData:
-    cls = _torchvision_set({"cifar10": "CIFAR10", "cifar100": "CIFAR100"}[name])
+    cls = _torchvision_set(name.upper())
     train, test = cls(root, train=True, download=download), cls(root, train=False, download=False)
     # torchvision holds CIFAR in memory as N x H x W x C uint8: the same pixels, channels first
     train_x, test_x = (torch.from_numpy(np.ascontiguousarray(d.data)).permute(0, 3, 1, 2) for d in (train, test))
@@ -188,8 +183,8 @@ def _build_idx(name: str, root: Path, download: bool) -> RawData:
 
 
 def load_image(path: str) -> Image.Image:
-    """An RGB image file (torchvision's default loader), or a ColamError naming the file: a corrupt
-    or truncated image is met while training reads it, possibly in a DataLoader worker."""
+    """An RGB image file (torchvision's default loader), or a ColamError naming the file: a corrupt or truncated
+    image is met while training reads it, possibly in a DataLoader worker."""
     try:
         with open(path, "rb") as handle:
             return Image.open(handle).convert("RGB")
@@ -198,13 +193,11 @@ def load_image(path: str) -> Image.Image:
 
 
 def _image_folder(path: Path, transform: Callable):
-    from torchvision import datasets as tvd
-
     if not path.is_dir():
         raise ColamError(f"data.root: '{path}' does not exist (expected <root>/train/<class>/<image> and "
                          f"<root>/val/<class>/<image>)")
     try:
-        return tvd.ImageFolder(path, transform=transform, loader=load_image)
+        return _torchvision_set("ImageFolder")(path, transform=transform, loader=load_image)
     except FileNotFoundError as err:  # no class folders, or a class folder without images
         raise ColamError(f"data.root: bad image folder '{path}': {_one_line(err)}") from err
 
@@ -228,18 +221,15 @@ def _torchvision_set(name: str) -> type:
 def _build_split(class_name: str, train_splits: Sequence[str], test_split: str, root: Path, download: bool,
                  **kwargs) -> RawData:
     """torchvision's split-based fine-grained sets (Flowers102, DTD, FGVCAircraft)."""
-    cls, (train_t, eval_t) = _torchvision_set(class_name), _imagenet_transforms()
-
-    def make(split: str, transform: Callable):
-        return cls(root, split=split, transform=transform, download=download, **kwargs)
-
-    train_parts, test = [make(s, train_t) for s in train_splits], make(test_split, eval_t)
-    parts = {**dict(zip(train_splits, train_parts)), test_split: test}
-    _check_same_classes(root, {split: part.classes for split, part in parts.items()})
+    train_t, eval_t = _imagenet_transforms()
+    make = partial(_torchvision_set(class_name), root, download=download, **kwargs)
+    train_parts = [make(split=s, transform=train_t) for s in train_splits]
+    test = make(split=test_split, transform=eval_t)
+    _check_same_classes(root, {**{s: p.classes for s, p in zip(train_splits, train_parts)}, test_split: test.classes})
+    train_eval = ConcatDataset([make(split=s, transform=eval_t) for s in train_splits])
     # torchvision keeps these labels in the private `_labels` list: read it, not the images.
-    return RawData(ConcatDataset(train_parts), ConcatDataset([make(s, eval_t) for s in train_splits]), test,
-                   _targets([y for p in train_parts for y in p._labels]), _targets(test._labels), list(test.classes),
-                   in_channels=3, image_size=224)
+    return RawData(ConcatDataset(train_parts), train_eval, test, _targets([y for p in train_parts for y in p._labels]),
+                   _targets(test._labels), list(test.classes), in_channels=3, image_size=224)
 
 
 def _check_same_classes(root: Path, classes_by_split: dict[str, list[str]]) -> None:
@@ -251,7 +241,7 @@ def _check_same_classes(root: Path, classes_by_split: dict[str, list[str]]) -> N
                              f"(only in {first}: {only_first[:5]}; only in {split}: {only_other[:5]})")
 
 
-_SPECS = [
+DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in [
     DatasetSpec("digits", _build_digits, False, "scikit-learn 8x8 handwritten digits (bundled, 10 classes)"),
     DatasetSpec("cifar10", partial(_build_cifar, "cifar10"), True, "CIFAR-10 (32x32, 10 classes)"),
     DatasetSpec("cifar100", partial(_build_cifar, "cifar100"), True, "CIFAR-100 (32x32, 100 classes)"),
@@ -269,8 +259,7 @@ _SPECS = [
     DatasetSpec("fgvc_aircraft", partial(_build_split, "FGVCAircraft", ["trainval"], "test",
                                          annotation_level="variant"),
                 True, "FGVC-Aircraft, variant labels (trainval / test, 224x224)"),
-]
-DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in _SPECS}
+]}
 
 
 def list_datasets() -> list[str]:
@@ -278,18 +267,15 @@ def list_datasets() -> list[str]:
 
 
 def dataset_spec(name: str) -> DatasetSpec:
-    """The registered data set `name`, or a ColamError naming data.name."""
     if name not in DATASETS:
         raise ColamError(f"data.name: unknown data set {name!r}; choose one of: {', '.join(list_datasets())}")
     return DATASETS[name]
 
 
 def build_raw_data(name: str, root: str | os.PathLike, *, download: bool = False) -> RawData:
-    """Build the named data set from files under `root` (downloading them if `download`); torchvision's
-    missing-file and download errors become one-line ColamErrors."""
+    """The data set from files under `root` (downloaded if `download`); torchvision's errors become ColamErrors."""
     spec, root = dataset_spec(name), Path(root).expanduser()
-    # With download, torchvision creates the root itself.
-    if spec.needs_files and not download and not root.exists():
+    if spec.needs_files and not download and not root.exists():  # with download, torchvision creates it
         raise ColamError(f"data.root: '{root}' does not exist")
     try:
         return spec.builder(root, download)
@@ -329,15 +315,14 @@ def get_data(name: str, source: str, out: str | os.PathLike) -> list[str]:
         return [f"{name}.json", f"{name}.npz"]
     if source == BUNDLED:
         raise ColamError(f"--from: {name} is not bundled; give a folder holding its files or '{DOWNLOAD}'")
-    if name in IDX_SETS:
-        if source != DOWNLOAD and not Path(source).is_dir():
-            raise ColamError(f"--from: '{source}' is not a folder (nor '{DOWNLOAD}')")
-        cio.take_folder(out, "data set", shared=True)
-        written = copy_idx_files(name, Path(source), out, download=source == DOWNLOAD)
-    elif source != DOWNLOAD:
+    if name not in IDX_SETS and source != DOWNLOAD:
         raise ColamError(f"--from: colam copies {name} from its download only; use --from {DOWNLOAD}")
+    if source != DOWNLOAD and not Path(source).is_dir():
+        raise ColamError(f"--from: '{source}' is not a folder (nor '{DOWNLOAD}')")
+    cio.take_folder(out, "data set", shared=True)
+    if name in IDX_SETS:
+        written = copy_idx_files(name, Path(source), out, download=source == DOWNLOAD)
     else:
-        cio.take_folder(out, "data set", shared=True)
         build_raw_data(name, out, download=True)
         written = [p for p in out.rglob("*") if p.is_file()]
     return sorted(str(p.relative_to(out)) for p in written)

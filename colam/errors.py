@@ -34,10 +34,9 @@ MESSAGE_LIMIT = 600  # characters of one error line: a quoted value longer than 
 
 
 def one_line(message: str) -> str:
-    """`message` as one safe line for a terminal: credentials in URIs hidden, control characters
-    (newlines, ANSI escapes) shown escaped, and cut to MESSAGE_LIMIT characters."""
-    message = redact(message)
-    message = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+    """`message` as one safe line for a terminal: credentials in URIs hidden, control characters (newlines, ANSI
+    escapes) shown escaped, and cut to MESSAGE_LIMIT characters."""
+    message = "".join(c if c.isprintable() else repr(c)[1:-1] for c in redact(message))
     return message if len(message) <= MESSAGE_LIMIT else message[:MESSAGE_LIMIT] + "... (cut)"
 
 

@@ -25,25 +25,21 @@ ECE_BINS = 15  # the usual choice since Guo et al. 2017
 def expected_calibration_error(probs: torch.Tensor, targets: torch.Tensor, bins: int = ECE_BINS) -> float:
     """Sum over equal-width confidence bins of |accuracy - mean confidence| weighted by the bin's share."""
     confidence, predicted = probs.max(dim=1)
-    correct = (predicted == targets).float()
-    edges = torch.linspace(0, 1, bins + 1)
-    which = torch.bucketize(confidence, edges[1:-1])  # bin b holds (edges[b], edges[b+1]]
-    total = torch.zeros(bins).index_add_(0, which, correct - confidence)
+    which = torch.bucketize(confidence, torch.linspace(0, 1, bins + 1)[1:-1])  # bin b holds (b / bins, (b + 1) / bins]
+    total = torch.zeros(bins).index_add_(0, which, (predicted == targets).float() - confidence)
     return (total.abs().sum() / len(targets)).item()
 
 
 def score(logits: torch.Tensor, targets: torch.Tensor) -> dict:
-    probs = logits.softmax(dim=1)
     return {"acc": (logits.argmax(dim=1) == targets).sum().item() / len(targets),  # as the trainer counts it
             "nll": F.cross_entropy(logits, targets).item(),
-            "ece": expected_calibration_error(probs, targets)}
+            "ece": expected_calibration_error(logits.softmax(dim=1), targets)}
 
 
 def evaluate_run(config: Config, stage_dir: str | Path, out_dir: str | Path,
                  split_dir: str | Path | None = None) -> dict:
-    """Score `stage_dir/model.pt` on the val and test splits into out_dir: metrics.json (accuracy, NLL,
-    ECE, per-class test accuracy, the run's settings), history.csv (the curves up to this stage) and
-    predictions.csv (a test sample's actual and predicted class a row, for the confusion matrix)."""
+    """Score `stage_dir/model.pt` on the val and test splits into out_dir: metrics.json (accuracy, NLL, ECE, per-class
+    test accuracy, the run's settings), history.csv (the curves so far), predictions.csv (for the confusion matrix)."""
     stage_dir, out_dir = Path(stage_dir), Path(out_dir)
     cio.check_folder(out_dir, EVALUATION)  # before the work; the folder is taken to write the results
     if distributed.env_world().distributed:
@@ -52,8 +48,7 @@ def evaluate_run(config: Config, stage_dir: str | Path, out_dir: str | Path,
     cio.check_file(stage_dir / "history.csv", "--stage-dir")  # copied at the end: a FIFO would be read forever
     p = prepare(config, split_dir)
     cio.load_weights(p.model, state["model"], "--stage-dir model", state["model_file"])
-    metrics = run_metrics(config, state["history"], state["elapsed"])
-    metrics["evaluated_epoch"] = state["epoch"]
+    metrics = {**run_metrics(config, state["history"], state["elapsed"]), "evaluated_epoch": state["epoch"]}
     predicted = {}
     for name, dataset in {"test": p.data.test, "val": p.data.val}.items():
         if dataset is not None:
@@ -67,11 +62,9 @@ def evaluate_run(config: Config, stage_dir: str | Path, out_dir: str | Path,
         for c, name in enumerate(p.data.classes)}
     cio.take_folder(out_dir, EVALUATION)
     cio.atomic_write_bytes(out_dir / "history.csv", (stage_dir / "history.csv").read_bytes())
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["sample", "actual", "predicted"])
-    writer.writerows((i, p.data.classes[a], p.data.classes[b])
-                     for i, (a, b) in enumerate(zip(test_targets.tolist(), predicted.tolist())))
+    buffer, classes = io.StringIO(), p.data.classes
+    rows = [(i, classes[a], classes[b]) for i, (a, b) in enumerate(zip(test_targets.tolist(), predicted.tolist()))]
+    csv.writer(buffer).writerows([("sample", "actual", "predicted"), *rows])
     cio.write_text(out_dir / "predictions.csv", buffer.getvalue())
     cio.write_json(out_dir / "metrics.json", metrics)  # last: a metrics.json means the evaluation is complete
     return metrics

@@ -18,9 +18,8 @@ from colam.errors import ColamError
 
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
-# md5 and size of the uncompressed files of the original releases (the content of torchvision's .gz
-# files). MNIST's are widely published; Fashion-MNIST's were computed from Debian's package, whose
-# IDX content is the original release's.
+# md5 and size of the uncompressed files of the original releases (the content of torchvision's .gz files). MNIST's
+# are widely published; Fashion-MNIST's were computed from Debian's package, whose IDX content is the original's.
 CONTENT = {
     "mnist": {
         "train-images-idx3-ubyte": ("6bbc9ace898e44ae57da46a324031adb", 47_040_016),
@@ -40,9 +39,8 @@ CONTENT = {
 
 @dataclass(frozen=True)
 class IdxSet:
-    """One of the family: its torchvision class (by name: torchvision is imported only to download or to check
-    an original .gz), class names (torchvision's, tests/test_idx_datasets.py), normalisation, and which flips
-    keep the class."""
+    """One of the family: its torchvision class (by name: imported only to download or to check an original .gz),
+    class names (torchvision's, tests/test_idx_datasets.py), normalisation, and whether flips keep the class."""
 
     name: str
     class_name: str  # torchvision's class, and the folder of its layout (<root>/<class_name>/raw)
@@ -77,27 +75,24 @@ def read_idx_set(name: str, root: Path, download: bool) -> list:
 def copy_idx_files(name: str, source: Path, out: Path, download: bool = False) -> list[Path]:
     """Write `name`'s checked files from `source` (with `download`, torchvision's download into `out`) into `out`
     in torchvision's layout, uncompressed where their content digest is known, else as the original .gz."""
-    folder = out / IDX_SETS[name].class_name / "raw"
+    folder, forms = out / IDX_SETS[name].class_name / "raw", [f"{file}{gz}" for file in FILES for gz in ("", ".gz")]
     if download:  # torchvision downloads into `folder`: what it writes there that was not there is colam's
         cio.make_folder(folder)
-        cio.expect(folder, [f"{file}{suffix}" for file in FILES for suffix in ("", ".gz")])
+        cio.expect(folder, forms)
     checked = _checked_files(name, out if download else source, download)  # all checked before any write
     targets = {(folder / file if gz is None else folder / f"{file}.gz"): (content if gz is None else gz)
                for file, (content, gz) in checked.items()}
     changed = {target: data for target, data in targets.items()
                if not (target.is_file() and target.read_bytes() == data)}
-    owned = cio.written_here(folder)
     for target in changed:  # a file of the user's where one goes is refused before any is written
-        cio.refuse_overwrite(target, owned)
+        cio.refuse_overwrite(target, cio.written_here(folder))
     for target, data in changed.items():
         cio.atomic_write_bytes(target, data)
-    kept = list(targets)
-    forms = [f"{file}{suffix}" for file in FILES for suffix in ("", ".gz")]
-    for path in (folder / name for name in forms):
-        if path.is_file() and path not in kept:  # the other form of a kept file (what a download left beside it)
+    for path in (folder / form for form in forms):
+        if path.is_file() and path not in targets:  # the other form of a kept file (what a download left beside it)
             cio.remove(path)
     cio.forget(folder, forms)  # names a download was expected to write and did not (or that were removed)
-    return kept
+    return list(targets)
 
 
 def _checked_files(name: str, root: Path, download: bool) -> dict[str, tuple[bytes, bytes | None]]:

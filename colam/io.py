@@ -3,10 +3,9 @@
 Every write goes to a temporary file in the same folder (`.NAME.colam-XXXXXXXX.tmp`, named from its target), is
 flushed and fsynced, then renamed over the target (rename within a file system is atomic on POSIX and Windows).
 
-An output folder of colam holds a manifest, `.colam-files`: the name of every file and folder colam wrote
-there, recorded before the file is made, so a kill leaves at worst a name without its file. What a folder's
-manifest does not name is someone else's: colam never overwrites or deletes it, and an output folder holding
-such files is refused before anything is written (`take_folder`).
+An output folder of colam holds a manifest, `.colam-files`: the name of every file and folder colam wrote there,
+recorded before the file is made, so a kill leaves at worst a name without its file. What it does not name is someone
+else's: colam never overwrites or deletes it, and refuses, before writing, an output folder holding it (`take_folder`).
 """
 
 from __future__ import annotations
@@ -75,8 +74,7 @@ def _read_manifest(folder: Path) -> tuple[str | None, set[str]] | None:
 
 def written_here(folder: Path) -> set[str] | None:
     """The names colam wrote in `folder`, or None where it has no manifest."""
-    found = _read_manifest(folder)
-    return None if found is None else found[1]
+    return (_read_manifest(folder) or (None, None))[1]
 
 
 def _write_manifest(folder: Path, names: set[str], kind: str | None) -> None:
@@ -85,8 +83,7 @@ def _write_manifest(folder: Path, names: set[str], kind: str | None) -> None:
 
 
 def expect(folder: Path, names: list[str]) -> None:
-    """Record in the manifest of `folder` the `names` colam (or a library it calls) is about to write there; a
-    name already there stays someone else's."""
+    """Name in `folder`'s manifest what colam (or a library) is about to write there; what exists stays another's."""
     found = _read_manifest(folder)
     new = {name for name in names if not os.path.lexists(folder / name)} - (found[1] if found else set())
     if found is not None and new:
@@ -104,7 +101,6 @@ def _named(name: str, owned: set[str]) -> bool:
 
 
 def refuse_overwrite(path: Path, owned: set[str] | None) -> None:
-    """Refuse a `path` that exists and is not named in `owned`, its folder's manifest."""
     if os.path.lexists(path) and not _named(path.name, owned or set()):
         raise ColamError(f"output: '{path}' was not written by colam and is not overwritten; move it or choose "
                          f"another output folder")
@@ -117,18 +113,11 @@ def _record(path: Path, name: str | None = None) -> None:
         return
     kind, owned = found
     refuse_overwrite(path, owned)
-    if name.startswith("#") or name.splitlines() != [name] or not name.isprintable() or _undecodable(name):
+    # not printable: line breaks, control characters and the surrogate escapes of file name bytes that are not UTF-8
+    if name.startswith("#") or not name.isprintable():
         raise ColamError(f"output: '{path}' has a name colam does not write (a leading #, a line break, a "
                          f"control character or bytes that are not UTF-8); choose another name")
     _write_manifest(path.parent, owned | {name}, kind)
-
-
-def _undecodable(name: str) -> bool:
-    try:
-        name.encode()
-    except UnicodeEncodeError:  # a file name's bytes that are not UTF-8 (surrogate escapes)
-        return True
-    return False
 
 
 def forget(folder: Path, names: list[str]) -> None:
@@ -161,28 +150,16 @@ def _temporary_of(name: str) -> str | None:
     return found.group(1) if found else None
 
 
-def _ours(name: str, owned: set[str]) -> bool:
-    return _named(name, owned) or name == MANIFEST or _temporary_of(name) in owned | {MANIFEST}
-
-
 def foreign_entries(folder: Path) -> list[str]:
     """What colam did not write under `folder` (paths relative to it), looking into the folders it made but for
     those that are its whole (NAME/ in the manifest): a folder it made that lost its manifest is someone else's."""
     owned, found = written_here(folder) or set(), []
     for entry in sorted(folder.iterdir()):
-        if not _ours(entry.name, owned):
+        if not (_named(entry.name, owned) or _temporary_of(entry.name) in owned | {MANIFEST} or entry.name == MANIFEST):
             found.append(entry.name + ("/" if entry.is_dir() else ""))
         elif entry.is_dir() and not entry.is_symlink() and f"{entry.name}/" not in owned:
             found += [f"{entry.name}/{name}" for name in foreign_entries(entry)]
     return found
-
-
-def refuse_other_kind(folder: Path, kind: str, what: str) -> None:
-    """Refuse an output folder of colam that holds another kind of output (a split as a run's --out)."""
-    held = (_read_manifest(folder) or (None,))[0]
-    if held not in (None, kind):
-        raise ColamError(f"{what}: '{folder}' holds another kind of colam output ({held}, not {kind}); choose "
-                         f"another {what}")
 
 
 def refuse_foreign(folder: Path, what: str) -> None:
@@ -201,17 +178,19 @@ def check_folder_path(folder: Path, what: str = "--out") -> None:
 
 
 def check_folder(folder: Path, kind: str, what: str = "--out", shared: bool = False) -> None:
-    """Refuse, in one line, an output folder's path that is no folder, or a folder holding another `kind` of
-    colam's outputs or (unless `shared`, as data.root is) files colam did not write."""
+    """Refuse, in one line, an output folder's path that is no folder, or a folder holding another kind of colam's
+    outputs (a split as a run's --out) or (unless `shared`, as data.root is) files colam did not write."""
     check_folder_path(folder, what)
-    refuse_other_kind(folder, kind, what)
+    held = (_read_manifest(folder) or (None,))[0]
+    if held not in (None, kind):
+        raise ColamError(f"{what}: '{folder}' holds another kind of colam output ({held}, not {kind}); choose "
+                         f"another {what}")
     if not shared:
         refuse_foreign(folder, what)
 
 
 def take_folder(folder: Path, kind: str, what: str = "--out", shared: bool = False) -> None:
-    """Make `folder` an output folder of colam holding a `kind` of output (a run, a split, ...), created if
-    missing, after `check_folder`: nothing is written to a folder it refuses."""
+    """Make `folder` (created if missing) an output folder of colam holding `kind`, once `check_folder` passed."""
     check_folder(folder, kind, what, shared)
     make_folder(folder)
     found = _read_manifest(folder)
@@ -235,9 +214,8 @@ def empty_folder(folder: Path, what: str) -> None:
 
 
 def remove_stale_temporaries(folder: Path) -> None:
-    """Delete the temporary files of writes that a killed process never renamed into place in `folder` and
-    the folders colam made in it: only those named from a target colam wrote there. Call it only where no
-    other process is writing."""
+    """Delete the temporary files a killed process left in `folder` and the folders colam made in it (only those of a
+    target colam wrote there); call it only where no other process is writing."""
     owned = written_here(folder)
     if owned is None:
         return
@@ -265,7 +243,7 @@ os.umask(_UMASK)
 
 
 def write_json(path: str | os.PathLike, payload: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(payload, indent=2, sort_keys=False) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(payload, indent=2) + "\n").encode())
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -279,8 +257,7 @@ def save_array(path: str | os.PathLike, array: np.ndarray) -> None:
 
 
 def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
-    """An .npz archive of `arrays` with a fixed time stamp (np.savez stamps the current time): the same arrays
-    give the same bytes, so DVC sees nothing new downstream when they are written again."""
+    """An .npz of `arrays` with a fixed time stamp, unlike np.savez: the same arrays give the same bytes for DVC."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
         for name, array in arrays.items():
@@ -297,8 +274,8 @@ def save_torch(path: str | os.PathLike, obj: Any) -> None:
 
 
 def check_file(path: str | os.PathLike, what: str, max_bytes: int | None = None) -> None:
-    """Refuse, in one line naming `what`, a path that is missing, not a regular file (a folder, or a
-    FIFO or device that would be read forever) or larger than `max_bytes`."""
+    """Refuse, in one line naming `what`, a path that is missing, not a regular file (a folder, or a FIFO or device
+    that would be read forever) or larger than `max_bytes`."""
     try:
         info = os.stat(path)
     except FileNotFoundError:
@@ -327,8 +304,7 @@ def load_torch(path: str | os.PathLike, what: str) -> Any:
 
 def load_weights(model: torch.nn.Module, state: Any, what: str, path: str | os.PathLike,
                  mismatch: str = "holds the weights of another model or class count") -> None:
-    """Load a state_dict into `model`, or one line saying why these weights belong to another model
-    (`mismatch`, then the missing or unexpected keys, a tensor of another shape)."""
+    """Load a state_dict into `model`, or one line saying why it is another model's (keys missing, extra, reshaped)."""
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ColamError(f"{what}: '{path}' is not a model state_dict")
     expected = model.state_dict()
@@ -343,8 +319,7 @@ def load_weights(model: torch.nn.Module, state: Any, what: str, path: str | os.P
 
 
 def sha256_file(path: str | os.PathLike, what: str = "input") -> str:
-    """The sha256 of a file's bytes, read in blocks (checkpoints can be large); a FIFO or folder is
-    refused (naming `what`), not waited on."""
+    """The sha256 of a file's bytes, read in blocks (checkpoints are large); a FIFO or folder is refused, not read."""
     check_file(path, what)
     with open(path, "rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
