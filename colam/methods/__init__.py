@@ -1,5 +1,5 @@
-"""The method registry: every `Method` subclass with a `name` in this package's modules, one file
-each, so a method is added by adding its file; tests and the CLI iterate over `METHODS`."""
+"""The method registry: every `Method` subclass with a `name` in this package's modules, one file each, so a method is
+added by adding its file; tests and the CLI iterate over `METHODS`."""
 
 import importlib
 import pkgutil
@@ -11,11 +11,10 @@ _FIRST = ("hl", "ls", "cp", "disturblabel", "colam")
 
 
 def _discover() -> dict[str, type[Method]]:
-    found: dict[str, type[Method]] = {}
     for module in pkgutil.iter_modules(__path__):
         if module.name != "base" and not module.name.startswith("_"):
             importlib.import_module(f"{__name__}.{module.name}")
-    stack = list(Method.__subclasses__())
+    found, stack = {}, list(Method.__subclasses__())
     while stack:
         cls = stack.pop()
         stack.extend(cls.__subclasses__())
@@ -29,9 +28,9 @@ METHODS: dict[str, type[Method]] = _discover()
 
 
 def headline_section(method_section: dict, name: str | None, key: str) -> dict:
-    """Where a pipeline's value of the headline setting `key` (its `temperature` parameter) goes in a
-    raw `method` mapping: the section of the method trained (`name`, else the mapping's own) when `key`
-    is one of that method's headline settings, else a scratch mapping (hl has no temperature)."""
+    """Where a pipeline's value of the headline setting `key` (its `temperature` parameter) goes in a raw `method`
+    mapping: the section of the method trained (`name`, else the mapping's own) when `key` is one of that method's
+    headline settings, else a scratch mapping (hl has no temperature)."""
     from colam.config import MethodConfig
 
     name = method_section.get("name", MethodConfig.name) if name is None else name

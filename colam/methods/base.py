@@ -1,8 +1,7 @@
 """What a training method is: a loss on a batch, a stage schedule, and optional stage-end work.
 
-The engine owns the loop; a method only says how to turn logits and labels into a loss, how the
-epochs split into stages, and what it learns at a stage end (COLAM's soft labels). Methods keep
-their learned state in `state_dict` so an interrupted run resumes exactly.
+The engine owns the loop; a method turns logits and labels into a loss, splits the epochs into stages and learns at a
+stage end (COLAM's soft labels). Methods keep their learned state in `state_dict` so an interrupted run resumes exactly.
 """
 
 from __future__ import annotations
@@ -61,18 +60,18 @@ class Method:
     summary: ClassVar[str]
     uses_soft_labels: ClassVar[bool] = False
     restarts_schedule: ClassVar[bool] = False  # each stage trains a fresh model: the lr schedule restarts per stage
-    # forward_loss calls the trained model once per batch and any state learned from the batches is
-    # summed over ranks (colam.distributed), so the engine may wrap the model in DistributedDataParallel
-    # or torch.compile. Methods with extra passes through the model (lookahead, partners) set False.
+    # forward_loss calls the trained model once per batch and any state learned from the batches is summed over ranks
+    # (colam.distributed), so the engine may wrap the model in DistributedDataParallel or torch.compile. Methods with
+    # extra passes through the model (lookahead, partners) set False.
     data_parallel: ClassVar[bool] = True
-    # Settings added after runs were first written, with the value every earlier run had: at that value
-    # they are left out of a run's identity (colam.run_folder.run_identity) and of its variant.
+    # Settings added after runs were first written, with the value every earlier run had: at that value they are left
+    # out of a run's identity (colam.run_folder.run_identity) and of its variant.
     later_defaults: ClassVar[dict] = {}
-    # The dataclass of the method's config section, `method.<name>`: colam.config builds the `method`
-    # section from the registry, so a method's file alone adds its settings.
+    # The dataclass of the method's config section, `method.<name>`: colam.config builds the `method` section from
+    # the registry, so a method's file alone adds its settings.
     settings: ClassVar[type] = NoSettings
-    # The (numeric) settings runs are compared at, the temperature T of the paper's comparison: the
-    # tracking tags, `colam compare`'s T column, the Kubeflow `temperature` parameter, analysis labels.
+    # The (numeric) settings runs are compared at, the temperature T of the paper's comparison: the tracking tags,
+    # `colam compare`'s T column, the Kubeflow `temperature` parameter, analysis labels.
     headline: ClassVar[tuple[str, ...]] = ()
     # Settings the runs table shows as parameters, under the paper's short names (Sec. 3: T, m, t).
     short_names: ClassVar[dict[str, str]] = {"temperature": "T"}
@@ -90,7 +89,6 @@ class Method:
 
     @classmethod
     def settings_of(cls, config: Config):
-        """This method's section of `config`, `config.method.<name>`."""
         return getattr(config.method, cls.name)
 
     @classmethod
@@ -109,16 +107,16 @@ class Method:
 
     @classmethod
     def hyperparameters(cls, config: Config) -> dict:
-        """The method's own settings, for logs and run comparison; a `later_defaults` key only where
-        it differs from what every earlier run did, so that earlier runs keep their variant."""
+        """The method's own settings, for logs and run comparison; a `later_defaults` key only where it differs from
+        what every earlier run did, so that earlier runs keep their variant."""
         later = cls.later_defaults
         return {key: value for key, value in dataclasses.asdict(cls.settings_of(config)).items()
                 if key not in later or value != later[key]}
 
     @classmethod
     def needs_every_sample(cls, config: Config) -> bool:
-        """Whether a stage end needs the training epoch's outputs of every sample (COLAM's online
-        per-sample labels), so that torchrun must not drop a last batch."""
+        """Whether a stage end needs the training epoch's outputs of every sample (COLAM's online per-sample labels), so
+        that torchrun must not drop a last batch."""
         return False
 
     @classmethod
@@ -135,17 +133,17 @@ class Method:
 
     @classmethod
     def wrap_model(cls, model: nn.Module, config: Config, num_classes: int) -> nn.Module:
-        """The network this method trains, built from the plain one (collaborative learning: several
-        heads on a shared trunk). Its forward(x) must return the logits that are evaluated."""
+        """The network this method trains, built from the plain one (collaborative learning: several heads on a shared
+        trunk). Its forward(x) must return the logits that are evaluated."""
         return model
 
     def attach(self, model: nn.Module) -> None:
-        """Called once the (wrapped) model exists, before any state is loaded: a method that keeps a
-        second network (a teacher) builds it here, so that load_state_dict can fill it."""
+        """Called once the (wrapped) model exists, before any state is loaded: a method that keeps a second network (a
+        teacher) builds it here, so that load_state_dict can fill it."""
 
     def attach_data(self, data) -> None:
-        """Called with the run's `colam.data.TrainingData` before training: a method that needs more
-        samples than the batch (CS-KD's same-class partners) keeps what it needs here."""
+        """Called with the run's `colam.data.TrainingData` before training: a method that needs more samples than the
+        batch (CS-KD's same-class partners) keeps what it needs here."""
 
     def to(self, device: torch.device) -> Method:
         self.device = torch.device(device)
@@ -156,17 +154,14 @@ class Method:
 
     def forward_loss(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor,
                      stage: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The training loss of a batch and the logits its training accuracy is counted on.
-
-        Most methods only turn logits into a loss (`loss`); methods that need more forward passes
-        (a teacher, a same-class partner, a lookahead) override this.
-        """
+        """The training loss of a batch and the logits its training accuracy is counted on. Methods that need more
+        forward passes (a teacher, a same-class partner, a lookahead) override this, the others `loss`."""
         logits = model(images)
         return self.loss(logits, targets, indices, stage), logits
 
     def stage_start(self, stage: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """At the first epoch of every stage, also in a process that starts there from a saved stage
-        (label refinery: the trained model becomes the refiner and a fresh one starts)."""
+        """At the first epoch of every stage, also in a process that starts there from a saved stage (label refinery:
+        the trained model becomes the refiner and a fresh one starts)."""
 
     def epoch_start(self, epoch: int, stage: int) -> None:
         """Before every training epoch (1-based `epoch`), also the first one after a resume."""
@@ -175,9 +170,9 @@ class Method:
         """After every training epoch (1-based `epoch`), before the state is saved."""
 
     def stage_report(self, stage: int) -> dict:
-        """Numbers about what the method learned in `stage`, added to the stage's metrics.json
-        (e.g. how many noisy labels learned labels correct). `self.clean_train_targets` holds the
-        data set's own labels for such reports; training must never read them."""
+        """Numbers about what the method learned in `stage`, added to the stage's metrics.json (e.g. how many noisy
+        labels learned labels correct). `self.clean_train_targets` holds the data set's own labels for such reports;
+        training must never read them."""
         return {}
 
     def export(self, model: nn.Module) -> nn.Module:
@@ -188,9 +183,9 @@ class Method:
         raise NotImplementedError
 
     def end_stage(self, stage: int) -> dict[str, torch.Tensor]:
-        """Stage-end learning (COLAM's soft labels); returns the artifacts to save. When
-        `needs_outputs(stage)`, the engine has first passed the model's outputs on the whole
-        training set to `observe`, in batches (on this rank's share of it, under torchrun)."""
+        """Stage-end learning (COLAM's soft labels); returns the artifacts to save. When `needs_outputs(stage)`, the
+        engine has first passed the model's outputs on the whole training set (this rank's share under torchrun) to
+        `observe`, in batches."""
         return {}
 
     def needs_outputs(self, stage: int) -> bool:
@@ -198,8 +193,8 @@ class Method:
         return False
 
     def observe(self, outputs: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor) -> None:
-        """A batch of the stage-end pass: the model's outputs (eval mode) for training samples
-        `indices` (positions in the training set) with labels `targets`."""
+        """A batch of the stage-end pass: the model's outputs (eval mode) for training samples `indices` (positions in
+        the training set) with labels `targets`."""
         raise NotImplementedError(f"{self.name} does not learn from a pass over the training set")
 
     def state_dict(self) -> dict:

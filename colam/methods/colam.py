@@ -32,14 +32,14 @@ class ColamSettings:
 
 
 class Colam(Method):
-    """COLAM: co-learning of the network and soft labels by alternating minimisation
-    (Li, Xiong, An, Xu, Dou 2022, Neural Processing Letters; Algorithm 1, Eq. 4-6).
+    """COLAM: co-learning of the network and soft labels by alternating minimisation (Li, Xiong, An, Xu, Dou 2022,
+    Neural Processing Letters; Algorithm 1, Eq. 4-6).
 
-    m stages of t epochs (m * t = the usual budget): stage 1 trains on the hard labels; every stage
-    end re-estimates the soft labels from the model (`colam.soft_labels`), in a forward pass over the
-    training set (`estimation: pass`) or from the last epoch's training logits (`online`, no extra
-    pass); stages 2..m minimise Eq. 4, H(y_soft, softmax(f(x) / T)). The choices the paper leaves
-    open are settings (`stage1_loss`, `peers`/`peer_labels`, `guard`), explained in docs/methods.md.
+    m stages of t epochs (m * t = the usual budget): stage 1 trains on the hard labels; every stage end re-estimates the
+    soft labels from the model (`colam.soft_labels`), in a forward pass over the training set (`estimation: pass`) or
+    from the last epoch's training logits (`online`, no extra pass); stages 2..m minimise Eq. 4,
+    H(y_soft, softmax(f(x) / T)). The choices the paper leaves open are settings (`stage1_loss`, `peers`/`peer_labels`,
+    `guard`), explained in docs/methods.md.
     """
 
     name = "colam"
@@ -60,10 +60,7 @@ class Colam(Method):
     sample_soft_labels: torch.Tensor | None = None  # N x C with k random peers, kept on the host
     sums: OutputSums | None = None  # the outputs gathered for the next stage end
     accumulating = False  # online: this is a stage's last epoch, whose training logits are summed
-
-    def __init__(self, config, num_classes, train_targets):
-        super().__init__(config, num_classes, train_targets)
-        self.report: dict = {}  # what the last stage end found in its labels (stage_report)
+    report: dict = {}  # what the last stage end found in its labels (stage_report); replaced, never changed in place
 
     @classmethod
     def validate(cls, config):
@@ -160,8 +157,7 @@ class Colam(Method):
     def _report(self, collapsed: torch.Tensor, row_classes: torch.Tensor) -> dict:
         """How many label rows did not favour their own class before the guard, and of which classes."""
         classes = sorted(set(row_classes[collapsed.cpu()].tolist()))
-        return {"collapsed_rows": int(collapsed.sum()), "collapsed_classes": classes,
-                "guard": self.section.guard}
+        return {"collapsed_rows": int(collapsed.sum()), "collapsed_classes": classes, "guard": self.section.guard}
 
     def stage_report(self, stage):
         return dict(self.report)

@@ -1,17 +1,15 @@
 """Collaborative learning: several classifier heads of one network trained together, one deployed.
 
-Song & Chai, "Collaborative Learning for Deep Neural Networks", NeurIPS 2018 (arXiv:1805.11761).
-The trunk is shared by all heads and the rest duplicated along a binary tree (hierarchical sharing,
-log2(H) split points, Sec. 3): copy 0 of every segment is the plain network of `build_model`, the
-other copies the same layers of networks built from derived seeds (independent initialisations).
-At every split point the children's gradient is scaled by 1/k (`scale_grad`, backpropagation
-rescaling), so a shared layer receives the mean of the heads' gradients, not their sum.
+Song & Chai, "Collaborative Learning for Deep Neural Networks", NeurIPS 2018 (arXiv:1805.11761). The trunk is shared by
+all heads and the rest duplicated along a binary tree (hierarchical sharing, log2(H) split points, Sec. 3): copy 0 of
+every segment is the plain network of `build_model`, the other copies the same layers of networks built from derived
+seeds (independent initialisations). At every split point the children's gradient is scaled by 1/k (`scale_grad`,
+backpropagation rescaling), so a shared layer receives the mean of the heads' gradients, not their sum.
 
-The objective sums over the heads (Eq. 1-2) L_h = beta * CE(z_h, y) + (1 - beta) * T^2 *
-KL(q_h || softmax(z_h / T)), q_h = softmax(mean_{j != h} z_j / T) the other heads' consensus, a
-constant target. KL differs from the paper's soft cross-entropy by the entropy of q_h, a constant:
-same gradients, and the loss is 0 where the heads agree. Head 0 (the plain network) is deployed.
-The network is split without model-specific code (colam.models.split).
+The objective sums over the heads (Eq. 1-2) L_h = beta * CE(z_h, y) + (1 - beta) * T^2 * KL(q_h || softmax(z_h / T)),
+q_h = softmax(mean_{j != h} z_j / T) the other heads' consensus, a constant target. KL differs from the paper's soft
+cross-entropy by the entropy of q_h, a constant: same gradients, and the loss is 0 where the heads agree. Head 0 (the
+plain network) is deployed. The network is split without model-specific code (colam.models.split).
 """
 
 from __future__ import annotations
@@ -35,8 +33,8 @@ SEED_STREAM = 5_170_001
 
 
 class _ScaleGrad(torch.autograd.Function):
-    """Backpropagation rescaling (Sec. 3): identity forward (a fresh tensor, so a child's in-place op
-    cannot touch its siblings' input); backward multiplies the gradient by `scale`."""
+    """Backpropagation rescaling (Sec. 3): identity forward (a fresh tensor, so a child's in-place op cannot touch its
+    siblings' input); backward multiplies the gradient by `scale`."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
@@ -52,17 +50,14 @@ scale_grad = _ScaleGrad.apply  # scale_grad(x, scale): x forward, scale * gradie
 
 
 def consensus_log_targets(logits: list[torch.Tensor], temperature: float) -> list[torch.Tensor]:
-    """log q_h for every head h (Eq. 2): log_softmax of the mean logits of the other heads / T.
-
-    Computed without gradient: the consensus is a target, not a path to the other heads.
-    """
-    heads = len(logits)
-    if heads < 2:
+    """log q_h for every head h (Eq. 2): log_softmax of the mean logits of the other heads / T, without gradient (the
+    consensus is a target, not a path to the other heads)."""
+    if len(logits) < 2:
         raise ValueError("the consensus of the other heads needs at least 2 heads")
     with torch.no_grad():
         stacked = torch.stack([z.detach().float() for z in logits])
-        others = [torch.cat([stacked[:h], stacked[h + 1:]]).mean(dim=0) for h in range(heads)]
-        return [F.log_softmax(mean / temperature, dim=1) for mean in others]
+        return [F.log_softmax(torch.cat([stacked[:h], stacked[h + 1:]]).mean(dim=0) / temperature, dim=1)
+                for h in range(len(logits))]
 
 
 def collaborative_loss(logits: list[torch.Tensor], targets: torch.Tensor, temperature: float,
@@ -81,29 +76,23 @@ def collaborative_loss(logits: list[torch.Tensor], targets: torch.Tensor, temper
 class CollaborativeNet(nn.Module):
     """A network with `heads` classifier heads on a binary tree of shared segments.
 
-    `net` is the plain network: the trunk and copy 0 of every segment, i.e. head 0.
-    `copies["level{l}_copy{j}"]` (j >= 1) is copy j of the segment that starts at split point l
-    (1-based); level l has 2**l copies and the parent of copy j is copy j // 2 of level l - 1.
-    Head h runs the trunk, then copy h >> (L - l) of level l for l = 1..L.
+    `net` is the plain network: the trunk and copy 0 of every segment, i.e. head 0. `copies["level{l}_copy{j}"]`
+    (j >= 1) is copy j of the segment that starts at split point l (1-based); level l has 2**l copies and the parent of
+    copy j is copy j // 2 of level l - 1. Head h runs the trunk, then copy h >> (L - l) of level l for l = 1..L.
     """
 
     def __init__(self, net: nn.Module, own_segments: list[nn.Module], copies: dict[str, nn.Module],
                  split: list[str]) -> None:
         super().__init__()
-        self.net = net
-        self.levels = len(split)
-        self.heads = 2**self.levels
-        self.split = list(split)
-        self.copies = nn.ModuleDict(copies)
-        # The trunk and copy 0 of each level run `net`'s own modules: kept out of the module tree
-        # so that their parameters are registered (and saved) once, under `net`.
+        self.net, self.split, self.copies = net, list(split), nn.ModuleDict(copies)
+        self.levels, self.heads = len(split), 2 ** len(split)
+        # The trunk and copy 0 of each level run `net`'s own modules: kept out of the module tree so that their
+        # parameters are registered (and saved) once, under `net`.
         object.__setattr__(self, "_own_segments", own_segments)
 
     def segment(self, level: int, copy_index: int) -> nn.Module:
         """Level 0 is the trunk; copy 0 of every level is part of `net`."""
-        if copy_index == 0:
-            return self._own_segments[level]
-        return self.copies[f"level{level}_copy{copy_index}"]
+        return self._own_segments[level] if copy_index == 0 else self.copies[f"level{level}_copy{copy_index}"]
 
     def head_path(self, head: int) -> list[tuple[int, int]]:
         """(level, copy) of every segment head `head` runs, trunk first."""
@@ -114,8 +103,8 @@ class CollaborativeNet(nn.Module):
         return self.net(x)
 
     def forward_all(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Every head's logits in one pass; each shared segment runs once and, at every split into
-        2 children, passes each child its output with the gradient scaled by 1/2."""
+        """Every head's logits in one pass; each shared segment runs once and, at every split into 2 children, passes
+        each child its output with the gradient scaled by 1/2."""
         outputs = [self.segment(0, 0)(x)]
         for level in range(1, self.levels + 1):
             outputs = [self.segment(level, j)(scale_grad(outputs[j // 2], 0.5)) for j in range(2**level)]
@@ -126,16 +115,15 @@ def build_collaborative(model: nn.Module, config, num_classes: int) -> Collabora
     """The multi-head network of `config.method.collaborative` around the plain network `model`."""
     section, name = config.method.collaborative, config.model.name
     levels = int(math.log2(section.heads))
-    spec = MODELS.get(name)
-    plan = Splitter(model, name, spec.input_size if spec is not None else 32)
+    plan = Splitter(model, name, MODELS[name].input_size if name in MODELS else 32)
     positions = plan.named(section.split, "method.collaborative.split") if section.split else plan.automatic(levels)
     if len(positions) != levels:
         found = ", ".join(plan.describe(p) for p in positions) or "none"
         raise plan.error(f"{section.heads} heads need {levels} split points, it has {len(positions)} ({found}); "
                          f"lower method.collaborative.heads")
     plan.check_untied(positions)
-    # Head h >= 1 takes every copy it starts (copy j of level l starts with head j << (L - l))
-    # from a network built like `model` from its own derived seed.
+    # Head h >= 1 takes every copy it starts (copy j of level l starts with head j << (L - l)) from a network built
+    # like `model` from its own derived seed.
     copies: dict[str, nn.Module] = {}
     expected = {k: v.shape for k, v in model.state_dict().items()}
     device = next(model.parameters()).device
@@ -159,13 +147,13 @@ class CollaborativeSettings:
     heads: int = 4  # classifier heads, a power of 2: log2(heads) binary splits (hierarchical ILR sharing)
     temperature: float = 2.0  # T of the heads' consensus soft targets (Song & Chai 2018; the paper uses 2)
     beta: float = 0.5  # the paper's beta: weight of the hard-label term; 1 - beta on the consensus term
-    split: list[str] = field(default_factory=list)  # where the copies start, one module per split, outermost
-    # first (e.g. [layers.4, layers.6]); empty: the starts of the last log2(heads) resolution stages
+    split: list[str] = field(default_factory=list)  # where the copies start, one module per split, outermost first
+    # (e.g. [layers.4, layers.6]); empty: the starts of the last log2(heads) resolution stages
 
 
 class Collaborative(Method):
-    """Collaborative learning (Song & Chai 2018, NeurIPS; Sec. 3, Eq. 1-2): H heads on a binary tree of
-    shared layers fit the hard labels and each other's consensus; see the module docstring."""
+    """Collaborative learning (Song & Chai 2018, NeurIPS; Sec. 3, Eq. 1-2): H heads on a binary tree of shared layers
+    fit the hard labels and each other's consensus; see the module docstring."""
 
     name = "collaborative"
     settings = CollaborativeSettings

@@ -1,6 +1,5 @@
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 
 from colam.methods.base import NON_NEGATIVE, Method
@@ -12,9 +11,8 @@ class CPSettings:
 
 
 class ConfidencePenalty(Method):
-    """Confidence penalty (Pereyra et al. 2017, "Regularizing Neural Networks by Penalizing Confident
-    Output Distributions", Eq. 2): L = CE(y, p) - beta * H(p), which rewards high-entropy outputs.
-    """
+    """Confidence penalty (Pereyra et al. 2017, "Regularizing Neural Networks by Penalizing Confident Output
+    Distributions", Eq. 2): L = CE(y, p) - beta * H(p), which rewards high-entropy outputs."""
 
     name = "cp"
     settings = CPSettings
@@ -22,7 +20,7 @@ class ConfidencePenalty(Method):
     summary = "cross-entropy minus beta times the output entropy"
     checks = {"beta": NON_NEGATIVE}
 
-    def loss(self, logits: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor, stage: int) -> torch.Tensor:
+    def loss(self, logits, targets, indices, stage):
         log_probs = F.log_softmax(logits, dim=1)
         entropy = -(log_probs.exp() * log_probs).sum(dim=1).mean()
         return F.nll_loss(log_probs, targets) - self.section.beta * entropy

@@ -14,10 +14,9 @@ class DisturbLabelSettings:
 class DisturbLabel(Method):
     """DisturbLabel (Xie et al. 2016, "DisturbLabel: Regularizing CNN on the Loss Layer", Sec. 3.1).
 
-    Each iteration, every sample's label is with probability alpha replaced by a label drawn
-    uniformly from all C classes (possibly the true one), so the true class is kept with
-    probability 1 - alpha (C - 1) / C. The draw uses torch's global generator, which the engine
-    seeds at every epoch, so runs and resumed runs repeat exactly.
+    Each iteration, every sample's label is with probability alpha replaced by a label drawn uniformly from all C
+    classes (possibly the true one), so the true class is kept with probability 1 - alpha (C - 1) / C. The draw uses
+    torch's global generator, which the engine seeds at every epoch, so runs and resumed runs repeat exactly.
     """
 
     name = "disturblabel"
@@ -26,7 +25,7 @@ class DisturbLabel(Method):
     summary = "hard labels, each redrawn uniformly with probability alpha per iteration"
     checks = {"alpha": UNIT}
 
-    def loss(self, logits: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor, stage: int) -> torch.Tensor:
+    def loss(self, logits, targets, indices, stage):
         return F.cross_entropy(logits, disturb(targets, self.num_classes, self.section.alpha))
 
 

@@ -20,11 +20,10 @@ class FixedSettings:
 
 
 class FixedSoftLabels(Method):
-    """COLAM's Eq. 4, H(S[y], softmax(z / T)), on a fixed C x C soft-label matrix S for the whole run:
-    how the COLAM paper (Li et al. 2022, Sec. 5.1, Fig. 1b) measures a soft-label checkpoint's *expected
-    accuracy* (`colam analyze expected-accuracy`). Unlike `kd` with a label file: no T^2, no hard-label
-    term. The state records the file's sha256; resuming refuses a changed file.
-    """
+    """COLAM's Eq. 4, H(S[y], softmax(z / T)), on a fixed C x C soft-label matrix S for the whole run: how the COLAM
+    paper (Li et al. 2022, Sec. 5.1, Fig. 1b) measures a soft-label checkpoint's *expected accuracy*
+    (`colam analyze expected-accuracy`). Unlike `kd` with a label file: no T^2, no hard-label term. The state records
+    the file's sha256; resuming refuses a changed file."""
 
     name = "fixed"
     settings = FixedSettings
@@ -44,9 +43,8 @@ class FixedSoftLabels(Method):
 
     def attach_data(self, data):
         file = _labels_file(self.section.labels)
-        self.soft_labels = load_teacher_labels(file, data.num_classes, KEY)
+        self.soft_labels = load_teacher_labels(file, data.num_classes, KEY).to(self.device)
         self.labels_sha256 = cio.sha256_file(file)
-        self.to(self.device)
 
     def loss(self, logits, targets, indices, stage):
         if self.soft_labels is None:

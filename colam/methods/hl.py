@@ -1,4 +1,3 @@
-import torch
 import torch.nn.functional as F
 
 from colam.methods.base import Method
@@ -11,5 +10,5 @@ class HardLabels(Method):
     paper = "vanilla training (Li et al. 2022, Sec. 4.2)"
     summary = "cross-entropy on hard labels"
 
-    def loss(self, logits: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor, stage: int) -> torch.Tensor:
+    def loss(self, logits, targets, indices, stage):
         return F.cross_entropy(logits, targets)

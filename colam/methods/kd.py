@@ -28,21 +28,20 @@ class KDSettings:
 
 
 class Distillation(Method):
-    """Knowledge distillation (Hinton, Vinyals, Dean 2015, "Distilling the Knowledge in a Neural
-    Network", Sec. 2): a student trained on `distillation_loss`, (1 - alpha) * CE(z, y) + alpha * T^2 *
-    KL(p_teacher || softmax(z / T)); T^2 keeps the soft term's gradient scale independent of T. Vyas et
-    al. 2020 use distillation as the downstream test of learned labels: the second kind of teacher.
+    """Knowledge distillation (Hinton, Vinyals, Dean 2015, "Distilling the Knowledge in a Neural Network", Sec. 2): a
+    student trained on `distillation_loss`, (1 - alpha) * CE(z, y) + alpha * T^2 * KL(p_teacher || softmax(z / T)); T^2
+    keeps the soft term's gradient scale independent of T. Vyas et al. 2020 use distillation as the downstream test of
+    learned labels: the second kind of teacher.
 
     The teacher (`method.kd.teacher`) is either
-      * a finished run folder (colam.runs) of any method and model: `colam.runs.final_network` gives
-        its final network, run in eval mode under no_grad on the student's augmented batch, and
-        p_teacher = softmax(teacher(x) / T); or
-      * a .npy C x C soft-label matrix (COLAM's stage_K/soft_labels.npy, meta's learned_labels.npy):
-        p_teacher of class y is row y, NOT re-softened; T still divides the student's logits, so set
-        it to the temperature the labels were estimated with.
+      * a finished run folder (colam.runs) of any method and model: `colam.runs.final_network` gives its final
+        network, run in eval mode under no_grad on the student's augmented batch, p_teacher = softmax(teacher(x) / T);
+      * or a .npy C x C soft-label matrix (COLAM's stage_K/soft_labels.npy, meta's learned_labels.npy): p_teacher of
+        class y is row y, NOT re-softened; T still divides the student's logits, so set it to the temperature the
+        labels were estimated with.
 
-    The teacher is loaded in `attach_data`, never trained, and kept out of the student's model and
-    optimizer; the state records its file's sha256, and resuming refuses a teacher that changed.
+    The teacher is loaded in `attach_data`, never trained, and kept out of the student's model and optimizer; the state
+    records its file's sha256, and resuming refuses a teacher that changed.
     """
 
     name = "kd"
@@ -87,8 +86,7 @@ class Distillation(Method):
         return (self.teacher(images).float() / self.section.temperature).softmax(dim=1)
 
     def forward_loss(self, model, images, targets, indices, stage):
-        logits = model(images)
-        alpha = self.section.alpha
+        logits, alpha = model(images), self.section.alpha
         if alpha == 0:
             return F.cross_entropy(logits, targets), logits
         return distillation_loss(logits, targets, self.teacher_probs(images, targets), alpha,
@@ -110,8 +108,8 @@ def distillation_loss(logits: torch.Tensor, targets: torch.Tensor, teacher_probs
 
 
 def locate_teacher(text: str) -> Path | RunFolder:
-    """What `method.kd.teacher` names, checked without loading any weights: a .npy soft-label matrix
-    or a finished run (whose weights are its `network_file`, export.pt or model.pt)."""
+    """What `method.kd.teacher` names, checked without loading any weights: a .npy soft-label matrix or a finished run
+    (whose weights are its `network_file`, export.pt or model.pt)."""
     path = Path(text).expanduser()
     if not path.exists():
         raise ColamError(f"{KEY}: '{text}' does not exist")

@@ -13,8 +13,8 @@ class LSSettings:
 
 
 class LabelSmoothing(Method):
-    """Label smoothing (Szegedy et al. 2016, "Rethinking the Inception Architecture"; Eq. 1 of COLAM);
-    convention "C-1" (1 - eps exactly on the true class) is that of several re-implementations."""
+    """Label smoothing (Szegedy et al. 2016, "Rethinking the Inception Architecture"; Eq. 1 of COLAM); convention "C-1"
+    (1 - eps exactly on the true class) is that of several re-implementations."""
 
     name = "ls"
     settings = LSSettings
@@ -23,7 +23,7 @@ class LabelSmoothing(Method):
     checks = {"eps": FRACTION,
               "convention": (lambda c: c in ("C", "C-1"), "must be C or C-1")}
 
-    def loss(self, logits: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor, stage: int) -> torch.Tensor:
+    def loss(self, logits, targets, indices, stage):
         section = self.section
         if section.convention == "C":
             return F.cross_entropy(logits, targets, label_smoothing=section.eps)

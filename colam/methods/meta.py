@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -12,16 +13,16 @@ from colam.errors import require
 from colam.methods.base import AT_LEAST_1, FRACTION, Method, one_of, soft_cross_entropy
 
 LABELS = ("class", "instance")
-# beta when method.meta.meta_lr is null. An instance row's meta-gradient is about 1/|B_t| of a class
-# row's (its weight in the training part's mean loss) and it is updated about once every 1/(1 - held_out)
-# epochs instead of every step, so instance labels need a far larger step (see the class docstring).
+# beta when method.meta.meta_lr is null. An instance row's meta-gradient is about 1/|B_t| of a class row's (its weight
+# in the training part's mean loss) and it is updated about once every 1/(1 - held_out) epochs instead of every step,
+# so instance labels need a far larger step (see the class docstring).
 DEFAULT_META_LR = {"class": 0.1, "instance": 100.0}
 DENSE_ARTIFACT_ENTRIES = 10_000_000  # learned_sample_labels.npy is written up to this many entries (40 MB)
 
 
 def project_to_simplex(rows: torch.Tensor) -> torch.Tensor:
-    """Each row's Euclidean projection onto the probability simplex {p >= 0, sum p = 1}
-    (Duchi et al. 2008, Fig. 1): subtract the one threshold tau that makes the clipped row sum to 1."""
+    """Each row's Euclidean projection onto the probability simplex {p >= 0, sum p = 1} (Duchi et al. 2008, Fig. 1):
+    subtract the one threshold tau that makes the clipped row sum to 1."""
     descending = rows.sort(dim=1, descending=True).values
     excess = descending.cumsum(dim=1) - 1.0
     positions = torch.arange(1, rows.shape[1] + 1, device=rows.device, dtype=rows.dtype)
@@ -31,11 +32,9 @@ def project_to_simplex(rows: torch.Tensor) -> torch.Tensor:
 
 
 class TopKLabelStore:
-    """N x C probability rows kept on the host as their k largest entries, renormalised over them.
-
-    `values` (N x k, float32) and `indices` (N x k, int16, or int32 when C > 32768): N * k * 6 bytes.
-    Row i is sum_j values[i, j] * onehot(indices[i, j]); its k indices are distinct.
-    """
+    """N x C probability rows kept on the host as their k largest entries, renormalised over them: `values` (N x k,
+    float32) and `indices` (N x k, int16, or int32 when C > 32768), N * k * 6 bytes. Row i is
+    sum_j values[i, j] * onehot(indices[i, j]); its k indices are distinct."""
 
     def __init__(self, values: torch.Tensor, indices: torch.Tensor, num_classes: int):
         self.values, self.indices, self.num_classes = values, indices, num_classes
@@ -46,8 +45,8 @@ class TopKLabelStore:
 
     @classmethod
     def from_targets(cls, targets: torch.Tensor, num_classes: int, k: int, smoothing: float = 0.0) -> TopKLabelStore:
-        """The top k of each smoothed one-hot row: the label, then the k - 1 lowest other classes
-        (the smoothed row's ties, broken towards lower class numbers)."""
+        """The top k of each smoothed one-hot row: the label, then the k - 1 lowest other classes (the smoothed row's
+        ties, broken towards lower class numbers)."""
         targets = targets.long().cpu()
         others = torch.arange(k - 1).expand(len(targets), -1)
         others = others + (others >= targets[:, None]).long()  # the k - 1 smallest classes other than the label
@@ -68,16 +67,14 @@ class TopKLabelStore:
         """The dense (len(rows), C) float32 rows `rows`, on `device`."""
         rows = rows.long().cpu()
         values = self.values[rows].to(device)
-        indices = self.indices[rows].to(device).long()
         dense = torch.zeros(len(rows), self.num_classes, device=values.device)
-        return dense.scatter_(1, indices, values)
+        return dense.scatter_(1, self.indices[rows].to(device).long(), values)
 
     def scatter(self, rows: torch.Tensor, dense: torch.Tensor) -> None:
         """Store the top k of each dense probability row at `rows` (distinct), renormalised."""
         values, indices = dense.detach().float().topk(self.k, dim=1)
-        values = values / values.sum(dim=1, keepdim=True)
         rows = rows.long().cpu()
-        self.values[rows] = values.cpu()
+        self.values[rows] = (values / values.sum(dim=1, keepdim=True)).cpu()
         self.indices[rows] = indices.to(self.indices.dtype).cpu()
 
     def argmax(self) -> torch.Tensor:
@@ -101,11 +98,9 @@ def lookahead_meta_gradient(model: nn.Module, labels: torch.Tensor, rows: torch.
                             held_images: torch.Tensor, held_targets: torch.Tensor,
                             lr: float) -> tuple[torch.Tensor, torch.Tensor]:
     """grad_labels of the held-out hard-label loss of theta' = theta - lr * grad_theta L_train(theta; labels[rows])
-    (steps (1) and (2) of the module docstring), and that held-out loss.
-
-    The model is run through `functional_call` with its own parameters and copies of its buffers:
-    no parameter is edited, no .grad is written, the running statistics are left as they were.
-    """
+    (steps (1) and (2) of the class docstring), and that held-out loss. The model runs through `functional_call` with
+    its own parameters and copies of its buffers: no parameter is edited, no .grad is written, the running statistics
+    are left as they were."""
     params = dict(model.named_parameters())
     buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
     trainable = [name for name, param in params.items() if param.requires_grad]
@@ -133,26 +128,25 @@ class MetaSettings:
 class MetaLabels(Method):
     """Soft labels learned as parameters by a meta-gradient (Vyas, Saxena, Voice 2020, arXiv:2009.09496).
 
-    Class-wise (C x C) or instance-wise (N x C) label rows; every step, on a batch split into B_t and
-    a held-out B_m (the last `round(held_out * |B|)` samples; a batch too small to split takes (3) only):
+    Class-wise (C x C) or instance-wise (N x C) label rows; every step, on a batch split into B_t and a held-out B_m
+    (the last `round(held_out * |B|)` samples; a batch too small to split takes (3) only):
 
         (1) theta'  = theta - alpha * grad_theta (1/|B_t|) sum_{i in B_t} H(y_hat_i, f(x_i; theta))
         (2) y_hat  <- Proj_simplex( y_hat - beta * grad_{y_hat} (1/|B_m|) sum_{i in B_m} H(y_i, f(x_i; theta')) )
         (3) theta  <- the optimizer's step on (1/|B|) sum_{i in B} H(y_hat_i, f(x_i; theta)), with the updated y_hat
 
-    y_i is the given (possibly noisy) hard label; nothing outside the training set is used (the
-    validation split holds clean labels). The offline copies of the paper hold its abstract only, so
-    these are our choices: alpha (`lookahead_lr`) the epoch's train.lr, a plain SGD step; probability
-    rows under projected gradient descent (Duchi et al. 2008), which can start one-hot and still move
-    mass to a class outside a row's support; beta (`meta_lr`) 0.1 class-wise, 100 instance-wise (on
-    digits with 40% noise, 100 corrects 13% of the noisy labels and keeps 91% of the clean ones; 30
-    changes no argmax, 300 keeps 42%; class-wise 0.1, 1, 10 gave test 0.891, 0.910, 0.569).
+    y_i is the given (possibly noisy) hard label; nothing outside the training set is used (the validation split
+    holds clean labels). The offline copies of the paper hold its abstract only, so these are our choices: alpha
+    (`lookahead_lr`) the epoch's train.lr, a plain SGD step; probability rows under projected gradient descent (Duchi
+    et al. 2008), which can start one-hot and still move mass to a class outside a row's support; beta (`meta_lr`)
+    0.1 class-wise, 100 instance-wise (on digits with 40% noise, 100 corrects 13% of the noisy labels and keeps 91% of
+    the clean ones; 30 changes no argmax, 300 keeps 42%; class-wise 0.1, 1, 10 gave test 0.891, 0.910, 0.569).
 
-    Instance rows live on the host as their top k entries (`TopKLabelStore`, 76.9 MB for ImageNet-1k
-    at k = 10 against 5.12 GB dense). The lookahead uses `torch.func.functional_call` on copies of the
-    buffers: batch statistics as in training, running statistics untouched; about 3x an hl step. The
-    stage end writes `learned_labels.npy`, not soft_labels*.npy: `uses_soft_labels` would make the
-    pipeline steps (colam.steps) feed it the previous step's estimate.
+    Instance rows live on the host as their top k entries (`TopKLabelStore`, 76.9 MB for ImageNet-1k at k = 10 against
+    5.12 GB dense). The lookahead uses `torch.func.functional_call` on copies of the buffers: batch statistics as in
+    training, running statistics untouched; about 3x an hl step. The stage end writes `learned_labels.npy`, not
+    soft_labels*.npy: `uses_soft_labels` would make the pipeline steps (colam.steps) feed it the previous step's
+    estimate.
     """
 
     name = "meta"
@@ -165,8 +159,7 @@ class MetaLabels(Method):
     checks = {"labels": one_of(LABELS),
               "meta_lr": (lambda lr: lr is None or lr > 0,
                           "must be > 0, or null for the default of method.meta.labels"),
-              "top_k": AT_LEAST_1,
-              "held_out": (lambda held: 0.0 < held < 1.0, "must be in (0, 1)"),
+              "top_k": AT_LEAST_1, "held_out": (lambda held: 0.0 < held < 1.0, "must be in (0, 1)"),
               "init_smoothing": FRACTION,
               "lookahead_lr": (lambda lr: lr is None or lr > 0, "must be > 0, or null for the epoch's train.lr")}
     class_labels: torch.Tensor | None = None  # C x C, on the device
@@ -221,8 +214,8 @@ class MetaLabels(Method):
 
     def meta_step(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
                   indices: torch.Tensor) -> torch.Tensor | None:
-        """Steps (1) and (2) on a batch: update the labels of its training part; returns the
-        held-out loss of the lookahead model (before the update), or None for a batch too small to split."""
+        """Steps (1) and (2) on a batch: update the labels of its training part; returns the held-out loss of the
+        lookahead model (before the update), or None for a batch too small to split."""
         train, held = self.split_sizes(self.section.held_out, len(targets))
         if train == 0 or held == 0:
             return None
@@ -262,8 +255,7 @@ class MetaLabels(Method):
         given, clean, learned = self.train_targets.cpu(), clean.cpu(), self.learned_classes()
         noisy = given != clean
         noisy_count, clean_count = int(noisy.sum()), int((~noisy).sum())
-        corrected = int((noisy & (learned == clean)).sum())
-        kept = int((~noisy & (learned == given)).sum())
+        corrected, kept = int((noisy & (learned == clean)).sum()), int((~noisy & (learned == given)).sum())
         return {"noisy_labels": noisy_count, "noisy_labels_corrected": corrected,
                 "noisy_labels_corrected_fraction": corrected / noisy_count if noisy_count else None,
                 "clean_labels": clean_count, "clean_labels_kept": kept,

@@ -23,16 +23,15 @@ class RefinerySettings:
 
 
 class LabelRefinery(Method):
-    """Label Refinery (Bagherinezhad, Horton, Rastegari, Farhadi 2018, "Label Refinery: Improving
-    ImageNet Classification through Label Progression", arXiv:1805.02641; Sec. 3).
+    """Label Refinery (Bagherinezhad, Horton, Rastegari, Farhadi 2018, "Label Refinery: Improving ImageNet
+    Classification through Label Progression", arXiv:1805.02641; Sec. 3).
 
     Generation 1 trains on the hard labels. Each later generation g trains a fresh network on
-    H(softmax(R(x)), softmax(f(x))), R the frozen network of generation g - 1 run in eval mode on the
-    same augmented batch (the paper's on-the-fly labels of each crop). At its start (`stage_start`,
-    also in a process resuming there) R takes the trained weights, the model is re-initialised as a
-    fresh build of the same model seeded derive_seed(seed, REINIT_STREAM + g) on CPU (the same on
-    every device), the optimizer's momentum is cleared and the lr schedule restarts. R's weights are
-    the state, so a run resumed mid-generation uses the same refiner.
+    H(softmax(R(x)), softmax(f(x))), R the frozen network of generation g - 1 run in eval mode on the same augmented
+    batch (the paper's on-the-fly labels of each crop). At its start (`stage_start`, also in a process resuming there)
+    R takes the trained weights, the model is re-initialised as a fresh build of the same model seeded
+    derive_seed(seed, REINIT_STREAM + g) on CPU (the same on every device), the optimizer's momentum is cleared and the
+    lr schedule restarts. R's weights are the state, so a run resumed mid-generation uses the same refiner.
     """
 
     name = "refinery"
@@ -63,8 +62,7 @@ class LabelRefinery(Method):
     @classmethod
     def stage_epochs(cls, config):
         section = config.method.refinery
-        per_generation = section.epochs_per_generation or config.train.epochs // section.generations
-        return [per_generation] * section.generations
+        return [section.epochs_per_generation or config.train.epochs // section.generations] * section.generations
 
     @classmethod
     def hyperparameters(cls, config):
@@ -92,12 +90,10 @@ class LabelRefinery(Method):
         """The weights generation `generation` starts from: a fresh build of the run's model, seeded."""
         if self.in_channels is None:
             raise RuntimeError("refinery: attach_data(data) must be called before training (colam.engine.prepare does)")
-        config = self.config
+        model = self.config.model
         with torch.random.fork_rng(devices=[]), torch.device("cpu"):
-            torch.manual_seed(derive_seed(config.seed, REINIT_STREAM + generation))
-            fresh = build_model(config.model.name, self.num_classes, in_channels=self.in_channels,
-                                **config.model.options)
-            fresh = type(self).wrap_model(fresh, config, self.num_classes)
+            torch.manual_seed(derive_seed(self.config.seed, REINIT_STREAM + generation))
+            fresh = build_model(model.name, self.num_classes, in_channels=self.in_channels, **model.options)
         return fresh.state_dict()
 
     def forward_loss(self, model, images, targets, indices, stage):

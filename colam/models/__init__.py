@@ -1,9 +1,9 @@
 """Model zoo: a registry of the architectures used in the COLAM experiments.
 
-Every model keeps its classifier as the ``nn.Linear`` ``fc`` and exposes ``forward_features(x)``
-(the flattened penultimate features) with ``model.fc(model.forward_features(x)) == model(x)``: the
-analyses of penultimate-layer geometry rely on it. Each family module registers its builders with
-:func:`register_model`; a builder's keyword options are what ``model.options`` may set.
+Every model keeps its classifier as the ``nn.Linear`` ``fc`` and exposes ``forward_features(x)`` (the flattened
+penultimate features) with ``model.fc(model.forward_features(x)) == model(x)``: the analyses of penultimate-layer
+geometry rely on it. Each family module registers its builders with :func:`register_model`; a builder's keyword options
+are what ``model.options`` may set.
 """
 
 # Importing the family modules registers their models.

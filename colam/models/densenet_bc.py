@@ -1,11 +1,10 @@
 """DenseNet-BC for CIFAR.
 
-Huang, Liu, van der Maaten, Weinberger, "Densely Connected Convolutional Networks",
-CVPR 2017 (arXiv:1608.06993). DenseNet-BC (L=100, k=12): a 2k-channel 3x3 stem, three
-dense blocks of (L-4)/6 = 16 bottleneck layers (BN-ReLU-conv1x1 to 4k, BN-ReLU-conv3x3
-to k, output concatenated to the input), transitions that halve the channels
-(compression 0.5) and the resolution, then BN-ReLU, global average pooling and the
-classifier. Published: 0.8M parameters (exactly 0.769M for 10 classes).
+Huang, Liu, van der Maaten, Weinberger, "Densely Connected Convolutional Networks", CVPR 2017 (arXiv:1608.06993).
+DenseNet-BC (L=100, k=12): a 2k-channel 3x3 stem, three dense blocks of (L-4)/6 = 16 bottleneck layers (BN-ReLU-conv1x1
+to 4k, BN-ReLU-conv3x3 to k, output concatenated to the input), transitions that halve the channels (compression 0.5)
+and the resolution, then BN-ReLU, global average pooling and the classifier. Published: 0.8M parameters (exactly 0.769M
+for 10 classes).
 """
 
 from __future__ import annotations
@@ -34,8 +33,7 @@ class Bottleneck(nn.Module):
 
 
 class DenseNetBC(Classifier):
-    def __init__(self, depth: int, growth_rate: int, dropout: float, num_classes: int,
-                 in_channels: int = 3, compression: float = 0.5) -> None:
+    def __init__(self, depth: int, growth_rate: int, dropout: float, num_classes: int, in_channels: int = 3) -> None:
         super().__init__()
         n = (depth - 4) // 6  # each bottleneck layer holds two convolutions
         planes = 2 * growth_rate
@@ -44,10 +42,9 @@ class DenseNetBC(Classifier):
             for _ in range(n):
                 layers.append(Bottleneck(planes, growth_rate, dropout))
                 planes += growth_rate
-            if block < 2:  # transition: compress channels, halve resolution
-                out_planes = int(planes * compression)
-                layers += [*_bn_relu_conv(planes, out_planes, 1), nn.Dropout(dropout), nn.AvgPool2d(2)]
-                planes = out_planes
+            if block < 2:  # transition: compress channels (compression 0.5), halve resolution
+                layers += [*_bn_relu_conv(planes, planes // 2, 1), nn.Dropout(dropout), nn.AvgPool2d(2)]
+                planes //= 2
         layers += [nn.BatchNorm2d(planes), nn.ReLU(inplace=True)]
         self.features = nn.Sequential(*layers)
         self.fc = nn.Linear(planes, num_classes)

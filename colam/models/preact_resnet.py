@@ -1,11 +1,10 @@
 """Pre-activation ResNets for CIFAR: PreAct-ResNet-18/34 and the Wide ResNets.
 
-He et al. 2016 (arXiv:1603.05027), the widely used CIFAR variant: a 64-channel 3x3 stem (no
-max-pool), four stages of pre-activation basic blocks (64/128/256/512 channels, 1x1 projection
-shortcuts where the shape changes) and, as the paper prescribes, an extra BN-ReLU after the last
-unit (some CIFAR codes omit it; both round to the published 11.2M / 21.3M). Zagoruyko & Komodakis
-2016 (arXiv:1605.07146): WRN-d-k, a 16-channel stem, three stages of (d-4)/6 blocks of 16k/32k/64k
-channels with dropout between a block's convolutions; WRN-40-4 is 8.9M parameters (Table 1).
+He et al. 2016 (arXiv:1603.05027), the widely used CIFAR variant: a 64-channel 3x3 stem (no max-pool), four stages of
+pre-activation basic blocks (64/128/256/512 channels, 1x1 projection shortcuts where the shape changes) and, as the
+paper prescribes, an extra BN-ReLU after the last unit (some CIFAR codes omit it; both round to the published
+11.2M / 21.3M). Zagoruyko & Komodakis 2016 (arXiv:1605.07146): WRN-d-k, a 16-channel stem, three stages of (d-4)/6
+blocks of 16k/32k/64k channels with dropout between a block's convolutions; WRN-40-4 is 8.9M parameters (Table 1).
 """
 
 from __future__ import annotations
@@ -25,10 +24,8 @@ WRN_PAPER = 'Zagoruyko & Komodakis 2016, "Wide Residual Networks" (BMVC), arXiv:
 
 
 class PreActBlock(nn.Module):
-    """BN-ReLU-conv3x3-BN-ReLU-[dropout]-conv3x3 plus the (possibly projected) input.
-
-    With dropout it is the wide-ResNet block B(3,3) of Zagoruyko & Komodakis 2016.
-    """
+    """BN-ReLU-conv3x3-BN-ReLU-[dropout]-conv3x3 plus the (possibly projected) input; with dropout the wide-ResNet
+    block B(3,3) of Zagoruyko & Komodakis 2016."""
 
     def __init__(self, in_planes: int, planes: int, stride: int, dropout: float = 0.0) -> None:
         super().__init__()
@@ -42,11 +39,8 @@ class PreActBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(x))
-        # The projection sees the pre-activated input, as in the paper's design.
-        shortcut = self.shortcut(out) if self.shortcut is not None else x
-        out = self.conv1(out)
-        out = self.conv2(self.dropout(F.relu(self.bn2(out))))
-        return out + shortcut
+        shortcut = self.shortcut(out) if self.shortcut is not None else x  # a projection sees the pre-activated input
+        return self.conv2(self.dropout(F.relu(self.bn2(self.conv1(out))))) + shortcut
 
 
 class PreActResNet(Classifier):

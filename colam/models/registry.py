@@ -97,8 +97,8 @@ def pooled(features: torch.Tensor) -> torch.Tensor:
 
 def stages(block: Callable[[int, int, int], nn.Module], in_planes: int, widths: list[int],
            counts: list[int]) -> tuple[nn.Sequential, int]:
-    """Stages of `counts[i]` blocks ``block(in_planes, widths[i], stride)``, every stage but the first
-    starting with stride 2; returns them in one Sequential and their output channels."""
+    """Stages of `counts[i]` blocks ``block(in_planes, widths[i], stride)``, every stage but the first starting with
+    stride 2; returns them in one Sequential and their output channels."""
     layers = []
     for i, (planes, n) in enumerate(zip(widths, counts)):
         for j in range(n):
@@ -108,9 +108,9 @@ def stages(block: Callable[[int, int, int], nn.Module], in_planes: int, widths: 
 
 
 def kaiming_init(model: nn.Module) -> None:
-    """He-normal (fan_out) convolutions, unit BN, zero biases: the init the reference codes use. A model built
-    on the meta device (shapes only) is left as it is: a random fill there goes through torch's Python
-    reference code, which imports torch._dynamo (a second of a process's start) and computes nothing."""
+    """He-normal (fan_out) convolutions, unit BN, zero biases: the init the reference codes use. A model built on the
+    meta device (shapes only) is left as it is: a random fill there goes through torch's Python reference code, which
+    imports torch._dynamo (a second of a process's start) and computes nothing."""
     if any(p.is_meta for p in model.parameters()):
         return
     for m in model.modules():

@@ -1,16 +1,14 @@
 """ResNets of He et al. 2016, "Deep Residual Learning for Image Recognition" (arXiv:1512.03385).
 
-CIFAR (Sec. 4.2): ResNet-(6n+2), a 16-channel stem and three stages of n basic blocks (torchvision's,
-16/32/64 channels) with identity shortcuts ("option A": subsampled and zero-padded, no parameters), at the
-depths of Table 6 up to 56 (0.27M to 0.85M parameters); global pooling takes any input size.
-ImageNet: ResNet-50/101 (25.6M / 44.5M), torchvision's implementation (never downloads weights)
-with ``forward_features`` and a stem for any number of input channels.
+CIFAR (Sec. 4.2): ResNet-(6n+2), a 16-channel stem and three stages of n basic blocks (torchvision's, 16/32/64 channels)
+with identity shortcuts ("option A": subsampled and zero-padded, no parameters), at the depths of Table 6 up to 56
+(0.27M to 0.85M parameters); global pooling takes any input size. ImageNet: ResNet-50/101 (25.6M / 44.5M), torchvision's
+implementation (never downloads weights) with ``forward_features`` and a stem for any number of input channels.
 """
 
 from __future__ import annotations
 
-import functools
-from functools import partial
+from functools import cache, partial
 
 import torch
 import torch.nn.functional as F
@@ -57,10 +55,10 @@ def imagenet_resnet(layers: list[int], num_classes: int, in_channels: int = 3) -
     return _imagenet_resnet_class()(layers, num_classes, in_channels)
 
 
-@functools.cache
+@cache
 def _imagenet_resnet_class() -> type:
-    """torchvision's ResNet with `forward_features`, made when first built: importing torchvision (and
-    torch._dynamo with it) costs every process about a second, and most runs build no torchvision model."""
+    """torchvision's ResNet with `forward_features`, made when first built: importing torchvision (and torch._dynamo
+    with it) costs every process about a second, and most runs build no torchvision model."""
     from torchvision.models.resnet import Bottleneck, ResNet
 
     class ImageNetResNet(ResNet):

@@ -1,11 +1,10 @@
 """ResNeXt for CIFAR.
 
-Xie, Girshick, Dollar, Tu, He, "Aggregated Residual Transformations for Deep Neural
-Networks", CVPR 2017 (arXiv:1611.05431). ResNeXt-29 (8x64d): a 64-channel 3x3 stem, three
-stages of three bottleneck blocks with 256/512/1024 output channels (strides 1/2/2);
-each block is conv1x1 -> grouped conv3x3 (cardinality 8) -> conv1x1 with a bottleneck
-width of 8 x 64d = 512 in the first stage, doubling with each stage, as in the authors'
-CIFAR code. Published: 34.4M parameters (Table 7).
+Xie, Girshick, Dollar, Tu, He, "Aggregated Residual Transformations for Deep Neural Networks", CVPR 2017
+(arXiv:1611.05431). ResNeXt-29 (8x64d): a 64-channel 3x3 stem, three stages of three bottleneck blocks with 256/512/1024
+output channels (strides 1/2/2); each block is conv1x1 -> grouped conv3x3 (cardinality 8) -> conv1x1 with a bottleneck
+width of 8 x 64d = 512 in the first stage, doubling with each stage, as in the authors' CIFAR code. Published: 34.4M
+parameters (Table 7).
 """
 
 from __future__ import annotations

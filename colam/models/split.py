@@ -1,8 +1,8 @@
 """Splitting a network into consecutive segments without model-specific code (torch.fx).
 
-Split points fall between top-level blocks (modules that are not containers) where exactly one
-tensor flows across; the automatic choice takes the starts of the last resolution stages, then
-earlier block starts. Networks that cannot be traced or split are refused naming `model.name`.
+Split points fall between top-level blocks (modules that are not containers) where exactly one tensor flows across; the
+automatic choice takes the starts of the last resolution stages, then earlier block starts. Networks that cannot be
+traced or split are refused naming `model.name`.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ def _restore(modes: dict[nn.Module, bool]) -> None:
 
 
 class Splitter:
-    """The traced network `model` (registered as `name`, designed for `input_size` inputs): what
-    may be split where, and the segments between split points (positions in its traced nodes)."""
+    """The traced network `model` (registered as `name`, designed for `input_size` inputs): what may be split where, and
+    the segments between split points (positions in its traced nodes)."""
 
     def __init__(self, model: nn.Module, name: str, input_size: int) -> None:
         self.model, self.name = model, name
@@ -63,11 +63,9 @@ class Splitter:
         units = _units(model)
         # the outermost block whose forward produced each node (None: the root's own code)
         self.owner = [next((p for p in _stack_paths(n) if p in units), None) for n in self.nodes]
-        self.first, self.last = {}, {}  # each block's first and last node
-        for i, unit in enumerate(self.owner):
-            if unit is not None:
-                self.first.setdefault(unit, i)
-                self.last[unit] = i
+        # each block's first and last node
+        self.first = {unit: i for i, unit in reversed(list(enumerate(self.owner))) if unit is not None}
+        self.last = {unit: i for i, unit in enumerate(self.owner) if unit is not None}
         called = [model.get_submodule(n.target) for n in self.nodes if n.op == "call_module"]
         self.in_channels = next((m.in_channels for m in called if isinstance(m, nn.modules.conv._ConvNd)), 3)
         if [n.op for n in self.nodes].count("placeholder") != 1:
@@ -75,16 +73,9 @@ class Splitter:
         if any(n.op == "get_attr" for n in self.nodes):  # every registered model runs its weights in modules
             raise self.error("its forward reads parameters or buffers outside its modules")
         self.first_weight = next((i for i, n in enumerate(self.nodes) if self.has_weights([n])), len(self.nodes))
-        self._shapes(input_size, modes)
-
-    def error(self, what: str) -> ColamError:
-        return ColamError(f"model.name: {self.name!r} cannot be split into heads ({what})")
-
-    def _shapes(self, input_size: int, modes) -> None:
-        device = next(self.model.parameters()).device
-        sample = torch.zeros(1, self.in_channels, input_size, input_size, device=device)
+        sample = torch.zeros(1, self.in_channels, input_size, input_size, device=next(model.parameters()).device)
         try:
-            self.model.eval()  # running statistics untouched
+            model.eval()  # running statistics untouched
             with torch.no_grad():
                 ShapeProp(self.graph_module).propagate(sample)
         except Exception as exc:
@@ -92,6 +83,9 @@ class Splitter:
                              f"does not run: {type(exc).__name__}") from None
         finally:
             _restore(modes)
+
+    def error(self, what: str) -> ColamError:
+        return ColamError(f"model.name: {self.name!r} cannot be split into heads ({what})")
 
     def resolution(self, i: int) -> int | None:
         meta = self.nodes[i].meta.get("tensor_meta")
@@ -121,8 +115,8 @@ class Splitter:
         return None
 
     def automatic(self, count: int) -> list[int]:
-        """`count` split points: the starts of the last `count` resolution stages, then earlier block
-        starts (fewer where the network has fewer split points)."""
+        """`count` split points: the starts of the last `count` resolution stages, then earlier block starts (fewer
+        where the network has fewer split points)."""
         weighted = sorted(self.first[u] for u in self.first
                           if self.has_weights([n for n, o in zip(self.nodes, self.owner) if o == u], True))
         limit = weighted[-1] if weighted else len(self.nodes)  # the classifier stays below every split
@@ -135,8 +129,7 @@ class Splitter:
                 continue
             smaller, current = current is not None and size < current, size
             if smaller and size > 1:  # a smaller feature map, not the global pooling
-                start = self.first[self.owner[i]] if self.owner[i] is not None else i
-                before = [p for p in valid if p <= start]
+                before = [p for p in valid if p <= self.first.get(self.owner[i], i)]
                 if before and before[-1] not in boundaries:
                     boundaries.append(before[-1])
         chosen = boundaries[-count:]
@@ -151,8 +144,9 @@ class Splitter:
         for name in names:
             hits = [i for i, n in enumerate(self.nodes) if name in _stack_paths(n)]
             if not hits:
+                starts = sorted(p for p in set(self.first.values()) if self.why_not(p) is None)
                 raise ColamError(f"{key}: {name!r} is not a module that model {self.name!r} runs; blocks: "
-                                 f"{', '.join(self.describe(p) for p in self.block_starts())}")
+                                 f"{', '.join(self.describe(p) for p in starts)}")
             reason = self.why_not(hits[0])
             if reason is not None:
                 raise ColamError(f"{key}: model {self.name!r} cannot be split before {name!r}: {reason}")
@@ -162,21 +156,18 @@ class Splitter:
                              f"first, got {names!r}")
         return positions
 
-    def block_starts(self) -> list[int]:
-        return sorted(p for p in set(self.first.values()) if self.why_not(p) is None)
-
     def describe(self, p: int) -> str:
         return self.owner[p] or self.nodes[p].name
 
     def segments(self, root: nn.Module, positions: list[int]) -> list[fx.GraphModule]:
-        """The segments of `root` (the traced network or one built alike) before, between and after
-        the split points at `positions`."""
+        """The segments of `root` (the traced network or one built alike) before, between and after the split points at
+        `positions`."""
         bounds = [1, *positions, len(self.nodes)]
         return [self._segment(root, bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
 
     def _segment(self, root: nn.Module, start: int, end: int) -> fx.GraphModule:
-        """Nodes [start, end) as a module of `root`'s layers: one input (the tensor flowing in at
-        `start`), one output (the tensor flowing out at `end`, or the network's output)."""
+        """Nodes [start, end) as a module of `root`'s layers: one input (the tensor flowing in at `start`), one output
+        (the tensor flowing out at `end`, or the network's output)."""
         graph = fx.Graph()
         inflow = self.nodes[0] if start == 1 else self.crossing(start)[0]
         env = {inflow: graph.placeholder("x")}
