@@ -1,7 +1,6 @@
-"""Kubeflow Pipelines v2 components: thin typed wrappers over colam.steps, one plain function per file
-(tested directly with fake artifacts). `build(image)` makes them components of the project's image
-(docker/), which holds kfp and the project, so a step installs nothing: training and estimation run
-in its `-cuda` variant, preparation and evaluation in `-cpu`."""
+"""Kubeflow Pipelines v2 components: thin typed wrappers over colam.steps, one plain function per file (tested
+directly with fake artifacts). `build(image)` makes them components of the project's image (docker/), which holds kfp
+and the project, so a step installs nothing: training and estimation run in its `-cuda` variant, the rest in `-cpu`."""
 
 from __future__ import annotations
 
@@ -16,7 +15,7 @@ def image(variant: str, base: str | None = None) -> str:
     return f"{base or os.environ.get('COLAM_IMAGE') or DEFAULT_IMAGE}-{variant}"
 
 
-def build(base_image: str | None = None) -> SimpleNamespace:
+def build(base: str | None = None) -> SimpleNamespace:
     """The four components, each an attribute named as its function."""
     from kfp import dsl
 
@@ -26,6 +25,5 @@ def build(base_image: str | None = None) -> SimpleNamespace:
     from components.train_stage import train_stage
 
     variants = {prepare: "cpu", train_stage: "cuda", estimate_soft_labels: "cuda", evaluate: "cpu"}
-    return SimpleNamespace(**{function.__name__: dsl.component(function, base_image=image(variant, base_image),
-                                                               install_kfp_package=False)
-                              for function, variant in variants.items()})
+    return SimpleNamespace(**{f.__name__: dsl.component(f, base_image=image(variant, base), install_kfp_package=False)
+                              for f, variant in variants.items()})

@@ -12,6 +12,5 @@ def estimate_soft_labels(config: str, stage: int, stages: int, split: Input[Data
     run = run_config(config, split.path)
     summary = estimate_step(run, stage, stages, checkpoint.path, soft_labels.path, split_dir=split.path)
     soft_labels.metadata.update({k: summary[k] for k in ("stage", "epoch", "seconds", "artifacts")})
-    client = tracking_client()
-    if client is not None:
+    if (client := tracking_client()) is not None:
         log_estimate(client, experiment, run, run_key, Path(soft_labels.path), summary)

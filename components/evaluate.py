@@ -18,6 +18,5 @@ def evaluate(config: str, split: Input[Dataset], checkpoint: Input[Model], repor
             metrics.log_metric(name, value)
     classes = list(result["test_per_class_acc"])
     confusion.log_confusion_matrix(classes, confusion_matrix(report.path, classes))
-    client = tracking_client()
-    if client is not None:
+    if (client := tracking_client()) is not None:
         log_evaluation(client, experiment, run, run_key, Path(report.path), result)

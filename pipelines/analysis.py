@@ -1,9 +1,9 @@
-"""`colam analyze`: the COLAM paper's analyses (Sec. 5) of finished runs: curves, expected-accuracy,
-geometry, soft-labels, grid-cell (trains one cell of the grid) and grid (reads it back from MLflow).
+"""`colam analyze`: the COLAM paper's analyses (Sec. 5) of finished runs: curves, expected-accuracy, geometry,
+soft-labels, grid-cell (trains one cell of the grid) and grid (reads it back from MLflow).
 
-Each writes its PNG figures, `table.md` and `results.json` into --out and, with --track (default:
-when MLFLOW_TRACKING_URI is set), logs them to the MLflow parent run of --run under `analysis/NAME`,
-with its headline numbers as metrics. `dvc repro` runs them all (the analyze_* stages of dvc.yaml).
+Each writes its PNG figures, `table.md` and `results.json` into --out and, with --track (default: when
+MLFLOW_TRACKING_URI is set), logs them to the MLflow parent run of --run under `analysis/NAME`, with its headline
+numbers as metrics. `dvc repro` runs them all (the analyze_* stages of dvc.yaml).
 """
 
 from __future__ import annotations
@@ -63,32 +63,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     command("grid", "test accuracy over the (epochs per stage x peers) grid and over T, from MLflow (Fig. 4)", grid)
 
 
-# ----------------------------------------------------------------------------- the analyses
-
-
 def curves(args) -> int:
     from colam.methods import METHODS
     from colam.runs import history, open_run
 
     run = open_run(args.run, "--run")
-    main = _label(run.config)
+    main, accs = _label(run.config), ("train_acc", "test_acc")
     runs = {**_baselines(args), main: run}
     start(args, run)
     rows = {name: history(r, "--run" if r is run else f"--baselines {name}") for name, r in runs.items()}
     stage_ends = np.cumsum(METHODS[run.config.method.name].stage_epochs(run.config)).tolist()
     by_epoch = {name: {r["epoch"]: r for r in reversed(history_rows)} for name, history_rows in rows.items()}
-    at_ends = [{"stage": stage, "epoch": end,
-                **{name: None if end not in found else {"train_acc": found[end]["train_acc"],
-                                                        "test_acc": found[end].get("test_acc")}
-                   for name, found in by_epoch.items()}} for stage, end in enumerate(stage_ends, start=1)]
+    at_ends = [{"stage": stage, "epoch": end, **{
+        name: {"train_acc": found[end]["train_acc"], "test_acc": found[end].get("test_acc")} if end in found else None
+        for name, found in by_epoch.items()}} for stage, end in enumerate(stage_ends, start=1)]
     figure = figures.learning_curves(rows, stage_ends, f"Learning curves: {' vs '.join(rows)} "
                                                       f"({run.config.model.name} on {run.config.data.name})")
-    cells = [[e["stage"], e["epoch"], *(_percent((e[n] or {}).get(k)) for n in rows for k in ("train_acc", "test_acc"))]
-             for e in at_ends]
+    cells = [[e["stage"], e["epoch"], *(_percent((e[n] or {}).get(k)) for n in rows for k in accs)] for e in at_ends]
     table = markdown_table(["stage", "epoch", *(f"{n} {s}" for n in rows for s in ("train", "test"))], cells,
                            "r" * (2 + 2 * len(rows)))
-    results = {"runs": {name: {"path": str(r.path), **{key: [x.get(key) for x in rows[name]]
-                                                      for key in ("epoch", "train_acc", "test_acc")}}
+    results = {"runs": {name: {"path": str(r.path), **{k: [x.get(k) for x in rows[name]] for k in ("epoch", *accs)}}
                         for name, r in runs.items()}, "stage_ends": stage_ends, "at_stage_ends": at_ends}
     return _finish(args, run, "curves", {"learning_curves": figure},
                    [f"Accuracy at {main}'s stage ends (%)", "", *table], results, {})
@@ -116,9 +110,8 @@ def expected_accuracy(args) -> int:
     figure = figures.expected_accuracy(rows, references, f"Expected accuracy of the soft labels of each stage "
                                                         f"({run.config.model.name} on {run.config.data.name})")
     keys = ("expected_test_acc", "expected_val_acc", "run_test_acc_at_stage_end")
-    table = markdown_table(["soft labels of stage", "expected test acc", "expected val acc",
-                            "run's test acc at that stage end"],
-                           [[r["stage"], *(_percent(r[k]) for k in keys)] for r in rows], "rrrr")
+    table = markdown_table(["soft labels of stage", "expected test acc", "expected val acc", "run's test acc at that "
+                            "stage end"], [[r["stage"], *(_percent(r[k]) for k in keys)] for r in rows], "rrrr")
     lines = ["Expected accuracy: a fresh model trained on each stage's soft labels, fixed (%)", "", *table, "",
              *(f"- {name}: {100 * value:.2f}" for name, value in references.items())]
     metrics = {"expected_test_acc": [(r["stage"], r["expected_test_acc"]) for r in rows]}
@@ -154,8 +147,8 @@ def geometry(args) -> int:
                 for n, e in results["runs"].items()}
         figs[f"distances_{split}"] = figures.average_distances(
             bars, names, f"Average distance from each template / centroid to each class's {split} samples")
-    metrics = {f"geometry_template_distance_avg_{_metric_name(n)}": [(0, e["template_distance_average"])]
-               for n, e in results["runs"].items()}
+    metrics = {f"geometry_template_distance_avg_{''.join(c if c.isalnum() else '_' for c in n.lower()).strip('_')}":
+               [(0, e["template_distance_average"])] for n, e in results["runs"].items()}
     return _finish(args, run, "geometry", figs, _geometry_table(results, names), results, metrics)
 
 
@@ -183,10 +176,9 @@ def soft_labels(args) -> int:
             "nearest": {names[c]: [{"class": names[j], "mass": m} for j, m in near]
                         for c, near in enumerate(nearest_classes(matrix, count))}}
     final, shown = results["stages"][str(last)], min(count, len(names) - 1)
-    table = markdown_table(["class", "own mass", *(f"nearest {i + 1}" for i in range(shown))],
-                           [[name, f"{matrices[last][c, c]:.3f}", *(f"{n['class']} ({n['mass']:.3f})"
-                                                                   for n in final["nearest"][name])]
-                            for c, name in enumerate(names)], "lr" + "l" * shown)
+    rows = [[name, f"{matrices[last][c, c]:.3f}", *(f"{n['class']} ({n['mass']:.3f})" for n in final["nearest"][name])]
+            for c, name in enumerate(names)]
+    table = markdown_table(["class", "own mass", *(f"nearest {i + 1}" for i in range(shown))], rows, "lr" + "l" * shown)
     lines = [f"Each class's nearest classes under the soft labels of stage {last} (T = {temperature:g}): "
              f"the mass its soft label puts on them", "", *table,
              "", "Most similar pair by stage (mean of the two off-diagonal masses):", ""]
@@ -241,9 +233,6 @@ def grid(args) -> int:
     return _finish(args, run, "grid", {"grid_heatmap": heat, "accuracy_vs_temperature": curve}, lines, results, {})
 
 
-# ----------------------------------------------------------------------------- shared
-
-
 def _label(config) -> str:
     """'COLAM (T=2)', 'kd (T=4)', 'hl': the method and its headline values (`Method.headline`)."""
     from colam.methods import METHODS
@@ -252,10 +241,6 @@ def _label(config) -> str:
     values = ", ".join(f"{'T' if key == 'temperature' else key}={value:g}"
                        for key, value in METHODS[name].headline_values(config).items())
     return f"{'COLAM' if name == 'colam' else name}" + (f" ({values})" if values else "")
-
-
-def _metric_name(label: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in label.lower()).strip("_")
 
 
 def _percent(value: float | None, missing: str = "–") -> str:
@@ -323,15 +308,13 @@ def _measure(model, run, classes: list[int], names: list[str], splits: dict) -> 
              "template_distances": {f"{names[i]} – {names[j]}": float(distances[i, j])
                                     for i in range(3) for j in range(i + 1, 3)},
              "template_distance_average": float(distances[np.triu_indices(3, k=1)].mean()), "splits": {}}
-    position = {k: i for i, k in enumerate(classes)}
     panels = {}
     for split, subset in splits.items():
         feats = geo.features(model, loader(subset, run.config.train.eval_batch_size, shuffle=False, num_workers=0))
-        adt = geo.average_distances(w, feats, classes)
-        adc = geo.average_distances(geo.centroids(feats, classes), feats, classes)
-        entry["splits"][split] = {"adt": adt.tolist(), "adc": adc.tolist()}
+        entry["splits"][split] = {"adt": geo.average_distances(w, feats, classes).tolist(),
+                                  "adc": geo.average_distances(geo.centroids(feats, classes), feats, classes).tolist()}
         panels[split] = {"points": plane.project(feats.values).tolist(),
-                         "labels": [position[int(k)] for k in feats.labels], "templates": templates_2d}
+                         "labels": [classes.index(int(k)) for k in feats.labels], "templates": templates_2d}
     entry["projection"] = {"origin": plane.origin.tolist(), "basis": plane.basis.T.tolist(), "templates": templates_2d}
     return entry, panels
 
@@ -356,8 +339,8 @@ def _geometry_table(results: dict, names: list[str]) -> list[str]:
 
 
 def _finish(args, run, name: str, figs: dict, lines: list[str], results: dict, metrics: dict) -> int:
-    """Write the figures, table.md and results.json into --out; log them (and `metrics`, each a list of
-    (step, value)) to the MLflow parent run of --run when tracking."""
+    """Write the figures, table.md and results.json into --out; log them (and `metrics`, each a list of (step,
+    value)) to the MLflow parent run of --run when tracking."""
     out = Path(args.out)
     try:
         cio.take_folder(out, "analysis")
@@ -381,8 +364,8 @@ def _finish(args, run, name: str, figs: dict, lines: list[str], results: dict, m
 
 
 def start(args, run) -> None:
-    """Before any work: check --out, and when tracking, that the store answers and holds --run's
-    MLflow run (an analysis that trains for minutes must not fail at its last step)."""
+    """Before any work: check --out, and when tracking, that the store answers and holds --run's MLflow run (an
+    analysis that trains for minutes must not fail at its last step)."""
     cio.check_folder(Path(args.out), "analysis")
     args.tracker = None
     if tracking(args):

@@ -1,5 +1,5 @@
-"""What several `colam` commands share: --config/--set (a params.yaml, read once), --track and
---experiment (MLflow), and the options of a command that trains (--restart-if-changed, --progress)."""
+"""What several `colam` commands share: --config/--set (a params.yaml, read once), --track and --experiment
+(MLflow), and the options of a command that trains (--restart-if-changed, --progress)."""
 
 from __future__ import annotations
 
@@ -43,13 +43,12 @@ def params(args):
 
 
 def tracking(args) -> bool:
-    """--track or --no-track; by default, whether MLFLOW_TRACKING_URI is set."""
     return args.track if args.track is not None else bool(os.environ.get("MLFLOW_TRACKING_URI"))
 
 
 def run_log(args, run_name: str | None = None):
-    """The MLflow run log of a command that trains into --out; none when not tracking, or on a rank
-    other than 0 under torchrun (rank 0 alone reports)."""
+    """The MLflow run log of a command that trains into --out; none when not tracking, or on a rank other than 0
+    under torchrun (rank 0 alone reports)."""
     from colam.distributed import env_world
     if getattr(args, "register", None) and not tracking(args):
         raise ColamError("--register: registers the run's model in MLflow, with --track (or MLFLOW_TRACKING_URI) only")
@@ -63,8 +62,8 @@ def run_log(args, run_name: str | None = None):
 
 
 def registered_name(name: str | None, key: str) -> str | None:
-    """A Model Registry name (None for none or empty), refused where MLflow would refuse it, or its search
-    strings could not quote it."""
+    """A Model Registry name (None for none or empty), refused where MLflow would refuse it, or its search strings
+    could not quote it."""
     if name and (any(c in name for c in "'\"`/:%") or name != name.strip()):
         raise ColamError(f"{key}: {name!r} is no usable model name (no quotes, / : or %, no spaces at its ends)")
     return name or None

@@ -1,10 +1,9 @@
-"""The `colam` command: one argparse parser for every subcommand (docs/cli.md lists them); `colam analyze`
-is defined in pipelines/analysis.py, `colam kfp` in pipelines/kubeflow.py.
+"""The `colam` command: one argparse parser for every subcommand (docs/cli.md lists them); `colam analyze` is
+defined in pipelines/analysis.py, `colam kfp` in pipelines/kubeflow.py.
 
-`--config` may be a pipeline params.yaml: its compare, analysis, raw_data and tracking sections are
-checked and set aside, the rest is the run's config. Training is tracked in MLflow with `--track`,
-or whenever MLFLOW_TRACKING_URI is set (`--no-track`: never). Bad input exits with status 2 and one
-line on stderr naming the input; nothing is written.
+`--config` may be a pipeline params.yaml: its compare, analysis, raw_data and tracking sections are checked and set
+aside, the rest is the run's config. Training is tracked in MLflow with `--track`, or whenever MLFLOW_TRACKING_URI is
+set (`--no-track`: never). Bad input exits with status 2 and one line on stderr naming the input; nothing is written.
 
 Data-parallel training on several GPUs (or CPU processes) runs the same command under torchrun:
     torchrun --standalone --nproc-per-node N -m pipelines.cli train --config FILE --out DIR
@@ -31,13 +30,14 @@ def main(argv: list[str] | None = None) -> int:
         # under torchrun, rank 0 tells the story; the other ranks speak only to warn
         logging.basicConfig(level=logging.INFO if distributed.env_world().main else logging.WARNING,
                             format="%(message)s", stream=sys.stderr)
-        _quiet_libraries()
+        # MLflow's and alembic's INFO lines (store creation, migrations) would come before a one-line error; MLflow
+        # reads the variable when it is imported, the logger level covers an earlier import.
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        for name in ("mlflow", "alembic"):
+            logging.getLogger(name).setLevel(logging.WARNING)
         return args.func(args) or 0  # a command returns None when it succeeds
-    except ColamError as exc:
-        _say(f"colam: error: {exc}")
-        return 2
-    except OSError as exc:  # disk full, read-only, permission, not a folder: the path and the reason
-        _say(f"colam: error: {os_error(exc)}")
+    except (ColamError, OSError) as exc:  # OSError (disk full, read-only, permission...): the path and the reason
+        _say(f"colam: error: {os_error(exc) if isinstance(exc, OSError) else exc}")
         return 2
     except KeyboardInterrupt:
         _say("colam: interrupted; run the same command again to resume from the last completed epoch")
@@ -46,25 +46,15 @@ def main(argv: list[str] | None = None) -> int:
         distributed.shutdown()
 
 
-def _quiet_libraries() -> None:
-    """MLflow's and alembic's INFO lines (store creation, migrations) would come before a one-line
-    error; MLflow reads the variable when it is imported, the logger level covers an earlier import."""
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-    for name in ("mlflow", "alembic"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
 def _say(line: str) -> None:
-    """One line on stderr in a single write: under torchrun every rank may say it at once, and
-    writes of a whole line to a pipe do not interleave (print writes the text and the newline apart).
-    What the user typed comes back escaped, cut and without passwords (`one_line`)."""
+    """One line on stderr in a single write: under torchrun every rank may say it at once, and writes of a whole line
+    to a pipe do not interleave (print writes the text and the newline apart). `one_line` escapes, cuts, redacts."""
     sys.stderr.write(one_line(line) + "\n")
     sys.stderr.flush()
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with its errors in the form of every other (`colam: error: ...`, one line, exit 2)
-    instead of a usage block; `--help` still prints the usage."""
+    """argparse errors as every other (`colam: error: ...`, one line, exit 2), not a usage block; --help still works."""
 
     def error(self, message: str):
         raise ColamError(f"{message} (see: {self.prog} --help)")
@@ -114,9 +104,8 @@ def _run_commands(commands) -> None:
     get = data.add_subparsers(dest="data_command", required=True).add_parser(
         "get", help="write data.name's files, checked, into --out (the folder to use as data.root)")
     config_options(get)
-    get.add_argument("--from", dest="source", required=True,
-                     help="a folder holding the data set's original files, 'download' (torchvision's mirrors) or "
-                          "'bundled' (digits, shipped with scikit-learn)")
+    get.add_argument("--from", dest="source", required=True, help="a folder holding the data set's original files, "
+                     "'download' (torchvision's mirrors) or 'bundled' (digits, shipped with scikit-learn)")
     get.add_argument("--out", required=True, help="the folder to write (data/raw/NAME in the DVC pipeline)")
     get.set_defaults(func=_data_get)
 
@@ -145,14 +134,11 @@ def _pipeline_commands(commands) -> None:
         "sync", help="bring MLFLOW_TRACKING_URI up to what a run folder holds (what it kept while the store did not "
                      "answer)")
     sync.add_argument("dir", help="the run's --out folder")
-    sync.add_argument("--experiment", default="colam", help="the MLflow experiment the run is tracked in (default: "
-                                                             "colam)")
+    sync.add_argument("--experiment", default="colam",
+                      help="the MLflow experiment the run is tracked in (default: colam)")
     sync.set_defaults(func=_tracking_sync)
 
     kubeflow.add_arguments(commands.add_parser("kfp", help="the Kubeflow pipeline: compile, submit, or run it here"))
-
-
-# ----------------------------------------------------------------------------- the commands
 
 
 def _train(args) -> None:
@@ -164,8 +150,7 @@ def _train(args) -> None:
             metrics = fit(config, args.out, run_log=log, progress=args.progress, split_dir=args.split,
                           restart_if_changed=args.restart_if_changed)
         else:  # a stage folder is always trained afresh unless it holds this very stage
-            metrics = fit_stage(config, args.out, args.stage, run_log=log, progress=args.progress,
-                                split_dir=args.split)
+            metrics = fit_stage(config, args.out, args.stage, run_log=log, progress=args.progress, split_dir=args.split)
     if distributed.current().main:  # under torchrun, once
         print(json.dumps(metrics))
 
@@ -205,15 +190,13 @@ def _models(args) -> None:
 
 
 def _registry(args) -> None:
-    """`colam methods` and `colam datasets`: each registered name with what it is."""
     from colam.datasets import DATASETS
     from colam.methods import METHODS
 
     if args.command == "methods":
-        lines = [f"{name:<14} {method.summary}  [{method.paper}]" for name, method in METHODS.items()]
+        print("\n".join(f"{name:<14} {method.summary}  [{method.paper}]" for name, method in METHODS.items()))
     else:
-        lines = [f"{name:<14} {spec.description}" for name, spec in DATASETS.items()]
-    print("\n".join(lines))
+        print("\n".join(f"{name:<14} {spec.description}" for name, spec in DATASETS.items()))
 
 
 def _check(args) -> None:
@@ -248,8 +231,7 @@ def _compare(args) -> int:
         args.seeds = args.seeds or given.compare.seeds
         args.methods = args.methods or [*given.compare.baselines, "colam"]
         args.temperatures = args.temperatures or given.compare.temperatures
-        # the methods' settings of params.yaml: other runs in the experiment (the analyses' grid
-        # cells, earlier settings) are left out
+        # params.yaml's method settings: other runs in the experiment (the grid cells, earlier settings) are left out
         args.variants = pipeline_variants(given, args.methods)
         args.register = args.register or (given.tracking.register if args.track else None)
     args.register, args.alias = registered_name(args.register, "--register"), alias_name(args.alias)

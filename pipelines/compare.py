@@ -1,6 +1,5 @@
-"""`colam compare`: test accuracy by method and temperature over the finished MLflow parent runs of
-an experiment: one protocol, the latest run per (variant, T, seed), where T is the run's own method's.
-"""
+"""`colam compare`: test accuracy by method and temperature over the finished MLflow parent runs of an experiment:
+one protocol, the latest run per (variant, T, seed), where T is the run's own method's."""
 
 from __future__ import annotations
 
@@ -71,8 +70,8 @@ class Comparison:
 def collect(client: mlflow.MlflowClient, experiment: str, *, protocol: str | None = None,
             seeds: list[int] | None = None, methods: list[str] | None = None,
             temperatures: list[float] | None = None, variants: list[str] | None = None) -> Comparison:
-    """One row per (variant, temperature) of the finished parent runs of `experiment`, of one protocol
-    (by default the latest run's): runs of different data, model or training settings are never pooled."""
+    """One row per (variant, temperature) of the finished parent runs of `experiment`, of one protocol (by default the
+    latest run's): runs of different data, model or training settings are never pooled."""
     from pipelines.tracking import display_uri
 
     exp = client.get_experiment_by_name(experiment)
@@ -107,8 +106,7 @@ def collect(client: mlflow.MlflowClient, experiment: str, *, protocol: str | Non
                                row.variant, -np.inf if row.temperature is None else row.temperature))
     return Comparison(experiment=experiment, protocol=protocol, rows=tuple(rows), runs_used=len(latest),
                       other_protocol_runs=len(runs) - len(same), replaced_runs=len(complete) - len(latest),
-                      incomplete_runs=len(same) - len(complete), filters=filters,
-                      best_run=best.info.run_id if best else None)
+                      incomplete_runs=len(same) - len(complete), filters=filters, best_run=best and best.info.run_id)
 
 
 def markdown_table(header: list, rows: list[list], align: str) -> list[str]:
@@ -132,9 +130,8 @@ def format_table(comparison: Comparison) -> str:
                                 "(choose one with --protocol)"),
         (c.replaced_runs, f"{c.replaced_runs} older runs replaced by later runs of the same variant, T and seed"),
         (c.incomplete_runs, f"{c.incomplete_runs} finished runs without test_acc left out")) if count]
-    lines = [f"Experiment {c.experiment!r}, protocol {c.protocol}: {c.runs_used} runs", "",
-             *markdown_table(["method", "T", "test acc % (mean ± std)", "n", "val acc % (mean ± std)"], rows,
-                             "lrrrr")]
+    lines = [f"Experiment {c.experiment!r}, protocol {c.protocol}: {c.runs_used} runs", "", *markdown_table(
+        ["method", "T", "test acc % (mean ± std)", "n", "val acc % (mean ± std)"], rows, "lrrrr")]
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
@@ -216,8 +213,8 @@ def _key(run) -> tuple[str, str, float | None]:
 
 
 def _temperature(run) -> float | None:
-    """The T of the run's own method: its logged `method.<name>.temperature`, else the `colam.temperature`
-    tag (runs tracked before issue 17); None for a method without one."""
+    """The T of the run's own method: its logged `method.<name>.temperature`, else the `colam.temperature` tag (runs
+    tracked before issue 17); None for a method without one."""
     key = f"method.{run.data.tags.get('colam.method')}.temperature"
     if key in run.data.params:
         return _number(run, "parameter", key, float)
@@ -229,7 +226,6 @@ def _seed(run) -> int:
 
 
 def _number(run, what: str, key: str, kind: Callable):
-    """The run's tag or parameter `key` as a number of `kind`."""
     values = run.data.tags if what == "tag" else run.data.params
     try:
         return kind(values[key])
@@ -240,10 +236,9 @@ def _number(run, what: str, key: str, kind: Callable):
 
 def _row(key: tuple[str, str, float | None], runs: list) -> Row:
     vals = [r.data.metrics["val_acc"] for r in runs if "val_acc" in r.data.metrics]
-    return Row(method=key[0], variant=key[1], temperature=key[2], n=len(runs),
-               test_acc=Stats.of([r.data.metrics["test_acc"] for r in runs]),
-               val_acc=Stats.of(vals) if vals else None,
-               seeds=tuple(_seed(r) for r in runs), run_ids=tuple(r.info.run_id for r in runs))
+    return Row(*key, n=len(runs), test_acc=Stats.of([r.data.metrics["test_acc"] for r in runs]),
+               val_acc=Stats.of(vals) if vals else None, seeds=tuple(_seed(r) for r in runs),
+               run_ids=tuple(r.info.run_id for r in runs))
 
 
 def _pm(s: Stats) -> str:
@@ -268,9 +263,8 @@ def temperature_figure(c: Comparison, title: str | None = None) -> Figure:
             handles.append(ax.axhline(mean, linestyle="--", color=color, label=f"{variant} (no T)"))
             ax.axhspan(mean - std, mean + std, color=color, alpha=0.15)
         else:
-            handles.append(ax.errorbar([r.temperature for r in rs], [100 * r.test_acc.mean for r in rs],
-                                       yerr=[100 * r.test_acc.std for r in rs], marker="o", capsize=3,
-                                       color=color, label=variant))
+            handles.append(ax.errorbar([r.temperature for r in rs], [100 * r.test_acc.mean for r in rs], marker="o",
+                                       yerr=[100 * r.test_acc.std for r in rs], capsize=3, color=color, label=variant))
     if with_t:
         # T values are typically powers of two (0.5, 1, 2, 4, 8): even spacing on a log-2 axis
         ax.set_xscale("log", base=2)

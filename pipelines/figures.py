@@ -1,8 +1,7 @@
 """The analyses' figures (COLAM paper, Sec. 5) as matplotlib Figures, and an atomic PNG writer.
 
-Every figure is a bare `matplotlib.figure.Figure` drawn through Agg: no display, no pyplot state.
-Each has a title, labelled axes and a legend wherever it shows more than one series.
-"""
+Every figure is a bare `matplotlib.figure.Figure` drawn through Agg: no display, no pyplot state. Each has a title,
+labelled axes and a legend wherever it shows more than one series."""
 
 from __future__ import annotations
 
@@ -88,8 +87,7 @@ def learning_curves(curves: dict[str, list[dict]], stage_ends: list[int], title:
         axes.plot([r["epoch"] for r in rows], [100 * r["train_acc"] for r in rows], color=color, linestyle=":",
                   label=f"{name} train")
     for k, end in enumerate(stage_ends[:-1]):
-        axes.axvline(end + 0.5, color="grey", linestyle="--", linewidth=0.8,
-                     label="stage boundary" if k == 0 else None)
+        axes.axvline(end + 0.5, color="grey", linestyle="--", linewidth=0.8, label="stage boundary" if k == 0 else None)
     axes.set(xlabel="epoch", ylabel="accuracy (%)", title=title)
     axes.grid(True, alpha=0.3)
     axes.legend(loc="lower right", fontsize="small")

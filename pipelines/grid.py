@@ -1,6 +1,5 @@
-"""The hyperparameter grids of the COLAM paper's Fig. 4, read back from MLflow: a grid cell is matched by
-the COLAM variant its configuration gives (`pipelines.tracking.variant`), never by run names.
-"""
+"""The hyperparameter grids of the COLAM paper's Fig. 4, read back from MLflow: a grid cell is matched by the COLAM
+variant its configuration gives (`pipelines.tracking.variant`), never by run names."""
 
 from __future__ import annotations
 
@@ -47,8 +46,7 @@ class Grid:
 
 def collect_grid(client, experiment: str, params: Params) -> Grid:
     config, grid = params.config, params.analysis.grid
-    protocol = protocol_digest(config)
-    temperature = config.method.colam.temperature
+    protocol, temperature = protocol_digest(config), config.method.colam.temperature
     cells = collect(client, experiment, protocol=protocol, seeds=[config.seed], methods=["colam"],
                     temperatures=[temperature])
     by_variant = {row.variant: row for row in cells.rows if row.temperature == temperature}

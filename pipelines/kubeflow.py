@@ -1,6 +1,6 @@
-"""The Kubeflow pipeline, prepare -> (train stage -> estimate soft labels) x m -> evaluate, and
-`colam kfp compile|submit|local` (docs/kubeflow.md). m is fixed when compiling (Kubeflow unrolls
-nothing at run time); the method, model, data set, t, T, seed and run config are run parameters."""
+"""The Kubeflow pipeline, prepare -> (train stage -> estimate soft labels) x m -> evaluate, and `colam kfp
+compile|submit|local` (docs/kubeflow.md). m is fixed when compiling (Kubeflow unrolls nothing at run time); the
+method, model, data set, t, T, seed and run config are run parameters."""
 
 # No `from __future__ import annotations` here: kfp reads the pipeline function's annotations as types.
 import argparse
@@ -23,6 +23,8 @@ ENDPOINTS = "colam-endpoints"
 ENDPOINT_KEYS = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION")
 DEFAULT_PACKAGE = "colam-pipeline.yaml"
 RUNNERS = ("subprocess", "docker")
+MAX_STAGES = 200  # three tasks a stage: past it the package would take minutes to build and no cluster would run it
+HEADLINE = ("method", "model", "dataset", "epochs_per_stage", "temperature", "seed", "config")
 # What a step container gets from this environment: the cluster's Secret and ConfigMap keys, and
 # the settings that change a step's numbers or its talk with MLflow.
 CONTAINER_ENV = (*SECRET_KEYS, *ENDPOINT_KEYS, "MLFLOW_DISABLE_TELEMETRY", "MLFLOW_HTTP_REQUEST_TIMEOUT",
@@ -40,8 +42,8 @@ class Cluster:
 
 
 def _task(task, name: str, gpu_cluster: Cluster | None = None):
-    """Every task: its display name, the S3 keys from the Secret and the MLflow/S3 endpoints from the
-    ConfigMap (k8s/); training and estimation also ask `gpu_cluster` for their resources."""
+    """Every task: its display name, the S3 keys from the Secret and the MLflow/S3 endpoints from the ConfigMap
+    (k8s/); training and estimation also ask `gpu_cluster` for their resources."""
     from kfp import kubernetes
 
     task.set_display_name(name)
@@ -60,9 +62,6 @@ def _task(task, name: str, gpu_cluster: Cluster | None = None):
     return task
 
 
-MAX_STAGES = 200
-
-
 def build_pipeline(stages: int, defaults: dict, experiment: str, image: str | None = None,
                    cluster: Cluster = Cluster()):
     """The pipeline function for `stages` stages; `defaults` (a run config) gives the parameters' defaults."""
@@ -72,7 +71,6 @@ def build_pipeline(stages: int, defaults: dict, experiment: str, image: str | No
     import components
     from colam.steps import step_config
 
-    # three tasks a stage: past MAX_STAGES the package would take minutes to build and no cluster would run it
     if isinstance(stages, bool) or not isinstance(stages, int) or not 1 <= stages <= MAX_STAGES:
         raise ColamError(f"--stages: must be an integer >= 1 and <= {MAX_STAGES}, got {stages!r}")
     default = headline(step_config(defaults, steps=stages))  # the defaults must make a valid run of this many stages
@@ -104,9 +102,6 @@ def build_pipeline(stages: int, defaults: dict, experiment: str, image: str | No
         return Outputs(model=previous["previous_checkpoint"], soft_labels=previous["soft_labels"],
                        metrics=evaluation.outputs["metrics"])
     return colam_pipeline
-
-
-# --------------------------------------------------------------------------- command line
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -186,7 +181,6 @@ def _compile(args) -> int:
 
 
 def _first_line(exc: Exception, limit: int = 300) -> str:
-    """An exception as one line for an error message: its first line, else its type's name."""
     text = str(exc).strip()
     return text.splitlines()[0][:limit] if text else type(exc).__name__
 
@@ -206,8 +200,8 @@ def read_package(path: str | Path) -> dict:
 
 
 def package_arguments(spec: dict, pairs: list[str], config_file: str | None = None) -> dict:
-    """The run arguments `pairs` (NAME=VALUE) checked against the package, and the run config they
-    make validated here, so a bad value fails now with one line instead of in a pod."""
+    """The run arguments `pairs` (NAME=VALUE) checked against the package, and the run config they make validated
+    here, so a bad value fails now with one line instead of in a pod."""
     from colam.steps import step_config
     from pipelines.params import load_params
 
@@ -234,19 +228,14 @@ def package_arguments(spec: dict, pairs: list[str], config_file: str | None = No
     for name, value in values.items():  # the package's defaults store integers as floats
         if declared[name]["parameterType"] == "NUMBER_INTEGER" and isinstance(value, float) and value.is_integer():
             values[name] = int(value)
-    step_config(values["config"], steps=int(stages), method=values["method"], model=values["model"],
-                dataset=values["dataset"], epochs_per_step=values["epochs_per_stage"],
-                temperature=values["temperature"], seed=values["seed"])
+    step_config(values["config"], steps=int(stages), epochs_per_step=values["epochs_per_stage"],
+                **{key: values[key] for key in ("method", "model", "dataset", "temperature", "seed")})
     return arguments
 
 
-HEADLINE = ("method", "model", "dataset", "epochs_per_stage", "temperature", "seed", "config")
-
-
 def headline(config) -> dict:
-    """The pipeline parameters a run config gives: the config and its headline values. T is that of its
-    method, else of the first registered method with one (COLAM's); step_config gives the `temperature`
-    parameter to whichever method a run trains, when that method has a T."""
+    """The pipeline parameters a run config gives: the config and its headline values; T is its method's, else the first
+    registered method's with one (COLAM's): step_config gives it to whichever method a run trains, if that has a T."""
     from colam.methods import METHODS
 
     with_t = next(m for m in (METHODS[config.method.name], *METHODS.values()) if "temperature" in m.headline)
@@ -289,10 +278,9 @@ def _check_endpoint(host: str, token: str | None) -> None:
     """One quick health check: kfp.Client would retry a wrong host for 25 s, printing tracebacks."""
     import requests
 
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        answer = requests.get(f"{host.rstrip('/')}/apis/v2beta1/healthz", headers=headers, timeout=10,
-                              allow_redirects=False)
+        answer = requests.get(f"{host.rstrip('/')}/apis/v2beta1/healthz", timeout=10, allow_redirects=False,
+                              headers={"Authorization": f"Bearer {token}"} if token else {})
     except requests.RequestException as exc:
         reason = type(exc).__name__ if isinstance(exc, requests.ConnectionError) else _first_line(exc)
         raise ColamError(f"--host: cannot reach Kubeflow Pipelines at '{host}' ({reason})") from None
@@ -331,8 +319,8 @@ def _local(args) -> int:
 
 
 def _local_results(task, seconds: float) -> dict:
-    """The run's output paths and evaluation metrics, once every output is really there: kfp's
-    DockerRunner takes a container that is gone before it is waited for as a success."""
+    """The run's output paths and evaluation metrics, once every output is really there: kfp's DockerRunner takes a
+    container that is gone before it is waited for as a success."""
     if task is None or not getattr(task, "outputs", None):
         raise ColamError(f"kfp local: the pipeline run failed after {seconds:.1f}s; the failing step's log is above")
     missing = sorted(name for name, artifact in task.outputs.items()  # a Metrics output lives in its metadata
@@ -346,8 +334,8 @@ def _local_results(task, seconds: float) -> dict:
 
 @contextlib.contextmanager
 def _docker_runner(spec: dict, args, root: Path):
-    """kfp's DockerRunner once the engine holds every image the package names and `root` is the images'
-    user's; steps get CONTAINER_ENV, and their containers still there after the run are removed."""
+    """kfp's DockerRunner once the engine holds every image the package names and `root` is the images' user's; steps
+    get CONTAINER_ENV, and their containers still there after the run are removed."""
     import uuid
 
     import docker
@@ -401,8 +389,8 @@ def _check_reachable_endpoints(network: str | None) -> None:
 
 
 def _local_image(client, name: str, base: str | None):
-    """The image `name` as the engine holds it under that very tag, kfp's test before it would pull:
-    never pulled here (a step must run what was built)."""
+    """The image `name` as the engine holds it under that very tag (kfp's test before a pull); never pulled: a step
+    must run what was built."""
     import docker
 
     reference = name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
@@ -416,8 +404,8 @@ def _local_image(client, name: str, base: str | None):
 
 
 def _let_image_user_write(root: Path, user: str) -> None:
-    """The steps write below the pipeline root as the images' user (uid 1000), as a pod does into
-    a volume of its fsGroup: hand the root to that user, or, where this process may not, open it."""
+    """The steps write below the pipeline root as the images' user (uid 1000), as a pod does into a volume of its
+    fsGroup: hand the root to that user, or, where this process may not, open it."""
     uid, _, gid = user.partition(":")
     if not uid.isdigit():
         raise ColamError(f"--image: the images run as user {user!r}, not a numeric uid; the pipeline root cannot be "

@@ -1,7 +1,6 @@
-"""params.yaml: one colam config (seed, data, model, train, method) plus the sections only the
-pipeline reads: compare, analysis, raw_data and tracking. Every section is checked with the library's
-rules, so an invalid params.yaml fails in the first stage DVC runs, before it trains anything.
-"""
+"""params.yaml: one colam config (seed, data, model, train, method) plus the sections only the pipeline reads:
+compare, analysis, raw_data and tracking. Every section is checked with the library's rules, so an invalid
+params.yaml fails in the first stage DVC runs, before it trains anything."""
 
 from __future__ import annotations
 
@@ -23,12 +22,11 @@ class CompareParams:
 
 @dataclass
 class GridParams:
-    """The hyperparameter grid of the paper's Fig. 4a, around the run's own settings."""
+    """The hyperparameter grid of the paper's Fig. 4a around the run's own settings: update intervals, each dividing
+    train.epochs, x random peers per soft label (the paper's, Sec. 5.3, 160 epochs; its 100 peers are "all" here)."""
 
-    # the paper's grid (Sec. 5.3, 160 epochs; its largest peer count, 100, is "all" here): update
-    # intervals, each dividing train.epochs ...
     epochs_per_stage: list[int] = field(default_factory=lambda: [1, 5, 10, 20, 40, 80])
-    peers: list[int | str] = field(default_factory=lambda: [1, 2, 5, 10, "all"])  # ... x random peers per soft label
+    peers: list[int | str] = field(default_factory=lambda: [1, 2, 5, 10, "all"])
 
 
 @dataclass
@@ -107,15 +105,14 @@ def _validate(params: Params) -> None:
 
 
 def check_pipeline(params: Params) -> None:
-    """What the DVC pipeline's stages need of the sections params.yaml holds (`colam check`, the gate): with
-    raw_data, the data stage's folder as data.root; with analysis, the analyses' baselines at the run's seed
-    and grid intervals dividing the epochs."""
+    """What the DVC pipeline's stages need of the sections params.yaml holds (`colam check`, the gate): with raw_data,
+    the data stage's folder as data.root; with analysis, its baselines at the run's seed, grid intervals dividing the
+    epochs."""
     config, compare = params.config, params.compare
     if "raw_data" in params.given:
         expected = f"data/raw/{config.data.name}"  # the data stage writes data.name's files there
-        require(config.data.root.rstrip("/") == expected, "data.root", config.data.root,
-                f"must be {expected}: the pipeline's data stage keeps {config.data.name}'s files there "
-                f"(set data.root={expected})")
+        require(config.data.root.rstrip("/") == expected, "data.root", config.data.root, f"must be {expected}: the "
+                f"pipeline's data stage keeps {config.data.name}'s files there (set data.root={expected})")
         require(params.raw_data.source.strip() != "", "raw_data.source", params.raw_data.source,
                 "must be a folder, download or bundled")
     if "analysis" in params.given:
@@ -138,20 +135,18 @@ def pipeline_variants(params: Params, methods: list[str]) -> list[str]:
 
 
 def dvc_sets(path: str | Path) -> list[str]:
-    """`dvc exp run -S KEY=VALUE` arguments that lay the run config in `path` over params.yaml: one
-    per value (nested keys dotted, lists and mappings in YAML flow style), so that a config file
-    stays the one place its settings are written (the Makefile's run-fashion-mnist)."""
+    """`dvc exp run -S KEY=VALUE` arguments that lay the run config in `path` over params.yaml: one per value (nested
+    keys dotted, lists and mappings in YAML flow style), so that a config file stays the one place its settings are
+    written (the Makefile's run-fashion-mnist)."""
     import yaml
 
-    def flatten(node: dict, prefix: str = "") -> list[str]:
-        found = []
+    def flatten(node: dict, prefix: str = ""):
         for key, value in node.items():
             if isinstance(value, dict) and value and key != "options":
-                found += flatten(value, f"{prefix}{key}.")
+                yield from flatten(value, f"{prefix}{key}.")
             else:
                 text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
-                found.append(f"{prefix}{key}={text.removesuffix('...').strip()}")
-        return found
+                yield f"{prefix}{key}={text.removesuffix('...').strip()}"
 
     raw = read_yaml(path)
     validate(from_dict(raw))  # a config colam train takes, or one line naming the bad key

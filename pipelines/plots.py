@@ -1,9 +1,8 @@
 """`python -m pipelines.plots [PATH]`: an HTML page template for `dvc plots show` that renders offline.
 
-DVC's default page loads Vega, Vega-Lite and Vega-Embed from a CDN, so its plots stay blank without
-internet access; this is that page with the same libraries inlined from the pinned `vl-convert-python`
-(`.dvc/config` points `plots.html_template` at it).
-"""
+DVC's default page loads Vega, Vega-Lite and Vega-Embed from a CDN, so its plots stay blank without internet access;
+this is that page with the same libraries inlined from the pinned `vl-convert-python` (`.dvc/config` points
+`plots.html_template` at it)."""
 
 from __future__ import annotations
 
@@ -24,12 +23,7 @@ def offline_template() -> str:
     return page.replace("{scripts}", f'<script type="text/javascript">\n{bundle}\n    </script>') + "\n"
 
 
-def main() -> int:
+if __name__ == "__main__":
     path = Path(sys.argv[1] if len(sys.argv) > 1 else ".dvc/plots/offline.html")
     cio.write_text(path, offline_template())
     print(f"wrote {path} (offline template for dvc plots show)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,16 +1,16 @@
-"""`colam sweep`: the pipeline's many short runs (the comparison, the grid, the expected-accuracy runs),
-side by side in a few worker processes that each import torch once and train one run after another.
+"""`colam sweep`: the pipeline's many short runs (comparison, grid, expected-accuracy) side by side in a few worker
+processes that each import torch once and train one run after another.
 
-Each run is the `colam` command a DVC stage of its own would run (`train ... --restart-if-changed`,
-`analyze grid-cell ...`, `analyze expected-accuracy --stage K ...`), called in the worker: the same
-folder, the same MLflow records, the same numbers, and a finished run is read, not trained again.
-On CPU a run's numbers depend on torch's thread count, so that count is the run's own setting
-(`train.threads`), never the number of runs beside it: `--jobs auto` runs cores / train.threads at once.
+Each run is the `colam` command its own DVC stage would run (`train ... --restart-if-changed`, `analyze grid-cell ...`,
+`analyze expected-accuracy --stage K ...`), called in the worker: same folder, MLflow records and numbers, and a
+finished run is read, not trained again. On CPU a run's numbers depend on torch's thread count, so that is the run's
+own `train.threads`, never the number of runs beside it: `--jobs auto` runs cores / train.threads at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -69,16 +69,12 @@ def plan_runs(args, params: Params) -> list[tuple[str, list[str]]]:
 
 
 def jobs_flag(text: str) -> int | None:
-    """--jobs: a count, or None for auto."""
     if text == "auto":
         return None
-    try:
-        count = int(text)
-    except ValueError:
-        count = 0
-    if count < 1:
-        raise ColamError(f"--jobs: must be auto or a whole number >= 1, got {text!r}")
-    return count
+    with contextlib.suppress(ValueError):
+        if int(text) >= 1:
+            return int(text)
+    raise ColamError(f"--jobs: must be auto or a whole number >= 1, got {text!r}")
 
 
 def workers(jobs: int | None, threads: int | str, runs: int) -> int:
@@ -109,7 +105,7 @@ def _in_process(runs: list[tuple[str, list[str]]]) -> int:
     _name_log_lines()
     for name, argv in runs:
         code = train_one(name, argv)
-        if code:
+        if code:  # the first failure stops the sweep
             return code
     return 0
 
@@ -124,7 +120,7 @@ def _in_workers(runs: list[tuple[str, list[str]]], workers: int) -> int:
             while waiting and not failed and len(running) < workers:
                 running.add(pool.submit(train_one, *waiting.pop(0)))
             done, running = wait(running, return_when=FIRST_COMPLETED)
-            failed = failed or next((code for code in (future.result() for future in done) if code), 0)
+            failed = failed or next(filter(None, (future.result() for future in done)), 0)
         pool.shutdown(wait=True)
         return failed
     except BrokenProcessPool:
