@@ -1,9 +1,8 @@
-"""Train several methods over several seeds with one config and print accuracy (mean ± std) and
-wall time per method, the way the closing notes and the README quote them.
+"""Train several methods over several seeds with one config and print accuracy (mean ± std) and wall time per method,
+the way the closing notes and the README quote them.
 
-Each run is `colam train` in its own process (cores/jobs torch threads each), into
-OUT/<method>/seed_<s>; a finished run is not trained again. Writes OUT/summary.json.
-"""
+Each run is `colam train` in its own process (cores/jobs torch threads each), into OUT/<method>/seed_<s>; a finished
+run is not trained again. Writes OUT/summary.json."""
 
 from __future__ import annotations
 

@@ -1,11 +1,10 @@
-"""What the benchmark scripts share: `colam train` runs in their own processes, a few at a time, a
-mean ± std cell, and a markdown table printed, written to a file and into the docs.
+"""What the benchmark scripts share: `colam train` runs in their own processes, a few at a time, a mean ± std cell, and
+a markdown table printed, written to a file and into the docs.
 
-Benchmark tables in the docs are refreshed by the script that measures them, never copied by hand.
-A page (README.md or one under docs/) holds a table between `<!-- table:NAME -->` and `<!-- /table:NAME -->`.
-A benchmark calls `check_table(NAME)` before it measures, so a missing marker stops it at once, not
-after an hour of training, and `write_table(NAME, text)` (or `publish`) when it has the table.
-"""
+Benchmark tables in the docs are refreshed by the script that measures them, never copied by hand. A page (README.md
+or one under docs/) holds a table between `<!-- table:NAME -->` and `<!-- /table:NAME -->`. A benchmark calls
+`check_table(NAME)` before it measures, so a missing marker stops it at once, not after an hour of training, and
+`write_table(NAME, text)` (or `publish`) when it has the table."""
 
 from __future__ import annotations
 
@@ -22,8 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def train(config, out, overrides: list[str], threads: int | None = 1) -> dict:
-    """`colam train` into `out` with `threads` torch threads (None: torch's default); its metrics.json.
-    `colam train` resumes in its --out, so a finished run is read back, not trained again."""
+    """`colam train` into `out` with `threads` torch threads (None: torch's default); its metrics.json. `colam train`
+    resumes in its --out, so a finished run is read back, not trained again."""
     command = [sys.executable, "-m", "pipelines.cli", "train", "--config", str(config), "--out", str(out),
                "--no-progress", "--no-track", *(arg for item in overrides for arg in ("--set", item))]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
@@ -34,11 +33,10 @@ def train(config, out, overrides: list[str], threads: int | None = 1) -> dict:
 
 
 def train_all(runs: dict, jobs: int, threads: int = 1):
-    """`train` of every key's (config, out, overrides), `jobs` at a time in the order given; yields
-    (key, metrics) in that order, each as soon as it and those before it have finished."""
+    """`train` of every key's (config, out, overrides), `jobs` at a time in the order given; yields (key, metrics) in
+    that order, each as soon as it and those before it have finished."""
     with ThreadPoolExecutor(jobs) as pool:
-        futures = [(key, pool.submit(train, *run, threads)) for key, run in runs.items()]
-        for key, future in futures:
+        for key, future in [(key, pool.submit(train, *run, threads)) for key, run in runs.items()]:
             yield key, future.result()
 
 
@@ -56,8 +54,8 @@ def mean_std(values: list[float]) -> str:
 
 
 def markdown_table(rows: list[list[str]], align: str = "") -> str:
-    """`rows`, the header first, as a markdown table padded to line up in a terminal too; `align` has
-    one letter per column, l (left) or r (right); by default the first column is left, the figures right."""
+    """`rows`, the header first, as a markdown table padded to line up in a terminal too; `align` has one letter per
+    column, l (left) or r (right); by default the first column is left, the figures right."""
     align = align or "l" + "r" * (len(rows[0]) - 1)
     widths = [max(map(len, column)) for column in zip(*rows)]
     cells = [[f" {c.rjust(w) if a == 'r' else c.ljust(w)} " for c, w, a in zip(row, widths, align)] for row in rows]
@@ -66,7 +64,6 @@ def markdown_table(rows: list[list[str]], align: str = "") -> str:
 
 
 def publish(text: str, file: Path | None = None, docs: str | None = None) -> None:
-    """Print the table, write it to `file` and between the docs' markers `docs` (each where given)."""
     print(text)
     if file:
         file.parent.mkdir(parents=True, exist_ok=True)

@@ -1,12 +1,10 @@
 """Every method on the bundled default, clean and under 40% symmetric label noise, over 3 seeds.
 
-Each run is `colam train` of params.yaml's run config with one method (its settings plus VARIANTS'
-overrides) at data.label_noise 0 and --noise (symmetric, training labels only), one thread, --jobs
-at a time. `kd` distils from the final soft labels of the COLAM run of the same seed and noise (the
-meta-learning paper's downstream use of learned labels), so it runs after them. Prints a markdown
-table (test accuracy mean ± std, clean and noisy; the clean runs' wall_time_s relative to hl's) and
-writes it with every run's metrics to --out (table.md, results.json).
-"""
+Each run is `colam train` of params.yaml's run config with one method (its settings plus VARIANTS' overrides) at
+data.label_noise 0 and --noise (symmetric, training labels only), one thread, --jobs at a time. `kd` distils from the
+final soft labels of the COLAM run of the same seed and noise (the meta-learning paper's downstream use of learned
+labels), so it runs after them. Prints a markdown table (test accuracy mean ± std, clean and noisy; the clean runs'
+wall_time_s relative to hl's) and writes it with every run's metrics to --out (table.md, results.json)."""
 
 from __future__ import annotations
 

@@ -2,15 +2,13 @@
 
 startup: the wall time of `colam --help`, `colam check` and a one-epoch training step, and their imports.
 
-kfp: `colam kfp local` (each step a process; with --docker-image also a run where each is a container)
-     against one `colam train` of the config it resolves, alternating; medians and median ratios; and the
-     floor of a runner that runs the steps one after another: each step process imports torch, which one
-     `colam train` does once.
-dvc: `dvc repro` from scratch (tracked) in a fresh git copy of the pipeline under --workdir against
-     bare untracked `colam train` processes of every run it trained (main, comparison, grid, expected),
-     each from the run's own config.yaml, as many at a time as `colam sweep` runs; wall times, ratio,
-     training-loop seconds, and where A's time went: its stages' wall times by what they run.
-"""
+kfp: `colam kfp local` (each step a process; with --docker-image also a run where each is a container) against one
+     `colam train` of the config it resolves, alternating; medians and median ratios; and the floor of a runner that
+     runs the steps one after another: each step process imports torch, which one `colam train` does once.
+dvc: `dvc repro` from scratch (tracked) in a fresh git copy of the pipeline under --workdir against bare untracked
+     `colam train` processes of every run it trained (main, comparison, grid, expected), each from the run's own
+     config.yaml, as many at a time as `colam sweep` runs; wall times, ratio, training-loop seconds, and where A's time
+     went: its stages' wall times by what they run."""
 
 from __future__ import annotations
 
@@ -24,6 +22,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import timeit
+from functools import partial
 from pathlib import Path
 
 import yaml
@@ -44,8 +44,7 @@ def kfp_local(args) -> None:
     work = Path(tempfile.mkdtemp(prefix="colam-kfp-bench-"))
     (work / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     local = [str(BIN / "colam"), "kfp", "local", "--params", str(args.params.resolve()), "--stages", str(stages)]
-    commands = {"kfp local": local,
-                "colam train": [str(BIN / "colam"), "train", "--config", str(work / "config.yaml")]}
+    commands = {"kfp local": local, "colam train": [str(BIN / "colam"), "train", "--config", str(work / "config.yaml")]}
     if args.docker_image:
         commands["kfp docker"] = [*local, "--runner", "docker", "--image", args.docker_image]
     times, metrics = {name: [] for name in commands}, {}
@@ -76,22 +75,17 @@ def kfp_local(args) -> None:
 
 
 def _kfp_floor(run, stages: int, train_seconds: float, repeats: int) -> None:
-    """The least `colam kfp local` (one step after another) can take: `colam train`'s time plus, for every step
-    process but one, a Python process that imports torch and nothing else (each step trains, estimates or reads
-    with torch). A cluster may run the last estimate and the evaluation side by side: one import fewer."""
+    """The least `colam kfp local` (one step after another) can take: `colam train`'s time plus, for every step process
+    but one, a Python process that imports torch and nothing else (each step trains, estimates or reads with torch).
+    A cluster may run the last estimate and the evaluation side by side: one import fewer."""
     from pipelines.kubeflow import build_pipeline
 
     steps = len(build_pipeline(stages, run.to_dict(), "floor").pipeline_spec.root.dag.tasks)
-    torch_import = statistics.median(_wall([sys.executable, "-c", "import torch"]) for _ in range(repeats))
+    import_torch = partial(subprocess.run, [sys.executable, "-c", "import torch"], check=True, env=UNTRACKED)
+    torch_import = statistics.median(timeit.repeat(import_torch, number=1, repeat=repeats))
     floor = train_seconds + (steps - 1) * torch_import
     print(f"  floor: {steps} step processes, each importing torch ({torch_import:.2f} s for a process that only "
           f"does that): at least {floor:.1f} s, {floor / train_seconds:.2f}x colam train")
-
-
-def _wall(command: list[str]) -> float:
-    began = time.perf_counter()
-    subprocess.run(command, check=True, env=UNTRACKED)
-    return time.perf_counter() - began
 
 
 def dvc_repro(args) -> None:
@@ -136,9 +130,8 @@ def _timed_repro(repo: Path, env: dict, log_path: Path) -> list[tuple[str, str, 
     from DVC's 'Running stage' line to the next one's (or the end): the stage's process, DVC's work on its
     outputs and on the next stage's dependencies."""
     stages, began = [], time.perf_counter()
-    command = [str(BIN / "dvc"), "repro"]
-    with open(log_path, "w") as log, subprocess.Popen(command, cwd=repo, env=env, text=True, stdout=subprocess.PIPE,
-                                                      stderr=subprocess.STDOUT) as repro:
+    with open(log_path, "w") as log, subprocess.Popen([str(BIN / "dvc"), "repro"], cwd=repo, env=env, text=True,
+                                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as repro:
         for line in repro.stdout:
             log.write(f"{time.perf_counter() - began:8.2f} {line}")
             if line.startswith("Running stage '"):
@@ -205,8 +198,8 @@ def startup(args) -> None:
             if result.returncode != 0:
                 sys.exit(result.stderr[-2000:])
             imports.append(_import_seconds(result.stderr))
-        wall, imported = statistics.median(walls), statistics.median(imports)
-        print(f"  {name:<20} wall {wall:5.2f} s, of which imports {imported:5.2f} s")
+        print(f"  {name:<20} wall {statistics.median(walls):5.2f} s, "
+              f"of which imports {statistics.median(imports):5.2f} s")
     shutil.rmtree(work, ignore_errors=True)
 
 
@@ -227,12 +220,9 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/colam-overhead"))
     parser.add_argument("--jobs", type=int, help="dvc: B's processes at a time (default: cores / train.threads)")
     args = parser.parse_args()
-    if args.measure in ("startup", "all"):
-        startup(args)
-    if args.measure in ("kfp", "all"):
-        kfp_local(args)
-    if args.measure in ("dvc", "all"):
-        dvc_repro(args)
+    for name, measure in (("startup", startup), ("kfp", kfp_local), ("dvc", dvc_repro)):
+        if args.measure in (name, "all"):
+            measure(args)
 
 
 if __name__ == "__main__":

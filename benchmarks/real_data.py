@@ -1,12 +1,11 @@
-"""Fashion-MNIST on a CPU: COLAM against hard labels, label smoothing and the other cheap methods, and
-the recipe choices the paper leaves open (docs/benchmarks.md, "Real data").
+"""Fashion-MNIST on a CPU: COLAM against hard labels, label smoothing and the other cheap methods, and the recipe
+choices the paper leaves open (docs/benchmarks.md, "Real data").
 
-Every run is `colam train --config configs/fashion_mnist.yaml` plus the variant's overrides, one torch
-thread, `--jobs` at a time, into OUT/PART/VARIANT-seedS (a finished run is read back, so an
-interrupted benchmark continues). Prints a markdown table per part (also OUT/PART.md), writes OUT/PART.json.
-table: the methods' test and validation accuracy, wall time / hl; recipe: COLAM's open choices; guard:
-the collapse guard with short and long stages (these two on the validation split only).
-"""
+Every run is `colam train --config configs/fashion_mnist.yaml` plus the variant's overrides, one torch thread, `--jobs`
+at a time, into OUT/PART/VARIANT-seedS (a finished run is read back, so an interrupted benchmark continues). Prints a
+markdown table per part (also OUT/PART.md), writes OUT/PART.json. table: the methods' test and validation accuracy,
+wall time / hl; recipe: COLAM's open choices; guard: the collapse guard with short and long stages (these two on the
+validation split only)."""
 
 from __future__ import annotations
 
@@ -32,8 +31,7 @@ PARTS = {
     "table": {**{name: [f"method.name={name}"] for name in ("hl", "ls", "cp", "disturblabel", "cskd", "ols")},
               "colam": COLAM},
     "recipe": {
-        **{f"T={name}": [*LITERAL, f"method.colam.temperature={value}"]
-           for name, value in (("0.5", "0.5"), ("1", "1.0"), ("2", "2.0"))},
+        **{f"T={t:g}": [*LITERAL, f"method.colam.temperature={t}"] for t in (0.5, 1.0, 2.0)},
         "T=0.5 stage 1 tempered": [*LITERAL, "method.colam.temperature=0.5", "method.colam.stage1_loss=tempered"],
         "T=2 stage 1 tempered": [*LITERAL, "method.colam.temperature=2.0", "method.colam.stage1_loss=tempered"],
         "lr cosine": [*LITERAL, "train.lr_schedule=cosine"],
@@ -45,14 +43,12 @@ PARTS = {
         "T=2 stage 1 tempered, guard anchor": [*STUDY, "method.colam.temperature=2.0",
                                                "method.colam.stage1_loss=tempered", "method.colam.guard=anchor"],
         "m=2 t=10, guard anchor": TWO_STAGES,
-        **{f"m=2 t=10, T={name}, guard anchor": [*TWO_STAGES, f"method.colam.temperature={value}"]
-           for name, value in (("0.25", "0.25"), ("0.5", "0.5"), ("2", "2.0"))},
+        **{f"m=2 t=10, T={t:g}, guard anchor": [*TWO_STAGES, f"method.colam.temperature={t}"]
+           for t in (0.25, 0.5, 2.0)},
     },
-    "guard": {
-        f"t={t} guard {guard}": [*STUDY, f"method.colam.stages={20 // t}", f"method.colam.epochs_per_stage={t}",
-                                 f"method.colam.guard={guard}"]
-        for t in (2, 10) for guard in ("none", "keep", "anchor")
-    },
+    "guard": {f"t={t} guard {guard}": [*STUDY, f"method.colam.stages={20 // t}", f"method.colam.epochs_per_stage={t}",
+                                       f"method.colam.guard={guard}"]
+              for t in (2, 10) for guard in ("none", "keep", "anchor")},
 }
 # For scale: the Fashion-MNIST README's benchmark table (all 60,000 training images, many epochs;
 # figures as submitted, "not tested" by the data set's authors).

@@ -1,16 +1,15 @@
-"""What COLAM costs over vanilla training, and how fast the trainer is, measured side by side in
-one run on this machine. Prints one table and writes it as JSON.
+"""What COLAM costs over vanilla training, and how fast the trainer is, measured side by side in one run on this
+machine. Prints one table and writes it as JSON.
 
     python benchmarks/speed.py                      # the bundled default (configs/digits.yaml)
     python benchmarks/speed.py --config configs/cifar100_preact_resnet34.yaml --set data.root=DIR
 
-(a) COLAM/hl training time at equal epochs (stage-end pass, online sums); (b) one estimation pass /
-one training epoch; (c) the trainer / a bare PyTorch loop, img/s; (d) on a GPU, PreActResNet-18 bf16
-img/s, MFU and peak memory, data on the GPU against the DataLoader (docs/benchmarks.md). Each repeat runs hl,
-colam pass and colam online one after the other; (a) is the median of the ratios of runs made side
-by side, the rest are medians. A shared CPU varies by more than (a)'s targets from run to run, so
-`accounted` adds to hl's time only what COLAM does on top of it, measured inside the runs.
-"""
+(a) COLAM/hl training time at equal epochs (stage-end pass, online sums); (b) one estimation pass / one training
+epoch; (c) the trainer / a bare PyTorch loop, img/s; (d) on a GPU, PreActResNet-18 bf16 img/s, MFU and peak memory,
+data on the GPU against the DataLoader (docs/benchmarks.md). Each repeat runs hl, colam pass and colam online one
+after the other; (a) is the median of the ratios of runs made side by side, the rest are medians. A shared CPU varies
+by more than (a)'s targets from run to run, so `accounted` adds to hl's time only what COLAM does on top of it,
+measured inside the runs."""
 
 from __future__ import annotations
 
@@ -42,6 +41,7 @@ from colam.soft_labels import OutputSums
 from harness import check_table, markdown_table, publish, stage_files
 
 TARGETS = {"a_pass": 1.02, "a_online": 1.005, "c": 0.95, "d": 50_000}
+VERDICT = {True: "meets", False: "misses"}
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, matched on the device name.
 # The first name found in the device's name wins: the more specific names come first.
 PEAK_BF16 = {"H200": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12,
@@ -76,8 +76,8 @@ def timed_fit(config, folder: Path) -> dict:
 
 
 def bare_loop(config, epochs: int) -> list[float]:
-    """Plain PyTorch: the same model, data, batch, optimiser, precision and layout as the trainer's
-    hl run, and nothing else (no method hooks, no evaluation, no checkpoints)."""
+    """Plain PyTorch: the same model, data, batch, optimiser, precision and layout as the trainer's hl run, and nothing
+    else (no method hooks, no evaluation, no checkpoints)."""
     p = prepare(config)  # the model and device exactly as the trainer builds them
     model, device = p.model, p.device
     net = torch.compile(model) if config.train.compile else model
@@ -148,15 +148,12 @@ def method_costs(args) -> dict:
     estimation = median([s for r in results["colam_pass"] for s in r["estimation"]])
     epoch = median([s for r in results["colam_pass"] for s in r["epochs"][1:]])
     bare_rate = samples / median(bare)
-    return {
-        "config": args.config, "overrides": common, "epochs": epochs, "stages": stages, "repeats": args.repeats,
-        "train_samples": samples, "a": a,
-        "runs": {name: [{"wall_s": r["wall"], "estimation_s": r["estimation"]} for r in rs]
-                 for name, rs in results.items()},
-        "b": {"estimation_s": estimation, "epoch_s": epoch, "fraction": estimation / epoch},
-        "c": {"trainer_img_s": train_rate(loader_run), "bare_img_s": bare_rate,
-              "ratio": train_rate(loader_run) / bare_rate, "trainer_default_feed_img_s": train_rate("hl")},
-    }
+    timings = {k: [{"wall_s": r["wall"], "estimation_s": r["estimation"]} for r in rs] for k, rs in results.items()}
+    return {"config": args.config, "overrides": common, "epochs": epochs, "stages": stages, "repeats": args.repeats,
+            "train_samples": samples, "a": a, "runs": timings,
+            "b": {"estimation_s": estimation, "epoch_s": epoch, "fraction": estimation / epoch},
+            "c": {"trainer_img_s": train_rate(loader_run), "bare_img_s": bare_rate,
+                  "ratio": train_rate(loader_run) / bare_rate, "trainer_default_feed_img_s": train_rate("hl")}}
 
 
 def accumulation_seconds(config, device: torch.device, classes: int, repeats: int = 2000) -> float:
@@ -170,8 +167,8 @@ def accumulation_seconds(config, device: torch.device, classes: int, repeats: in
 
 
 def synthetic_cifar(n: int, classes: int, seed: int = 0) -> TrainingData:
-    """CIFAR-sized training data without a download: random 32x32 RGB pixels, balanced labels.
-    The DataLoader path augments per sample with torchvision's transforms, as for CIFAR."""
+    """CIFAR-sized training data without a download: random 32x32 RGB pixels, balanced labels. The DataLoader path
+    augments per sample with torchvision's transforms, as for CIFAR."""
     pixels = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
     labels, index, test = (torch.arange(n) % classes).numpy(), torch.arange(n).numpy(), min(n, 1000)
     mean, std = CIFAR_STATS["cifar100"]
@@ -199,9 +196,9 @@ def training_flops(batch: int, device: torch.device) -> float:
 
 def gpu_throughput(args, device: torch.device) -> dict:
     """(d): the trainer's epochs of PreActResNet-18, bf16 and channels-last, on CIFAR-sized images."""
-    data = synthetic_cifar(args.gpu_images, 100)
+    data, cuda = synthetic_cifar(args.gpu_images, 100), device.type == "cuda"
     peak = args.peak_tflops * 1e12 if args.peak_tflops else None
-    if peak is None and device.type == "cuda":
+    if peak is None and cuda:
         peak = next((value for key, value in PEAK_BF16.items() if key in torch.cuda.get_device_name(device)), None)
     flops = training_flops(args.gpu_batch, device)
     results = {}
@@ -211,21 +208,17 @@ def gpu_throughput(args, device: torch.device) -> dict:
             f"train.batch_size={args.gpu_batch}", f"train.device={device.type}", "train.precision=bf16",
             "train.channels_last=true", f"train.compile={str(args.compile).lower()}",
             f"train.data_on_device={on_device}", f"data.num_workers={args.gpu_workers}"])
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         with mock.patch.object(colam.engine, "build_data", lambda *_: data), tempfile.TemporaryDirectory() as folder:
             seconds = timed_fit(config, Path(folder))["epochs"][1:]  # epoch 1 warms up (cuDNN autotuning, compilation)
         rate = len(data.train) / median(seconds)
         results[path] = {"img_s": rate, "flops_per_image": flops, "achieved_tflops": rate * flops / 1e12,
-                         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30
-                         if device.type == "cuda" else None, "mfu": rate * flops / peak if peak else None}
-    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
+                         "mfu": rate * flops / peak if peak else None}
+    return {"device": torch.cuda.get_device_name(device) if cuda else "cpu",
             "images": args.gpu_images, "batch": args.gpu_batch, "epochs": args.gpu_epochs, "compile": args.compile,
             "peak_bf16_tflops": peak / 1e12 if peak else None, **results}
-
-
-def verdict(met: bool) -> str:
-    return "meets" if met else "misses"
 
 
 def table(report: dict) -> str:
@@ -234,14 +227,12 @@ def table(report: dict) -> str:
     rows += [[f"(a) COLAM/hl time, {mode}" + (f", m={report['stages']}" if mode == "pass" else ""),
               f"{a[mode]['ratio']:.3f}",
               f"runs {a[mode]['paired_min']:.3f}-{a[mode]['paired_max']:.3f}; accounted {a[mode]['accounted']:.4f}",
-              f"<= {target}", verdict(a[mode]["ratio"] <= target)]
+              f"<= {target}", VERDICT[a[mode]["ratio"] <= target]]
              for mode, target in (("pass", TARGETS["a_pass"]), ("online", TARGETS["a_online"]))]
-    rows += [
-        ["(b) estimation pass / training epoch", f"{b['fraction']:.3f}",
-         f"{b['estimation_s'] * 1e3:.1f} ms / {b['epoch_s'] * 1e3:.1f} ms", "", ""],
-        ["(c) trainer / bare loop, img/s", f"{c['ratio']:.3f}",
-         f"{c['trainer_img_s']:,.0f} / {c['bare_img_s']:,.0f}", ">= 0.95", verdict(c["ratio"] >= TARGETS["c"])],
-    ]
+    rows += [["(b) estimation pass / training epoch", f"{b['fraction']:.3f}",
+              f"{b['estimation_s'] * 1e3:.1f} ms / {b['epoch_s'] * 1e3:.1f} ms", "", ""],
+             ["(c) trainer / bare loop, img/s", f"{c['ratio']:.3f}",
+              f"{c['trainer_img_s']:,.0f} / {c['bare_img_s']:,.0f}", ">= 0.95", VERDICT[c["ratio"] >= TARGETS["c"]]]]
     if d is None:
         rows.append(["(d) PreActResNet-18 bf16 img/s on GPU", "-", report["d_note"], ">= 50,000", "not measured"])
     else:
@@ -251,7 +242,7 @@ def table(report: dict) -> str:
             memory = f", peak {r['peak_memory_gib']:.2f} GiB" if r["peak_memory_gib"] is not None else ""
             rows.append([f"(d) PreActResNet-18 bf16, {path}", f"{r['img_s']:,.0f}",
                          f"{r['achieved_tflops']:.1f} TFLOP/s{mfu}{memory}", ">= 50,000",
-                         verdict(r["img_s"] >= TARGETS["d"])])
+                         VERDICT[r["img_s"] >= TARGETS["d"]]])
     return markdown_table(rows, "lllll")
 
 

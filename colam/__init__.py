@@ -1,8 +1,6 @@
-"""COLAM: co-learning of deep networks and soft labels by alternating minimisation.
-
-A PyTorch library with the method, its baselines, a CIFAR/ImageNet model zoo and a staged
-trainer. It imports torch and torchvision only; tracking and orchestration layers build on it.
-"""
+"""COLAM: co-learning of deep networks and soft labels by alternating minimisation. A PyTorch library with the method,
+its baselines, a CIFAR/ImageNet model zoo and a staged trainer; it imports torch and torchvision only, and tracking and
+orchestration layers build on it."""
 
 from colam.errors import ColamError
 

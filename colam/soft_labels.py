@@ -1,7 +1,7 @@
 """COLAM's soft-label step (Li et al. 2022, Sec. 3.3, Algorithm 1 lines 9-14): a sample's soft label minimises
-sum_{peers} 1/2 ||y - f(x_peer)||^2 (Eq. 6), so it is softmax(mean of the peers' outputs / T). All same-class
-samples as peers give a C x C matrix; k random peers give each sample its own label (N x C, Sec. 5.3).
-`OutputSums` gathers the outputs batch by batch, summed over the ranks of a torchrun job."""
+sum_{peers} 1/2 ||y - f(x_peer)||^2 (Eq. 6), so it is softmax(mean of the peers' outputs / T). All same-class samples
+as peers give a C x C matrix; k random peers give each sample its own label (N x C, Sec. 5.3). `OutputSums` gathers
+the outputs batch by batch, summed over the ranks of a torchrun job."""
 
 from __future__ import annotations
 
@@ -25,8 +25,7 @@ def class_sums(outputs: torch.Tensor, targets: torch.Tensor, num_classes: int) -
     outputs = outputs.to(torch.float64)  # sums over 10^6 samples lose digits in float32
     sums = torch.zeros(num_classes, outputs.shape[1], dtype=torch.float64, device=outputs.device)
     sums.index_add_(0, targets, outputs)
-    counts = torch.bincount(targets, minlength=num_classes).to(torch.float64)
-    return sums, counts
+    return sums, torch.bincount(targets, minlength=num_classes).to(torch.float64)
 
 
 def _prepare(outputs: torch.Tensor, aggregation: str) -> torch.Tensor:
@@ -65,7 +64,7 @@ def peer_soft_labels(outputs: torch.Tensor, targets: torch.Tensor, num_classes: 
     """An N x C matrix: sample i's label averages `peers` same-class samples drawn without replacement (itself
     included), the k largest of n_c uniform keys, in chunks of rows to bound memory at chunk x n_c."""
     prepared = _prepare(outputs, aggregation).to(torch.float32)
-    result = torch.empty(outputs.shape, dtype=torch.float32, device=outputs.device)
+    result = torch.empty_like(prepared)
     for c in range(num_classes):
         members = (targets == c).nonzero().flatten()
         if len(members) == 0:
@@ -85,16 +84,12 @@ def class_peer_soft_labels(outputs: torch.Tensor, targets: torch.Tensor, num_cla
     """The C x C matrix from `peers` samples of each class drawn without replacement: the peer set of Sec. 3.3
     read as one draw per class rather than one per sample (`peer_soft_labels`)."""
     prepared = _prepare(outputs, aggregation).to(torch.float32)
-    rows = []
-    for c in range(num_classes):
-        members = _peer_pool((targets == c).nonzero().flatten().cpu(), c, peers)
-        chosen = members[torch.randperm(len(members), generator=generator)[:peers]].to(outputs.device)
-        rows.append(prepared[chosen].mean(dim=0))
-    return normalise(torch.stack(rows), temperature, aggregation)
+    pools = [_peer_pool((targets == c).nonzero().flatten().cpu(), c, peers) for c in range(num_classes)]
+    chosen = [pool[torch.randperm(len(pool), generator=generator)[:peers]].to(outputs.device) for pool in pools]
+    return normalise(torch.stack([prepared[rows].mean(dim=0) for rows in chosen]), temperature, aggregation)
 
 
 def _peer_pool(members: torch.Tensor, c: int, peers: int) -> torch.Tensor:
-    """The samples of class `c`, refused when fewer than `peers`."""
     if len(members) < peers:
         raise ColamError(f"method.colam.peers: {peers} peers requested but class {c} has only "
                          f"{len(members)} training samples")
@@ -119,10 +114,7 @@ def guard_labels(labels: torch.Tensor, row_classes: torch.Tensor, previous: torc
     if guard == "none" or not collapsed.any():
         return labels, collapsed
     hard = torch.nn.functional.one_hot(row_classes.to(labels.device), labels.shape[1]).to(labels.dtype)
-    if guard == "anchor":
-        repaired = (labels + hard) / 2
-    else:
-        repaired = hard if previous is None else previous.to(labels.device, labels.dtype)
+    repaired = (labels + hard) / 2 if guard == "anchor" else hard if previous is None else previous.to(hard)
     return torch.where(collapsed[:, None], repaired, labels), collapsed
 
 
@@ -142,8 +134,10 @@ def check_soft_labels(labels: torch.Tensor, num_classes: int, name: str = "soft 
 NPY_MAGIC = b"\x93NUMPY"  # the first bytes of every .npy file
 
 
-def load_npy(file: str | Path, key: str) -> np.ndarray:
-    """The numeric array in .npy `file` (never pickled objects), or a ColamError naming `key` and the file."""
+def load_soft_labels(file: str | Path, key: str, num_classes: int | None = None) -> np.ndarray:
+    """The C x C soft-label matrix in .npy `file` (C: `num_classes`, else its row count), never pickled objects,
+    refused in one line unless numeric, finite, non-negative with rows summing to 1; errors name the config `key` that
+    gave the file."""
     if Path(file).exists():
         cio.check_file(file, key)  # a FIFO or a folder: refused by type, not read
     try:
@@ -157,13 +151,6 @@ def load_npy(file: str | Path, key: str) -> np.ndarray:
         raise ColamError(f"{key}: '{file}' is not a readable .npy array (no NumPy header; write it with numpy.save)")
     if array.dtype.kind not in "fiu":
         raise ColamError(f"{key}: '{file}' holds {array.dtype} values, not probabilities")
-    return array
-
-
-def load_soft_labels(file: str | Path, key: str, num_classes: int | None = None) -> np.ndarray:
-    """The C x C soft-label matrix in .npy `file` (C: `num_classes`, else its row count), refused in one line
-    unless finite, non-negative with rows summing to 1; errors name the config `key` that gave the file."""
-    array = load_npy(file, key)
     size = num_classes or (len(array) if array.ndim else 0)
     if array.shape != (size, size):
         need = (f"this data's {size} classes need ({size}, {size}) (row c = the soft label of class c)"
@@ -184,9 +171,8 @@ class OutputSums:
         self.sums = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device)
         self.counts = torch.zeros(num_classes, dtype=torch.float64, device=device)
         self.reduced = False  # summed over the ranks already (a second reduce would double it)
-        self.outputs, self.seen = (None, None) if num_samples is None else (
-            torch.zeros(num_samples, num_classes, dtype=torch.float32, device=device),
-            torch.zeros(num_samples, dtype=torch.float32, device=device))
+        self.outputs = None if num_samples is None else torch.zeros(num_samples, num_classes, device=device)
+        self.seen = None if num_samples is None else torch.zeros(num_samples, device=device)
 
     @torch.no_grad()
     def add(self, outputs: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor | None = None) -> None:

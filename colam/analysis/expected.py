@@ -1,6 +1,5 @@
-"""Expected accuracy of soft-label checkpoints (COLAM paper, Sec. 5.1, Fig. 1b): a fresh model trained
-with the COLAM run's own settings on one stage's soft labels, fixed (method `fixed`), and its test accuracy.
-"""
+"""Expected accuracy of soft-label checkpoints (COLAM paper, Sec. 5.1, Fig. 1b): a fresh model trained with the COLAM
+run's own settings on one stage's soft labels, fixed (method `fixed`), and its test accuracy."""
 
 from __future__ import annotations
 
@@ -11,19 +10,19 @@ from pathlib import Path
 import numpy as np
 
 from colam import io as cio
-from colam.config import Config, validate
+from colam.config import validate
 from colam.engine import fit
 from colam.errors import ColamError
 from colam.runs import RunFolder
 from colam.soft_labels import load_soft_labels
 
 
-def labelled_stages(run: RunFolder, key: str = "--run") -> list[tuple[int, Path]]:
+def labelled_stages(run: RunFolder) -> list[tuple[int, Path]]:
     """(stage, soft_labels.npy) of every stage of `run` that saved a C x C soft-label matrix."""
     files = [directory / "soft_labels.npy" for directory in run.stage_dirs]
     found = [(k, file) for k, file in enumerate(files, start=1) if file.is_file()]
     if not found:
-        raise ColamError(f"{key}: '{run.path}' saved no soft labels (stage_K/soft_labels.npy); the analysis needs a "
+        raise ColamError(f"--run: '{run.path}' saved no soft labels (stage_K/soft_labels.npy); the analysis needs a "
                          f"run of a method that estimates them, such as colam")
     return found
 
@@ -43,21 +42,12 @@ def labels_temperature(labels_file: Path) -> float:
                      "does not record the temperature the soft labels were estimated with", float)
 
 
-def fixed_label_config(run: RunFolder, labels_file: Path) -> Config:
-    """The COLAM run's configuration, with the method replaced by training on `labels_file`."""
-    fixed = type(run.config.method.fixed)(labels=str(labels_file), temperature=labels_temperature(labels_file))
-    config = replace(run.config, method=replace(run.config.method, name="fixed", fixed=fixed))
-    validate(config)
-    return config
-
-
 def expected_accuracy(run: RunFolder, out_dir: str | Path, *, split_dir: str | Path | None = None,
                       progress: bool | None = None, stages: list[int] | None = None,
                       restart_if_changed: bool = False) -> list[dict]:
-    """Train one fixed-label run per labelled stage (or per stage of `stages`) into out_dir/stage_K
-    (resumable; a finished one is read, not trained again); one row per stage. A folder that holds
-    a run of other soft labels is refused, or with `restart_if_changed` (DVC) trained afresh."""
-    out_dir = Path(out_dir)
+    """Train one fixed-label run per labelled stage (or per stage of `stages`) into out_dir/stage_K (resumable; a
+    finished one is read, not trained again); one row per stage. A folder that holds a run of other soft labels is
+    refused, or with `restart_if_changed` (DVC) trained afresh."""
     labelled = labelled_stages(run)
     if stages is not None:
         missing = sorted(set(stages) - {k for k, _ in labelled})
@@ -67,32 +57,29 @@ def expected_accuracy(run: RunFolder, out_dir: str | Path, *, split_dir: str | P
         labelled = [(k, f) for k, f in labelled if k in stages]
     rows = []
     for stage, labels_file in labelled:
-        folder = out_dir / f"stage_{stage}"
+        folder = Path(out_dir) / f"stage_{stage}"
         digest = cio.sha256_file(labels_file)
         if not restart_if_changed:
             _refuse_other_labels(folder, digest)
-        metrics = fit(fixed_label_config(run, labels_file), folder, progress=progress, split_dir=split_dir,
-                      restart_if_changed=restart_if_changed, inputs={"soft_labels": labels_file})
-        stage_metrics = _stage_metrics(run.stage_dirs[stage - 1])
-        rows.append({"stage": stage, "epoch": stage_metrics["epoch"], "soft_labels": str(labels_file),
-                     "soft_labels_sha256": digest, "temperature": labels_temperature(labels_file),
+        fixed = type(run.config.method.fixed)(labels=str(labels_file), temperature=labels_temperature(labels_file))
+        config = replace(run.config, method=replace(run.config.method, name="fixed", fixed=fixed))
+        validate(config)
+        metrics = fit(config, folder, progress=progress, split_dir=split_dir, restart_if_changed=restart_if_changed,
+                      inputs={"soft_labels": labels_file})
+        stage_file, what = run.stage_dirs[stage - 1] / "metrics.json", "is missing or holds no epoch and test_acc"
+        rows.append({"stage": stage, "epoch": _recorded(stage_file, "epoch", what, int),
+                     "soft_labels": str(labels_file), "soft_labels_sha256": digest, "temperature": fixed.temperature,
                      "expected_test_acc": metrics["test_acc"], "expected_val_acc": metrics.get("val_acc"),
-                     "run_test_acc_at_stage_end": stage_metrics["test_acc"], "out": str(folder)})
+                     "run_test_acc_at_stage_end": _recorded(stage_file, "test_acc", what, float), "out": str(folder)})
     return rows
 
 
-def _stage_metrics(stage_dir: Path) -> dict:
-    path, what = stage_dir / "metrics.json", "is missing or holds no epoch and test_acc"
-    return {"epoch": _recorded(path, "epoch", what, int), "test_acc": _recorded(path, "test_acc", what, float)}
-
-
-def read_soft_labels(path: Path, key: str = "--run") -> np.ndarray:
+def read_soft_labels(path: Path) -> np.ndarray:
     """A saved C x C soft-label matrix, refused in one line unless square, finite and row-stochastic."""
-    return load_soft_labels(path, key)
+    return load_soft_labels(path, "--run")
 
 
 def class_names(labels_file: Path, count: int) -> list[str]:
-    """The class names recorded in the soft_labels.json next to `labels_file`."""
     path = labels_file.with_suffix(".json")
     names = _recorded(path, "class_names", "does not record the class names")
     if not isinstance(names, list) or len(names) != count:
@@ -102,8 +89,8 @@ def class_names(labels_file: Path, count: int) -> list[str]:
 
 
 def _refuse_other_labels(folder: Path, digest: str) -> None:
-    """A finished fixed-label run is reused only if it trained on these very labels: a re-trained
-    COLAM run writes new labels at the same path, and the old result must not be taken for theirs."""
+    """A finished fixed-label run is reused only if it trained on these very labels: a re-trained COLAM run writes new
+    labels at the same path, and the old result must not be taken for theirs."""
     state_file = folder / "stage_1" / "state.pt"
     if not state_file.is_file():
         return

@@ -1,10 +1,9 @@
-"""Representation geometry of a trained network (COLAM paper, Sec. 5.2: Fig. 2, Table 5, Fig. 3), from
-the penultimate features x (`model.forward_features`) and the class templates w_k (rows of `model.fc.weight`):
-the projection on the templates' plane (Mueller, Kornblith & Hinton 2019, Sec. 2), the distances between
-normalised templates (Table 5), and the average distance from each template (ADT) and centroid (ADC) to
-each class's samples (Fig. 3). Every vector is normalised first, as the paper says ("we normalize all
-vectors when we compute such distances"); a centroid is the normalised mean of normalised samples.
-"""
+"""Representation geometry of a trained network (COLAM paper, Sec. 5.2: Fig. 2, Table 5, Fig. 3), from the penultimate
+features x (`model.forward_features`) and the class templates w_k (rows of `model.fc.weight`): the projection on the
+templates' plane (Mueller, Kornblith & Hinton 2019, Sec. 2), the distances between normalised templates (Table 5), and
+the average distance from each template (ADT) and centroid (ADC) to each class's samples (Fig. 3). Every vector is
+normalised first, as the paper says ("we normalize all vectors when we compute such distances"); a centroid is the
+normalised mean of normalised samples."""
 
 from __future__ import annotations
 
@@ -54,14 +53,11 @@ def template_distances(template_rows: torch.Tensor) -> torch.Tensor:
 
 
 def class_members(feats: Features, classes: list[int]) -> list[torch.Tensor]:
-    """The normalised samples of each class of `classes`, in that order."""
     unit = normalised(feats.values)
-    members = []
-    for k in classes:
-        rows = unit[feats.labels == k]
+    members = [unit[feats.labels == k] for k in classes]
+    for k, rows in zip(classes, members):
         if len(rows) == 0:
             raise ColamError(f"analysis.classes: class {k} has no samples among the features")
-        members.append(rows)
     return members
 
 
@@ -71,10 +67,10 @@ def centroids(feats: Features, classes: list[int]) -> torch.Tensor:
 
 
 def average_distances(points: torch.Tensor, feats: Features, classes: list[int]) -> torch.Tensor:
-    """K x K: entry [i, j] is the mean distance from normalised point i (a template or a centroid of
-    class classes[i]) to the normalised samples of class classes[j] (Fig. 3: ADT, ADC)."""
-    unit_points = normalised(points)
-    return torch.stack([torch.cdist(unit_points, rows).mean(dim=1) for rows in class_members(feats, classes)], dim=1)
+    """K x K: entry [i, j] is the mean distance from normalised point i (a template or a centroid of class classes[i])
+    to the normalised samples of class classes[j] (Fig. 3: ADT, ADC)."""
+    unit = normalised(points)
+    return torch.stack([torch.cdist(unit, rows).mean(dim=1) for rows in class_members(feats, classes)], dim=1)
 
 
 @dataclass(frozen=True)
@@ -85,13 +81,12 @@ class Plane:
     basis: torch.Tensor
 
     def project(self, vectors: torch.Tensor) -> torch.Tensor:
-        """N x 2 coordinates of the orthogonal projection of each row onto the plane."""
         return (vectors.double() - self.origin) @ self.basis
 
 
 def template_plane(three_templates: torch.Tensor) -> Plane:
-    """Mueller et al. 2019's plane: spanned by w_b - w_a and w_c - w_a (Gram-Schmidt), through the
-    templates' mean, so the three templates keep their pairwise distances in the projection."""
+    """Mueller et al. 2019's plane: spanned by w_b - w_a and w_c - w_a (Gram-Schmidt), through the templates' mean, so
+    the three templates keep their pairwise distances in the projection."""
     if three_templates.shape[0] != 3:
         raise ColamError(f"analysis.classes: the projection needs exactly 3 templates, got {three_templates.shape[0]}")
     w = three_templates.double()

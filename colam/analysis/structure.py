@@ -1,6 +1,5 @@
-"""What a C x C soft-label matrix says about the classes (COLAM paper, Sec. 5.2): the mass row c (the
-label of class c) puts on class j != c is the model's view of how alike c and j are.
-"""
+"""What a C x C soft-label matrix says about the classes (COLAM paper, Sec. 5.2): the mass row c (the label of class c)
+puts on class j != c is the model's view of how alike c and j are."""
 
 from __future__ import annotations
 
@@ -10,8 +9,8 @@ from colam.errors import ColamError
 
 
 def nearest_classes(soft_labels: np.ndarray, count: int) -> list[list[tuple[int, float]]]:
-    """For each class c, the `count` other classes its soft label puts most mass on, as
-    (class, mass) pairs, largest first; ties go to the lower class index."""
+    """For each class c, the `count` other classes its soft label puts most mass on, as (class, mass) pairs, largest
+    first; ties go to the lower class index."""
     matrix = np.asarray(soft_labels, dtype=np.float64)
     # a stable sort on -mass keeps the index order among equal masses
     ranked = [[j for j in np.argsort(-row, kind="stable") if j != c][:count] for c, row in enumerate(matrix)]
@@ -35,17 +34,15 @@ def most_similar_pair(soft_labels: np.ndarray) -> tuple[int, int, float]:
 
 
 def default_classes(soft_labels: np.ndarray) -> list[int]:
-    """The paper's choice of three classes, made from the soft labels: the two most similar classes
-    (a, b), then the class least similar to both (smallest similarity(a, c) + similarity(b, c));
-    ties go to the lower index."""
+    """The paper's choice of three classes, made from the soft labels: the two most similar classes (a, b), then the
+    class least similar to both (smallest similarity(a, c) + similarity(b, c)); ties go to the lower index."""
     if len(soft_labels) < 3:
         raise ColamError(f"--classes: the geometry needs 3 classes, the data has {len(soft_labels)}")
     sym = similarity(soft_labels)
     a, b, _ = most_similar_pair(soft_labels)
     distance_to_pair = sym[a] + sym[b]
     distance_to_pair[[a, b]] = np.inf
-    c = int(np.argmin(distance_to_pair))
-    return [a, b, c]
+    return [a, b, int(np.argmin(distance_to_pair))]
 
 
 def resolve_classes(chosen: list, class_names: list[str], key: str = "analysis.classes") -> list[int]:
