@@ -36,7 +36,8 @@ def train_all(runs: dict, jobs: int, threads: int = 1):
     """`train` of every key's (config, out, overrides), `jobs` at a time in the order given; yields (key, metrics) in
     that order, each as soon as it and those before it have finished."""
     with ThreadPoolExecutor(jobs) as pool:
-        for key, future in [(key, pool.submit(train, *run, threads)) for key, run in runs.items()]:
+        futures = [(key, pool.submit(train, *run, threads)) for key, run in runs.items()]  # all submitted at once
+        for key, future in futures:
             yield key, future.result()
 
 

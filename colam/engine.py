@@ -127,7 +127,9 @@ def prepare(config: Config, split_dir: str | Path | None = None) -> Prepared:
 
 def _check_shards(config: Config, samples: int, world: World) -> None:
     """Under torchrun the last global batch is dropped when it has fewer samples than ranks; per-sample soft labels
-    gathered online need every sample in the stage's last epoch (one process: no batch is dropped)."""
+    gathered online need every sample in the stage's last epoch."""
+    if not world.distributed:
+        return
     if config.train.batch_size % world.size:
         raise ColamError(f"train.batch_size: the global batch of {config.train.batch_size} does not split evenly over "
                          f"{world.size} processes; use a multiple of {world.size}")

@@ -74,7 +74,8 @@ def _read_manifest(folder: Path) -> tuple[str | None, set[str]] | None:
 
 def written_here(folder: Path) -> set[str] | None:
     """The names colam wrote in `folder`, or None where it has no manifest."""
-    return (_read_manifest(folder) or (None, None))[1]
+    found = _read_manifest(folder)
+    return None if found is None else found[1]
 
 
 def _write_manifest(folder: Path, names: set[str], kind: str | None) -> None:
@@ -150,12 +151,16 @@ def _temporary_of(name: str) -> str | None:
     return found.group(1) if found else None
 
 
+def _ours(name: str, owned: set[str]) -> bool:
+    return _named(name, owned) or name == MANIFEST or _temporary_of(name) in owned | {MANIFEST}
+
+
 def foreign_entries(folder: Path) -> list[str]:
     """What colam did not write under `folder` (paths relative to it), looking into the folders it made but for
     those that are its whole (NAME/ in the manifest): a folder it made that lost its manifest is someone else's."""
     owned, found = written_here(folder) or set(), []
     for entry in sorted(folder.iterdir()):
-        if not (_named(entry.name, owned) or _temporary_of(entry.name) in owned | {MANIFEST} or entry.name == MANIFEST):
+        if not _ours(entry.name, owned):
             found.append(entry.name + ("/" if entry.is_dir() else ""))
         elif entry.is_dir() and not entry.is_symlink() and f"{entry.name}/" not in owned:
             found += [f"{entry.name}/{name}" for name in foreign_entries(entry)]

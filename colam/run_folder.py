@@ -139,9 +139,12 @@ def provenance(config: Config, split_dir: str | Path | None, previous: Path | No
 
 def _read(path: Path, parse=json.loads) -> object:
     """The parsed file, or None when it is missing, unreadable or not a regular file (a FIFO would hang)."""
-    with suppress(OSError, ValueError, yaml.YAMLError):
-        return parse(path.read_text()) if path.is_file() else None
-    return None
+    if not path.is_file():
+        return None
+    try:
+        return parse(path.read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
 
 
 def check_out_dir(out_dir: Path, kind: str, whole: bool = True) -> None:
@@ -266,14 +269,19 @@ def check_resumable(state: dict, prepared) -> None:
 def _check_optimizer(saved: object, parameters: list[torch.Tensor], path: Path) -> None:
     """Refuse optimizer state of another model: another parameter count, or a buffer (momentum) of another shape
     than its parameter; torch would fail later, or broadcast it silently."""
-    groups, buffers = (saved.get("param_groups"), saved.get("state")) if isinstance(saved, dict) else (None, None)
-    if not (isinstance(groups, list) and isinstance(buffers, dict) and all(isinstance(g, dict) for g in groups)
-            and sum(len(group.get("params", ())) for group in groups) == len(parameters)
-            and all(isinstance(index, int) and 0 <= index < len(parameters) and isinstance(held, dict)
-                    and not any(isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape != parameters[index].shape
-                                for t in held.values()) for index, held in buffers.items())):
-        raise ColamError(f"--out checkpoint: '{path}' holds optimizer state of another model; delete it or choose "
+    refusal = ColamError(f"--out checkpoint: '{path}' holds optimizer state of another model; delete it or choose "
                          f"another --out")
+    groups, buffers = (saved.get("param_groups"), saved.get("state")) if isinstance(saved, dict) else (None, None)
+    if not (isinstance(groups, list) and isinstance(buffers, dict) and all(isinstance(g, dict) for g in groups)):
+        raise refusal
+    if sum(len(group.get("params", ())) for group in groups) != len(parameters):
+        raise refusal
+    for index, held in buffers.items():
+        if not (isinstance(index, int) and 0 <= index < len(parameters) and isinstance(held, dict)):
+            raise refusal
+        if any(isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape != parameters[index].shape
+               for t in held.values()):
+            raise refusal
 
 
 class Epochs:
@@ -389,7 +397,8 @@ class OneStage(Epochs):
         if not 1 <= stage <= len(ends):
             raise ColamError(f"--stage: {stage} is not a stage of this run ({config.method.name} trains "
                              f"{len(ends)} stage(s))")
-        self.root, self.stage, self.start, self.until = Path(root), stage, ([0] + ends)[stage - 1], ends[stage - 1]
+        self.root, self.stage, self.until = Path(root), stage, ends[stage - 1]
+        self.start = ends[stage - 2] if stage > 1 else 0
         self.folder, self.previous = self.stage_dir(stage), self.stage_dir(stage - 1) if stage > 1 else None
         self.partial, self.resumed = self.folder / PARTIAL, False
         check_out_dir(self.root, "folder of stages", whole=False)  # each stage folder is an output of its own
@@ -447,7 +456,8 @@ class PipelineStep(Epochs):
 
     def __init__(self, out: str | Path, step: int, steps: int, ends: list[int], checkpoint: str | Path | None,
                  soft_labels: str | Path | None):
-        self.root, self.step, self.start, self.until = Path(out), step, ([0] + ends)[step - 1], ends[step - 1]
+        self.root, self.step, self.until = Path(out), step, ends[step - 1]
+        self.start = ends[step - 2] if step > 1 else 0
         self.checkpoint, self.soft_labels, self.learned = checkpoint, soft_labels, {}
         self.info = {"step": step, "steps": steps, "soft_labels_sha256": None}
 

@@ -114,7 +114,10 @@ def guard_labels(labels: torch.Tensor, row_classes: torch.Tensor, previous: torc
     if guard == "none" or not collapsed.any():
         return labels, collapsed
     hard = torch.nn.functional.one_hot(row_classes.to(labels.device), labels.shape[1]).to(labels.dtype)
-    repaired = (labels + hard) / 2 if guard == "anchor" else hard if previous is None else previous.to(hard)
+    if guard == "anchor":
+        repaired = (labels + hard) / 2
+    else:
+        repaired = hard if previous is None else previous.to(hard)
     return torch.where(collapsed[:, None], repaired, labels), collapsed
 
 
@@ -171,8 +174,9 @@ class OutputSums:
         self.sums = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device)
         self.counts = torch.zeros(num_classes, dtype=torch.float64, device=device)
         self.reduced = False  # summed over the ranks already (a second reduce would double it)
-        self.outputs = None if num_samples is None else torch.zeros(num_samples, num_classes, device=device)
-        self.seen = None if num_samples is None else torch.zeros(num_samples, device=device)
+        self.outputs = None if num_samples is None else torch.zeros(num_samples, num_classes, dtype=torch.float32,
+                                                                    device=device)
+        self.seen = None if num_samples is None else torch.zeros(num_samples, dtype=torch.float32, device=device)
 
     @torch.no_grad()
     def add(self, outputs: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor | None = None) -> None:

@@ -15,7 +15,7 @@ def image(variant: str, base: str | None = None) -> str:
     return f"{base or os.environ.get('COLAM_IMAGE') or DEFAULT_IMAGE}-{variant}"
 
 
-def build(base: str | None = None) -> SimpleNamespace:
+def build(base_image: str | None = None) -> SimpleNamespace:
     """The four components, each an attribute named as its function."""
     from kfp import dsl
 
@@ -25,5 +25,6 @@ def build(base: str | None = None) -> SimpleNamespace:
     from components.train_stage import train_stage
 
     variants = {prepare: "cpu", train_stage: "cuda", estimate_soft_labels: "cuda", evaluate: "cpu"}
-    return SimpleNamespace(**{f.__name__: dsl.component(f, base_image=image(variant, base), install_kfp_package=False)
+    return SimpleNamespace(**{f.__name__: dsl.component(f, base_image=image(variant, base_image),
+                                                        install_kfp_package=False)
                               for f, variant in variants.items()})

@@ -147,8 +147,8 @@ def geometry(args) -> int:
                 for n, e in results["runs"].items()}
         figs[f"distances_{split}"] = figures.average_distances(
             bars, names, f"Average distance from each template / centroid to each class's {split} samples")
-    metrics = {f"geometry_template_distance_avg_{''.join(c if c.isalnum() else '_' for c in n.lower()).strip('_')}":
-               [(0, e["template_distance_average"])] for n, e in results["runs"].items()}
+    metrics = {f"geometry_template_distance_avg_{_metric_name(n)}": [(0, e["template_distance_average"])]
+               for n, e in results["runs"].items()}
     return _finish(args, run, "geometry", figs, _geometry_table(results, names), results, metrics)
 
 
@@ -241,6 +241,10 @@ def _label(config) -> str:
     values = ", ".join(f"{'T' if key == 'temperature' else key}={value:g}"
                        for key, value in METHODS[name].headline_values(config).items())
     return f"{'COLAM' if name == 'colam' else name}" + (f" ({values})" if values else "")
+
+
+def _metric_name(label: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in label.lower()).strip("_")
 
 
 def _percent(value: float | None, missing: str = "–") -> str:

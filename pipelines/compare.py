@@ -106,7 +106,8 @@ def collect(client: mlflow.MlflowClient, experiment: str, *, protocol: str | Non
                                row.variant, -np.inf if row.temperature is None else row.temperature))
     return Comparison(experiment=experiment, protocol=protocol, rows=tuple(rows), runs_used=len(latest),
                       other_protocol_runs=len(runs) - len(same), replaced_runs=len(complete) - len(latest),
-                      incomplete_runs=len(same) - len(complete), filters=filters, best_run=best and best.info.run_id)
+                      incomplete_runs=len(same) - len(complete), filters=filters,
+                      best_run=best.info.run_id if best else None)
 
 
 def markdown_table(header: list, rows: list[list], align: str) -> list[str]:
@@ -236,9 +237,9 @@ def _number(run, what: str, key: str, kind: Callable):
 
 def _row(key: tuple[str, str, float | None], runs: list) -> Row:
     vals = [r.data.metrics["val_acc"] for r in runs if "val_acc" in r.data.metrics]
-    return Row(*key, n=len(runs), test_acc=Stats.of([r.data.metrics["test_acc"] for r in runs]),
-               val_acc=Stats.of(vals) if vals else None, seeds=tuple(_seed(r) for r in runs),
-               run_ids=tuple(r.info.run_id for r in runs))
+    return Row(method=key[0], variant=key[1], temperature=key[2], n=len(runs),
+               test_acc=Stats.of([r.data.metrics["test_acc"] for r in runs]), val_acc=Stats.of(vals) if vals else None,
+               seeds=tuple(_seed(r) for r in runs), run_ids=tuple(r.info.run_id for r in runs))
 
 
 def _pm(s: Stats) -> str:

@@ -108,10 +108,11 @@ def sqlite_path(uri: str) -> Path | None:
         return None
     from sqlalchemy.engine import make_url
 
-    with contextlib.suppress(Exception):  # a malformed URI: MLflow says why when it opens it
+    try:
         database = make_url(uri).database
-        return Path(database) if database and database != ":memory:" else None
-    return None
+    except Exception:  # a malformed URI: MLflow says why when it opens it
+        return None
+    return Path(database) if database and database != ":memory:" else None
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:
@@ -324,7 +325,8 @@ def bounded_http(timeout: float | None = None):
     minutes), a request timeout, and at most 3 attempts of boto3 (a direct s3:// store)."""
     return mock.patch.dict(os.environ, {
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
-        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout or os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT") or HTTP_TIMEOUT_S),
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout) if timeout is not None else
+        os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT") or str(HTTP_TIMEOUT_S),
         "AWS_MAX_ATTEMPTS": os.environ.get("AWS_MAX_ATTEMPTS") or "3"})
 
 
@@ -508,10 +510,10 @@ class StoreView:
         return max(self.logged_epochs(run_id), default=0)
 
     def log(self, run_id: str, metrics: list[Metric] = (), params: list[Param] = ()) -> None:
-        for key, items, size in (("metrics", metrics, 1000), ("params", params, 100)):  # MLflow's most per batch
-            for i in range(0, len(items), size):
-                self.call(f"log_batch to run {run_id}",
-                          lambda b=list(items[i : i + size]), k=key: self.client.log_batch(run_id, **{k: b}))
+        for batch in _chunks(list(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
+            self.call(f"log_batch to run {run_id}", lambda b=batch: self.client.log_batch(run_id, metrics=b))
+        for batch in _chunks(list(params), 100):
+            self.call(f"log_batch to run {run_id}", lambda b=batch: self.client.log_batch(run_id, params=b))
 
     def end(self, run_id: str, status: str) -> None:
         self.call(f"end run {run_id}", lambda: self.client.set_terminated(run_id, status, end_time=_now_ms()))
@@ -621,10 +623,10 @@ def log_final_model(view: StoreView, run_id: str, run: RunFolder, register: str 
     made or stored here costs a warning (what is missing: `view.not_uploaded`)."""
     model_id = _logged_model(view, run_id)
     if model_id is None and view.upload_error is None:  # else the artifact storage refused this pass
-        from colam.datasets import build_raw_data
-        from colam.runs import final_network
-
         try:
+            from colam.datasets import build_raw_data
+            from colam.runs import final_network
+
             data = build_raw_data(run.config.data.name, run.config.data.root, download=False)
             network = final_network(run, len(data.classes), data.in_channels, "--out")
             # the first two test images as the network sees them, as its input example (two: MLflow saves the network
@@ -673,16 +675,18 @@ def _fluent(uri: str, experiment: str | None = None):
     import mlflow
 
     saved = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")}
+    mlflow.set_tracking_uri(uri)
+    if experiment is not None:
+        mlflow.set_experiment(experiment_id=experiment)
     try:
-        mlflow.set_tracking_uri(uri)
-        if experiment is not None:
-            mlflow.set_experiment(experiment_id=experiment)
         yield
     finally:
         mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])  # None: unset
-        os.environ.update({key: value for key, value in saved.items() if value is not None})
-        for key in [key for key, value in saved.items() if value is None]:
-            os.environ.pop(key, None)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _register(client: MlflowClient, run_id: str, model_id: str, name: str):
@@ -937,16 +941,22 @@ class MlflowRunLog(RunLog, contextlib.AbstractContextManager):
     def __exit__(self, kind, error, traceback) -> None:
         """On an error send the open stage's saved epochs (a run never resumed shows them too) and mark the open runs;
         after a stage that is not the last, the parent stays RUNNING."""
-        if kind is not None and not self.behind and self.stage_id is not None and self.unsent:
-            self._send_unsent()
         if kind is None or self.behind:
             return
+        if self.stage_id is not None and self.unsent:
+            self._send_unsent()
+            if self.behind:
+                return
         status = "KILLED" if issubclass(kind, KeyboardInterrupt) else "FAILED"
         for run_id in filter(None, (self.stage_id, self.parent_id)):
             try:
                 self.view.end(run_id, status)
             except Exception as exc:  # the original error matters more than this one
                 log.warning("MLflow: could not mark run %s %s (%s)", run_id, status, exc)
+
+
+def _chunks(items: list, size: int):
+    return (items[i : i + size] for i in range(0, len(items), size))
 
 
 def _digest(payload: dict) -> str:

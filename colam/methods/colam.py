@@ -60,7 +60,10 @@ class Colam(Method):
     sample_soft_labels: torch.Tensor | None = None  # N x C with k random peers, kept on the host
     sums: OutputSums | None = None  # the outputs gathered for the next stage end
     accumulating = False  # online: this is a stage's last epoch, whose training logits are summed
-    report: dict = {}  # what the last stage end found in its labels (stage_report); replaced, never changed in place
+
+    def __init__(self, config, num_classes, train_targets):
+        super().__init__(config, num_classes, train_targets)
+        self.report: dict = {}  # what the last stage end found in its labels (stage_report)
 
     @classmethod
     def validate(cls, config):

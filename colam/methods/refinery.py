@@ -90,10 +90,12 @@ class LabelRefinery(Method):
         """The weights generation `generation` starts from: a fresh build of the run's model, seeded."""
         if self.in_channels is None:
             raise RuntimeError("refinery: attach_data(data) must be called before training (colam.engine.prepare does)")
-        model = self.config.model
+        config = self.config
         with torch.random.fork_rng(devices=[]), torch.device("cpu"):
-            torch.manual_seed(derive_seed(self.config.seed, REINIT_STREAM + generation))
-            fresh = build_model(model.name, self.num_classes, in_channels=self.in_channels, **model.options)
+            torch.manual_seed(derive_seed(config.seed, REINIT_STREAM + generation))
+            fresh = build_model(config.model.name, self.num_classes, in_channels=self.in_channels,
+                                **config.model.options)
+            fresh = type(self).wrap_model(fresh, config, self.num_classes)
         return fresh.state_dict()
 
     def forward_loss(self, model, images, targets, indices, stage):

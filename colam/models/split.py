@@ -63,9 +63,11 @@ class Splitter:
         units = _units(model)
         # the outermost block whose forward produced each node (None: the root's own code)
         self.owner = [next((p for p in _stack_paths(n) if p in units), None) for n in self.nodes]
-        # each block's first and last node
-        self.first = {unit: i for i, unit in reversed(list(enumerate(self.owner))) if unit is not None}
-        self.last = {unit: i for i, unit in enumerate(self.owner) if unit is not None}
+        self.first, self.last = {}, {}  # each block's first and last node
+        for i, unit in enumerate(self.owner):
+            if unit is not None:
+                self.first.setdefault(unit, i)
+                self.last[unit] = i
         called = [model.get_submodule(n.target) for n in self.nodes if n.op == "call_module"]
         self.in_channels = next((m.in_channels for m in called if isinstance(m, nn.modules.conv._ConvNd)), 3)
         if [n.op for n in self.nodes].count("placeholder") != 1:
