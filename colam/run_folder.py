@@ -179,12 +179,13 @@ def claim(folder: Path) -> None:
         return
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
+    except BlockingIOError:
         os.close(fd)
-        if isinstance(exc, BlockingIOError):
-            raise ColamError(f"--out: '{folder}' is being written by another colam process{_holder(inode)}; wait "
-                             f"for it to end or choose another --out") from None
-        return  # a file system without flock (some network mounts): train unlocked rather than not at all
+        raise ColamError(f"--out: '{folder}' is being written by another colam process{_holder(inode)}; wait "
+                         f"for it to end or choose another --out") from None
+    except OSError:  # a file system without flock (some network mounts): train unlocked rather than not at all
+        os.close(fd)
+        return
     if key in _claims:  # the folder was deleted and made afresh (--restart-if-changed)
         os.close(_claims[key])
     _claims[key] = fd
@@ -524,3 +525,15 @@ class PipelineStep(Epochs):
                 raise ColamError(f"soft_labels: cannot read '{path}' ({exc})") from None
         self.info["soft_labels_sha256"] = digests["soft_labels"] if "soft_labels" in learned else None
         return learned
+
+
+def write_estimation(out: Path, config: Config, fields: dict, artifacts: list[str], main: bool) -> dict:
+    """out/estimation.json, the record of an estimate step that `PipelineStep.read_estimation` checks: `fields` (step,
+    stage, epoch, seconds), the NAME.npy files it wrote with their digests, and the run's digest. Written last: its
+    presence means the folder is complete."""
+    summary = {**fields, "artifacts": artifacts,
+               "sha256": {name: cio.sha256_file(out / f"{name}.npy") for name in artifacts},
+               "run": run_digest(config)[:16]}
+    if main:
+        cio.write_json(out / ESTIMATION, summary)
+    return summary

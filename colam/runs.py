@@ -62,8 +62,8 @@ def _run_config(path: Path, key: str) -> Config:
         source, state = states[-1], cio.load_torch(states[-1], key)
         raw = state.get("config") if isinstance(state, dict) else None
     else:
-        raise ColamError(f"{key}: '{path}' is not a finished run folder (it holds no config.yaml), nor a "
-                         f"stage-by-stage run (no stage_K/state.pt)")
+        raise ColamError(f"{key}: '{path}' is not a colam run folder: it is not a finished run folder (it holds no "
+                         f"config.yaml), nor a stage-by-stage run (no stage_K/state.pt)")
     try:
         if not isinstance(raw, dict):
             raise ColamError("not a mapping of sections")

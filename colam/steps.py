@@ -30,8 +30,8 @@ from colam.datasets import BUNDLED, DATASETS, get_data
 from colam.engine import RunLog, check_names, estimate_artifacts, prepare, train_into
 from colam.errors import ColamError, require
 from colam.methods import METHODS, headline_section
-from colam.run_folder import (ESTIMATION, STAGE, PipelineStep, check_out_dir, load_stage_state, make_dir,
-                              releasing_claims, run_digest, stage_ends)
+from colam.run_folder import (STAGE, PipelineStep, check_out_dir, load_stage_state, make_dir, releasing_claims,
+                              stage_ends, write_estimation)
 
 RAW_DATA = "raw"  # the folder of a prepared split that holds a data set downloaded by prepare_step
 
@@ -163,9 +163,5 @@ def estimate_step(config: Config, step: int, steps: int, checkpoint: str | Path,
         prepared.method.load_state_dict(state["method"])
         seconds, artifacts = estimate_artifacts(prepared, stage, out, epoch)
         distributed.barrier()  # under torchrun: rank 0 has written the files the digests are taken of
-    summary = {"step": step, "stage": stage, "epoch": epoch, "seconds": round(seconds, 3), "artifacts": artifacts,
-               "sha256": {name: cio.sha256_file(out / f"{name}.npy") for name in artifacts},
-               "run": run_digest(config)[:16]}
-    if distributed.current().main:  # written last: its presence means the folder is complete
-        cio.write_json(out / ESTIMATION, summary)
-    return summary
+    return write_estimation(out, config, {"step": step, "stage": stage, "epoch": epoch, "seconds": round(seconds, 3)},
+                            artifacts, distributed.current().main)

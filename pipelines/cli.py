@@ -36,8 +36,11 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("mlflow", "alembic"):
             logging.getLogger(name).setLevel(logging.WARNING)
         return args.func(args) or 0  # a command returns None when it succeeds
-    except (ColamError, OSError) as exc:  # OSError (disk full, read-only, permission...): the path and the reason
-        _say(f"colam: error: {os_error(exc) if isinstance(exc, OSError) else exc}")
+    except ColamError as exc:
+        _say(f"colam: error: {exc}")
+        return 2
+    except OSError as exc:  # disk full, read-only, permission, not a folder: the path and the reason
+        _say(f"colam: error: {os_error(exc)}")
         return 2
     except KeyboardInterrupt:
         _say("colam: interrupted; run the same command again to resume from the last completed epoch")

@@ -34,7 +34,6 @@ from pathlib import Path
 from unittest import mock
 
 import numpy as np
-import yaml
 from filelock import FileLock
 from mlflow import MlflowClient
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
@@ -42,10 +41,10 @@ from mlflow.exceptions import MlflowException, RestException
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from colam import io as cio
-from colam.config import Config, from_dict
+from colam.config import Config
 from colam.engine import RunLog, run_metrics
 from colam.run_folder import HISTORY_FIELDS, run_digest, run_identity
-from colam.runs import RunFolder
+from colam.runs import RunFolder, open_run
 from colam.errors import ColamError, redact
 from colam.methods import METHODS
 
@@ -74,8 +73,7 @@ def connect(uri: str | None = None, create: bool = True) -> MlflowClient:
     if database is not None and not create and not database.is_file():
         raise ColamError(f"MLFLOW_TRACKING_URI: there is no MLflow store at '{database}' to read")
     # sqlite writes the file and a journal beside it (no folder: opening it says so); else every write fails, retried
-    if database is not None and create and database.parent.is_dir() and (not os.access(database.parent, os.W_OK) or (
-            database.exists() and not os.access(database, os.W_OK))):
+    if database is not None and create and _read_only(database):  # else every write fails, each after retries
         raise ColamError(f"MLFLOW_TRACKING_URI: the MLflow store '{database}' cannot be written (a read-only "
                          f"file, folder or file system); make it writable or track into another store")
     try:
@@ -100,6 +98,13 @@ def connect(uri: str | None = None, create: bool = True) -> MlflowClient:
         raise ColamError(f"MLFLOW_TRACKING_URI: cannot use the tracking store '{display_uri(uri)}' "
                          f"({_reason(exc)})") from None
     return client
+
+
+def _read_only(database: Path) -> bool:
+    """Whether sqlite cannot write `database`: it writes the file and a journal beside it in its folder."""
+    if not database.parent.is_dir():
+        return False  # opening the store says that the folder is missing
+    return not os.access(database.parent, os.W_OK) or (database.exists() and not os.access(database, os.W_OK))
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -738,15 +743,7 @@ def log_comparison(client: MlflowClient, comparison, files: list[Path], register
 def sync(run_dir: str | Path, experiment: str) -> str:
     """`colam tracking sync DIR`: bring the store up to what the run folder DIR holds; one line."""
     out_dir = Path(run_dir)
-    if not out_dir.is_dir():
-        raise ColamError(f"{run_dir}: not a folder")
-    # the configuration the folder was trained with: its config.yaml, else a stage's state
-    if (out_dir / "config.yaml").is_file():
-        config = from_dict(yaml.safe_load((out_dir / "config.yaml").read_text()))
-    elif states := sorted(out_dir.glob("stage_*/state.pt")):
-        config = from_dict(_stage_state(states[0].parent)["config"])
-    else:
-        raise ColamError(f"{out_dir}: not a colam run folder (no config.yaml and no stage_K/state.pt)")
+    config = open_run(out_dir, "DIR", finished=False).config  # a run killed mid-way is synced as far as it got
     client = connect()
     run_log = MlflowRunLog(client, experiment, out_dir)
     run_log.attach(config)
