@@ -177,6 +177,16 @@ def _set_dotted(raw: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def dotted_items(node: dict, prefix: str = ""):
+    """(KEY, value) for every value of a nested config mapping, KEY dotted as `--set` takes it; `options` mappings
+    (a model's builder arguments) are one value, as their keys are the builder's, not the config's."""
+    for key, value in node.items():
+        if isinstance(value, dict) and value and key != "options":
+            yield from dotted_items(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
 def build_section(cls: type, raw: Any, prefix: str) -> Any:
     """Build dataclass `cls` from `raw`, refusing unknown keys and wrong types; `prefix` names the keys in errors."""
     if not isinstance(raw, dict):

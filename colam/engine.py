@@ -34,7 +34,7 @@ from colam.feed import LoaderFeed, ResidentFeed, global_seed, make_feed, wants_r
 from colam.methods import METHODS, Method
 from colam.models import build_model
 from colam.run_folder import (STAGE, Epochs, OneStage, WholeRun, check_resumable, releasing_claims, stage_ends,
-                              write_history)
+                              write_stage)
 from colam.soft_labels import check_soft_labels
 
 log = logging.getLogger("colam")
@@ -355,7 +355,8 @@ def _train_epoch(p: Prepared, net: nn.Module, optimizer: torch.optim.Optimizer, 
 
 def _end_epoch(p: Prepared, where: Epochs, optimizer, history: list[dict], row: dict, began: float) -> dict:
     """Save what the epoch leaves (rank 0): the folder it ends (a stage end, or the last epoch of a call that ends
-    mid-stage) and the state after it; returns the stage's metrics for the run log."""
+    mid-stage: its model, soft labels unless a later estimation step makes them, the run's export.pt after the last
+    epoch) and the state after it; returns the stage's metrics for the run log."""
     stage, epoch, main = row["stage"], row["epoch"], p.world.main
     stage_end, folder = epoch in stage_ends(p.config), where.stage_dir(stage)
     kept = main and (stage_end or epoch == where.until)
@@ -374,10 +375,8 @@ def _end_epoch(p: Prepared, where: Epochs, optimizer, history: list[dict], row: 
             cio.save_torch(folder / "export.pt", exported.state_dict())
     report = p.method.stage_report(stage) if stage_end and main else {}
     ending = {**row, "estimation_seconds": seconds if kept else None, **report}
-    if kept:  # what the next stage resumes from (its weights in model.pt), the curves so far, the metrics
-        cio.save_torch(folder / "state.pt", resume)
-        write_history(folder / "history.csv", history)
-        cio.write_json(folder / "metrics.json", {**ending, **where.info})
+    if kept:
+        write_stage(folder, resume, {**ending, **where.info})
     if main:
         where.save({**resume, "model": p.model.state_dict()})
     return ending

@@ -84,8 +84,9 @@ def copy_idx_files(name: str, source: Path, out: Path, download: bool = False) -
                for file, (content, gz) in checked.items()}
     changed = {target: data for target, data in targets.items()
                if not (target.is_file() and target.read_bytes() == data)}
+    owned = cio.written_here(folder)
     for target in changed:  # a file of the user's where one goes is refused before any is written
-        cio.refuse_overwrite(target, cio.written_here(folder))
+        cio.refuse_overwrite(target, owned)
     for target, data in changed.items():
         cio.atomic_write_bytes(target, data)
     for path in (folder / form for form in forms):

@@ -236,6 +236,13 @@ def _load_checkpoint(path: Path, config: Config, what: str, refusal: str, keys=C
     return state
 
 
+def write_stage(folder: Path, resume: dict, metrics: dict) -> None:
+    """The rest of a stage's folder: what the next stage resumes from, the curves so far, the metrics."""
+    cio.save_torch(folder / "state.pt", resume)  # the weights are in model.pt, next to it
+    write_history(folder / "history.csv", resume["history"])
+    cio.write_json(folder / "metrics.json", metrics)
+
+
 def load_stage_state(stage_dir: str | Path, config: Config, epoch: int | None = None,
                      key: str = "", then: str = "") -> dict:
     """The training state saved at the end of a stage (model.pt + state.pt), checked against `config`;

@@ -228,8 +228,9 @@ def package_arguments(spec: dict, pairs: list[str], config_file: str | None = No
     for name, value in values.items():  # the package's defaults store integers as floats
         if declared[name]["parameterType"] == "NUMBER_INTEGER" and isinstance(value, float) and value.is_integer():
             values[name] = int(value)
-    step_config(values["config"], steps=int(stages), epochs_per_step=values["epochs_per_stage"],
-                **{key: values[key] for key in ("method", "model", "dataset", "temperature", "seed")})
+    step_config(values["config"], steps=int(stages), method=values["method"], model=values["model"],
+                dataset=values["dataset"], epochs_per_step=values["epochs_per_stage"],
+                temperature=values["temperature"], seed=values["seed"])
     return arguments
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from colam.config import Config, build_section, from_dict, read_yaml, validate
+from colam.config import Config, build_section, dotted_items, from_dict, read_yaml, validate
 from colam.errors import ColamError, require
 from colam.methods import METHODS
 from pipelines.arguments import registered_name
@@ -140,17 +140,13 @@ def dvc_sets(path: str | Path) -> list[str]:
     written (the Makefile's run-fashion-mnist)."""
     import yaml
 
-    def flatten(node: dict, prefix: str = ""):
-        for key, value in node.items():
-            if isinstance(value, dict) and value and key != "options":
-                yield from flatten(value, f"{prefix}{key}.")
-            else:
-                text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
-                yield f"{prefix}{key}={text.removesuffix('...').strip()}"
-
     raw = read_yaml(path)
     validate(from_dict(raw))  # a config colam train takes, or one line naming the bad key
-    return [arg for item in flatten(raw) for arg in ("-S", item)]
+    sets = []
+    for key, value in dotted_items(raw):
+        text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+        sets += ["-S", f"{key}={text}"]
+    return sets
 
 
 if __name__ == "__main__":  # python -m pipelines.params dvc-sets FILE

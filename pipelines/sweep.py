@@ -72,8 +72,8 @@ def jobs_flag(text: str) -> int | None:
     if text == "auto":
         return None
     with contextlib.suppress(ValueError):
-        if int(text) >= 1:
-            return int(text)
+        if (count := int(text)) >= 1:
+            return count
     raise ColamError(f"--jobs: must be auto or a whole number >= 1, got {text!r}")
 
 

@@ -41,7 +41,8 @@ from mlflow.exceptions import MlflowException, RestException
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from colam import io as cio
-from colam.config import Config
+from colam.config import Config, dotted_items
+from colam.data import SPLIT_KEYS
 from colam.engine import RunLog, run_metrics
 from colam.run_folder import HISTORY_FIELDS, run_digest, run_identity
 from colam.runs import RunFolder, open_run
@@ -55,7 +56,6 @@ DEFAULT_URI = "sqlite:///mlflow.db"
 CURVES = ("train_loss", "train_acc", "val_acc", "test_acc", "lr", "seconds")
 FINAL = ("test_acc", "val_acc", "train_acc", "train_loss", "wall_time_s")
 NOT_REPORTS = ("estimation_seconds", "step", "steps")  # numbers in a stage's metrics that are no method report
-SPLIT_KEYS = ("name", "train_subset", "val_fraction", "label_noise", "noise_type", "split_seed")  # what draws a split
 STAGE_FILES = ("model.pt", "export.pt", "metrics.json", "soft_labels.npy", "soft_labels.json", "sample_soft_labels.npy",
                "learned_labels.npy", "learned_sample_labels.npy")
 # MLflow 3's UI opens an experiment by its kind: one of model training shows its runs, not the GenAI overview
@@ -72,7 +72,6 @@ def connect(uri: str | None = None, create: bool = True) -> MlflowClient:
     database = sqlite_path(uri)
     if database is not None and not create and not database.is_file():
         raise ColamError(f"MLFLOW_TRACKING_URI: there is no MLflow store at '{database}' to read")
-    # sqlite writes the file and a journal beside it (no folder: opening it says so); else every write fails, retried
     if database is not None and create and _read_only(database):  # else every write fails, each after retries
         raise ColamError(f"MLFLOW_TRACKING_URI: the MLflow store '{database}' cannot be written (a read-only "
                          f"file, folder or file system); make it writable or track into another store")
@@ -163,15 +162,8 @@ def flat_params(config: Config) -> dict[str, str]:
     settings = config.to_dict()
     method = settings.pop("method")
     settings["method"] = {"name": method["name"], method["name"]: method[method["name"]]}
-
-    def walk(node: dict, prefix: str):
-        for key, value in node.items():
-            if isinstance(value, dict) and value and key != "options":
-                yield from walk(value, f"{prefix}{key}.")
-            else:
-                yield f"{prefix}{key}", json.dumps(value) if isinstance(value, (dict, list)) else str(value)
-
-    return dict(walk(settings, ""))
+    return {key: json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+            for key, value in dotted_items(settings)}
 
 
 def git_commit() -> str | None:
@@ -742,8 +734,8 @@ def log_comparison(client: MlflowClient, comparison, files: list[Path], register
 
 def sync(run_dir: str | Path, experiment: str) -> str:
     """`colam tracking sync DIR`: bring the store up to what the run folder DIR holds; one line."""
-    out_dir = Path(run_dir)
-    config = open_run(out_dir, "DIR", finished=False).config  # a run killed mid-way is synced as far as it got
+    run = open_run(run_dir, "DIR", finished=False)  # a run killed mid-way is synced as far as it got
+    out_dir, config = run.path, run.config
     client = connect()
     run_log = MlflowRunLog(client, experiment, out_dir)
     run_log.attach(config)
@@ -858,9 +850,12 @@ class MlflowRunLog(RunLog, contextlib.AbstractContextManager):
             # finished. Without a key, a finished run with this out_dir is an old one.
             unfinished = "" if find_finished else " and attributes.status != 'FINISHED'"
             found = self.view.newest(parent_condition(self.run_key) + unfinished) if resumed else None
-            self.parent_id = found.info.run_id if found is not None else self._create_parent()
-            if found is not None and found.info.status != "RUNNING":
-                self.view.call("update run", lambda: self.client.update_run(self.parent_id, status="RUNNING"))
+            if found is None:
+                self.parent_id = self._create_parent()
+            else:
+                self.parent_id = found.info.run_id
+                if found.info.status != "RUNNING":
+                    self.view.call("update run", lambda: self.client.update_run(self.parent_id, status="RUNNING"))
             self.run_id = self.parent_id
         folder = read_folder(self.out_dir, self.config, self.stage_dirs, self.final)
         for stage, stage_dir in folder.stages.items():

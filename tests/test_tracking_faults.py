@@ -556,3 +556,18 @@ def test_sync_uploads_only_what_colam_wrote_never_a_link_planted_in_the_folder(u
     assert "model.pt" in artifact_paths(client, second.info.run_id)
     uploaded = [p for p in (tmp_path / "mlruns").rglob("*") if p.is_file()]
     assert uploaded and not [p for p in uploaded if p.read_bytes() == secret.read_bytes()]
+
+
+def test_sync_of_a_folder_given_with_a_tilde_syncs_the_folder_in_home(untracked, tmp_path, monkeypatch):
+    """`colam tracking sync '~/run'` (the shell did not expand it): the run under $HOME, keyed as that folder."""
+    shutil.copytree(untracked, tmp_path / "run")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)  # a sqlite store keeps its artifacts in ./mlruns
+    assert sync("~/run", "tilde") == 0
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (parent,), stages = runs_of(client, "tilde")
+    assert parent.data.tags["colam.out_dir"] == str(tmp_path / "run") and parent.info.status == "FINISHED"
+    assert len(stages) == len(list((tmp_path / "run").glob("stage_*"))) >= 1
+    assert sync(tmp_path / "run", "tilde") == 0  # the same run: found by its key, nothing new
+    assert len(runs_of(client, "tilde")[0]) == 1

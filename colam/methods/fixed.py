@@ -43,8 +43,9 @@ class FixedSoftLabels(Method):
 
     def attach_data(self, data):
         file = _labels_file(self.section.labels)
-        self.soft_labels = load_teacher_labels(file, data.num_classes, KEY).to(self.device)
+        self.soft_labels = load_teacher_labels(file, data.num_classes, KEY)
         self.labels_sha256 = cio.sha256_file(file)
+        self.to(self.device)
 
     def loss(self, logits, targets, indices, stage):
         if self.soft_labels is None:
