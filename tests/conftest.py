@@ -1,6 +1,10 @@
+from pathlib import Path
+
 import pytest
 
 from colam.config import load_config
+
+REPO = Path(__file__).resolve().parent.parent
 
 # A few-second run: 200 digits, a narrow small CNN, 4 epochs in 2 COLAM stages.
 TINY = [
@@ -16,6 +20,23 @@ def tiny_config():
         return load_config(None, TINY + list(overrides))
 
     return make
+
+
+def _tracking_files() -> dict[str, int]:
+    """The MLflow files in the checkout's folder (a sqlite store, its ./mlruns and their experiments), by mtime."""
+    found = {p.name: p.stat().st_mtime_ns for p in (REPO / "mlflow.db", REPO / "mlruns") if p.exists()}
+    if (REPO / "mlruns").is_dir():
+        found.update({f"mlruns/{p.name}": p.stat().st_mtime_ns for p in (REPO / "mlruns").iterdir()})
+    return found
+
+
+@pytest.fixture(autouse=True)
+def _checkout_keeps_no_tracking(request):
+    """A test leaves no MLflow store or artifacts in the checkout: MLflow keeps a new experiment's artifacts in
+    ./mlruns of the process that creates it, so a test that tracks runs (or starts the command) in tmp_path."""
+    before = _tracking_files()
+    yield
+    assert _tracking_files() == before, f"{request.node.nodeid} wrote MLflow files into {REPO}; run it in tmp_path"
 
 
 # Real servers on loopback (see tests/servers.py). Session-scoped: seaweed starts in ~1.5 s,

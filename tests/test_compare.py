@@ -245,6 +245,8 @@ def test_two_kd_runs_of_one_seed_at_two_temperatures_are_two_rows(client, tmp_pa
     teacher = tmp_path / "teacher.npy"
     np.save(teacher, np.full((10, 10), 0.1 / 9) + np.eye(10) * (0.9 - 0.1 / 9))  # the digits' 10 classes
     monkeypatch.setenv("MLFLOW_TRACKING_URI", client.tracking_uri)
+    # made here, with its artifacts in tmp_path: the module's store would put them in ./mlruns of the checkout
+    client.create_experiment("kd-temperatures", artifact_location=(tmp_path / "artifacts").as_uri())
     for t in (4, 8):
         config = load_config(None, TINY + ["train.epochs=1", "method.name=kd", f"method.kd.teacher={teacher}",
                                            f"method.kd.temperature={t}"])

@@ -29,17 +29,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def torchrun(*args: str, env: dict | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
                "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "MLFLOW_TRACKING_URI": "",
            **(env or {})}
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=cwd)
 
 
-def train(out: Path, *extra: str, module: str = "pipelines.cli", env: dict | None = None) -> subprocess.CompletedProcess:
+def train(out: Path, *extra: str, module: str = "pipelines.cli", env: dict | None = None,
+          cwd: Path = REPO) -> subprocess.CompletedProcess:
     settings = [item for s in SETTINGS + list(extra) for item in ("--set", s)]
-    return torchrun("-m", module, "train", *settings, "--out", str(out), "--no-progress", env=env)
+    return torchrun("-m", module, "train", *settings, "--out", str(out), "--no-progress", env=env, cwd=cwd)
 
 
 def single_process_labels(out: Path, stage: int, extra: list[str]) -> dict:
@@ -121,7 +122,8 @@ def test_tracking_under_torchrun_logs_one_run_from_rank_0(tmp_path):
     from pipelines.tracking import connect
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    result = train(tmp_path / "run", module="pipelines.cli", env={"MLFLOW_TRACKING_URI": uri})
+    # run in tmp_path: the experiment it creates keeps its artifacts in ./mlruns
+    result = train(tmp_path / "run", module="pipelines.cli", env={"MLFLOW_TRACKING_URI": uri}, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     client = connect(uri)
     experiment = client.get_experiment_by_name("colam")
