@@ -111,7 +111,8 @@ def read_only_store(tmp_path):
     uri = f"sqlite:///{store / 'mlflow.db'}"
     made = subprocess.run([sys.executable, "-m", "pipelines.cli", "train", "--out", str(tmp_path / "tracked"),
                            "--track", "--no-progress", *(a for item in TINY for a in ("--set", item))],
-                          cwd=ROOT, env={**ENV, "MLFLOW_TRACKING_URI": uri}, capture_output=True, text=True, timeout=600)
+                          cwd=tmp_path, env={**ENV, "MLFLOW_TRACKING_URI": uri}, capture_output=True, text=True,
+                          timeout=600)  # in tmp_path: the experiment it creates keeps its artifacts in ./mlruns
     assert made.returncode == 0, made.stderr[-2000:]
     bound = subprocess.run(["mount", "--bind", str(store), str(store)], capture_output=True)
     if bound.returncode != 0:
