@@ -19,7 +19,7 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from colam import io as cio
 from colam.errors import ColamError
-from colam.idx_datasets import IDX_SETS, copy_idx_files, read_idx_set
+from colam.idx_datasets import IDX_SETS, copy_idx_files, flat_message, read_idx_set, torchvision_class
 
 
 @dataclass
@@ -130,7 +130,7 @@ def digits_arrays() -> dict[str, np.ndarray]:
     from sklearn.model_selection import train_test_split
 
     bunch = load_digits()
-    images = torch.from_numpy(bunch.images / 16.0).float().unsqueeze(1).numpy()
+    images = (bunch.images / 16.0).astype(np.float32)[:, None]
     labels = _targets(bunch.target)
     train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=1 / 3, stratify=labels, random_state=0)
     train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
@@ -167,7 +167,7 @@ def _build_digits(root: Path, download: bool) -> RawData:
 
 
 def _build_cifar(name: str, root: Path, download: bool) -> RawData:
-    cls = _torchvision_set(name.upper())
+    cls = torchvision_class(name.upper())
     train, test = cls(root, train=True, download=download), cls(root, train=False, download=False)
     # torchvision holds CIFAR in memory as N x H x W x C uint8: the same pixels, channels first
     train_x, test_x = (torch.from_numpy(np.ascontiguousarray(d.data)).permute(0, 3, 1, 2) for d in (train, test))
@@ -189,7 +189,7 @@ def load_image(path: str) -> Image.Image:
         with open(path, "rb") as handle:
             return Image.open(handle).convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise ColamError(f"data.root: image '{path}' cannot be read ({_one_line(err)[:160]})") from None
+        raise ColamError(f"data.root: image '{path}' cannot be read ({flat_message(err)[:160]})") from None
 
 
 def _image_folder(path: Path, transform: Callable):
@@ -197,9 +197,9 @@ def _image_folder(path: Path, transform: Callable):
         raise ColamError(f"data.root: '{path}' does not exist (expected <root>/train/<class>/<image> and "
                          f"<root>/val/<class>/<image>)")
     try:
-        return _torchvision_set("ImageFolder")(path, transform=transform, loader=load_image)
+        return torchvision_class("ImageFolder")(path, transform=transform, loader=load_image)
     except FileNotFoundError as err:  # no class folders, or a class folder without images
-        raise ColamError(f"data.root: bad image folder '{path}': {_one_line(err)}") from err
+        raise ColamError(f"data.root: bad image folder '{path}': {flat_message(err)}") from err
 
 
 def _build_imagefolder(root: Path, download: bool) -> RawData:
@@ -212,17 +212,11 @@ def _build_imagefolder(root: Path, download: bool) -> RawData:
                    _targets(test.targets), train.classes, in_channels=3, image_size=224)
 
 
-def _torchvision_set(name: str) -> type:
-    from torchvision import datasets as tvd  # on use only: its import is a second of every process's start
-
-    return getattr(tvd, name)
-
-
 def _build_split(class_name: str, train_splits: Sequence[str], test_split: str, root: Path, download: bool,
                  **kwargs) -> RawData:
     """torchvision's split-based fine-grained sets (Flowers102, DTD, FGVCAircraft)."""
     train_t, eval_t = _imagenet_transforms()
-    make = partial(_torchvision_set(class_name), root, download=download, **kwargs)
+    make = partial(torchvision_class(class_name), root, download=download, **kwargs)
     train_parts = [make(split=s, transform=train_t) for s in train_splits]
     test = make(split=test_split, transform=eval_t)
     _check_same_classes(root, {**{s: p.classes for s, p in zip(train_splits, train_parts)}, test_split: test.classes})
@@ -286,11 +280,7 @@ def build_raw_data(name: str, root: str | os.PathLike, *, download: bool = False
         hint = "check the path" if download else "set data.download: true to download it, or check the path"
         raise ColamError(f"data.root: no {name} data set found under '{root}' ({hint})") from err
     except OSError as err:  # network errors (URLError) while downloading
-        raise ColamError(f"data.download: could not download {name} into '{root}': {_one_line(err)}") from err
-
-
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split())
+        raise ColamError(f"data.download: could not download {name} into '{root}': {flat_message(err)}") from err
 
 
 BUNDLED, DOWNLOAD = "bundled", "download"  # the sources of `colam data get` that are not folders

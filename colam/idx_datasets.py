@@ -51,9 +51,14 @@ class IdxSet:
 
     @property
     def cls(self) -> type:
-        from torchvision import datasets as tvd
+        return torchvision_class(self.class_name)
 
-        return getattr(tvd, self.class_name)
+
+def torchvision_class(name: str) -> type:
+    """torchvision's data set class `name`, imported on use only: its import is a second of every process's start."""
+    from torchvision import datasets as tvd
+
+    return getattr(tvd, name)
 
 
 IDX_SETS = {
@@ -104,8 +109,7 @@ def _checked_files(name: str, root: Path, download: bool) -> dict[str, tuple[byt
         try:  # torchvision's download: every file from its mirrors, the .gz md5 checked, then extracted
             spec.cls(str(root), train=True, download=True)
         except (OSError, RuntimeError) as err:  # URLError is an OSError; "File not found or corrupted" a RuntimeError
-            raise ColamError(f"data.download: could not download {name} into '{root}': {' '.join(str(err).split())}"
-                             ) from None
+            raise ColamError(f"data.download: could not download {name} into '{root}': {flat_message(err)}") from None
     return {file: _checked_file(spec, root, file) for file in FILES}
 
 
@@ -132,6 +136,10 @@ def _checked_file(spec: IdxSet, root: Path, file: str) -> tuple[bytes, bytes | N
         raise ColamError(f"data.root: '{path}' is not {spec.name}'s original {file} (content md5 {digest}, "
                          f"{len(content):,} bytes; expected {expected[0]}, {expected[1]:,} bytes)")
     return content, None
+
+
+def flat_message(err: BaseException) -> str:
+    return " ".join(str(err).split())
 
 
 def _read(path: Path) -> bytes:
