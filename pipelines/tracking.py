@@ -55,7 +55,7 @@ log = logging.getLogger("colam")
 DEFAULT_URI = "sqlite:///mlflow.db"
 CURVES = ("train_loss", "train_acc", "val_acc", "test_acc", "lr", "seconds")
 FINAL = ("test_acc", "val_acc", "train_acc", "train_loss", "wall_time_s")
-NOT_REPORTS = ("estimation_seconds", "step", "steps")  # numbers in a stage's metrics that are no method report
+NOT_SCALARS = ("step", "steps")  # numbers in a stage's metrics that are not logged as its scalars
 STAGE_FILES = ("model.pt", "export.pt", "metrics.json", "soft_labels.npy", "soft_labels.json", "sample_soft_labels.npy",
                "learned_labels.npy", "learned_sample_labels.npy")
 # MLflow 3's UI opens an experiment by its kind: one of model training shows its runs, not the GenAI overview
@@ -84,13 +84,13 @@ def connect(uri: str | None = None, create: bool = True) -> MlflowClient:
             if database is not None:
                 with contextlib.suppress(OSError):
                     held.enter_context(FileLock(database.with_name(database.name + ".lock")))
-            if database is not None and not database.exists():
-                # Made whole, then renamed into place: a kill during MLflow's migrations leaves only the temporary
-                # file (the next creation starts it again), never a half-made store.
-                scratch = database.with_name(f".{database.name}.creating.tmp")
-                scratch.unlink(missing_ok=True)
-                MlflowClient(tracking_uri=f"sqlite:///{scratch.resolve()}").search_experiments(max_results=1)
-                os.replace(scratch, database)
+                if not database.exists():
+                    # Made whole, then renamed into place: a kill during MLflow's migrations leaves only the temporary
+                    # file (the next creation starts it again), never a half-made store.
+                    scratch = database.with_name(f".{database.name}.creating.tmp")
+                    scratch.unlink(missing_ok=True)
+                    MlflowClient(tracking_uri=f"sqlite:///{scratch.resolve()}").search_experiments(max_results=1)
+                    os.replace(scratch, database)
             client = MlflowClient(tracking_uri=uri)
             client.search_experiments(max_results=1)
     except Exception as exc:  # connection refused, DNS, auth, a bad sqlite path: one line
@@ -322,8 +322,7 @@ def bounded_http(timeout: float | None = None):
     minutes), a request timeout, and at most 3 attempts of boto3 (a direct s3:// store)."""
     return mock.patch.dict(os.environ, {
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
-        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout) if timeout is not None else
-        os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT") or str(HTTP_TIMEOUT_S),
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout or os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT") or HTTP_TIMEOUT_S),
         "AWS_MAX_ATTEMPTS": os.environ.get("AWS_MAX_ATTEMPTS") or "3"})
 
 
@@ -606,9 +605,8 @@ def stage_scalars(metrics: dict) -> list[Metric]:
     """A stage's accuracies, its estimation time and what the method reports of its end (COLAM: label rows that did
     not favour their class), at the stage's last epoch."""
     scalars = {f"stage_{k}": v for k, v in metrics.items() if k in ("test_acc", "val_acc", "train_acc")}
-    if metrics.get("estimation_seconds") is not None:  # None: a later pipeline step estimates
-        scalars["estimation_seconds"] = metrics["estimation_seconds"]
-    scalars.update({k: v for k, v in metrics.items() if k not in HISTORY_FIELDS and k not in NOT_REPORTS
+    # the other numbers: the estimation time (None where a later pipeline step estimates) and the method's reports
+    scalars.update({k: v for k, v in metrics.items() if k not in HISTORY_FIELDS and k not in NOT_SCALARS
                     and isinstance(v, (int, float)) and not isinstance(v, bool)})
     now = _now_ms()
     return [Metric(k, float(v), now, metrics["epoch"]) for k, v in scalars.items()]
@@ -671,19 +669,15 @@ def _fluent(uri: str, experiment: str | None = None):
     default one) while the block runs; it keeps both in the environment, which is given back after."""
     import mlflow
 
-    saved = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")}
-    mlflow.set_tracking_uri(uri)
-    if experiment is not None:
-        mlflow.set_experiment(experiment_id=experiment)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])  # None: unset
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    with mock.patch.dict(os.environ):
+        mlflow.set_tracking_uri(uri)
+        if experiment is not None:
+            mlflow.set_experiment(experiment_id=experiment)
+        try:
+            yield
+        finally:
+            mlflow.set_tracking_uri(previous)  # None: unset
 
 
 def _register(client: MlflowClient, run_id: str, model_id: str, name: str):
@@ -735,10 +729,9 @@ def log_comparison(client: MlflowClient, comparison, files: list[Path], register
 def sync(run_dir: str | Path, experiment: str) -> str:
     """`colam tracking sync DIR`: bring the store up to what the run folder DIR holds; one line."""
     run = open_run(run_dir, "DIR", finished=False)  # a run killed mid-way is synced as far as it got
-    out_dir, config = run.path, run.config
     client = connect()
-    run_log = MlflowRunLog(client, experiment, out_dir)
-    run_log.attach(config)
+    run_log = MlflowRunLog(client, experiment, run.path)
+    run_log.attach(run.config)
     try:
         run_log.catch_up(find_finished=True, recheck=True)
     except Refused as refused:
