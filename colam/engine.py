@@ -347,8 +347,7 @@ def _train_epoch(p: Prepared, net: nn.Module, optimizer: torch.optim.Optimizer, 
     row = {"epoch": epoch + 1, "stage": stage, "lr": lr, "train_loss": train_loss, "train_acc": train_acc}
     scored = epoch + 1 in stage_ends(config) or (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs
     for name in ("val", "test") if p.world.main and scored else ():
-        batches = p.feed.evaluation(name)
-        if batches is not None:
+        if (batches := p.feed.evaluation(name)) is not None:
             row[f"{name}_acc"] = evaluate(p.model, batches, p.device, p.precision, p.channels_last)
     return row
 

@@ -80,9 +80,8 @@ def history(run: RunFolder, key: str = "--run") -> list[dict]:
     path = path if path.is_file() else run.stage_dirs[-1] / "history.csv"
     try:
         with open(path, newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle))
-        parsed = [{k: (int(v) if k in ("epoch", "stage") else float(v)) for k, v in row.items() if v not in ("", None)}
-                  for row in rows]
+            parsed = [{k: (int(v) if k in ("epoch", "stage") else float(v)) for k, v in row.items()
+                       if v not in ("", None)} for row in csv.DictReader(handle)]
     except OSError as exc:
         raise ColamError(f"{key}: cannot read '{path}' ({exc.strerror})") from None
     except (ValueError, TypeError, UnicodeDecodeError) as exc:

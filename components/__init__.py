@@ -25,6 +25,6 @@ def build(base_image: str | None = None) -> SimpleNamespace:
     from components.train_stage import train_stage
 
     variants = {prepare: "cpu", train_stage: "cuda", estimate_soft_labels: "cuda", evaluate: "cpu"}
-    return SimpleNamespace(**{f.__name__: dsl.component(f, base_image=image(variant, base_image),
-                                                        install_kfp_package=False)
-                              for f, variant in variants.items()})
+    return SimpleNamespace(**{step.__name__: dsl.component(step, base_image=image(variant, base_image),
+                                                           install_kfp_package=False)
+                              for step, variant in variants.items()})

@@ -240,7 +240,7 @@ def _label(config) -> str:
     name = config.method.name
     values = ", ".join(f"{'T' if key == 'temperature' else key}={value:g}"
                        for key, value in METHODS[name].headline_values(config).items())
-    return f"{'COLAM' if name == 'colam' else name}" + (f" ({values})" if values else "")
+    return ("COLAM" if name == "colam" else name) + (f" ({values})" if values else "")
 
 
 def _metric_name(label: str) -> str:

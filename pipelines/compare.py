@@ -87,8 +87,8 @@ def collect(client: mlflow.MlflowClient, experiment: str, *, protocol: str | Non
     same = [r for r in runs if r.data.tags.get("colam.protocol", "") == protocol]
     complete = [r for r in same if "test_acc" in r.data.metrics]
 
-    by_start = sorted(complete, key=lambda r: (r.info.start_time, r.info.run_id))
-    latest = {_key(r) + (_seed(r),): r for r in by_start}  # a re-run replaces the older result, not pooled with it
+    # a re-run replaces the older result, not pooled with it
+    latest = {_key(r) + (_seed(r),): r for r in sorted(complete, key=lambda r: (r.info.start_time, r.info.run_id))}
     groups: dict[tuple, list] = {}
     for r in sorted(latest.values(), key=_seed):
         groups.setdefault(_key(r), []).append(r)
@@ -99,9 +99,8 @@ def collect(client: mlflow.MlflowClient, experiment: str, *, protocol: str | Non
                          f"{_describe(filters)}{hint}")
 
     rows = [_row(key, rs) for key, rs in groups.items()]
-    scored = [r for r in latest.values() if "val_acc" in r.data.metrics]
-    best = max(sorted(scored, key=lambda r: (r.info.start_time, r.info.run_id)),  # the earliest of a tie
-               key=lambda r: r.data.metrics["val_acc"], default=None)
+    best = min((r for r in latest.values() if "val_acc" in r.data.metrics), default=None,  # the earliest of a tie
+               key=lambda r: (-r.data.metrics["val_acc"], r.info.start_time, r.info.run_id))
     rows.sort(key=lambda row: (_METHOD_ORDER.get(row.method, 4), row.method,
                                row.variant, -np.inf if row.temperature is None else row.temperature))
     return Comparison(experiment=experiment, protocol=protocol, rows=tuple(rows), runs_used=len(latest),

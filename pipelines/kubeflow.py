@@ -315,7 +315,7 @@ def _local(args) -> int:
             task = pipeline(**arguments)
     seconds = time.perf_counter() - began
     print(json.dumps({"stages": stages, "runner": args.runner, "seconds": round(seconds, 1),
-                      **_local_results(task, seconds)}), file=sys.stdout)
+                      **_local_results(task, seconds)}))
     return 0
 
 
@@ -384,7 +384,7 @@ def _check_reachable_endpoints(network: str | None) -> None:
                          f"see; give an MLflow server (http://...) or unset it")
     for key in ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
         host = urlsplit(os.environ.get(key, "")).hostname or ""
-        if network != "host" and (host == "localhost" or host.startswith("127.") or host == "::1"):
+        if network != "host" and (host in ("localhost", "::1") or host.startswith("127.")):
             raise ColamError(f"{key}: {host} is the step container itself; give an address the containers reach "
                              f"(a name on --network) or use --network host")
 

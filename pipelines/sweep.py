@@ -104,8 +104,7 @@ def sweep(args) -> int:
 def _in_process(runs: list[tuple[str, list[str]]]) -> int:
     _name_log_lines()
     for name, argv in runs:
-        code = train_one(name, argv)
-        if code:  # the first failure stops the sweep
+        if code := train_one(name, argv):  # the first failure stops the sweep
             return code
     return 0
 
@@ -121,16 +120,13 @@ def _in_workers(runs: list[tuple[str, list[str]]], workers: int) -> int:
                 running.add(pool.submit(train_one, *waiting.pop(0)))
             done, running = wait(running, return_when=FIRST_COMPLETED)
             failed = failed or next(filter(None, (future.result() for future in done)), 0)
-        pool.shutdown(wait=True)
         return failed
     except BrokenProcessPool:
-        pool.shutdown(wait=True, cancel_futures=True)
         sys.stderr.write("colam: error: a worker process of the sweep died (killed, or out of memory); run the same "
                          "command again to resume\n")
         return 1
-    except BaseException:  # Ctrl-C: each worker has it too, and stops its run as a plain run does
+    finally:  # on Ctrl-C too: each worker has it, and stops its run as a plain run does
         pool.shutdown(wait=True, cancel_futures=True)
-        raise
 
 
 def train_one(name: str, argv: list[str]) -> int:

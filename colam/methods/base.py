@@ -122,8 +122,7 @@ class Method:
     @classmethod
     def headline_values(cls, config: Config) -> dict:
         """The headline settings of this method's section by name, e.g. {"temperature": 4.0}."""
-        section = cls.settings_of(config)
-        return {key: getattr(section, key) for key in cls.headline}
+        return {key: getattr(cls.settings_of(config), key) for key in cls.headline}
 
     @classmethod
     def short_settings(cls, config: Config) -> dict[str, str]:
