@@ -4,6 +4,7 @@ one protocol, the latest run per (variant, T, seed), where T is the run's own me
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -99,8 +100,8 @@ def collect(client: mlflow.MlflowClient, experiment: str, *, protocol: str | Non
                          f"{_describe(filters)}{hint}")
 
     rows = [_row(key, rs) for key, rs in groups.items()]
-    best = min((r for r in latest.values() if "val_acc" in r.data.metrics), default=None,  # the earliest of a tie
-               key=lambda r: (-r.data.metrics["val_acc"], r.info.start_time, r.info.run_id))
+    scored = (r for r in latest.values() if math.isfinite(r.data.metrics.get("val_acc", math.nan)))  # NaN: unscored
+    best = min(scored, default=None, key=lambda r: (-r.data.metrics["val_acc"], r.info.start_time, r.info.run_id))
     rows.sort(key=lambda row: (_METHOD_ORDER.get(row.method, 4), row.method,
                                row.variant, -np.inf if row.temperature is None else row.temperature))
     return Comparison(experiment=experiment, protocol=protocol, rows=tuple(rows), runs_used=len(latest),

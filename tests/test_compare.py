@@ -67,6 +67,18 @@ def test_mean_and_std_are_numpy_sample_statistics(client, exp):
     assert c.runs_used == 6 and c.protocol == "aaaaaaaaaaaa"
 
 
+def test_the_best_run_has_the_highest_validation_accuracy_the_earliest_of_a_tie_and_never_nan(client, exp):
+    name, add = exp
+    add("colam", 1, 0.90, T=1, val=float("nan"))  # logged by hand or by a foreign tool: no score, even looked at first
+    add("hl", 0, 0.90, val=0.95)
+    earliest_of_tie = add("ls", 0, 0.90, val=0.97)
+    add("ls", 1, 0.90, val=0.97)
+    replaced = add("colam", 0, 0.90, T=1, val=0.99)
+    add("colam", 0, 0.90, T=1, val=0.50)  # the re-run of the same variant, T and seed replaces the run above
+    best = compare.collect(client, name, protocol="aaaaaaaaaaaa").best_run
+    assert best == earliest_of_tie and best != replaced
+
+
 def test_rows_are_sorted_by_method_order_then_variant_then_temperature(client, exp):
     name, add = exp
     for method, variant, T in [("colam", "colam", 1), ("zeta", "zeta", None), ("ls", "ls(eps=0.2)", None),
