@@ -18,8 +18,8 @@ from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset
 
 from colam import io as cio
-from colam.errors import ColamError
-from colam.idx_datasets import IDX_SETS, copy_idx_files, flat_message, read_idx_set, torchvision_class
+from colam.errors import ColamError, flat_message
+from colam.idx_datasets import IDX_SETS, copy_idx_files, read_idx_set, torchvision_class
 
 
 @dataclass

@@ -45,6 +45,17 @@ def redact(text: str) -> str:
     return re.sub(r"(://[^/:@\s]*):[^/@\s]*@", r"\1:***@", text)
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's message, or its type's name where it says nothing."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def flat_message(err: BaseException) -> str:
+    """An error's whole message on one line: its runs of whitespace, newlines too, as one space."""
+    return " ".join(str(err).split())
+
+
 def os_error(exc: OSError) -> str:
     """An OSError as the one line a user needs: the path and what the system said about it."""
     paths = " -> ".join(f"'{p}'" for p in (exc.filename, exc.filename2) if p is not None)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from colam import io as cio
-from colam.errors import ColamError
+from colam.errors import ColamError, flat_message
 
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
@@ -136,10 +136,6 @@ def _checked_file(spec: IdxSet, root: Path, file: str) -> tuple[bytes, bytes | N
         raise ColamError(f"data.root: '{path}' is not {spec.name}'s original {file} (content md5 {digest}, "
                          f"{len(content):,} bytes; expected {expected[0]}, {expected[1]:,} bytes)")
     return content, None
-
-
-def flat_message(err: BaseException) -> str:
-    return " ".join(str(err).split())
 
 
 def _read(path: Path) -> bytes:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from colam.errors import ColamError
+from colam.errors import ColamError, first_line
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -303,8 +303,7 @@ def load_torch(path: str | os.PathLike, what: str) -> Any:
     except FileNotFoundError:
         raise ColamError(f"{what}: '{path}' does not exist") from None
     except Exception as exc:  # truncated zip, foreign pickle, ...: one line, no traceback
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ColamError(f"{what}: '{path}' is not a readable checkpoint ({reason[:160]})") from None
+        raise ColamError(f"{what}: '{path}' is not a readable checkpoint ({first_line(exc)[:160]})") from None
 
 
 def load_weights(model: torch.nn.Module, state: Any, what: str, path: str | os.PathLike,

@@ -12,7 +12,7 @@ import torch
 
 from colam import distributed
 from colam import io as cio
-from colam.errors import ColamError
+from colam.errors import ColamError, first_line
 
 AGGREGATIONS = ("logits", "probs")
 ESTIMATIONS = ("pass", "online")
@@ -148,8 +148,7 @@ def load_soft_labels(file: str | Path, key: str, num_classes: int | None = None)
             header = handle.read(len(NPY_MAGIC))
         array = np.load(file, allow_pickle=False) if header == NPY_MAGIC else None
     except (OSError, ValueError, EOFError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ColamError(f"{key}: '{file}' is not a readable .npy array ({reason[:160]})") from None
+        raise ColamError(f"{key}: '{file}' is not a readable .npy array ({first_line(exc)[:160]})") from None
     if array is None:  # numpy would call it pickled data
         raise ColamError(f"{key}: '{file}' is not a readable .npy array (no NumPy header; write it with numpy.save)")
     if array.dtype.kind not in "fiu":

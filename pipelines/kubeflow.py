@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import yaml
 
-from colam.errors import ColamError
+from colam.errors import ColamError, first_line
 
 SECRET = "colam-credentials"
 SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
@@ -180,11 +180,6 @@ def _compile(args) -> int:
     return 0
 
 
-def _first_line(exc: Exception, limit: int = 300) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:limit] if text else type(exc).__name__
-
-
 def read_package(path: str | Path) -> dict:
     """The pipeline spec of a compiled package (its first YAML document), checked to be one."""
     try:
@@ -192,7 +187,7 @@ def read_package(path: str | Path) -> dict:
     except FileNotFoundError:
         raise ColamError(f"--package: '{path}' does not exist; write it with `colam kfp compile`") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise ColamError(f"--package: '{path}' is not a readable YAML file ({_first_line(exc)})") from None
+        raise ColamError(f"--package: '{path}' is not a readable YAML file ({first_line(exc)[:300]})") from None
     spec = documents[0] if documents else None
     if not isinstance(spec, dict) or "pipelineInfo" not in spec or "root" not in spec:
         raise ColamError(f"--package: '{path}' is not a compiled Kubeflow pipeline")
@@ -269,7 +264,7 @@ def _submit(args) -> int:
                 namespace=args.namespace, service_account=args.service_account, enable_caching=not args.no_cache)
         except Exception as exc:  # auth, an API error: one line naming the endpoint
             raise ColamError(f"--host: Kubeflow Pipelines at '{args.host}' did not accept the run "
-                             f"({_first_line(exc)})") from None
+                             f"({first_line(exc)[:300]})") from None
     print(json.dumps({"run_id": result.run_id, "run": f"{args.host.rstrip('/')}/#/runs/details/{result.run_id}",
                       "experiment": args.experiment, "arguments": arguments}))
     return 0
@@ -283,7 +278,7 @@ def _check_endpoint(host: str, token: str | None) -> None:
         answer = requests.get(f"{host.rstrip('/')}/apis/v2beta1/healthz", timeout=10, allow_redirects=False,
                               headers={"Authorization": f"Bearer {token}"} if token else {})
     except requests.RequestException as exc:
-        reason = type(exc).__name__ if isinstance(exc, requests.ConnectionError) else _first_line(exc)
+        reason = type(exc).__name__ if isinstance(exc, requests.ConnectionError) else first_line(exc)[:300]
         raise ColamError(f"--host: cannot reach Kubeflow Pipelines at '{host}' ({reason})") from None
     if answer.is_redirect:
         raise ColamError(f"--host: '{host}' redirects the Kubeflow Pipelines health check to "
@@ -348,7 +343,7 @@ def _docker_runner(spec: dict, args, root: Path):
         client.ping()
     except docker.errors.DockerException as exc:
         raise ColamError(f"--runner docker: no container engine answers at "
-                         f"{os.environ.get('DOCKER_HOST') or 'unix:///var/run/docker.sock'} ({_first_line(exc, 200)}); "
+                         f"{os.environ.get('DOCKER_HOST') or 'unix:///var/run/docker.sock'} ({first_line(exc)[:200]}); "
                          f"start one, e.g. `bash .ci/container-engine.sh`") from None
     images = sorted({executor["container"]["image"] for executor in spec["deploymentSpec"]["executors"].values()})
     users = {_local_image(client, name, args.image).attrs["Config"].get("User") or "0" for name in images}

@@ -270,11 +270,12 @@ class MetaLabels(Method):
         return artifacts
 
     def state_dict(self):
-        class_labels, store = self.class_labels, self.store  # copies: the store is updated in place after this
-        return {"epochs_done": self.epochs_done,
-                "class_labels": None if class_labels is None else class_labels.detach().cpu().clone(),
-                "label_values": None if store is None else store.values.clone(),
-                "label_indices": None if store is None else store.indices.clone()}
+        state = {"epochs_done": self.epochs_done, "class_labels": None, "label_values": None, "label_indices": None}
+        if self.class_labels is not None:
+            state["class_labels"] = self.class_labels.detach().cpu().clone()
+        if self.store is not None:  # copies: the store is updated in place after the state is taken
+            state["label_values"], state["label_indices"] = self.store.values.clone(), self.store.indices.clone()
+        return state
 
     def load_state_dict(self, state):
         self.epochs_done = int(state.get("epochs_done", 0))
